@@ -1,0 +1,174 @@
+"""Checks of hyper-parameters and of the arrays passed to ``init`` / ``update``.
+
+Every check raises an error that names the offending argument or leaf path. Array checks look only
+at metadata (library, shape, dtype, device), so they never force a host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import array_api_compat
+
+__all__ = [
+    "check_beta",
+    "check_choice",
+    "check_learning_rate",
+    "check_nonnegative",
+    "check_positive",
+    "check_positive_int",
+    "check_finite",
+    "check_range",
+    "library_of",
+    "namespace_of_leaves",
+    "check_like_params",
+]
+
+
+def check_finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    value = check_finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    value = check_finite(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_range(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
+    """``value`` in the interval from ``low`` to ``high`` (each end open or closed as given)."""
+    value = check_finite(name, value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def check_beta(name: str, value: Any) -> float:
+    return check_range(name, value, 0.0, 1.0, low_open=False, high_open=True)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_learning_rate(value: Any) -> float | Callable[[Any], Any]:
+    """A learning rate is a finite number >= 0 or a schedule (a callable of the step count)."""
+    if callable(value):
+        return value
+    return check_nonnegative("learning_rate", value)
+
+
+_LIBRARY_PREDICATES = (
+    ("numpy", array_api_compat.is_numpy_array),
+    ("torch", array_api_compat.is_torch_array),
+    ("jax", array_api_compat.is_jax_array),
+    ("cupy", array_api_compat.is_cupy_array),
+)
+_library_by_type: dict[type, str] = {}
+
+
+def library_of(x: Any) -> str | None:
+    """The array library of ``x`` ("numpy", "torch", "jax", "cupy", ...), or None if not an array."""
+    kind = type(x)
+    found = _library_by_type.get(kind)
+    if found is None:
+        for name, predicate in _LIBRARY_PREDICATES:
+            if predicate(x):
+                found = name
+                break
+        else:
+            if hasattr(x, "__array_namespace__"):
+                found = x.__array_namespace__().__name__.split(".")[0]
+            else:
+                return None
+        _library_by_type[kind] = found
+    return found
+
+
+def _device_key(x: Any, library: str) -> Any:
+    """A comparable description of where ``x`` lives, or None where it cannot be known (tracers)."""
+    if library == "jax":
+        sharding = getattr(x, "sharding", None)
+        return None if sharding is None else frozenset(sharding.device_set)
+    try:
+        return array_api_compat.device(x)
+    except Exception:  # an abstract array (a tracer) has no device
+        return None
+
+
+def namespace_of_leaves(leaves: Sequence[Any], what: str, paths: Callable[[], list[str]]) -> Any:
+    """The array namespace of ``leaves``: one library, one device, real floating dtypes."""
+    first = leaves[0]
+    library = library_of(first)
+    if library is None:
+        raise TypeError(f"{what} leaf {paths()[0]} is a {type(first).__name__}, not an array")
+    device = _device_key(first, library)
+    for i, leaf in enumerate(leaves):
+        other = library_of(leaf)
+        if other != library:
+            names = paths()
+            raise TypeError(
+                f"{what} mix array libraries: {names[0]} is a {library} array but {names[i]} is "
+                f"{'a ' + other + ' array' if other else 'a ' + type(leaf).__name__}; "
+                "use one array library for a whole tree"
+            )
+        if i and device is not None:
+            leaf_device = _device_key(leaf, library)
+            if leaf_device is not None and leaf_device != device:
+                names = paths()
+                raise ValueError(
+                    f"{what} live on different devices: {names[0]} on {device}, {names[i]} on "
+                    f"{leaf_device}; move them to one device"
+                )
+    return array_api_compat.array_namespace(first)
+
+
+def check_like_params(
+    xp: Any, leaves: Sequence[Any], params: Sequence[Any], what: str, paths: Callable[[], list[str]]
+) -> None:
+    """Every leaf has the shape and dtype of its parameter, and the parameters are real floats."""
+    for i, (leaf, param) in enumerate(zip(leaves, params)):
+        if leaf.shape != param.shape:
+            raise ValueError(
+                f"{what} leaf {paths()[i]} has shape {tuple(leaf.shape)} but the parameter has "
+                f"shape {tuple(param.shape)}"
+            )
+        if leaf.dtype != param.dtype:
+            raise TypeError(
+                f"{what} leaf {paths()[i]} has dtype {leaf.dtype} but the parameter has dtype "
+                f"{param.dtype}"
+            )
+
+
+def check_floating_params(xp: Any, params: Sequence[Any], paths: Callable[[], list[str]]) -> None:
+    for i, param in enumerate(params):
+        if not xp.isdtype(param.dtype, "real floating"):
+            raise TypeError(
+                f"parameter {paths()[i]} has dtype {param.dtype}; adaptlr optimizes real "
+                "floating-point parameters only (cast integer parameters to a float dtype)"
+            )

@@ -1,0 +1,95 @@
+"""Adam and AdamW (spec §1; oracles ``torch.optim.Adam`` and ``torch.optim.AdamW``).
+
+    g ← g_t + λ·θ_{t-1}                       (Adam: coupled weight decay)
+    m_t = β1·m_{t-1} + (1-β1)·g
+    v_t = β2·v_{t-1} + (1-β2)·g²
+    d_t = (m_t / (1-β1^t)) / (sqrt(v_t) / sqrt(1-β2^t) + ε)
+    u_t = -α·d_t                              (AdamW: - α·λ·θ_{t-1}, decoupled)
+
+Adam: Kingma & Ba, ICLR 2015. AdamW: Loshchilov & Hutter, ICLR 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from adaptlr import _validation as v
+from adaptlr._tree import Layout
+from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
+
+__all__ = ["AdamState", "AdamDirection", "adam", "adamw"]
+
+
+class AdamState(NamedTuple):
+    """``mu``: the first moment ``m_t``; ``nu``: the second moment ``v_t`` (trees like params)."""
+
+    mu: Any
+    nu: Any
+
+
+class AdamDirection(BaseDirection):
+    state_class = AdamState
+
+    def __init__(self, learning_rate: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
+                 decoupled: bool) -> None:
+        self.learning_rate = v.check_learning_rate(learning_rate)
+        self.b1 = v.check_beta("b1", b1)
+        self.b2 = v.check_beta("b2", b2)
+        self.eps = v.check_nonnegative("eps", eps)
+        self.weight_decay = v.check_nonnegative("weight_decay", weight_decay)
+        self.decoupled = decoupled
+        self.name = "adamw" if decoupled else "adam"
+
+    def init(self, params: list, layout: Layout, xp: Any) -> AdamState:
+        return AdamState(layout.tree([xp.zeros_like(p) for p in params]),
+                         layout.tree([xp.zeros_like(p) for p in params]))
+
+    def direction(self, grads: list, state: AdamState, scalars: Scalars, layout: Layout) -> tuple[list, AdamState]:
+        xp, b1, b2, eps = scalars.xp, self.b1, self.b2, self.eps
+
+        def corrections(dtype: Any) -> tuple[Any, Any]:
+            t = scalars.step(dtype)
+            return 1.0 / (1.0 - b1**t), 1.0 / xp.sqrt(1.0 - b2**t)
+
+        mus, nus, directions = [], [], []
+        for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
+            inv_bc1, inv_sqrt_bc2 = scalars.per_dtype("adam", g.dtype, corrections)
+            m = b1 * m + (1.0 - b1) * g
+            nu = b2 * nu + (1.0 - b2) * (g * g)
+            directions.append((m * inv_bc1) / (xp.sqrt(nu) * inv_sqrt_bc2 + eps))
+            mus.append(m)
+            nus.append(nu)
+        return directions, AdamState(layout.tree(mus), layout.tree(nus))
+
+
+def adam(
+    learning_rate: float | Schedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    """Adam, matching ``torch.optim.Adam``; ``weight_decay`` is coupled (L2: ``g ← g + λθ``).
+
+    Args:
+        learning_rate: ``α``, a float >= 0 or a schedule ``t ↦ α_t`` (t = 1 on the first step).
+        b1, b2: ``β1, β2`` in [0, 1), the decay rates of the first and second moments.
+        eps: ``ε`` >= 0 added to the bias-corrected ``sqrt(v)``.
+        weight_decay: ``λ`` >= 0.
+    """
+    return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=False))
+
+
+def adamw(
+    learning_rate: float | Schedule = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+) -> Optimizer:
+    """AdamW, matching ``torch.optim.AdamW``: Adam with decoupled weight decay ``-α·λ·θ``.
+
+    Args as :func:`adam`; ``weight_decay`` is decoupled and not scaled by an adaptation's κ unless
+    that adaptation is created with ``scale_weight_decay=True``.
+    """
+    return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=True))

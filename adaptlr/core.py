@@ -1,0 +1,396 @@
+"""The functional optimizer: a base direction times a learning rate (spec §0.1).
+
+Every optimizer in adaptlr computes
+
+    u_t = shift_t - (α_t · κ_t) ⊙ d_t - α_t · λ · κ^decay_t ⊙ θ_{t-1}
+
+where ``d_t`` is the base optimizer's learning-rate-free direction (:class:`BaseDirection`), ``α_t``
+the user's learning rate (a float or a schedule of t), ``κ_t`` the product of the multipliers of the
+adaptations wrapped around the base (:class:`Adaptation`), ``λ`` the decoupled weight decay (scaled
+by ``κ`` only where an adaptation is told to), and ``shift_t`` an additive parameter shift that only
+AutoDrop's averaging uses. Coupled (L2) decay is part of ``d_t`` (``g ← g + λθ``).
+
+The public surface is optax-like::
+
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)
+    params = adaptlr.apply_updates(params, updates)
+
+Params are pytrees of arrays of one array library on one device; everything below is written
+against the Python array API and runs on NumPy, array-api-strict, PyTorch, JAX and CuPy arrays.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import array_api_compat
+import optree
+
+from adaptlr import _validation as v
+from adaptlr._tree import Layout
+
+__all__ = [
+    "Adaptation",
+    "BaseDirection",
+    "Optimizer",
+    "OptimizerState",
+    "Scalars",
+    "StepContext",
+    "StepSize",
+    "apply_updates",
+    "learning_rates",
+]
+
+Array = Any
+PyTree = Any
+Schedule = Callable[[Array], Any]
+
+
+class OptimizerState(NamedTuple):
+    """State of any adaptlr optimizer.
+
+    Attributes:
+        count: the step counter ``t`` of the last update (0 after ``init``), a 0-D int32 array.
+        learning_rate: ``α`` per parameter (a tree shaped like the params of 0-D arrays in each
+            parameter's dtype): the user's learning rate of the last step, or of the first step
+            after ``init`` (a schedule's ``α_t``).
+        base: the base optimizer's state (for example :class:`adaptlr.adam.AdamState`).
+        adaptations: one state per wrapped adaptation, innermost first.
+    """
+
+    count: Array
+    learning_rate: PyTree
+    base: NamedTuple
+    adaptations: tuple
+
+
+class StepSize(NamedTuple):
+    """The learning rate of one step, per parameter leaf, as the adaptations shape it.
+
+    For leaf ``i`` the step is ``-(alpha[i] · kappa[i]) ⊙ d`` (``None`` stands for 1), the decoupled
+    weight decay is ``-α_user · λ · decay_kappa[i] ⊙ θ``, and ``shift[i]`` (``None``: no shift) is added
+    to the update. Adaptations return a new ``StepSize`` from the one they are given:
+    multiplicative ones call :meth:`scaled`, hypergradient descent replaces ``alpha``.
+    """
+
+    alpha: tuple
+    kappa: tuple
+    decay_kappa: tuple
+    shift: tuple
+
+    @classmethod
+    def of(cls, alpha: Sequence[Array]) -> StepSize:
+        none = (None,) * len(alpha)
+        return cls(tuple(alpha), none, none, none)
+
+    def scaled(self, factors: Sequence[Array | None], *, weight_decay_too: bool = False) -> StepSize:
+        """Multiply ``kappa`` (and ``decay_kappa`` if ``weight_decay_too``) by ``factors`` per leaf."""
+        kappa = tuple(_times(k, f) for k, f in zip(self.kappa, factors))
+        decay = self.decay_kappa
+        if weight_decay_too:
+            decay = tuple(_times(k, f) for k, f in zip(decay, factors))
+        return self._replace(kappa=kappa, decay_kappa=decay)
+
+    def effective(self) -> list[Array]:
+        """``α·κ`` per leaf (0-D where κ is 1)."""
+        return [_times(a, k) for a, k in zip(self.alpha, self.kappa)]
+
+
+def _times(a: Array | None, b: Array | None) -> Array | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a * b
+
+
+class StepContext(NamedTuple):
+    """What every adaptation sees during a step (leaf lists in params order).
+
+    Attributes:
+        xp: the array namespace of the params.
+        layout: the tree structure of the params.
+        count: ``t`` of this step (1 on the first update), a 0-D int32 array.
+        grads: the raw gradients ``g_t``.
+        objective_grads: the gradient of what the base minimises (``g_t + λθ`` under coupled decay).
+        directions: the base directions ``d_t``.
+        params: the parameters ``θ_{t-1}`` the gradients were computed at.
+        alpha: the user's learning rate ``α_t`` per leaf (0-D arrays in the leaf's dtype).
+        scalars: 0-D helper arrays on the params' device.
+    """
+
+    xp: Any
+    layout: Layout
+    count: Array
+    grads: list
+    objective_grads: list
+    directions: list
+    params: list
+    alpha: list
+    scalars: Scalars
+
+
+class Scalars:
+    """0-D arrays on the params' device, made once per dtype and step (no host syncs)."""
+
+    __slots__ = ("xp", "count", "device", "_cache")
+
+    def __init__(self, xp: Any, count: Array, device: Any) -> None:
+        self.xp = xp
+        self.count = count
+        self.device = device
+        self._cache: dict = {}
+
+    def step(self, dtype: Any) -> Array:
+        """The step counter ``t`` as a 0-D array of ``dtype``."""
+        key = ("t", dtype)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = self.xp.astype(self.count, dtype)
+        return found
+
+    def constant(self, value: float, dtype: Any) -> Array:
+        key = (value, dtype)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = self.xp.asarray(value, dtype=dtype, device=self.device)
+        return found
+
+    def per_dtype(self, name: str, dtype: Any, make: Callable[[Any], Any]) -> Any:
+        """``make(dtype)``, computed once per step and dtype under ``name``."""
+        key = (name, dtype)
+        if key not in self._cache:
+            self._cache[key] = make(dtype)
+        return self._cache[key]
+
+
+class BaseDirection(abc.ABC):
+    """A base optimizer: the learning-rate-free direction ``d_t`` of spec §1.
+
+    Subclasses set ``name``, ``state_class``, the hyper-parameters, ``learning_rate``,
+    ``weight_decay`` and ``decoupled`` (True: the ``-αλθ`` term of spec §0.1; False: coupled L2 decay,
+    ``g ← g + λθ`` before :meth:`direction`), and implement :meth:`init` and :meth:`direction` on
+    leaf lists.
+    """
+
+    name: str
+    state_class: type
+    learning_rate: float | Schedule
+    weight_decay: float = 0.0
+    decoupled: bool = False
+
+    @abc.abstractmethod
+    def init(self, params: list, layout: Layout, xp: Any) -> NamedTuple:
+        """The state before the first step."""
+
+    @abc.abstractmethod
+    def direction(
+        self, grads: list, state: NamedTuple, scalars: Scalars, layout: Layout
+    ) -> tuple[list, NamedTuple]:
+        """``(d_t per leaf, new state)`` from the objective gradients ``g_t (+ λθ)``."""
+
+
+class Adaptation(abc.ABC):
+    """A learning-rate adaptation wrapped around an optimizer (ActiveLR, AutoDrop, HD, DSA, EG).
+
+    ``step`` receives the :class:`StepContext` (raw gradient, base direction, parameters) and the
+    :class:`StepSize` of the optimizer it wraps, and returns the step size to use plus its new
+    state. Its state is a NamedTuple of arrays that also has a method
+    ``scale_learning_rate(size: StepSize, layout: Layout) -> StepSize`` giving the learning rate as
+    the state holds it after the last update, so that :func:`learning_rates` needs only the state.
+    """
+
+    name: str
+    state_class: type
+
+    def check_base(self, base: BaseDirection) -> None:  # noqa: B027 - optional hook
+        """Raise if this adaptation cannot wrap ``base`` (for example a schedule it replaces)."""
+
+    @abc.abstractmethod
+    def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> NamedTuple:
+        """The state before the first step (``alpha``: the learning rate of the first step)."""
+
+    @abc.abstractmethod
+    def step(self, ctx: StepContext, size: StepSize, state: NamedTuple) -> tuple[StepSize, NamedTuple]:
+        """The step size of this step and the new state."""
+
+
+class Optimizer:
+    """An adaptlr optimizer: a base direction and the adaptations wrapped around it.
+
+    Build one with the factories (``adaptlr.adamw(...)``, ``adaptlr.active(opt, ...)``); use
+    ``init`` / ``update`` as in optax. The object is immutable and holds no arrays.
+    """
+
+    def __init__(self, base: BaseDirection, adaptations: Sequence[Adaptation] = ()) -> None:
+        self.base = base
+        self.adaptations = tuple(adaptations)
+        for adaptation in self.adaptations:
+            adaptation.check_base(base)
+
+    @property
+    def name(self) -> str:
+        name = self.base.name
+        for adaptation in self.adaptations:
+            name = f"{adaptation.name}({name})"
+        return name
+
+    def __repr__(self) -> str:
+        return f"<adaptlr.Optimizer {self.name}>"
+
+    def wrapped(self, adaptation: Adaptation) -> Optimizer:
+        """This optimizer with ``adaptation`` wrapped around it (outermost)."""
+        return Optimizer(self.base, self.adaptations + (adaptation,))
+
+    # -- public functional API -------------------------------------------------------------------
+
+    def init(self, params: PyTree) -> OptimizerState:
+        """The optimizer state for ``params`` (arrays of params' shape, dtype and device)."""
+        layout, leaves = Layout.of(params)
+        xp = v.namespace_of_leaves(leaves, "params", layout.paths)
+        v.check_floating_params(xp, leaves, layout.paths)
+        device = array_api_compat.device(leaves[0])
+        count = xp.asarray(0, dtype=xp.int32, device=device)
+        alpha = self._alpha(xp, xp.asarray(1, dtype=xp.int32, device=device), leaves, device, None)
+        base_state = self.base.init(leaves, layout, xp)
+        adaptation_states = tuple(a.init(leaves, alpha, layout, xp) for a in self.adaptations)
+        return OptimizerState(count, layout.tree(alpha), base_state, adaptation_states)
+
+    def update(self, grads: PyTree, state: OptimizerState, params: PyTree) -> tuple[PyTree, OptimizerState]:
+        """``(updates, new_state)`` for gradients ``grads`` computed at ``params``."""
+        layout, param_leaves = Layout.of(params)
+        grad_leaves = layout.leaves(grads, "grads")
+        xp = v.namespace_of_leaves(param_leaves + grad_leaves, "params and grads", lambda: layout.paths() * 2)
+        v.check_like_params(xp, grad_leaves, param_leaves, "grads", layout.paths)
+        self._check_state(state, layout, xp, param_leaves)
+        updates, new_state = self.update_leaves(xp, layout, grad_leaves, state, param_leaves)
+        return layout.tree(updates), new_state
+
+    # -- the step, on leaf lists (the entry point of the framework adapters) --------------------
+
+    def update_leaves(
+        self,
+        xp: Any,
+        layout: Layout,
+        grads: list,
+        state: OptimizerState,
+        params: list,
+        *,
+        alpha: list | None = None,
+        weight_decay: Sequence[float] | None = None,
+    ) -> tuple[list, OptimizerState]:
+        """One step on leaf lists, without argument checks.
+
+        ``alpha`` (0-D arrays per leaf) and ``weight_decay`` (floats per leaf) override the base's
+        learning rate and weight decay: the torch adapter passes its param groups' values here.
+        """
+        base = self.base
+        device = array_api_compat.device(params[0])
+        count = state.count + 1
+        scalars = Scalars(xp, count, device)
+        if alpha is None:
+            if callable(base.learning_rate):
+                alpha = self._alpha(xp, count, params, device, scalars)
+            else:
+                alpha = layout.leaves(state.learning_rate, "state.learning_rate")
+        if weight_decay is None:
+            weight_decay = [base.weight_decay] * len(params)
+        coupled = [0.0] * len(params) if base.decoupled else weight_decay
+        decoupled = weight_decay if base.decoupled else [0.0] * len(params)
+
+        objective_grads = [g + lam * p if lam else g for g, p, lam in zip(grads, params, coupled)]
+        directions, base_state = base.direction(objective_grads, state.base, scalars, layout)
+
+        ctx = StepContext(xp, layout, count, grads, objective_grads, directions, params, alpha, scalars)
+        size = StepSize.of(alpha)
+        adaptation_states = []
+        for adaptation, adaptation_state in zip(self.adaptations, state.adaptations):
+            size, adaptation_state = adaptation.step(ctx, size, adaptation_state)
+            adaptation_states.append(adaptation_state)
+
+        updates = []
+        for i, (d, p) in enumerate(zip(directions, params)):
+            lr = _times(size.alpha[i], size.kappa[i])
+            u = d * (-lr)
+            if decoupled[i]:
+                decay = _times(alpha[i], size.decay_kappa[i]) * decoupled[i]
+                u = u - decay * p
+            if size.shift[i] is not None:
+                u = u + size.shift[i]
+            updates.append(u)
+        new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
+        return updates, new_state
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _alpha(self, xp: Any, count: Array, leaves: list, device: Any, scalars: Scalars | None) -> list:
+        """``α_t`` per leaf: one 0-D array per dtype, shared by the leaves of that dtype."""
+        learning_rate = self.base.learning_rate
+        by_dtype: dict = {}
+        out = []
+        for leaf in leaves:
+            dtype = leaf.dtype
+            if dtype not in by_dtype:
+                if callable(learning_rate):
+                    value = learning_rate(xp.astype(count, dtype))
+                    by_dtype[dtype] = xp.astype(xp.asarray(value, device=device), dtype)
+                else:
+                    by_dtype[dtype] = xp.asarray(learning_rate, dtype=dtype, device=device)
+            out.append(by_dtype[dtype])
+        return out
+
+    def _check_state(self, state: Any, layout: Layout, xp: Any, params: list) -> None:
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"state must be the OptimizerState made by {self.name}.init, got {type(state).__name__}")
+        made_by = [type(state.base)] + [type(a) for a in state.adaptations]
+        expected = [self.base.state_class] + [a.state_class for a in self.adaptations]
+        if made_by != expected:
+            raise ValueError(
+                f"state does not belong to {self.name}: it holds "
+                f"{', '.join(t.__name__ for t in made_by)} but {self.name} needs "
+                f"{', '.join(t.__name__ for t in expected)}"
+            )
+        try:
+            alpha = layout.leaves(state.learning_rate, "state")
+        except ValueError as error:
+            raise ValueError(f"state does not belong to these params: {error}") from None
+        if v.library_of(state.count) != v.library_of(params[0]):
+            raise TypeError(
+                f"state holds {v.library_of(state.count)} arrays but params are "
+                f"{v.library_of(params[0])} arrays; init the optimizer with these params"
+            )
+        for i, (a, p) in enumerate(zip(alpha, params)):
+            if a.dtype != p.dtype:
+                raise ValueError(
+                    f"state does not belong to these params: parameter {layout.paths()[i]} has dtype "
+                    f"{p.dtype} but the state was made for dtype {a.dtype}"
+                )
+
+
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """``params + updates``, leaf by leaf, keeping each parameter's dtype."""
+    layout, param_leaves = Layout.of(params)
+    update_leaves = layout.leaves(updates, "updates")
+    xp = v.namespace_of_leaves(param_leaves + update_leaves, "params and updates", lambda: layout.paths() * 2)
+    v.check_like_params(xp, update_leaves, param_leaves, "updates", layout.paths)
+    return layout.tree([p + u for p, u in zip(param_leaves, update_leaves)])
+
+
+def learning_rates(state: OptimizerState) -> PyTree:
+    """The effective learning rate ``α·κ`` of every parameter element, shaped like the params.
+
+    Leaves are arrays broadcastable to each parameter's shape (0-D where the rate is one number per
+    tensor). This is the most recently decided rate (spec §0.1): for ActiveLR the γ after the last
+    epoch-boundary adjustment, for the other adaptations the rate the last step used.
+    """
+    if not isinstance(state, OptimizerState):
+        raise TypeError(f"learning_rates needs an adaptlr OptimizerState, got {type(state).__name__}")
+    alpha, treespec = optree.tree_flatten(state.learning_rate)
+    layout = Layout(treespec, state.learning_rate)
+    size = StepSize.of(alpha)
+    for adaptation_state in state.adaptations:
+        size = adaptation_state.scale_learning_rate(size, layout)
+    return layout.tree(size.effective())

@@ -1,0 +1,64 @@
+"""Shared fixtures: one ``backend`` fixture parametrised over every array backend.
+
+``ADAPTLR_BACKENDS=numpy,torch pytest`` narrows the set; a backend that is not installed (or has no
+device here, such as CuPy without a GPU) is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from adaptlr.conformance.backends import BACKENDS, Backend
+
+if BACKENDS["jax"].available:  # float64 tests need JAX's 64-bit mode, set before any JAX array exists
+    from adaptlr.conformance.backends import enable_jax_x64
+
+    enable_jax_x64()
+
+
+def _selected() -> list[str]:
+    chosen = os.environ.get("ADAPTLR_BACKENDS")
+    if not chosen:
+        return list(BACKENDS)
+    names = [n.strip() for n in chosen.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"ADAPTLR_BACKENDS names unknown backends {unknown}; valid: {list(BACKENDS)}")
+    return names
+
+
+@pytest.fixture(params=_selected())
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """An available array backend (skipped, with the reason, where it is not)."""
+    b = BACKENDS[request.param]
+    reason = b.unavailable_reason()
+    if reason:
+        pytest.skip(f"backend {b.name}: {reason}")
+    return b
+
+
+@pytest.fixture
+def xp(backend: Backend):
+    """The array namespace of ``backend``."""
+    return backend.xp
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261122)
+
+
+def max_rel_err(actual, expected, floor: float = 1e-300) -> float:
+    """max |a - e| / max(|e|, floor) over all elements (NumPy arrays or lists of them)."""
+    if isinstance(actual, (list, tuple)):
+        return max((max_rel_err(a, e, floor) for a, e in zip(actual, expected)), default=0.0)
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {a.shape} != {e.shape}")
+    if a.size == 0:
+        return 0.0
+    return float(np.max(np.abs(a - e) / np.maximum(np.abs(e), floor)))
