@@ -200,7 +200,10 @@ class Adaptation(abc.ABC):
     :class:`StepSize` of the optimizer it wraps, and returns the step size to use plus its new
     state. Its state is a NamedTuple of arrays that also has a method
     ``scale_learning_rate(size: StepSize, layout: Layout) -> StepSize`` giving the learning rate as
-    the state holds it after the last update, so that :func:`learning_rates` needs only the state.
+    the state holds it after the last update, so that :func:`learning_rates` needs only the state,
+    and a method ``signals(layout: Layout) -> dict[str, Any]`` naming the algorithm's own quantities
+    for logging (``{"gamma": tree}`` for ActiveLR, ``{"omega": ..., "theta": ...}`` for AutoDrop):
+    each value is a tree shaped like the params or a single array.
     """
 
     name: str
