@@ -292,7 +292,7 @@ class Optimizer:
         """
         base = self.base
         device = array_api_compat.device(params[0])
-        count = state.count + 1
+        count = xp.asarray(state.count + 1)
         scalars = Scalars(xp, count, device)
         if alpha is None:
             if callable(base.learning_rate):
@@ -323,7 +323,7 @@ class Optimizer:
                 u = u - decay * p
             if size.shift[i] is not None:
                 u = u + size.shift[i]
-            updates.append(u)
+            updates.append(u if u.ndim else xp.asarray(u))  # NumPy turns 0-D results into scalars
         new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
         return updates, new_state
 
@@ -379,7 +379,8 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     update_leaves = layout.leaves(updates, "updates")
     xp = v.namespace_of_leaves(param_leaves + update_leaves, "params and updates", lambda: layout.paths() * 2)
     v.check_like_params(xp, update_leaves, param_leaves, "updates", layout.paths)
-    return layout.tree([p + u for p, u in zip(param_leaves, update_leaves)])
+    new = [p + u for p, u in zip(param_leaves, update_leaves)]
+    return layout.tree([x if x.ndim else xp.asarray(x) for x in new])  # NumPy turns 0-D results into scalars
 
 
 def learning_rates(state: OptimizerState) -> PyTree:

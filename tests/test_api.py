@@ -1,0 +1,192 @@
+"""The functional API (issue 2): pytrees, dtype/device preservation, schedules, jit, clear errors."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+from conftest import max_rel_err
+
+import adaptlr
+
+FACTORIES = {
+    "sgd": lambda lr=0.1: adaptlr.sgd(lr, momentum=0.9),
+    "adam": lambda lr=0.1: adaptlr.adam(lr),
+    "adamw": lambda lr=0.1: adaptlr.adamw(lr),
+    "radam": lambda lr=0.1: adaptlr.radam(lr),
+    "adabelief": lambda lr=0.1: adaptlr.adabelief(lr),
+}
+
+
+class Pair(NamedTuple):
+    weight: object
+    bias: object
+
+
+def _tree(backend, dtype="float64"):
+    return {
+        "layer": Pair(backend.asarray(np.ones((2, 3)), dtype), backend.asarray(np.zeros(3), dtype)),
+        "scales": [backend.asarray(np.full((4,), 0.5), dtype), backend.asarray(np.asarray(2.0), dtype)],
+    }
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_result_keeps_library_device_dtype_and_structure(name, dtype, backend):
+    opt = FACTORIES[name]()
+    params = _tree(backend, dtype)
+    grads = _tree(backend, dtype)
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)
+    new_params = adaptlr.apply_updates(params, updates)
+    rates = adaptlr.learning_rates(state)
+    for tree in (updates, new_params, rates):
+        assert isinstance(tree, dict) and isinstance(tree["layer"], Pair) and isinstance(tree["scales"], list)
+    import array_api_compat
+
+    for leaf, param in zip(_leaves(new_params) + _leaves(updates), _leaves(params) * 2):
+        assert type(leaf) is type(param)
+        assert leaf.dtype == param.dtype and leaf.shape == param.shape
+        assert array_api_compat.device(leaf) == array_api_compat.device(param)
+    for rate, param in zip(_leaves(rates), _leaves(params)):
+        assert rate.dtype == param.dtype
+        np.testing.assert_allclose(backend.to_numpy(rate), 0.1, rtol=1e-6)
+
+
+def _leaves(tree):
+    import optree
+
+    return optree.tree_leaves(tree)
+
+
+def test_does_not_mutate_inputs():
+    """Read-only NumPy arrays catch an accidental in-place write."""
+    params = [np.linspace(-1, 1, 6).reshape(2, 3)]
+    grads = [np.full((2, 3), 0.3)]
+    for a in params + grads:
+        a.setflags(write=False)
+    for make in FACTORIES.values():
+        opt = make()
+        state = opt.init(params)
+        for _ in range(3):
+            updates, state = opt.update(grads, state, params)
+        adaptlr.apply_updates(params, updates)
+
+
+def test_schedule_scales_the_step(backend):
+    """A schedule of t (t = 1 on the first update) gives α_t; the SGD step is exactly -α_t·g."""
+    opt = adaptlr.sgd(lambda t: 0.5 / t)
+    params = [backend.asarray(np.ones(3))]
+    state = opt.init(params)
+    np.testing.assert_allclose(backend.to_numpy(adaptlr.learning_rates(state)[0]), 0.5)
+    for t in range(1, 5):
+        updates, state = opt.update([backend.asarray(np.ones(3))], state, params)
+        np.testing.assert_allclose(backend.to_numpy(updates[0]), -0.5 / t, rtol=1e-15)
+        np.testing.assert_allclose(backend.to_numpy(adaptlr.learning_rates(state)[0]), 0.5 / t, rtol=1e-15)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_jit_matches_eager(name):
+    jax = pytest.importorskip("jax", reason="jax.jit")
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    opt = FACTORIES[name](lambda t: 0.1 / jnp.sqrt(t))
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.asarray(rng.normal(size=3))}
+    state_eager = state_jit = opt.init(params)
+    params_eager = params_jit = params
+    update = jax.jit(opt.update)
+    sizes = []
+    for _ in range(8):
+        grads_eager = jax.tree_util.tree_map(lambda p: jnp.sin(p) + p, params_eager)
+        grads_jit = jax.tree_util.tree_map(lambda p: jnp.sin(p) + p, params_jit)
+        u, state_eager = opt.update(grads_eager, state_eager, params_eager)
+        params_eager = adaptlr.apply_updates(params_eager, u)
+        u, state_jit = update(grads_jit, state_jit, params_jit)
+        params_jit = adaptlr.apply_updates(params_jit, u)
+        sizes.append(update._cache_size())
+    for key in params:
+        assert max_rel_err(np.asarray(params_jit[key]), np.asarray(params_eager[key])) <= 1e-14
+    # JAX may compile once more when the inputs turn from uncommitted to committed arrays; after
+    # that the state structure and dtypes are stable, so nothing recompiles.
+    assert sizes[-1] == sizes[2] <= 2, sizes
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_error_grads_structure_names_the_leaf():
+    opt = adaptlr.adam()
+    params = {"a": np.ones(2), "b": np.ones(3)}
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"missing leaf \['b'\]"):
+        opt.update({"a": np.ones(2), "c": np.ones(3)}, state, params)
+
+
+def test_error_grads_shape_and_dtype_name_the_leaf():
+    opt = adaptlr.adam()
+    params = {"a": np.ones(2), "b": np.ones(3)}
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"\['b'\] has shape \(4,\)"):
+        opt.update({"a": np.ones(2), "b": np.ones(4)}, state, params)
+    with pytest.raises(TypeError, match=r"\['b'\] has dtype float32"):
+        opt.update({"a": np.ones(2), "b": np.ones(3, dtype=np.float32)}, state, params)
+
+
+def test_error_mixed_libraries():
+    torch = pytest.importorskip("torch")
+    opt = adaptlr.sgd(0.1)
+    with pytest.raises(TypeError, match=r"mix array libraries.*\['b'\] is a torch"):
+        opt.init({"a": np.ones(2), "b": torch.ones(2, dtype=torch.float64)})
+
+
+def test_error_mixed_devices():
+    strict = pytest.importorskip("array_api_strict")
+    opt = adaptlr.sgd(0.1)
+    params = [strict.ones(2), strict.ones(2, device=strict.Device("device1"))]
+    with pytest.raises(ValueError, match=r"different devices.*\[1\]"):
+        opt.init(params)
+
+
+def test_error_wrong_state():
+    params = {"a": np.ones(2)}
+    with pytest.raises(ValueError, match="state does not belong"):
+        adaptlr.adam().update(params, adaptlr.adabelief().init(params), params)
+    with pytest.raises(ValueError, match="state does not belong to these params"):
+        adaptlr.adam().update(params, adaptlr.adam().init({"b": np.ones(2)}), params)
+    with pytest.raises(TypeError, match="OptimizerState"):
+        adaptlr.adam().update(params, {"count": 0}, params)
+
+
+def test_error_integer_params():
+    with pytest.raises(TypeError, match=r"parameter \['n'\] has dtype int64"):
+        adaptlr.sgd(0.1).init({"n": np.arange(3)})
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: adaptlr.sgd(-0.1), "learning_rate must be >= 0"),
+        (lambda: adaptlr.sgd(float("nan")), "learning_rate must be finite"),
+        (lambda: adaptlr.adam(b1=1.0), r"b1 must be in \[0.0, 1.0\)"),
+        (lambda: adaptlr.adam(b2=-0.1), r"b2 must be in \[0.0, 1.0\)"),
+        (lambda: adaptlr.adam(eps=-1e-8), "eps must be >= 0"),
+        (lambda: adaptlr.adamw(weight_decay=-1.0), "weight_decay must be >= 0"),
+        (lambda: adaptlr.radam(weight_decay=float("inf")), "weight_decay must be finite"),
+        (lambda: adaptlr.sgd(0.1, momentum=1.5), r"momentum must be in \[0.0, 1.0\)"),
+        (lambda: adaptlr.sgd(0.1, nesterov=True), "nesterov momentum needs momentum > 0"),
+        (lambda: adaptlr.adabelief(eps="x"), "eps must be a real number"),
+    ],
+)
+def test_error_bad_hyper_parameters(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_error_no_arrays():
+    with pytest.raises(ValueError, match="no arrays"):
+        adaptlr.adam().init({})
+    with pytest.raises(TypeError, match="not an array"):
+        adaptlr.adam().init([1.0, 2.0])
