@@ -136,7 +136,7 @@ class StepContext(NamedTuple):
 class Scalars:
     """0-D arrays on the params' device, made once per dtype and step (no host syncs)."""
 
-    __slots__ = ("xp", "count", "device", "_cache")
+    __slots__ = ("_cache", "count", "device", "xp")
 
     def __init__(self, xp: Any, count: Array, device: Any) -> None:
         self.xp = xp
@@ -246,7 +246,7 @@ class Optimizer:
 
     def wrapped(self, adaptation: Adaptation) -> Optimizer:
         """This optimizer with ``adaptation`` wrapped around it (outermost)."""
-        return Optimizer(self.base, self.adaptations + (adaptation,))
+        return Optimizer(self.base, (*self.adaptations, adaptation))
 
     # -- public functional API -------------------------------------------------------------------
 
