@@ -9,22 +9,45 @@ is a base direction times a learning rate (spec §0.1); adaptations wrap any bas
     params = adaptlr.apply_updates(params, updates)
 """
 
+from adaptlr.active import active, active_adabelief, active_adamw, active_radam, active_sgd
 from adaptlr.adabelief import adabelief
 from adaptlr.adam import adam, adamw
+from adaptlr.autodrop import autodrop, autodrop_detector
+from adaptlr.checkpoint import load_state, save_state
 from adaptlr.core import Optimizer, OptimizerState, apply_updates, learning_rates
+from adaptlr.dsa import dsa
+from adaptlr.eg import eg_step_size
+from adaptlr.hypergradient import adam_hd, hypergradient, sgd_hd, sgdn_hd
 from adaptlr.radam import radam
 from adaptlr.sgd import sgd
+from adaptlr.summary import lr_summary
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Optimizer",
     "OptimizerState",
+    "active",
+    "active_adabelief",
+    "active_adamw",
+    "active_radam",
+    "active_sgd",
     "adabelief",
     "adam",
+    "adam_hd",
     "adamw",
     "apply_updates",
+    "autodrop",
+    "autodrop_detector",
+    "dsa",
+    "eg_step_size",
+    "hypergradient",
     "learning_rates",
+    "load_state",
+    "lr_summary",
     "radam",
+    "save_state",
     "sgd",
+    "sgd_hd",
+    "sgdn_hd",
 ]

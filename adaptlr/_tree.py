@@ -29,7 +29,7 @@ class Layout:
     path when it does not; ``layout.tree(leaves)`` rebuilds a tree shaped like the params.
     """
 
-    __slots__ = ("treespec", "num_leaves", "_reference")
+    __slots__ = ("_reference", "num_leaves", "treespec")
 
     def __init__(self, treespec: optree.PyTreeSpec, reference: Any) -> None:
         self.treespec = treespec

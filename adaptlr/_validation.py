@@ -15,15 +15,15 @@ import array_api_compat
 __all__ = [
     "check_beta",
     "check_choice",
+    "check_finite",
     "check_learning_rate",
+    "check_like_params",
     "check_nonnegative",
     "check_positive",
     "check_positive_int",
-    "check_finite",
     "check_range",
     "library_of",
     "namespace_of_leaves",
-    "check_like_params",
 ]
 
 
@@ -115,6 +115,10 @@ def _device_key(x: Any, library: str) -> Any:
     if library == "jax":
         sharding = getattr(x, "sharding", None)
         return None if sharding is None else frozenset(sharding.device_set)
+    if library == "numpy":
+        return "cpu"
+    if library in ("torch", "cupy", "array_api_strict"):
+        return x.device
     try:
         return array_api_compat.device(x)
     except Exception:  # an abstract array (a tracer) has no device

@@ -20,7 +20,7 @@ from adaptlr._rectification import rectification
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
-__all__ = ["AdaBeliefState", "AdaBeliefDirection", "adabelief"]
+__all__ = ["AdaBeliefDirection", "AdaBeliefState", "adabelief"]
 
 
 class AdaBeliefState(NamedTuple):

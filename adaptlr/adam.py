@@ -17,7 +17,7 @@ from adaptlr import _validation as v
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
-__all__ = ["AdamState", "AdamDirection", "adam", "adamw"]
+__all__ = ["AdamDirection", "AdamState", "adam", "adamw"]
 
 
 class AdamState(NamedTuple):

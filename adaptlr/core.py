@@ -42,6 +42,7 @@ __all__ = [
     "StepSize",
     "apply_updates",
     "learning_rates",
+    "scalar_device",
 ]
 
 Array = Any
@@ -255,7 +256,7 @@ class Optimizer:
         layout, leaves = Layout.of(params)
         xp = v.namespace_of_leaves(leaves, "params", layout.paths)
         v.check_floating_params(xp, leaves, layout.paths)
-        device = array_api_compat.device(leaves[0])
+        device = scalar_device(leaves[0])
         count = xp.asarray(0, dtype=xp.int32, device=device)
         alpha = self._alpha(xp, xp.asarray(1, dtype=xp.int32, device=device), leaves, device, None)
         base_state = self.base.init(leaves, layout, xp)
@@ -291,7 +292,7 @@ class Optimizer:
         learning rate and weight decay: the torch adapter passes its param groups' values here.
         """
         base = self.base
-        device = array_api_compat.device(params[0])
+        device = scalar_device(params[0])
         count = xp.asarray(state.count + 1)
         scalars = Scalars(xp, count, device)
         if alpha is None:
@@ -371,6 +372,20 @@ class Optimizer:
                     f"state does not belong to these params: parameter {layout.paths()[i]} has dtype "
                     f"{p.dtype} but the state was made for dtype {a.dtype}"
                 )
+
+
+def scalar_device(x: Array) -> Any:
+    """The device for 0-D state values (counters, global scalars) of params like ``x``.
+
+    Usually ``x``'s device. A JAX array sharded over several devices has no single device, and JAX
+    cannot shard a 0-D array: its scalars get JAX's default placement (None), which ``jax.jit``
+    replicates as needed.
+    """
+    if v.library_of(x) == "jax":
+        sharding = getattr(x, "sharding", None)
+        if sharding is not None and len(sharding.device_set) > 1:
+            return None
+    return array_api_compat.device(x)
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 from adaptlr._tree import Layout
+from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
-__all__ = ["SGDState", "SGDDirection", "sgd"]
+__all__ = ["SGDDirection", "SGDState", "sgd"]
 
 
 class SGDState(NamedTuple):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "BACKENDS", "backend", "available_backends"]
+__all__ = ["BACKENDS", "Backend", "available_backends", "backend"]
 
 
 @dataclass(frozen=True)

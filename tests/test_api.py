@@ -190,3 +190,36 @@ def test_error_no_arrays():
         adaptlr.adam().init({})
     with pytest.raises(TypeError, match="not an array"):
         adaptlr.adam().init([1.0, 2.0])
+
+
+_SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, adaptlr
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("x",))
+sharding = NamedSharding(mesh, P("x", None))
+w = jax.device_put(jnp.ones((8, 4)), sharding)
+opts = [adaptlr.adamw(0.1), adaptlr.active_adamw(0.1, steps_per_epoch=2),
+        adaptlr.autodrop(adaptlr.sgd(0.1), steps_per_epoch=2), adaptlr.hypergradient(adaptlr.sgd(0.1), 0.1),
+        adaptlr.dsa(adaptlr.adam(0.1)), adaptlr.eg_step_size(adaptlr.sgd(0.1), 0.1, 0.1)]
+for opt in opts:
+    state = opt.init({"w": w})
+    for _ in range(3):
+        updates, state = jax.jit(opt.update)({"w": w * 0.5}, state, {"w": w})
+    assert updates["w"].sharding == sharding, (opt.name, updates["w"].sharding)
+    assert np.isfinite(np.asarray(updates["w"])).all()
+print("sharded ok", len(opts))
+"""
+
+
+def test_functional_api_on_params_sharded_over_four_devices():
+    """0-D state values of sharded params get JAX's default placement; updates keep the sharding."""
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sharded ok 6" in result.stdout

@@ -1,0 +1,227 @@
+"""DSA, a differentiable self-adaptive learning rate (spec §5) — a **reconstruction**.
+
+Chen, Wang, Ba, "Differentiable Self-Adaptive Learning Rate" (2022). The abstract says that
+hypergradient descent's single learning rate often fails to lower the training loss, suits minibatch
+training badly and generalises poorly, and that DSA makes the learning rate parameter specific and
+internally structured. The paper's exact rule is not public: this module implements adaptlr's own,
+precisely defined reconstruction (spec §5), an exponentiated, cosine-normalised hypergradient
+descent on a product of positive factors.
+
+For each parameter tensor W (direction d, objective gradient g) the learning rate is
+``A = α·κ_in·Π_φ φ``, one factor φ per entry of ``structure``: ``"tensor"`` (one value),
+``"row"`` (one per index of axis 0, shape (rows, 1, ..., 1)), ``"col"`` (one per index of the other
+axes flattened, shape (1, *rest)), ``"element"`` (one per element). All factors start at 1. Each step,
+before the base step::
+
+    G = g_t (+ λ·θ_{t-1} under coupled L2 decay)
+    P = A_{t-1} ⊙ d_{t-1}                               the previous step (0 at t = 1)
+    for every factor φ and each slice E_k it covers (from the same G and P):
+        cos_k = ⟨G, P⟩_{E_k} / (‖G‖_{E_k}·‖P‖_{E_k} + ε)     ε = 1e-12, clamped to [-1, 1]
+        φ_k ← φ_k · exp(β·cos_k)                        so 0 < φ and each step changes φ by ≤ e^β
+    κ = Π_φ φ;  A_t = α·κ_in·κ  (clipped to [min_lr, max_lr] where given)
+    u_t = -A_t ⊙ d_t;  P ← A_t ⊙ d_t
+
+``κ_in`` is the multiplier of adaptations wrapped inside DSA (1 alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from adaptlr import _validation as v
+from adaptlr._tree import Layout
+from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
+from adaptlr.hypergradient import _check_bounds, _check_optimizer
+
+__all__ = ["DSA", "DSAState", "dsa"]
+
+KINDS = ("tensor", "row", "col", "element")
+EPS = 1e-12
+
+
+class DSAState(NamedTuple):
+    """State of DSA.
+
+    Attributes:
+        factors: a tree shaped like the params whose leaf for each parameter is a dict
+            ``{kind: factor}`` (``kind`` in the parameter's structure; each factor positive and
+            broadcastable to the parameter).
+        prev_step: ``P = A_{t-1} ⊙ d_{t-1}``, the previous step's learning rate times direction.
+        min_lr, max_lr: the bounds on ``A`` as 0-D arrays, or None.
+    """
+
+    factors: Any
+    prev_step: Any
+    min_lr: Any
+    max_lr: Any
+
+    def kappa(self, layout: Layout) -> list:
+        """``Π_φ φ`` per parameter (broadcastable to it)."""
+        out = []
+        for factors in layout.treespec.flatten_up_to(self.factors):
+            product = None
+            for factor in factors.values():
+                product = factor if product is None else product * factor
+            out.append(product)
+        return out
+
+    def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
+        return _apply(size, self.kappa(layout), self.min_lr, self.max_lr, False)
+
+    def signals(self, layout: Layout) -> dict[str, Any]:
+        return {"kappa": layout.tree(self.kappa(layout))}
+
+
+def _apply(size: StepSize, kappa: list, min_lr: Any, max_lr: Any, weight_decay_too: bool) -> StepSize:
+    """``size`` scaled by ``kappa``; with bounds, ``α·κ_in·κ`` clipped becomes the new ``alpha``."""
+    scaled = size.scaled(kappa, weight_decay_too=weight_decay_too)
+    if min_lr is None and max_lr is None:
+        return scaled
+    rates = []
+    for rate in scaled.effective():
+        xp = array_api_compat.array_namespace(rate)
+        if min_lr is not None:
+            rate = xp.maximum(rate, xp.astype(min_lr, rate.dtype))
+        if max_lr is not None:
+            rate = xp.minimum(rate, xp.astype(max_lr, rate.dtype))
+        rates.append(rate)
+    return scaled._replace(alpha=tuple(rates), kappa=(None,) * len(rates))
+
+
+def leaf_structure(structure: tuple[str, ...] | None, ndim: int) -> tuple[str, ...]:
+    """The factor kinds of a parameter with ``ndim`` axes.
+
+    ``None`` gives the defaults of spec §5. On a 1-D parameter "row" (one per index of axis 0) is
+    "element" and "col" (no remaining axes) is "tensor"; on a 0-D parameter every kind is "tensor".
+    Repeats are merged, so ``("tensor", "row", "col")`` on a bias gives ``("tensor", "element")``.
+    """
+    if structure is None:
+        structure = ("tensor", "row", "col") if ndim >= 2 else ("tensor", "element")
+    if ndim == 0:
+        same = dict.fromkeys(KINDS, "tensor")
+    elif ndim == 1:
+        same = {"tensor": "tensor", "row": "element", "col": "tensor", "element": "element"}
+    else:
+        same = {k: k for k in KINDS}
+    return tuple(dict.fromkeys(same[k] for k in structure))
+
+
+def _slice_sum(xp: Any, x: Any, kind: str) -> Any:
+    """``x`` summed over the elements each factor value of ``kind`` covers (keeping its shape)."""
+    if kind == "element":
+        return x
+    if kind == "tensor":
+        return xp.sum(x)
+    if kind == "row":
+        return xp.sum(x, axis=tuple(range(1, x.ndim)), keepdims=True)
+    return xp.sum(x, axis=0, keepdims=True)  # col
+
+
+def _factor_shape(shape: tuple, kind: str) -> tuple:
+    if kind == "tensor":
+        return ()
+    if kind == "element":
+        return tuple(shape)
+    if kind == "row":
+        return (shape[0],) + (1,) * (len(shape) - 1)
+    return (1, *shape[1:])  # col
+
+
+class DSA(Adaptation):
+    """The DSA adaptation (build it with :func:`dsa`)."""
+
+    name = "dsa"
+    state_class = DSAState
+
+    def __init__(
+        self,
+        hyper_lr: float,
+        structure: tuple[str, ...] | None,
+        min_lr: float | None,
+        max_lr: float | None,
+        scale_weight_decay: bool,
+    ) -> None:
+        self.hyper_lr = hyper_lr
+        self.structure = structure
+        self.min_lr = min_lr
+        self.max_lr = max_lr
+        self.scale_weight_decay = scale_weight_decay
+
+    def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> DSAState:
+        device = scalar_device(params[0])
+        factors = []
+        for p in params:
+            kinds = leaf_structure(self.structure, p.ndim)
+            factors.append({k: xp.ones(_factor_shape(p.shape, k), dtype=p.dtype, device=device) for k in kinds})
+        dtype = xp.result_type(*[p.dtype for p in params])
+        bounds = [None if b is None else xp.asarray(b, dtype=dtype, device=device) for b in (self.min_lr, self.max_lr)]
+        return DSAState(layout.tree(factors), layout.tree([xp.zeros_like(p) for p in params]), *bounds)
+
+    def step(self, ctx: StepContext, size: StepSize, state: DSAState) -> tuple[StepSize, DSAState]:
+        xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
+        prev_steps = layout.leaves(state.prev_step, "state.prev_step")
+        all_factors = layout.treespec.flatten_up_to(state.factors)
+        new_factors = []
+        for g, p, factors in zip(ctx.objective_grads, prev_steps, all_factors, strict=True):
+            beta = scalars.constant(self.hyper_lr, g.dtype)
+            eps = scalars.constant(EPS, g.dtype)
+            one = scalars.constant(1.0, g.dtype)
+            gp, gg, pp = g * p, g * g, p * p
+            updated = {}
+            for kind, factor in factors.items():
+                dot = _slice_sum(xp, gp, kind)
+                norms = xp.sqrt(_slice_sum(xp, gg, kind)) * xp.sqrt(_slice_sum(xp, pp, kind))
+                cos = xp.minimum(xp.maximum(dot / (norms + eps), -one), one)
+                updated[kind] = factor * xp.exp(beta * cos)
+            new_factors.append(updated)
+        new_state = state._replace(factors=layout.tree(new_factors))
+        size = _apply(size, new_state.kappa(layout), state.min_lr, state.max_lr, self.scale_weight_decay)
+        steps = [rate * d for rate, d in zip(size.effective(), ctx.directions, strict=True)]
+        return size, new_state._replace(prev_step=layout.tree(steps))
+
+
+def dsa(
+    opt: Optimizer,
+    hyper_lr: float = 0.01,
+    structure: tuple[str, ...] | None = None,
+    min_lr: float | None = None,
+    max_lr: float | None = None,
+    scale_weight_decay: bool = False,
+) -> Optimizer:
+    """DSA around ``opt``: structured, positive, self-adapting learning rates (spec §5, reconstruction).
+
+    Args:
+        opt: the optimizer to wrap, an :class:`adaptlr.core.Optimizer` (a schedule is fine: DSA
+            multiplies ``α_t``).
+        hyper_lr: ``β`` >= 0; each factor changes by at most a factor ``e^β`` per step.
+        structure: a tuple of factor kinds from ``"tensor"``, ``"row"``, ``"col"``, ``"element"``
+            used for every parameter; None: ``("tensor", "row", "col")`` for ndim >= 2 and
+            ``("tensor", "element")`` for ndim <= 1. On parameters with ndim <= 1 "row" acts as
+            "element" and "col" as "tensor" (see :func:`leaf_structure`).
+        min_lr, max_lr: optional bounds on the effective rate ``A = α·κ`` of every element (the
+            factors themselves are not clipped).
+        scale_weight_decay: also multiply decoupled weight decay by ``κ``.
+
+    Example:
+        >>> import numpy as np, adaptlr
+        >>> opt = adaptlr.dsa(adaptlr.sgd(0.1), hyper_lr=0.1, structure=("element",))
+        >>> params = {"w": np.array([1.0, -2.0])}
+        >>> state = opt.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = opt.update(params, state, params)   # f = ‖w‖²/2
+        ...     params = adaptlr.apply_updates(params, updates)
+        >>> np.round(adaptlr.learning_rates(state)["w"] / 0.1, 6)   # e^0.1: the sign held
+        array([1.105171, 1.105171])
+    """
+    _check_optimizer(opt, "dsa")
+    hyper_lr = v.check_nonnegative("hyper_lr", hyper_lr)
+    if structure is not None:
+        if isinstance(structure, str) or not isinstance(structure, (tuple, list)) or not structure:
+            raise ValueError(f"structure must be a non-empty tuple of {', '.join(map(repr, KINDS))}, got {structure!r}")
+        for kind in structure:
+            v.check_choice("structure entry", kind, KINDS)
+        structure = tuple(dict.fromkeys(structure))
+    min_lr, max_lr = _check_bounds(min_lr, max_lr)
+    return opt.wrapped(DSA(hyper_lr, structure, min_lr, max_lr, bool(scale_weight_decay)))

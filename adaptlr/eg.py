@@ -1,0 +1,217 @@
+"""EG: step-size adaptation with exponentiated-gradient updates (spec §6).
+
+A step-size scale ``s`` (one number for the model, or one per tensor) and a per-element gain ``p``
+are both updated multiplicatively from how the new gradient aligns with the past (spec §6):
+
+    p_t = p_{t-1} ⊙ exp(clip(γ_p · m_{t-1} ⊙ g_t))          m = EMA of past gradients
+    s_t = s_{t-1} · exp(clip(γ_s · ⟨v_{t-1}, g_t⟩))          ⟨·,·⟩ over every tensor ("global")
+                                                             or over each tensor ("tensor")
+    v_t = α·κ_in · p_t ⊙ d_t                                 the unscaled step (d: base direction)
+    u_t = -s_t · v_t   (+ decoupled decay)                   κ = κ_in · s_t · p_t
+    m_t = β·m_{t-1} + (1-β)·g_t                              (after it was used)
+
+``clip`` bounds each exponent to ``±max_log_step`` (an adaptlr extension; ``None`` disables it), so
+each factor changes by at most ``e^max_log_step`` per step. ``κ_in`` is the multiplier of the
+adaptations EG wraps (1 around a plain base). ``g_t`` is the gradient of what the base minimises:
+the raw gradient plus ``λθ`` when the base uses coupled (L2) weight decay, as in HD (§4); the two
+agree without coupled decay. ``⟨v, g⟩`` over every tensor is accumulated in float64 where the
+backend has it. State: ``s = 1``, ``p = 1``, ``m = 0``, ``v = 0``, so nothing moves at ``t = 1``.
+
+Paper: Amid, Anil, Fifty, Warmuth, "Step-size Adaptation Using Exponentiated Gradient Updates"
+(2022). No public code exists; the equations follow a published summary of the paper (SGDM form),
+see ``docs/algorithms/eg.md`` for what is known and what is our choice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from adaptlr import _validation as v
+from adaptlr._tree import Layout
+from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
+
+__all__ = ["EGState", "EGStepSize", "eg_step_size"]
+
+SCALES = ("global", "tensor")
+
+
+class EGState(NamedTuple):
+    """State of :func:`eg_step_size`.
+
+    Attributes:
+        scale: ``s``: a 0-D array (``scale="global"``, float64 where the backend has it, else the
+            widest parameter dtype) or a tree shaped like the params of 0-D arrays (``"tensor"``).
+        gain: ``p`` per element, a tree shaped like the params.
+        grad_ema: ``m``, the exponential moving average of past gradients, shaped like the params.
+        prev_step: ``v``, the previous unscaled step ``α·κ_in·p ⊙ d``, shaped like the params.
+    """
+
+    scale: Any
+    gain: Any
+    grad_ema: Any
+    prev_step: Any
+
+    def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
+        """``size`` times ``s·p``: the learning rate the last step used (spec §0.1)."""
+        return size.scaled(_factors(self, layout))
+
+    def signals(self, layout: Layout) -> dict[str, Any]:
+        """``{"scale": s, "gain": p}`` (``s``: a 0-D array or a tree of 0-D arrays)."""
+        return {"scale": self.scale, "gain": self.gain}
+
+
+def _factors(state: EGState, layout: Layout) -> list:
+    """``s·p`` per leaf, in each leaf's dtype."""
+    gains = layout.leaves(state.gain, "state.gain")
+    if hasattr(state.scale, "dtype"):  # one global scale
+        scales = [state.scale] * len(gains)
+    else:
+        scales = layout.leaves(state.scale, "state.scale")
+    xp = array_api_compat.array_namespace(gains[0])
+    return [xp.astype(s, p.dtype) * p for s, p in zip(scales, gains, strict=True)]
+
+
+class EGStepSize(Adaptation):
+    """The EG adaptation (spec §6); build it with :func:`eg_step_size`."""
+
+    name = "eg"
+    state_class = EGState
+
+    def __init__(
+        self,
+        scale_lr: float,
+        gain_lr: float,
+        gain_decay: float,
+        scale: str,
+        max_log_step: float | None,
+        scale_weight_decay: bool,
+    ) -> None:
+        self.scale_lr = v.check_nonnegative("scale_lr", scale_lr)
+        self.gain_lr = v.check_nonnegative("gain_lr", gain_lr)
+        self.gain_decay = v.check_beta("gain_decay", gain_decay)
+        self.scale = v.check_choice("scale", scale, SCALES)
+        self.max_log_step = None if max_log_step is None else v.check_positive("max_log_step", max_log_step)
+        if not isinstance(scale_weight_decay, bool):
+            raise TypeError(f"scale_weight_decay must be a bool, got {type(scale_weight_decay).__name__}")
+        self.scale_weight_decay = scale_weight_decay
+
+    def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> EGState:
+        device = scalar_device(params[0])
+        if self.scale == "global":
+            scale = xp.asarray(1.0, dtype=_accumulation_dtype(xp, params, device), device=device)
+        else:
+            scale = layout.tree([xp.asarray(1.0, dtype=p.dtype, device=device) for p in params])
+        return EGState(
+            scale=scale,
+            gain=layout.tree([xp.ones_like(p) for p in params]),
+            grad_ema=layout.tree([xp.zeros_like(p) for p in params]),
+            prev_step=layout.tree([xp.zeros_like(p) for p in params]),
+        )
+
+    def step(self, ctx: StepContext, size: StepSize, state: EGState) -> tuple[StepSize, EGState]:
+        xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
+        grads = ctx.objective_grads
+        gains = layout.leaves(state.gain, "state.gain")
+        grad_emas = layout.leaves(state.grad_ema, "state.grad_ema")
+        prev_steps = layout.leaves(state.prev_step, "state.prev_step")
+
+        # p_t = p_{t-1} ⊙ exp(clip(γ_p · m_{t-1} ⊙ g_t))
+        gains = [
+            p * xp.exp(self._clip(ctx, scalars.constant(self.gain_lr, g.dtype) * m * g))
+            for p, m, g in zip(gains, grad_emas, grads, strict=True)
+        ]
+
+        # s_t = s_{t-1} · exp(clip(γ_s · ⟨v_{t-1}, g_t⟩))
+        if self.scale == "global":
+            acc = state.scale.dtype
+            alignment = sum(xp.sum(pv * g, dtype=acc) for pv, g in zip(prev_steps, grads, strict=True))
+            new_scale = state.scale * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, acc) * alignment))
+            by_dtype = {dt: xp.astype(new_scale, dt) for dt in {g.dtype for g in grads}}  # not scalars' cache:
+            scales = [by_dtype[g.dtype] for g in grads]  # another EG in the same optimizer has its own s
+            scale_state = new_scale
+        else:
+            scales = [
+                s * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, g.dtype) * xp.sum(pv * g)))
+                for s, pv, g in zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads, strict=True)
+            ]
+            scale_state = layout.tree(scales)
+
+        # v_t = α·κ_in · p_t ⊙ d_t
+        prev_steps = [a * p * d for a, p, d in zip(size.effective(), gains, ctx.directions, strict=True)]
+
+        # m_t = β·m_{t-1} + (1-β)·g_t
+        beta = self.gain_decay
+        grad_emas = [
+            scalars.constant(beta, g.dtype) * m + scalars.constant(1.0 - beta, g.dtype) * g
+            for m, g in zip(grad_emas, grads, strict=True)
+        ]
+
+        new_state = EGState(scale_state, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
+        factors = [s * p for s, p in zip(scales, gains, strict=True)]
+        return size.scaled(factors, weight_decay_too=self.scale_weight_decay), new_state
+
+    def _clip(self, ctx: StepContext, exponent: Any) -> Any:
+        """``exponent`` bounded to ``±max_log_step`` (unchanged when that is None)."""
+        if self.max_log_step is None:
+            return exponent
+        xp, dtype = ctx.xp, exponent.dtype
+        high = ctx.scalars.constant(self.max_log_step, dtype)
+        low = ctx.scalars.constant(-self.max_log_step, dtype)
+        return xp.minimum(xp.maximum(exponent, low), high)
+
+
+def _accumulation_dtype(xp: Any, params: list, device: Any) -> Any:
+    """float64 where the backend can make it (JAX only with x64), else the widest parameter dtype."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # JAX without x64 warns and gives float32
+            probe = xp.asarray(0.0, dtype=xp.float64, device=device)
+        if probe.dtype == xp.float64:
+            return xp.float64
+    except (AttributeError, TypeError, RuntimeError, ValueError):  # no float64 on this device (MPS)
+        pass
+    return xp.result_type(*[p.dtype for p in params])
+
+
+def eg_step_size(
+    opt: Optimizer,
+    scale_lr: float,
+    gain_lr: float,
+    gain_decay: float = 0.9,
+    scale: str = "global",
+    max_log_step: float | None = 1.0,
+    scale_weight_decay: bool = False,
+) -> Optimizer:
+    """Wrap ``opt`` with exponentiated-gradient step-size adaptation (Amid et al. 2022; spec §6).
+
+    The learning rate becomes ``α·s·p``: a scale ``s`` that grows while successive steps point the
+    same way as the new gradient (``⟨v_{t-1}, g_t⟩ > 0``) and shrinks when they oppose it, and a gain
+    ``p`` per element that does the same from the average of past gradients. Both change by
+    ``exp(·)`` factors, so they stay positive. With an SGD-with-momentum base the gains multiply the
+    momentum direction (the paper's summary applies them before the momentum; identical at μ = 0).
+
+    Example::
+
+        opt = adaptlr.eg_step_size(adaptlr.sgd(0.1, momentum=0.9), scale_lr=1e-2, gain_lr=1e-2)
+
+    Args:
+        opt: the adaptlr optimizer to wrap (any base, possibly already wrapped).
+        scale_lr: ``γ_s`` >= 0, the learning rate of ``log s`` (0 keeps ``s = 1``).
+        gain_lr: ``γ_p`` >= 0, the learning rate of ``log p`` (0 keeps ``p = 1``).
+        gain_decay: ``β`` in [0, 1), the decay of the gradient average ``m`` used by the gains.
+        scale: ``"global"`` (one ``s`` for the whole model, ``⟨v, g⟩`` summed over every tensor) or
+            ``"tensor"`` (one ``s`` per parameter tensor).
+        max_log_step: clip each exponent to ``±max_log_step`` (> 0), so ``s`` and each gain change by
+            at most a factor ``e^max_log_step`` per step; ``None`` disables the clip (the paper's
+            rule; ``exp`` may then overflow on badly scaled problems).
+        scale_weight_decay: multiply the decoupled weight decay by ``s·p`` too.
+
+    Returns:
+        the wrapped optimizer; its state's ``adaptations[-1]`` is an :class:`EGState`.
+    """
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"opt must be an adaptlr Optimizer (for example adaptlr.sgd(0.1)), got {type(opt).__name__}")
+    return opt.wrapped(EGStepSize(scale_lr, gain_lr, gain_decay, scale, max_log_step, scale_weight_decay))

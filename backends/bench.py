@@ -1,0 +1,517 @@
+"""``adaptlr bench``: optimizer step time against the native optimizers and the bandwidth bound.
+
+In one process, for each parameter set and backend, every runner (an adaptlr algorithm on one
+execution path, a native optimizer, a memory copy) is built, warmed up, and then timed in
+interleaved rounds (one step of each runner per round, in a shuffled order), so that load changes
+on a shared machine hit all runners alike; the median step time is reported.
+
+Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``), ``adapter`` (torch:
+``adaptlr.backends.torch.Optimizer``), ``flat`` / ``blocked`` / ``compiled``
+(:class:`adaptlr.backends.fast.FlatOptimizer`), ``jit`` / ``jit-donate`` (JAX,
+:func:`adaptlr.backends.fast.jit_step`). Native: ``torch.optim.AdamW`` (``foreach=True``,
+``fused=True``), ``optax.adamw`` under ``jax.jit`` (params and state donated). Bound: a copy of
+``3.5·P`` words (7 words per parameter are what an AdamW step must move: read params, grads, m, v;
+write params, m, v), timed like a step.
+
+Peak extra memory of one step (beyond params, grads and state): NumPy via ``tracemalloc`` (NumPy
+reports its buffers to it); torch on CPU via the profiler's allocation events (``profile_memory``),
+torch on CUDA via ``torch.cuda.max_memory_allocated``; JAX via XLA's ``memory_analysis()`` of the
+compiled step (temporary buffers).
+
+Usage: ``adaptlr bench [--backends numpy,torch,jax] [--algorithms adamw,active,...]
+[--sets resnet18,small500] [--repeats N] [--quick] [--json PATH] [--markdown PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import adaptlr
+
+__all__ = ["RESNET18_SHAPES", "SMALL_SHAPES", "main", "resnet18_shapes"]
+
+
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """The parameter shapes of torchvision's ResNet-18 (1000 classes), in ``named_parameters`` order."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]  # conv1, bn1
+    in_ch = 64
+    for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            c_in = in_ch if block == 0 else out_ch
+            shapes += [(out_ch, c_in, 3, 3), (out_ch,), (out_ch,), (out_ch, out_ch, 3, 3), (out_ch,), (out_ch,)]
+            if block == 0 and (stride != 1 or c_in != out_ch):
+                shapes += [(out_ch, c_in, 1, 1), (out_ch,), (out_ch,)]  # downsample conv + bn
+        in_ch = out_ch
+    shapes += [(1000, 512), (1000,)]  # fc
+    return shapes
+
+
+RESNET18_SHAPES = resnet18_shapes()
+assert sum(int(np.prod(s)) for s in RESNET18_SHAPES) == 11_689_512 and len(RESNET18_SHAPES) == 62
+SMALL_SHAPES = [(32, 64)] * 500  # 500 tensors of 2048 parameters: per-call overhead dominates
+SETS = {"resnet18": RESNET18_SHAPES, "small500": SMALL_SHAPES}
+
+BLOCK_SIZE = 1 << 15  # 32K elements: a block's working set of ~10 float32 arrays fits in L2
+
+ALGORITHMS: dict[str, Callable[[], Any]] = {
+    "adamw": lambda: adaptlr.adamw(1e-3),
+    "adam": lambda: adaptlr.adam(1e-3),
+    "sgd": lambda: adaptlr.sgd(1e-2, momentum=0.9),
+    "radam": lambda: adaptlr.radam(1e-3),
+    "adabelief": lambda: adaptlr.adabelief(1e-3),
+    "active": lambda: adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=100),
+    "autodrop": lambda: adaptlr.autodrop(adaptlr.adamw(1e-3), steps_per_epoch=100),
+    "hypergradient": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3), hyper_lr=1e-8),
+    "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3)),
+    "eg_step_size": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3), scale_lr=1e-3, gain_lr=1e-3),
+}
+WRAPPERS = ("active", "autodrop", "hypergradient", "dsa", "eg_step_size")
+DEFAULT_ALGORITHMS = ("adamw", *WRAPPERS)
+
+
+@dataclass
+class Runner:
+    """One thing to time: ``step()`` does one optimizer step (synchronised)."""
+
+    set: str
+    backend: str
+    algorithm: str
+    path: str
+    kind: str  # "adaptlr", "native" or "bound"
+    step: Callable[[], None]
+    memory: Callable[[], int | None] = field(default=lambda: None)
+    note: str = ""
+    times: list = field(default_factory=list)
+
+
+# -- problem data -----------------------------------------------------------------------------------
+
+
+def _host_data(shapes: Sequence[tuple], seed: int = 0) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s, dtype=np.float32) * 0.1 for s in shapes]
+    grads = [rng.standard_normal(s, dtype=np.float32) * 0.01 for s in shapes]
+    return params, grads
+
+
+def _tracemalloc_peak(step: Callable[[], None]) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        step()
+        return max(0, tracemalloc.get_traced_memory()[1] - start)
+    finally:
+        tracemalloc.stop()
+
+
+# -- NumPy -------------------------------------------------------------------------------------------
+
+
+def numpy_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[Runner]:
+    import array_api_compat.numpy as xnp
+
+    from adaptlr.backends.fast import FlatOptimizer, flat_safety
+
+    host_params, grads = _host_data(shapes)
+    runners = []
+    for name in algorithms:
+        opt = ALGORITHMS[name]()
+        flat, blockwise, _ = flat_safety(opt)
+
+        def pure(opt: Any = opt) -> Callable[[], None]:
+            box = {"params": [xnp.asarray(p.copy()) for p in host_params]}
+            box["state"] = opt.init(box["params"])
+
+            def step() -> None:
+                updates, box["state"] = opt.update(grads, box["state"], box["params"])
+                box["params"] = adaptlr.apply_updates(box["params"], updates)
+
+            return step
+
+        step = pure()
+        runners.append(Runner(set_name, "numpy", name, "pure", "adaptlr", step, lambda s=step: _tracemalloc_peak(s)))
+        modes = [("flat", None)] + ([("blocked", BLOCK_SIZE)] if blockwise else [])
+        for path, block in modes:
+            fo = FlatOptimizer(opt, [p.copy() for p in host_params], block_size=block)
+            fo.step(grads)  # grads land in the flat gradient buffer once; later steps reuse them
+            note = "" if flat else "not flat-safe: per-tensor fallback"
+            step = fo.step
+            runners.append(Runner(set_name, "numpy", name, path, "adaptlr", step,
+                                  lambda s=step: _tracemalloc_peak(s), note))
+    words = int(3.5 * sum(int(np.prod(s)) for s in shapes))
+    src, dst = np.ones(words, dtype=np.float32), np.empty(words, dtype=np.float32)
+    runners.append(Runner(set_name, "numpy", "copy", "bound", "bound", lambda: np.copyto(dst, src)))
+    return runners
+
+
+# -- torch -------------------------------------------------------------------------------------------
+
+
+def _torch_memory(torch: Any, step: Callable[[], None], device: str) -> int | None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: str,
+                  compile_algorithms: Sequence[str]) -> list[Runner]:
+    import array_api_compat.torch as xtorch
+    import torch
+
+    from adaptlr.backends.fast import FlatOptimizer, flat_safety
+
+    host_params, host_grads = _host_data(shapes)
+    grads = [torch.asarray(g, device=device) for g in host_grads]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def params_copy(requires_grad: bool = False) -> list:
+        return [torch.asarray(p.copy(), device=device).requires_grad_(requires_grad) for p in host_params]
+
+    def runner(name: str, path: str, kind: str, step: Callable[[], None], note: str = "") -> Runner:
+        def synced() -> None:
+            step()
+            sync()
+
+        return Runner(set_name, "torch", name, path, kind, synced,
+                      lambda: _torch_memory(torch, synced, device), note)
+
+    runners = []
+    try:
+        from adaptlr.backends.torch import Optimizer as TorchAdapter
+    except Exception as error:  # the adapter is optional for the benchmark
+        TorchAdapter, adapter_error = None, f"{type(error).__name__}: {error}"
+    for name in algorithms:
+        opt = ALGORITHMS[name]()
+        flat, blockwise, _ = flat_safety(opt)
+
+        box: dict = {"params": params_copy()}
+        box["state"] = opt.init(box["params"])
+
+        def pure(opt: Any = opt, box: dict = box) -> None:
+            with torch.no_grad():
+                updates, box["state"] = opt.update(grads, box["state"], box["params"])
+                box["params"] = [p + u for p, u in zip(box["params"], updates)]
+
+        runners.append(runner(name, "pure", "adaptlr", pure))
+        if TorchAdapter is not None:
+            try:
+                tparams = params_copy(True)
+                for p, g in zip(tparams, grads):
+                    p.grad = g.clone()
+                adapter = TorchAdapter(tparams, opt)
+                runners.append(runner(name, "adapter", "adaptlr", adapter.step))
+            except Exception as error:
+                print(f"  torch adapter for {name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
+        note = "" if flat else "not flat-safe: per-tensor fallback"
+        modes = [("flat", {})] + ([("blocked", {"block_size": BLOCK_SIZE})] if blockwise and device == "cpu" else [])
+        if name in compile_algorithms and flat:
+            modes.append(("compiled", {"compile": True}))
+        for path, kwargs in modes:
+            fo = FlatOptimizer(opt, params_copy(), **kwargs)
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fo.step(grads)
+            sync()
+            extra = f"first step (compile) {time.perf_counter() - started:.1f} s" if path == "compiled" else ""
+            runners.append(runner(name, path, "adaptlr", fo.step, "; ".join(x for x in (note, extra) if x)))
+    del xtorch
+    if TorchAdapter is None:
+        print(f"  torch adapter: skipped ({adapter_error})", file=sys.stderr)
+    for variant in ("foreach", "fused"):
+        tparams = params_copy(True)
+        for p, g in zip(tparams, grads):
+            p.grad = g.clone()
+        try:
+            native = torch.optim.AdamW(tparams, lr=1e-3, weight_decay=1e-2, **{variant: True})
+            native.step()
+        except Exception as error:
+            print(f"  torch.optim.AdamW({variant}=True): skipped ({error})", file=sys.stderr)
+            continue
+        runners.append(runner("torch.optim.AdamW", variant, "native", native.step))
+    words = int(3.5 * sum(int(np.prod(s)) for s in shapes))
+    src = torch.ones(words, device=device)
+    dst = torch.empty(words, device=device)
+    runners.append(Runner(set_name, "torch", "copy", "bound", "bound", lambda: (dst.copy_(src), sync())))
+    return runners
+
+
+# -- JAX ---------------------------------------------------------------------------------------------
+
+
+def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[Runner]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from adaptlr.backends.fast import jit_step
+
+    host_params, host_grads = _host_data(shapes)
+    grads = [jnp.asarray(g) for g in host_grads]
+
+    def make_runner(name: str, path: str, kind: str, step_fn: Callable, init: Callable, jitted: Any) -> Runner:
+        box = {"params": [jnp.asarray(p) for p in host_params]}
+        box["state"] = init(box["params"])
+
+        def step() -> None:
+            box["params"], box["state"] = step_fn(grads, box["state"], box["params"])
+            jax.block_until_ready(box["params"])
+
+        def memory() -> int | None:
+            try:
+                analysis = jitted.lower(grads, box["state"], box["params"]).compile().memory_analysis()
+                return int(analysis.temp_size_in_bytes)
+            except Exception:
+                return None
+
+        step()
+        return Runner(set_name, "jax", name, path, kind, step, memory)
+
+    runners = []
+    for name in algorithms:
+        opt = ALGORITHMS[name]()
+        for path, donate in (("jit", False), ("jit-donate", True)):
+            step_fn = jit_step(opt, donate=donate)
+
+            def plain(grads: Any, state: Any, params: Any, opt: Any = opt) -> Any:
+                updates, state = opt.update(grads, state, params)
+                return adaptlr.apply_updates(params, updates), state
+
+            runners.append(make_runner(name, path, "adaptlr", step_fn, opt.init, jax.jit(plain)))
+
+    tx = optax.adamw(1e-3, weight_decay=1e-2)
+
+    def optax_step(grads: Any, state: Any, params: Any) -> Any:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(optax_step, donate_argnums=(1, 2))
+    runners.append(make_runner("optax.adamw", "jit-donate", "native", jitted, tx.init, jitted))
+    words = int(3.5 * sum(int(np.prod(s)) for s in shapes))
+    src = jnp.ones(words, dtype=jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0)
+
+    def bound() -> None:
+        jax.block_until_ready(copy(src))
+
+    bound()
+    runners.append(Runner(set_name, "jax", "copy", "bound", "bound", bound))
+    return runners
+
+
+# -- timing and report --------------------------------------------------------------------------------
+
+
+def time_runners(runners: list[Runner], repeats: int, warmup: int = 1, seed: int = 0) -> None:
+    """Interleaved rounds: each round runs every runner once, in a fresh random order."""
+    order = list(runners)
+    shuffle = random.Random(seed).shuffle
+    for r in range(warmup + repeats):
+        shuffle(order)
+        for runner in order:
+            started = time.perf_counter()
+            runner.step()
+            elapsed = time.perf_counter() - started
+            if r >= warmup:
+                runner.times.append(elapsed)
+
+
+def summarise(runners: list[Runner], shapes: list, memory: bool) -> list[dict]:
+    by = {(r.algorithm, r.path): r for r in runners}
+    medians = {key: statistics.median(r.times) for key, r in by.items()}
+    bound = medians.get(("copy", "bound"))
+    natives = {
+        "torch": [("foreach", ("torch.optim.AdamW", "foreach")), ("fused", ("torch.optim.AdamW", "fused"))],
+        "jax": [("optax", ("optax.adamw", "jit-donate"))],
+    }
+    largest = max(int(np.prod(s)) for s in shapes) * 4
+    rows = []
+    for (algorithm, path), runner in by.items():
+        t = medians[(algorithm, path)]
+        row: dict[str, Any] = {
+            "set": runner.set, "backend": runner.backend, "algorithm": algorithm, "path": path,
+            "kind": runner.kind, "median_ms": t * 1e3, "min_ms": min(runner.times) * 1e3,
+            "x_bound": t / bound if bound else None, "note": runner.note,
+        }
+        for label, key in natives.get(runner.backend, []):
+            row[f"x_{label}"] = t / medians[key] if key in medians else None
+        if algorithm in WRAPPERS and ("adamw", path) in medians:
+            row["x_base"] = t / medians[("adamw", path)]
+        if memory and runner.kind != "bound":
+            try:
+                peak = runner.memory()
+            except Exception as error:  # a measurement failure is reported, not fatal
+                peak, row["note"] = None, (row["note"] + f"; memory: {error}").strip("; ")
+            row["peak_extra_mb"] = None if peak is None else peak / 2**20
+            row["x_largest_tensor"] = None if peak is None else peak / largest
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("set", "set"), ("backend", "backend"), ("algorithm", "algorithm"), ("path", "path"),
+           ("median_ms", "median ms"), ("x_bound", "× bound"), ("x_foreach", "× foreach"), ("x_fused", "× fused"),
+           ("x_optax", "× optax"), ("x_base", "× base"), ("peak_extra_mb", "peak extra MB"),
+           ("x_largest_tensor", "× largest tensor"), ("note", "note")]
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.1f}" if key in ("median_ms", "peak_extra_mb") else f"{value:.2f}"
+    return str(value)
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    cells = [[h for _, h in COLUMNS]] + [[_fmt(row.get(k), k) for k, _ in COLUMNS] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
+        return "\n".join(lines)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells)
+
+
+def machine() -> dict:
+    info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
+                            "processor": platform.processor(), "cpus": _cpu_count(), "numpy": np.__version__}
+    for module in ("torch", "jax", "optax"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:
+            pass
+    try:
+        import os
+
+        info["loadavg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return os.cpu_count()
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="adaptlr bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="numpy,torch,jax", help="comma-separated: numpy,torch,jax")
+    parser.add_argument("--algorithms", default=None,
+                        help=f"comma-separated from {','.join(ALGORITHMS)} (default: {','.join(DEFAULT_ALGORITHMS)})")
+    parser.add_argument("--sets", default="resnet18,small500", help="comma-separated: resnet18,small500")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="adamw and active only, 3 rounds, no torch.compile")
+    parser.add_argument("--compile", default=None,
+                        help="algorithms to also run through torch.compile (default: adamw; 'none' for none)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write the results as a Markdown table")
+    return parser.parse_args(list(argv))
+
+
+def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise SystemExit(f"adaptlr bench: unknown {what} {unknown}; valid: {', '.join(valid)}")
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    backends = _names(args.backends, ("numpy", "torch", "jax"), "backends")
+    default = ("adamw", "active") if args.quick else DEFAULT_ALGORITHMS
+    algorithms = _names(args.algorithms or ",".join(default), list(ALGORITHMS), "algorithms")
+    available = []
+    for name in algorithms:
+        try:
+            ALGORITHMS[name]()
+            available.append(name)
+        except AttributeError as error:
+            print(f"adaptlr bench: skipping {name}: {error}", file=sys.stderr)
+    sets = _names(args.sets, list(SETS), "sets")
+    repeats = args.repeats or (3 if args.quick else 7)
+    if repeats < 1:
+        raise SystemExit("adaptlr bench: --repeats must be >= 1")
+    compile_text = args.compile if args.compile is not None else ("none" if args.quick else "adamw")
+    compile_algorithms = [] if compile_text == "none" else _names(compile_text, list(ALGORITHMS), "--compile")
+    if "jax" in backends:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # float32 runs are unaffected; matches the tests
+
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for set_name in sets:
+        shapes = SETS[set_name]
+        for backend in backends:
+            print(f"[{time.perf_counter() - started:6.1f} s] {set_name} / {backend}: building", file=sys.stderr)
+            try:
+                if backend == "numpy":
+                    runners = numpy_runners(set_name, shapes, available)
+                elif backend == "torch":
+                    runners = torch_runners(set_name, shapes, available, args.device, compile_algorithms)
+                else:
+                    runners = jax_runners(set_name, shapes, available)
+            except ImportError as error:
+                print(f"  {backend}: skipped ({error})", file=sys.stderr)
+                continue
+            time_runners(runners, repeats)
+            rows += summarise(runners, shapes, memory=not args.no_memory)
+            del runners
+            gc.collect()
+    print(table(rows))
+    meta = {"command": "adaptlr bench " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
+            "repeats": repeats, "block_size": BLOCK_SIZE,
+            "sets": {name: {"tensors": len(SETS[name]), "params": int(sum(np.prod(s) for s in SETS[name])),
+                            "largest_tensor_bytes": int(max(np.prod(s) for s in SETS[name])) * 4}
+                     for name in sets},
+            "wall_s": time.perf_counter() - started}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"Command: `{meta['command']}`; machine: {json.dumps(meta['machine'])}\n\n")
+            f.write(table(rows, markdown=True) + "\n")
+    print(f"wall time {meta['wall_s']:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

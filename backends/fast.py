@@ -1,0 +1,574 @@
+"""Execution fast paths: the same pure update, run with less overhead and memory traffic.
+
+Every algorithm stays written once against the array API (``adaptlr/``). The fast paths here are
+execution strategies around :meth:`adaptlr.core.Optimizer.update_leaves`, never re-implementations:
+
+- JAX: :func:`jit_update` / :func:`jit_step` compile ``opt.update`` with ``jax.jit`` and donate the
+  state (and params) buffers, so XLA fuses the whole step into a few loops updating in place.
+- NumPy / PyTorch / CuPy: :class:`FlatOptimizer` keeps every parameter (and its gradient and state)
+  as a view into one contiguous buffer per dtype and device (and parameter group). An elementwise
+  algorithm, or one whose reductions are global, gives the same result on the flat buffers, so the
+  pure update runs once per buffer instead of once per tensor (the 500-small-tensor case), and its
+  results are written back in place. With ``block_size`` the update runs over cache-sized blocks of
+  the flat buffers, which bounds the extra memory of a step to a few blocks and keeps the many
+  passes of an unfused elementwise update in cache (NumPy, and torch eager on CPU). With
+  ``compile=True`` (torch) the flat step goes through ``torch.compile``, which fuses it into one
+  kernel.
+
+Which algorithms may run flat (:func:`flat_safety`): base optimizers (all elementwise) and
+adaptations that are elementwise or use global sums. Per-tensor reductions (HD
+``granularity="tensor"``, DSA tensor/row/col factors, EG ``scale="tensor"``) change meaning on flat
+buffers, so those optimizers fall back to the per-tensor path (``FlatOptimizer`` still works, with
+one call per tensor, and says so in ``mode``). An adaptation can declare itself with class or
+instance attributes ``flat_safe`` and ``blockwise`` (bool); otherwise a conservative allow-list
+decides, and anything unknown is not flat-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import array_api_compat
+import optree
+
+from adaptlr._tree import Layout
+from adaptlr.core import Optimizer, OptimizerState, apply_updates
+
+__all__ = ["FlatOptimizer", "flat_safety", "jit_step", "jit_update"]
+
+# Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
+_BASE_MODULES = {"adaptlr.sgd", "adaptlr.adam", "adaptlr.radam", "adaptlr.adabelief"}
+
+
+# -- which optimizers may run on flat buffers ------------------------------------------------------
+
+
+def _adaptation_safety(adaptation: Any) -> tuple[bool, bool, str]:
+    """``(flat_safe, blockwise, reason)`` for one adaptation."""
+    declared_flat = getattr(adaptation, "flat_safe", None)
+    if declared_flat is not None:
+        blockwise = bool(getattr(adaptation, "blockwise", False)) and bool(declared_flat)
+        return bool(declared_flat), blockwise, f"{adaptation.name} declares flat_safe={declared_flat}"
+    name = getattr(adaptation, "name", type(adaptation).__name__)
+    if name in ("active", "activelr"):
+        return True, True, "ActiveLR is elementwise"
+    if name == "autodrop":
+        return True, False, "AutoDrop uses global sums (flat-safe, not blockwise)"
+    if name in ("hypergradient", "hd"):
+        granularity = getattr(adaptation, "granularity", None)
+        if granularity == "element":
+            return True, True, "HD granularity='element' is elementwise"
+        if granularity == "global":
+            return True, False, "HD granularity='global' uses global sums"
+        return False, False, f"HD granularity={granularity!r} reduces per tensor"
+    if name == "dsa":
+        structure = tuple(getattr(adaptation, "structure", None) or ())
+        if structure == ("element",):
+            return True, True, "DSA structure=('element',) is elementwise"
+        return False, False, "DSA tensor/row/col factors reduce per tensor"
+    if name in ("eg", "eg_step_size"):
+        scale = getattr(adaptation, "scale", None)
+        if scale == "global":
+            return True, False, "EG scale='global' uses global sums"
+        return False, False, f"EG scale={scale!r} reduces per tensor"
+    return False, False, f"unknown adaptation {name!r} (not on the flat allow-list)"
+
+
+def flat_safety(opt: Optimizer) -> tuple[bool, bool, str]:
+    """Whether ``opt`` gives the same result on flat buffers, and block by block.
+
+    Returns:
+        ``(flat_safe, blockwise, reason)``: ``flat_safe`` when the update only has elementwise
+        operations and global sums; ``blockwise`` when it has no sums at all and every state field
+        other than the step counter and learning rate is per element, so it may run on blocks of
+        the flat buffers one at a time.
+    """
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"opt must be an adaptlr.Optimizer, got {type(opt).__name__}")
+    declared = getattr(opt.base, "flat_safe", None)
+    if not (declared if declared is not None else type(opt.base).__module__ in _BASE_MODULES):
+        return False, False, f"base optimizer {opt.base.name!r} is not known to be elementwise"
+    flat, blockwise, reasons = True, True, [f"{opt.base.name} is elementwise"]
+    for adaptation in opt.adaptations:
+        a_flat, a_block, reason = _adaptation_safety(adaptation)
+        flat, blockwise = flat and a_flat, blockwise and a_block
+        reasons.append(reason)
+    return flat, flat and blockwise, "; ".join(reasons)
+
+
+# -- JAX ---------------------------------------------------------------------------------------
+
+
+def _check_opt(opt: Any) -> None:
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"opt must be an adaptlr.Optimizer, got {type(opt).__name__}")
+
+
+def _donatable(args: tuple, donated: tuple[int, ...]) -> tuple:
+    """``args`` with every donated array that is also used elsewhere replaced by a copy.
+
+    ``init`` shares arrays between state fields (one learning-rate array per dtype, an adaptation's
+    initial rate); XLA cannot donate one buffer twice, nor a buffer that is also a plain input.
+    """
+    import jax.numpy as jnp
+
+    seen: set[int] = set()
+    for k, arg in enumerate(args):
+        if k not in donated:
+            seen.update(id(x) for x in optree.tree_leaves(arg))
+    out = list(args)
+
+    def own(x: Any) -> Any:
+        if id(x) in seen:
+            return jnp.copy(x)
+        seen.add(id(x))
+        return x
+
+    for k in donated:
+        out[k] = optree.tree_map(own, args[k])
+    return tuple(out)
+
+
+def jit_update(opt: Optimizer, *, donate_state: bool = True) -> Callable:
+    """``jax.jit(opt.update)``, donating the state buffers so XLA updates them in place.
+
+    Args:
+        opt: an adaptlr optimizer.
+        donate_state: donate the state's per-parameter buffers; do not reuse a state after passing it.
+
+    Returns:
+        ``update(grads, state, params) -> (updates, new_state)``.
+    """
+    import jax
+
+    _check_opt(opt)
+
+    def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
+        return opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
+
+    donated = (3, 4) if donate_state else ()
+    jitted = jax.jit(inner, donate_argnums=donated)
+
+    def update(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
+        return jitted(*_donatable((grads, *state, params), donated))
+
+    return update
+
+
+def jit_step(opt: Optimizer, *, donate: bool = True) -> Callable:
+    """A jitted whole step ``(grads, state, params) -> (new_params, new_state)``.
+
+    The update and ``apply_updates`` are one XLA computation; with ``donate`` the state and params
+    buffers are donated, so the step reads grads, params and state once and writes params and state
+    in place, like a fused optimizer kernel.
+
+    Args:
+        opt: an adaptlr optimizer.
+        donate: donate the state and params; do not reuse them afterwards.
+    """
+    import jax
+
+    _check_opt(opt)
+
+    def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
+        updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
+        return apply_updates(params, updates), state
+
+    donated = (3, 4, 5) if donate else ()
+    jitted = jax.jit(inner, donate_argnums=donated)
+
+    def step(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
+        return jitted(*_donatable((grads, *state, params), donated))
+
+    return step
+
+
+# -- flat buffers (NumPy, PyTorch, CuPy) -----------------------------------------------------------
+
+
+def _is_torch(x: Any) -> bool:
+    return array_api_compat.is_torch_array(x)
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    """``dst[...] = src`` in place (dst is a buffer or a view into one)."""
+    if dst is src:
+        return
+    if _is_torch(dst):
+        dst.copy_(src)
+    else:
+        dst[...] = src
+
+
+def _snapshot(x: Any) -> Any:
+    return x.clone() if _is_torch(x) else x.copy()
+
+
+def _add_into(dst: Any, src: Any) -> None:
+    if _is_torch(dst):
+        dst.add_(src)
+    else:
+        dst += src
+
+
+class _ListLayout(Layout):
+    """The layout of a plain list of leaves, flattened in Python (no optree call per step).
+
+    Cheaper per call than optree for the blocked loop, and traceable by ``torch.compile`` (whose
+    optree emulation makes tree specs that do not compare equal to real ones).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, num_leaves: int) -> None:
+        reference = [0] * num_leaves
+        super().__init__(optree.tree_structure(reference), reference)
+
+    def leaves(self, tree: Any, what: str) -> list[Any]:
+        if type(tree) is list and len(tree) == self.num_leaves:
+            return tree
+        return super().leaves(tree, what)
+
+    def tree(self, leaves: Sequence[Any]) -> Any:
+        return list(leaves)
+
+
+class _Bucket:
+    __slots__ = ("device", "dtype", "grads", "group", "members", "params", "size")
+
+    def __init__(self, dtype: Any, device: Any, group: Any) -> None:
+        self.dtype, self.device, self.group = dtype, device, group
+        self.members: list[tuple[int, int, int, tuple]] = []  # (leaf index, offset, size, shape)
+        self.size = 0
+
+
+class FlatOptimizer:
+    """Run an adaptlr optimizer on one contiguous buffer per dtype, device and group, in place.
+
+    ``FlatOptimizer(opt, params)`` copies the parameters into flat buffers; :attr:`params` are views
+    into them (in the order of ``params``) and are what the model must use from then on (torch: set
+    ``p.data = view``). :attr:`grads` are views into flat gradient buffers: gradients written there
+    (or passed to :meth:`step` as those very views) need no copy. :meth:`step` runs the pure update
+    on the flat buffers and writes params and state in place, like ``torch.optim``.
+
+    Args:
+        opt: an adaptlr optimizer.
+        params: the parameter leaves (NumPy, torch or CuPy arrays; one library).
+        groups: an optional hashable group id per leaf (torch param groups): leaves of different
+            groups never share a buffer, so per-group ``alpha`` / ``weight_decay`` apply.
+        block_size: run the update over blocks of this many elements (only for blockwise
+            algorithms, see :func:`flat_safety`; ignored otherwise). ``None``: whole buffers.
+        compile: compile the flat step with ``torch.compile`` (torch only; the first step compiles).
+        force_per_tensor: use the per-tensor path even where the flat one is safe (for comparison).
+
+    Attributes:
+        mode: ``"flat"``, ``"blocked"``, ``"compiled"`` or ``"per-tensor"`` (not flat-safe).
+        reason: why (from :func:`flat_safety`).
+        state: the :class:`~adaptlr.core.OptimizerState` over the flat buffers (``"flat"`` and
+            ``"compiled"``), or a list of one state per buffer (``"blocked"``), or the per-tensor state.
+    """
+
+    def __init__(
+        self,
+        opt: Optimizer,
+        params: Sequence[Any],
+        *,
+        groups: Sequence[Any] | None = None,
+        block_size: int | None = None,
+        compile: bool = False,
+        force_per_tensor: bool = False,
+    ) -> None:
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"opt must be an adaptlr.Optimizer, got {type(opt).__name__}")
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty: nothing to optimize")
+        if groups is not None and len(groups) != len(params):
+            raise ValueError(f"groups has {len(groups)} entries but params has {len(params)}")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        self.opt = opt
+        self.xp = array_api_compat.array_namespace(*params)
+        self._torch = _is_torch(params[0])
+        if compile and not self._torch:
+            raise ValueError("compile=True needs torch tensors")
+        flat, blockwise, self.reason = flat_safety(opt)
+        if force_per_tensor or not flat:
+            self.mode = "per-tensor"
+        elif compile:
+            self.mode = "compiled"
+        elif block_size is not None and blockwise:
+            self.mode = "blocked"
+        else:
+            self.mode = "flat"
+        self.block_size = block_size
+        self._num = len(params)
+        self._scalar_cache: dict = {}
+        if self.mode == "per-tensor":
+            self._setup_per_tensor(params, groups)
+        else:
+            self._setup_flat(params, groups)
+        self._compiled = None
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _setup_per_tensor(self, params: list, groups: Sequence[Any] | None) -> None:
+        xp = self.xp
+        self.params = params
+        self.grads = [xp.zeros_like(p) for p in params]
+        self._layout, _ = Layout.of(params)
+        self.state = self._own(self.opt.init(params))
+
+    def _setup_flat(self, params: list, groups: Sequence[Any] | None) -> None:
+        xp = self.xp
+        buckets: dict = {}
+        for i, p in enumerate(params):
+            device = array_api_compat.device(p)
+            group = groups[i] if groups is not None else None
+            key = (str(p.dtype), str(device), group)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _Bucket(p.dtype, device, group)
+            n = 1
+            for s in p.shape:
+                n *= int(s)
+            bucket.members.append((i, bucket.size, n, tuple(p.shape)))
+            bucket.size += n
+        self._buckets = list(buckets.values())
+        views: list = [None] * len(params)
+        grad_views: list = [None] * len(params)
+        for bucket in self._buckets:
+            bucket.params = xp.empty((bucket.size,), dtype=bucket.dtype, device=bucket.device)
+            bucket.grads = xp.zeros((bucket.size,), dtype=bucket.dtype, device=bucket.device)
+            for i, offset, n, shape in bucket.members:
+                view = xp.reshape(bucket.params[offset:offset + n], shape)
+                _copy_into(view, params[i])
+                views[i] = view
+                grad_views[i] = xp.reshape(bucket.grads[offset:offset + n], shape)
+        self.params = views
+        self.grads = grad_views
+        flat_params = [b.params for b in self._buckets]
+        if self.mode == "blocked":
+            self._layout = _ListLayout(1)
+            self.state = [self._own(self.opt.init([p])) for p in flat_params]
+        else:
+            self._layout = _ListLayout(len(flat_params))
+            self.state = self._own(self.opt.init(flat_params))
+
+    def _own(self, state: Any) -> Any:
+        """A copy of ``state`` in which every array is its own buffer.
+
+        ``init`` may share one array between fields (the learning rate and an adaptation's initial
+        rate) or with the params; in-place writes need every field to be a separate buffer.
+        """
+        xp = self.xp
+        return optree.tree_map(lambda x: xp.asarray(x, copy=True), state)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def step(
+        self,
+        grads: Sequence[Any] | None = None,
+        *,
+        alpha: Sequence[Any] | None = None,
+        weight_decay: Sequence[float] | None = None,
+    ) -> None:
+        """One optimizer step, in place on :attr:`params` and :attr:`state`.
+
+        Args:
+            grads: gradients per leaf (in the order of ``params``); ``None``: the gradients are
+                already in :attr:`grads`. Leaves that are the :attr:`grads` views are not copied.
+            alpha: a learning-rate override per leaf (floats or 0-D arrays; leaves of one group must
+                agree), as :meth:`~adaptlr.core.Optimizer.update_leaves` takes it.
+            weight_decay: a weight-decay override per leaf (floats; one value per group).
+        """
+        if self._torch:
+            import torch
+
+            with torch.no_grad():
+                self._step(grads, alpha, weight_decay)
+        else:
+            self._step(grads, alpha, weight_decay)
+
+    def _step(self, grads: Sequence[Any] | None, alpha: Sequence[Any] | None,
+              weight_decay: Sequence[float] | None) -> None:
+        if grads is not None:
+            if len(grads) != self._num:
+                raise ValueError(f"grads has {len(grads)} leaves but params has {self._num}")
+            for view, g in zip(self.grads, grads):
+                if g is not view:
+                    _copy_into(view, g)
+        if self.mode == "per-tensor":
+            self._step_per_tensor(alpha, weight_decay)
+            return
+        bucket_alpha = None if alpha is None else [self._scalar(alpha[b.members[0][0]], b) for b in self._buckets]
+        bucket_decay = None if weight_decay is None else [float(weight_decay[b.members[0][0]]) for b in self._buckets]
+        if self.mode == "blocked":
+            self._step_blocked(bucket_alpha, bucket_decay)
+        elif self.mode == "compiled":
+            if self._compiled is None:
+                import torch
+
+                self._compiled = torch.compile(self._flat_step_scalars_out, dynamic=False)
+            scalars = self._compiled(self.state, bucket_alpha, bucket_decay)
+            # torch 2.13's compiled graphs drop in-place writes into 0-D float inputs, so the 0-D
+            # fields come back as outputs and are written here (a handful of scalars).
+            for dst, src in zip([x for x in optree.tree_leaves(self.state) if x.ndim == 0], scalars):
+                _copy_into(dst, src)
+        else:
+            self._flat_step(self.state, bucket_alpha, bucket_decay)
+
+    def _scalar(self, value: Any, bucket: _Bucket) -> Any:
+        if not isinstance(value, (int, float)):
+            return value
+        key = (float(value), str(bucket.dtype), str(bucket.device))
+        found = self._scalar_cache.get(key)
+        if found is None:
+            found = self._scalar_cache[key] = self.xp.asarray(float(value), dtype=bucket.dtype, device=bucket.device)
+        return found
+
+    def _flat_step(self, state: OptimizerState, alpha: list | None, weight_decay: list | None) -> None:
+        params = [b.params for b in self._buckets]
+        grads = [b.grads for b in self._buckets]
+        updates, new_state = self.opt.update_leaves(
+            self.xp, self._layout, grads, state, params, alpha=alpha, weight_decay=weight_decay
+        )
+        _write_state(state, new_state)
+        for p, u in zip(params, updates):
+            _add_into(p, u)
+
+    def _flat_step_scalars_out(self, state: OptimizerState, alpha: list | None, weight_decay: list | None) -> list:
+        """:meth:`_flat_step` for ``torch.compile``: per-element fields in place, 0-D fields returned."""
+        params = [b.params for b in self._buckets]
+        grads = [b.grads for b in self._buckets]
+        updates, new_state = self.opt.update_leaves(
+            self.xp, self._layout, grads, state, params, alpha=alpha, weight_decay=weight_decay
+        )
+        _write_state(state, new_state, skip_scalars=True)
+        for p, u in zip(params, updates):
+            _add_into(p, u)
+        return [x for x in optree.tree_leaves(new_state) if x.ndim == 0]
+
+    def _step_blocked(self, alpha: list | None, weight_decay: list | None) -> None:
+        xp, layout, block = self.xp, self._layout, self.block_size
+        for b, (bucket, state) in enumerate(zip(self._buckets, self.state)):
+            a = None if alpha is None else [alpha[b]]
+            wd = None if weight_decay is None else [weight_decay[b]]
+            size = bucket.size
+            last = None
+            for start in range(0, size, block):
+                stop = min(start + block, size)
+                chunk = optree.tree_map(
+                    lambda x, start=start, stop=stop: x[start:stop] if x.ndim == 1 else x, state
+                )
+                updates, new_chunk = self.opt.update_leaves(
+                    xp, layout, [bucket.grads[start:stop]], chunk, [bucket.params[start:stop]],
+                    alpha=a, weight_decay=wd,
+                )
+                # Per-element fields: write the block now; 0-D fields (count, learning rate) are the
+                # same for every block of a blockwise algorithm and are written once, after the loop.
+                _write_state(chunk, new_chunk, skip_scalars=True)
+                _add_into(bucket.params[start:stop], updates[0])
+                last = new_chunk
+            if last is not None:
+                _write_state(state, last, only_scalars=True)
+
+    def _step_per_tensor(self, alpha: Sequence[Any] | None, weight_decay: Sequence[float] | None) -> None:
+        if alpha is not None:
+            alpha = [self._scalar_leaf(a, p) for a, p in zip(alpha, self.params)]
+        updates, new_state = self.opt.update_leaves(
+            self.xp, self._layout, self.grads, self.state, self.params, alpha=alpha,
+            weight_decay=None if weight_decay is None else [float(w) for w in weight_decay],
+        )
+        _write_state(self.state, new_state)
+        for p, u in zip(self.params, updates):
+            _add_into(p, u)
+
+    def _scalar_leaf(self, value: Any, p: Any) -> Any:
+        if not isinstance(value, (int, float)):
+            return value
+        key = (float(value), str(p.dtype), str(array_api_compat.device(p)))
+        found = self._scalar_cache.get(key)
+        if found is None:
+            found = self._scalar_cache[key] = self.xp.asarray(float(value), dtype=p.dtype,
+                                                              device=array_api_compat.device(p))
+        return found
+
+    # -- state in the params' layout ----------------------------------------------------------
+
+    def per_tensor_state(self) -> OptimizerState:
+        """The state in the layout of the original params (per-parameter fields as views).
+
+        Valid for flat-safe algorithms: a per-parameter state field of a flat buffer splits into
+        the views of its members; 0-D fields (one per buffer) are repeated for each member.
+        """
+        if self.mode == "per-tensor":
+            return self.state
+        if self.mode == "blocked":
+            # One state per buffer: split each into its members, then merge leaf lists in order.
+            per_bucket = [self._split(s, [b]) for s, b in zip(self.state, self._buckets)]
+            return _merge(per_bucket, self._buckets, self._num)
+        return self._split(self.state, self._buckets)
+
+    def _split(self, state: Any, buckets: list) -> Any:
+        xp = self.xp
+        sizes = [b.size for b in buckets]
+        num = self._num
+
+        def convert(node: Any) -> Any:
+            if isinstance(node, list) and len(node) == len(buckets):
+                # A per-parameter field: one subtree per buffer, split into one per member.
+                out: list = [None] * num
+                for sub, bucket, size in zip(node, buckets, sizes):
+                    for i, offset, n, shape in bucket.members:
+                        out[i] = optree.tree_map(
+                            lambda arr, offset=offset, n=n, shape=shape, size=size: (
+                                xp.reshape(arr[offset:offset + n], shape)
+                                if arr.ndim == 1 and arr.shape[0] == size else arr
+                            ),
+                            sub,
+                        )
+                return out if len(buckets) == len(self._buckets) else [x for x in out if x is not None]
+            if isinstance(node, tuple):
+                items = [convert(x) for x in node]
+                return type(node)(*items) if hasattr(node, "_fields") else tuple(items)
+            return node
+
+        return convert(state)
+
+
+def _merge(per_bucket: list, buckets: list, num: int) -> Any:
+    """Merge per-buffer states (each split into its members) into one state in the params' order."""
+    order = [i for b in buckets for i, *_ in b.members]
+
+    def merge(nodes: list) -> Any:
+        first = nodes[0]
+        if isinstance(first, list):
+            flat = [x for node in nodes for x in node]
+            out: list = [None] * num
+            for i, x in zip(order, flat):
+                out[i] = x
+            return out
+        if isinstance(first, tuple):
+            items = [merge([n[k] for n in nodes]) for k in range(len(first))]
+            return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+        return first
+
+    return merge(per_bucket)
+
+
+def _write_state(dst: Any, src: Any, *, skip_scalars: bool = False, only_scalars: bool = False) -> None:
+    """Copy the arrays of state ``src`` into the buffers of state ``dst`` (same structure), in place."""
+    dst_leaves = optree.tree_leaves(dst)
+    src_leaves = optree.tree_leaves(src)
+    if len(dst_leaves) != len(src_leaves):
+        raise RuntimeError("the optimizer returned a state of a different structure; cannot update in place")
+    # A new field that is an old buffer of another field must be read before that buffer is written.
+    position = {id(d): k for k, d in enumerate(dst_leaves)}
+    src_leaves = [_snapshot(s) if position.get(id(s), k) != k else s for k, s in enumerate(src_leaves)]
+    for d, s in zip(dst_leaves, src_leaves):
+        scalar = d.ndim == 0
+        if (scalar and skip_scalars) or (not scalar and only_scalars):
+            continue
+        _copy_into(d, s)

@@ -1,0 +1,381 @@
+"""Run algorithms on problems on every backend and compare with the NumPy float64 run.
+
+Errors are normwise: for each step and parameter leaf, ``‖x - x_ref‖∞ / ‖x_ref‖∞``, and the row
+reports the maximum over steps and leaves (the same for the learning rates of
+``adaptlr.learning_rates(state)``, broadcast to the parameter shapes). The tolerance of a row is
+
+    tol = 100 · sqrt(K) · eps(dtype) · condition(problem)
+
+(rounding errors of K steps that do not grow, accumulated as a random walk, times a factor 100 for
+the few dozen operations of a step and the float32 rounding of the inputs; ``condition`` is > 1 only
+for problems that amplify errors, such as Rosenbrock). For K = 150 this is 2.7e-13 in float64 and
+1.5e-4 in float32.
+
+A discrete decision counts as ill-conditioned when its margin in the reference run (see
+:mod:`adaptlr.conformance.algorithms`) is below the row's tolerance; a row with any such decision is
+reported as "ill-conditioned" instead of pass/fail.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import optree
+
+from adaptlr.conformance.algorithms import ALGORITHMS, Algorithm, AngleDrops, EpochSignFlips, HypergradientSigns
+from adaptlr.conformance.backends import BACKENDS, Backend
+from adaptlr.conformance.problems import PROBLEMS, Problem
+
+__all__ = ["DTYPES", "Row", "Trajectory", "max_rel_err", "run_agreement", "run_trajectory", "tolerance"]
+
+DTYPES = ("float64", "float32")
+TOLERANCE_FACTOR = 100.0
+FLOAT64_CAP = 1e-12
+
+
+def eps(dtype: str) -> float:
+    return float(np.finfo(dtype).eps)
+
+
+def tolerance(dtype: str, steps: int, condition: float = 1.0) -> float:
+    """``100 · sqrt(K) · eps(dtype) · condition``, at most 1e-12 in float64 (see the module docstring)."""
+    tol = TOLERANCE_FACTOR * math.sqrt(max(steps, 1)) * eps(dtype) * condition
+    return min(tol, FLOAT64_CAP) if dtype == "float64" else tol
+
+
+@dataclass
+class Row:
+    """One line of the report."""
+
+    kind: str  # "agreement", "analytic", "reference", or "backend"
+    algorithm: str
+    problem: str
+    backend: str
+    device: str
+    dtype: str
+    steps: int
+    max_rel_err_params: float | None = None
+    max_rel_err_lr: float | None = None
+    decisions: int = 0
+    decision_mismatches: int = 0
+    ill_conditioned_decisions: int = 0
+    min_margin: float | None = None
+    tolerance: float | None = None
+    status: str = "pass"  # pass, fail, ill-conditioned, skipped
+    reason: str = ""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool | None:
+        return {"pass": True, "fail": False}.get(self.status)
+
+    def record(self) -> dict:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+
+@dataclass
+class Trajectory:
+    """Float64 NumPy copies of a run: ``params[0]`` initial, ``params[t]`` after step t; ``grads[t-1]``
+    and ``lrs[t-1]`` of step t (``lrs`` None when the optimizer has no adaptlr learning rates)."""
+
+    params: list[list[np.ndarray]]
+    grads: list[list[np.ndarray]]
+    lrs: list[list[np.ndarray]] | None
+
+
+def _to_backend(tree: Any, backend: Backend, dtype: str) -> Any:
+    return optree.tree_map(lambda x: backend.asarray(x, dtype), tree)
+
+
+def _leaves_np(tree: Any, backend: Backend) -> list[np.ndarray]:
+    return [np.asarray(backend.to_numpy(x), dtype=np.float64) for x in optree.tree_leaves(tree)]
+
+
+def run_trajectory(optimizer: Any, problem: Problem, backend: Backend, dtype: str, steps: int) -> Trajectory:
+    """Run ``optimizer`` for ``steps`` steps of ``problem`` on ``backend`` in ``dtype``.
+
+    On JAX the step (gradient, update, learning rates) runs under ``jax.jit``, compiled once per run,
+    which is also a check that the optimizer is jittable.
+    """
+    import adaptlr
+
+    xp = backend.xp
+    params = _to_backend(problem.params(), backend, dtype)
+    data = _to_backend(problem.data(steps), backend, dtype)
+    state = optimizer.init(params)
+    shapes = [x.shape for x in _leaves_np(params, backend)]
+    has_lr = isinstance(state, adaptlr.OptimizerState)
+
+    def step(params: Any, state: Any, data: dict, i: Any) -> tuple:
+        grads = problem.grad(xp, params, data, i)
+        updates, state = optimizer.update(grads, state, params)
+        params = optree.tree_map(lambda p, u: p + u, params, updates)
+        return params, state, grads, adaptlr.learning_rates(state) if has_lr else None
+
+    index: Callable[[int], Any] = lambda i: i  # noqa: E731
+    if backend.library == "jax":
+        import jax
+
+        step = jax.jit(step)
+        index = lambda i: xp.asarray(i, dtype=xp.int32)  # noqa: E731 - one compilation for every step
+    out = Trajectory([_leaves_np(params, backend)], [], [] if has_lr else None)
+    for i in range(steps):
+        params, state, grads, lrs = step(params, state, data, index(i))
+        out.params.append(_leaves_np(params, backend))
+        out.grads.append(_leaves_np(grads, backend))
+        if out.lrs is not None:
+            out.lrs.append([np.broadcast_to(lr, s) for lr, s in zip(_leaves_np(lrs, backend), shapes)])
+    return out
+
+
+def max_rel_err(actual: Sequence[Sequence[np.ndarray]], expected: Sequence[Sequence[np.ndarray]]) -> float:
+    """max over steps and leaves of ``‖a - e‖∞ / ‖e‖∞`` (``‖a - e‖∞`` where ``e`` is all zero)."""
+    worst = 0.0
+    for step_a, step_e in zip(actual, expected, strict=True):
+        for a, e in zip(step_a, step_e, strict=True):
+            if a.size == 0:
+                continue
+            scale = float(np.max(np.abs(e)))
+            err = float(np.max(np.abs(a - e)))
+            if not math.isfinite(err):
+                return math.inf
+            worst = max(worst, err / scale if scale > 0 else err)
+    return worst
+
+
+# -- decisions ----------------------------------------------------------------------------------
+
+def _lr_change_signs(traj: Trajectory, t: int, dtype: str) -> list[np.ndarray]:
+    """Per leaf, the sign of the learning-rate change made by step t (0 below 16 eps relative)."""
+    prev = traj.lrs[t - 2] if t >= 2 else None
+    out = []
+    for i, lr in enumerate(traj.lrs[t - 1]):
+        before = prev[i] if prev is not None else lr
+        change = lr - before
+        small = np.abs(change) <= 16 * eps(dtype) * np.abs(before)
+        out.append(np.where(small, 0.0, np.sign(change)))
+    return out
+
+
+def _flat(leaves: Iterable[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(x) for x in leaves])
+
+
+def _ratio(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
+    den = np.asarray(den, dtype=np.float64)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _epoch_flip_margins(ref: Trajectory, rule: EpochSignFlips, steps: int) -> dict[int, np.ndarray]:
+    s = rule.steps_per_epoch
+    out = {}
+    for t in range(2 * s, steps + 1, s):
+        cur = [np.sum([g[i] for g in ref.grads[t - s:t]], axis=0) for i in range(len(ref.grads[0]))]
+        cur_abs = [np.sum([np.abs(g[i]) for g in ref.grads[t - s:t]], axis=0) for i in range(len(ref.grads[0]))]
+        prev = [np.sum([g[i] for g in ref.grads[t - 2 * s:t - s]], axis=0) for i in range(len(ref.grads[0]))]
+        prev_abs = [np.sum([np.abs(g[i]) for g in ref.grads[t - 2 * s:t - s]], axis=0)
+                    for i in range(len(ref.grads[0]))]
+        out[t] = np.minimum(_ratio(np.abs(_flat(cur)), _flat(cur_abs)), _ratio(np.abs(_flat(prev)), _flat(prev_abs)))
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    den = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.dot(a, b) / den) if den > 0 else 0.0
+
+
+def _hypergradient_margins(ref: Trajectory, rule: HypergradientSigns, steps: int) -> dict[int, np.ndarray]:
+    """``|cos(g_t, u_{t-1})|`` per group, broadcast to the elements (u: the previous update)."""
+    out = {}
+    for t in range(2, steps + 1):
+        g = ref.grads[t - 1]
+        u = [a - b for a, b in zip(ref.params[t - 1], ref.params[t - 2])]
+        if rule.granularity == "global":
+            m = [np.full(x.shape, abs(_cos(_flat(g), _flat(u)))) for x in g]
+        elif rule.granularity == "tensor":
+            m = [np.full(gi.shape, abs(_cos(np.ravel(gi), np.ravel(ui)))) for gi, ui in zip(g, u)]
+        else:
+            m = [np.minimum(_ratio(np.abs(gi), np.max(np.abs(gi), initial=0.0)),
+                            _ratio(np.abs(ui), np.max(np.abs(ui), initial=0.0))) for gi, ui in zip(g, u)]
+        rel_change = [_ratio(np.abs(a - b), np.abs(b)) for a, b in zip(ref.lrs[t - 1], ref.lrs[t - 2])]
+        out[t] = np.minimum(_flat(m), _flat(rel_change))
+    return out
+
+
+def _angle_drop_margins(ref: Trajectory, rule: AngleDrops, steps: int) -> tuple[dict[int, np.ndarray], list[int]]:
+    """Margins ``||Δ_e| - θ_e|`` in units of the angle's rounding sensitivity, at the first step of
+    each epoch whose Δ is compared, and the steps where the spec's detector drops (for reference)."""
+    s = rule.steps_per_epoch
+    snapshots, omegas, theta, latched, n = [], {}, rule.theta, False, 0
+    margins: dict[int, np.ndarray] = {}
+    spec_drops = []
+    for e in range(1, (steps - 1) // s + 2):
+        t = (e - 1) * s + 1
+        snapshots.append(_flat(ref.params[t - 1]))
+        if e >= 3:
+            s_new, s_old = snapshots[-1] - snapshots[-2], snapshots[-2] - snapshots[-3]
+            norm_new, norm_old = np.linalg.norm(s_new), np.linalg.norm(s_old)
+            if norm_new > 0 and norm_old > 0:
+                cos = float(np.clip(np.dot(s_new, s_old) / (norm_new * norm_old), -1, 1))
+                # d(omega) per unit relative error of the snapshots: |x|/|s| amplification over sin(omega).
+                sens = math.degrees(2 * max(np.linalg.norm(snapshots[-1]), 1e-300) / min(norm_new, norm_old)
+                                    / max(math.sin(math.acos(cos)), 1e-12))
+                omegas[e] = (math.degrees(math.acos(cos)), sens)
+        if e < 4:
+            continue
+        if not latched and e in omegas and e - 1 in omegas:
+            delta = omegas[e][0] - omegas[e - 1][0]
+            margins[t] = np.array([abs(abs(delta) - theta) / (omegas[e][1] + omegas[e - 1][1])])
+            if abs(delta) < theta:
+                latched, n = True, 0
+        if latched:
+            n += 1
+            if n == rule.patience_epochs:
+                spec_drops.append(t)
+                if rule.grow_theta:
+                    theta = min(rule.theta_max, theta / rule.drop_factor)
+                latched, n = False, 0
+    return margins, spec_drops
+
+
+def compare_decisions(rule: Any, ref: Trajectory, run: Trajectory, dtype: str, steps: int,
+                      threshold: float) -> dict[str, Any]:
+    """Decision counts, mismatches against the reference, and margins below ``threshold``."""
+    if rule is None or ref.lrs is None or run.lrs is None:
+        return {"decisions": 0, "mismatches": 0, "ill": 0, "min_margin": None}
+    notes = {}
+    if isinstance(rule, EpochSignFlips):
+        margins = _epoch_flip_margins(ref, rule, steps)
+        decided = {t: (_flat(_lr_change_signs(ref, t, "float64")), _flat(_lr_change_signs(run, t, dtype)))
+                   for t in margins}
+    elif isinstance(rule, HypergradientSigns):
+        margins = _hypergradient_margins(ref, rule, steps)
+        decided = {t: (_flat(_lr_change_signs(ref, t, "float64")), _flat(_lr_change_signs(run, t, dtype)))
+                   for t in margins}
+    else:
+        margins, spec_drops = _angle_drop_margins(ref, rule, steps)
+        decided = {t: (_flat(_lr_change_signs(ref, t, "float64"))[:1], _flat(_lr_change_signs(run, t, dtype))[:1])
+                   for t in range(1, steps + 1)}
+        ref_drops = [t for t, (r, _) in decided.items() if r[0] < 0]
+        notes = {"drops": ref_drops, "spec_drops": spec_drops}
+    count = sum(r.size for r, _ in decided.values())
+    mismatches = sum(int(np.sum(r != a)) for r, a in decided.values())
+    all_margins = np.concatenate(list(margins.values())) if margins else np.zeros(0)
+    ill = int(np.sum(all_margins < threshold))
+    return {"decisions": count, "mismatches": mismatches, "ill": ill,
+            "min_margin": float(np.min(all_margins)) if all_margins.size else None, **notes}
+
+
+# -- the agreement rows -------------------------------------------------------------------------
+
+def _status(row: Row, decisions_ill: int) -> str:
+    if row.max_rel_err_params is None or not math.isfinite(row.max_rel_err_params):
+        return "fail"
+    if decisions_ill:
+        return "ill-conditioned"
+    ok = row.max_rel_err_params <= row.tolerance and row.decision_mismatches == 0
+    if row.max_rel_err_lr is not None:
+        ok = ok and row.max_rel_err_lr <= row.tolerance
+    return "pass" if ok else "fail"
+
+
+def run_agreement(
+    algorithms: Sequence[str],
+    backends: Sequence[str],
+    dtypes: Sequence[str],
+    steps: int,
+    progress: Callable[[str], None] = lambda _label: None,
+    problems: Sequence[str] | None = None,
+) -> list[Row]:
+    """Agreement rows for every algorithm × its problems × backend × dtype (see the module docstring).
+
+    Args:
+        algorithms, backends, dtypes: registry names.
+        steps: K, the number of steps of every run.
+        progress: called with a label after each run.
+        problems: only these of each algorithm's problems (default: all of them).
+    """
+    rows: list[Row] = []
+    usable = []
+    for name in backends:
+        b = BACKENDS[name]
+        reason = b.unavailable_reason()
+        if reason:
+            for dtype in dtypes:
+                rows.append(Row("backend", "*", "*", name, b.device_name, dtype, steps, status="skipped",
+                                reason=reason))
+        else:
+            usable.append(b)
+    reference = BACKENDS["numpy"]
+    for alg_name in algorithms:
+        algorithm: Algorithm = ALGORITHMS[alg_name]
+        missing = algorithm.missing()
+        for prob_name in algorithm.problems:
+            if problems is not None and prob_name not in problems:
+                continue
+            problem = PROBLEMS[prob_name]
+            if missing:
+                rows.append(Row("agreement", alg_name, prob_name, "*", "*", "*", steps, status="skipped",
+                                reason=f"not available: adaptlr.{', adaptlr.'.join(missing)}"))
+                progress(f"{alg_name}/{prob_name}")
+                continue
+            try:
+                ref = run_trajectory(algorithm.build(), problem, reference, "float64", steps)
+            except Exception as error:  # the factory or the reference run itself is broken
+                rows.append(Row("agreement", alg_name, prob_name, "numpy", "cpu", "float64", steps, status="fail",
+                                reason=f"reference run raised {type(error).__name__}: {error}"))
+                progress(f"{alg_name}/{prob_name}")
+                continue
+            for b in usable:
+                for dtype in dtypes:
+                    rows.append(_agreement_row(algorithm, problem, b, dtype, steps, ref))
+                    progress(f"{alg_name}/{prob_name}/{b.name}/{dtype}")
+    return rows
+
+
+def _agreement_row(algorithm: Algorithm, problem: Problem, b: Backend, dtype: str, steps: int,
+                   ref: Trajectory) -> Row:
+    tol = tolerance(dtype, steps, problem.condition * algorithm.condition)
+    row = Row("agreement", algorithm.name, problem.name, b.name, b.device_name, dtype, steps, tolerance=tol)
+    start = time.perf_counter()
+    try:
+        run = run_trajectory(algorithm.build(), problem, b, dtype, steps)
+    except Exception as error:
+        row.status, row.reason = "fail", f"{type(error).__name__}: {error}"
+        row.seconds = time.perf_counter() - start
+        return row
+    row.seconds = time.perf_counter() - start
+    row.max_rel_err_params = max_rel_err(run.params, ref.params)
+    if run.lrs is not None and ref.lrs is not None:
+        row.max_rel_err_lr = max_rel_err(run.lrs, ref.lrs)
+    found = compare_decisions(algorithm.decisions, ref, run, dtype, steps, tol)
+    row.decisions, row.decision_mismatches = found["decisions"], found["mismatches"]
+    row.ill_conditioned_decisions, row.min_margin = found["ill"], found["min_margin"]
+    row.extra = {k: v for k, v in found.items() if k in ("drops", "spec_drops")}
+    if "spec_drops" in row.extra and row.extra["drops"] != row.extra["spec_drops"] and b.name == "numpy" \
+            and dtype == "float64":
+        row.reason = f"note: drops at steps {row.extra['drops']}, the spec's detector on these angles: " \
+                     f"{row.extra['spec_drops']}"
+    row.status = _status(row, row.ill_conditioned_decisions)
+    if row.status == "fail" and not row.reason:
+        row.reason = _why(row)
+    return row
+
+
+def _why(row: Row) -> str:
+    parts = []
+    if row.max_rel_err_params is not None and not row.max_rel_err_params <= row.tolerance:
+        parts.append("params beyond tolerance")
+    if row.max_rel_err_lr is not None and not row.max_rel_err_lr <= row.tolerance:
+        parts.append("learning rates beyond tolerance")
+    if row.decision_mismatches:
+        parts.append(f"{row.decision_mismatches} decisions differ")
+    return "; ".join(parts)

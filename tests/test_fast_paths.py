@@ -1,0 +1,297 @@
+"""The execution fast paths (adaptlr.backends.fast) agree with the pure per-tensor update.
+
+Each fast path runs the same algorithm code on a different layout (flat buffers, blocks of them, a
+compiled or jitted graph), so float64 results agree to rounding (≤ 1e-12 relative); float32 within
+``F32_TOL`` of each leaf's largest magnitude (reassociated sums, fused kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import numpy as np
+import pytest
+from adaptlr.backends.fast import FlatOptimizer, flat_safety, jit_step, jit_update
+
+import adaptlr
+from adaptlr.core import Adaptation
+from tests.conftest import max_rel_err
+
+F64_TOL = 1e-12
+F32_TOL = 1e-5  # relative to the largest |value| of each leaf
+SHAPES = [(4, 3, 2, 2), (5,), (7, 6), (), (3, 1, 5)]
+STEPS = 6
+
+has_torch = importlib.util.find_spec("torch") is not None
+has_jax = importlib.util.find_spec("jax") is not None
+
+
+def _wrapper(name: str):
+    factory = getattr(adaptlr, name, None)
+    if factory is None:
+        pytest.skip(f"adaptlr.{name} does not exist yet")
+    return factory
+
+
+def make(name: str) -> adaptlr.Optimizer:
+    """Optimizers by name; wrappers missing from adaptlr are skipped with the reason."""
+    bases = {
+        "sgd": lambda: adaptlr.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+        "adam": lambda: adaptlr.adam(0.01, weight_decay=0.01),
+        "adamw": lambda: adaptlr.adamw(0.01, weight_decay=0.05),
+        "radam": lambda: adaptlr.radam(0.01),
+        "adabelief": lambda: adaptlr.adabelief(0.01),
+    }
+    if name in bases:
+        return bases[name]()
+    wrappers = {
+        "active": lambda: _wrapper("active")(adaptlr.adamw(0.01), steps_per_epoch=2, increase=0.5),
+        "autodrop": lambda: _wrapper("autodrop")(adaptlr.sgd(0.05, momentum=0.9), steps_per_epoch=1,
+                                                 patience_epochs=1, theta=0.5),
+        "hd_global": lambda: _wrapper("hypergradient")(adaptlr.adamw(0.01), hyper_lr=1e-3),
+        "hd_element": lambda: _wrapper("hypergradient")(adaptlr.adamw(0.01), hyper_lr=1e-3, granularity="element"),
+        "hd_tensor": lambda: _wrapper("hypergradient")(adaptlr.adamw(0.01), hyper_lr=1e-3, granularity="tensor"),
+        "dsa_element": lambda: _wrapper("dsa")(adaptlr.adamw(0.01), hyper_lr=0.05, structure=("element",)),
+        "dsa": lambda: _wrapper("dsa")(adaptlr.adamw(0.01), hyper_lr=0.05),
+        "eg_global": lambda: _wrapper("eg_step_size")(adaptlr.sgd(0.05), scale_lr=0.1, gain_lr=0.1),
+        "eg_tensor": lambda: _wrapper("eg_step_size")(adaptlr.sgd(0.05), scale_lr=0.1, gain_lr=0.1, scale="tensor"),
+    }
+    return wrappers[name]()
+
+
+ALL = ["sgd", "adam", "adamw", "radam", "adabelief", "active", "autodrop", "hd_global", "hd_element",
+       "hd_tensor", "dsa_element", "dsa", "eg_global", "eg_tensor"]
+NOT_FLAT = {"hd_tensor", "dsa", "eg_tensor"}
+NOT_BLOCKWISE = {"autodrop", "hd_global", "eg_global"}
+
+
+def _problem(dtype: str):
+    rng = np.random.default_rng(7)
+    params = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+    noise = [[rng.standard_normal(s).astype(dtype) for s in SHAPES] for _ in range(STEPS)]
+    return params, noise
+
+
+def _grad(p, n):
+    return 0.5 * p + n  # a quadratic plus noise: the trajectory feeds back into the gradients
+
+
+def pure_run(opt, dtype: str):
+    """The reference: the public per-tensor update on NumPy."""
+    params, noise = _problem(dtype)
+    state = opt.init(params)
+    for t in range(STEPS):
+        grads = [_grad(p, n) for p, n in zip(params, noise[t])]
+        updates, state = opt.update(grads, state, params)
+        params = adaptlr.apply_updates(params, updates)
+    return params, state
+
+
+def flat_run(opt, dtype: str, library: str = "numpy", **kwargs):
+    params, noise = _problem(dtype)
+    if library == "torch":
+        import torch
+
+        params = [torch.asarray(p) for p in params]
+        noise = [[torch.asarray(n) for n in ns] for ns in noise]
+    fo = FlatOptimizer(opt, params, **kwargs)
+    for t in range(STEPS):
+        grads = [_grad(p, n) for p, n in zip(fo.params, noise[t])]
+        fo.step(grads)
+    return fo
+
+
+def _np(x):
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def err(actual: list, expected: list, dtype: str) -> float:
+    a = [_np(x) for x in actual]
+    e = [_np(x) for x in expected]
+    if dtype == "float64":
+        return max_rel_err(a, e)
+    return max(float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-30)) if y.size else 0.0
+               for x, y in zip(a, e))
+
+
+def check(fo: FlatOptimizer, opt, dtype: str) -> None:
+    params, state = pure_run(opt, dtype)
+    tol = F64_TOL if dtype == "float64" else F32_TOL
+    assert err(fo.params, params, dtype) <= tol
+    import optree
+
+    got = optree.tree_leaves(fo.per_tensor_state())
+    want = optree.tree_leaves(state)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        g, w = _np(g), _np(w)
+        assert g.shape == w.shape and g.dtype == w.dtype
+        if np.issubdtype(w.dtype, np.floating):
+            assert err([g], [w], dtype) <= tol
+        else:
+            np.testing.assert_array_equal(g, w)
+
+
+# -- flat safety ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_flat_safety_classification(name: str) -> None:
+    flat, blockwise, reason = flat_safety(make(name))
+    assert flat == (name not in NOT_FLAT), reason
+    assert blockwise == (name not in NOT_FLAT | NOT_BLOCKWISE), reason
+
+
+def test_declared_attributes_win_and_unknown_adaptations_are_not_flat() -> None:
+    class Unknown(Adaptation):
+        name = "unknown"
+        state_class = tuple
+
+        def init(self, params, alpha, layout, xp):
+            return ()
+
+        def step(self, ctx, size, state):
+            return size, state
+
+    opt = adaptlr.adamw().wrapped(Unknown())
+    assert flat_safety(opt)[:2] == (False, False)
+    declared = Unknown()
+    declared.flat_safe, declared.blockwise = True, True
+    assert flat_safety(adaptlr.adamw().wrapped(declared))[:2] == (True, True)
+    with pytest.raises(TypeError, match="opt"):
+        flat_safety("adamw")
+    with pytest.raises(TypeError, match="opt"):
+        FlatOptimizer("adamw", [np.zeros(3)])
+    with pytest.raises(ValueError, match="block_size"):
+        FlatOptimizer(adaptlr.adamw(), [np.zeros(3)], block_size=0)
+
+
+# -- NumPy and torch flat / blocked paths agree with the pure path -------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ALL)
+def test_numpy_flat_and_blocked_agree(name: str, dtype: str) -> None:
+    opt = make(name)
+    flat = flat_run(opt, dtype)
+    assert flat.mode == ("per-tensor" if name in NOT_FLAT else "flat")
+    check(flat, opt, dtype)
+    blocked = flat_run(opt, dtype, block_size=7)  # blocks straddle tensor boundaries
+    expected = "per-tensor" if name in NOT_FLAT else ("flat" if name in NOT_BLOCKWISE else "blocked")
+    assert blocked.mode == expected
+    check(blocked, opt, dtype)
+
+
+@pytest.mark.skipif(not has_torch, reason="torch is not installed")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ALL)
+def test_torch_flat_and_blocked_agree(name: str, dtype: str) -> None:
+    opt = make(name)
+    check(flat_run(opt, dtype, "torch"), opt, dtype)
+    check(flat_run(opt, dtype, "torch", block_size=11), opt, dtype)
+
+
+def test_params_are_views_and_grads_views_are_not_copied() -> None:
+    opt = adaptlr.adamw(0.01)
+    params, noise = _problem("float64")
+    fo = FlatOptimizer(opt, params)
+    for view, p in zip(fo.params, params):
+        np.testing.assert_array_equal(view, p)
+    for t in range(STEPS):
+        for g, p, n in zip(fo.grads, fo.params, noise[t]):
+            g[...] = _grad(p, n)
+        fo.step(fo.grads if t % 2 else None)
+    assert err(fo.params, pure_run(opt, "float64")[0], "float64") <= F64_TOL
+    fo.params[0][...] = 0.0  # a view: writing it writes the flat buffer
+    assert not np.any(fo._buckets[0].params[: fo.params[0].size])
+    with pytest.raises(ValueError, match="grads"):
+        fo.step([np.zeros(3)])
+
+
+def test_groups_and_overrides_match_update_leaves() -> None:
+    """Param groups: per-group α and λ overrides, as the torch adapter passes them."""
+    opt = adaptlr.adamw(0.01)
+    params, noise = _problem("float64")
+    groups = [0, 1, 0, 1, 1]
+    alpha = [0.01, 0.003, 0.01, 0.003, 0.003]
+    decay = [0.1, 0.0, 0.1, 0.0, 0.0]
+    for block in (None, 4):
+        fo = FlatOptimizer(opt, params, groups=groups, block_size=block)
+        assert len(fo._buckets) == 2
+        ref_params = [p.copy() for p in params]
+        state = opt.init(ref_params)
+        xp = fo.xp
+        layout = adaptlr.core.Layout.of(ref_params)[0]
+        for t in range(STEPS):
+            grads = [_grad(p, n) for p, n in zip(ref_params, noise[t])]
+            a = [xp.asarray(x, dtype=xp.float64) for x in alpha]
+            updates, state = opt.update_leaves(xp, layout, grads, state, ref_params, alpha=a, weight_decay=decay)
+            ref_params = [p + u for p, u in zip(ref_params, updates)]
+            fo.step([_grad(p, n) for p, n in zip(fo.params, noise[t])], alpha=alpha, weight_decay=decay)
+        assert err(fo.params, ref_params, "float64") <= F64_TOL
+
+
+@pytest.mark.skipif(not has_torch, reason="torch is not installed")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_compiled_flat_step_agrees(dtype: str) -> None:
+    opt = make("adamw")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fo = flat_run(opt, dtype, "torch", compile=True)
+    assert fo.mode == "compiled"
+    check(fo, opt, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_torch, reason="torch is not installed")
+@pytest.mark.parametrize("name", ["sgd", "radam", "adabelief", "active", "autodrop", "hd_global", "eg_global"])
+def test_torch_compiled_wrappers_agree(name: str) -> None:
+    opt = make(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check(flat_run(opt, "float64", "torch", compile=True), opt, "float64")
+
+
+# -- JAX: jitted, buffer-donating update ------------------------------------------------------------
+
+
+@pytest.mark.skipif(not has_jax, reason="jax is not installed")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "radam", "active", "hd_global", "dsa", "eg_global"])
+def test_jax_jit_update_and_step_agree(name: str, dtype: str) -> None:
+    import jax.numpy as jnp
+
+    opt = make(name)
+    want_params, want_state = pure_run(opt, dtype)
+    params0, noise = _problem(dtype)
+    update, step = jit_update(opt), jit_step(opt)
+
+    params = [jnp.asarray(p) for p in params0]
+    state = opt.init(params)
+    for t in range(STEPS):
+        updates, state = update([_grad(p, jnp.asarray(n)) for p, n in zip(params, noise[t])], state, params)
+        params = adaptlr.apply_updates(params, updates)
+    tol = F64_TOL if dtype == "float64" else F32_TOL
+    assert err(params, want_params, dtype) <= tol
+
+    params = [jnp.asarray(p) for p in params0]
+    state = opt.init(params)
+    for t in range(STEPS):
+        params, state = step([_grad(p, jnp.asarray(n)) for p, n in zip(params, noise[t])], state, params)
+    assert err(params, want_params, dtype) <= tol
+    import optree
+
+    for g, w in zip(optree.tree_leaves(state), optree.tree_leaves(want_state)):
+        if np.issubdtype(np.asarray(w).dtype, np.floating):
+            assert err([g], [w], dtype) <= tol
+
+
+@pytest.mark.skipif(not has_jax, reason="jax is not installed")
+def test_jit_helpers_reject_non_optimizers() -> None:
+    with pytest.raises(TypeError, match="opt"):
+        jit_update(lambda g: g)
+    with pytest.raises(TypeError, match="opt"):
+        jit_step(None)
