@@ -296,11 +296,13 @@ class AutoDrop(Adaptation):
         shift = size.shift
         weighted_sum = None
         if self.average:
-            # The weight of x_e: n after this epoch's increment (E at a drop, 0 when not latched).
+            # The weight of x_e: n after this epoch's increment (E at a drop, 0 when not latched), and
+            # only at an epoch start: the other steps of a latched epoch add nothing to A.
             patience = self.options.patience_epochs
+            no_weight = xp.zeros_like(detector.latched_epochs)
             weight = xp.where(dropped, xp.full_like(detector.latched_epochs, patience),
-                              xp.where(detector.latched, detector.latched_epochs,
-                                       xp.zeros_like(detector.latched_epochs)))
+                              xp.where(detector.latched, detector.latched_epochs, no_weight))
+            weight = xp.where(epoch_start, weight, no_weight)
             total = patience * (patience + 1) / 2
             sums, shifts = [], []
             for x, a, old_shift in zip(xs, layout.leaves(state.weighted_param_sum, "state.weighted_param_sum"),

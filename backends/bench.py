@@ -65,7 +65,9 @@ assert sum(int(np.prod(s)) for s in RESNET18_SHAPES) == 11_689_512 and len(RESNE
 SMALL_SHAPES = [(32, 64)] * 500  # 500 tensors of 2048 parameters: per-call overhead dominates
 SETS = {"resnet18": RESNET18_SHAPES, "small500": SMALL_SHAPES}
 
-BLOCK_SIZE = 1 << 15  # 32K elements: a block's working set of ~10 float32 arrays fits in L2
+# Elements per block of the ``blocked`` path: NumPy's per-op cost is small, so blocks of 32K (a working
+# set of ~10 float32 arrays fits in L2); torch's per-op cost on CPU is larger, so 128K (L3).
+BLOCK_SIZE = {"numpy": 1 << 15, "torch": 1 << 17}
 
 ALGORITHMS: dict[str, Callable[[], Any]] = {
     "adamw": lambda: adaptlr.adamw(1e-3),
@@ -134,19 +136,15 @@ def numpy_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> lis
         opt = ALGORITHMS[name]()
         flat, blockwise, _ = flat_safety(opt)
 
-        def pure(opt: Any = opt) -> Callable[[], None]:
-            box = {"params": [xnp.asarray(p.copy()) for p in host_params]}
-            box["state"] = opt.init(box["params"])
+        box: dict = {"params": [xnp.asarray(p.copy()) for p in host_params]}
+        box["state"] = opt.init(box["params"])
 
-            def step() -> None:
-                updates, box["state"] = opt.update(grads, box["state"], box["params"])
-                box["params"] = adaptlr.apply_updates(box["params"], updates)
+        def pure(opt: Any = opt, box: dict = box) -> None:
+            updates, box["state"] = opt.update(grads, box["state"], box["params"])
+            box["params"] = adaptlr.apply_updates(box["params"], updates)
 
-            return step
-
-        step = pure()
-        runners.append(Runner(set_name, "numpy", name, "pure", "adaptlr", step, lambda s=step: _tracemalloc_peak(s)))
-        modes = [("flat", None)] + ([("blocked", BLOCK_SIZE)] if blockwise else [])
+        runners.append(Runner(set_name, "numpy", name, "pure", "adaptlr", pure, lambda s=pure: _tracemalloc_peak(s)))
+        modes = [("flat", None)] + ([("blocked", BLOCK_SIZE["numpy"])] if blockwise else [])
         for path, block in modes:
             fo = FlatOptimizer(opt, [p.copy() for p in host_params], block_size=block)
             fo.step(grads)  # grads land in the flat gradient buffer once; later steps reuse them
@@ -164,6 +162,7 @@ def numpy_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> lis
 
 
 def _torch_memory(torch: Any, step: Callable[[], None], device: str) -> int | None:
+    """Peak bytes of tensors allocated and alive during ``step`` (CUDA: the allocator's own count)."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -171,18 +170,52 @@ def _torch_memory(torch: Any, step: Callable[[], None], device: str) -> int | No
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
-    from torch.profiler import ProfilerActivity, profile
+    mode = _torch_peak_mode(torch)
+    gc.collect()
+    with mode:
+        step()
+    return mode.peak
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
-    level = peak = 0
-    for e in events:
-        level += e.cpu_memory_usage
-        peak = max(peak, level)
-    return peak
+
+def _torch_peak_mode(torch: Any) -> Any:
+    """A dispatch mode that adds up the storages each op creates, minus those freed since.
+
+    Torch's CPU allocator keeps no statistics, so this counts new output storages (not views or
+    in-place results) and subtracts them when they are freed: the live bytes of new tensors.
+    """
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class PeakMode(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.level = self.peak = 0
+            self.live: set[int] = set()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                ptr, size = storage.data_ptr(), storage.nbytes()
+                if size == 0 or ptr in inputs or ptr in self.live:
+                    continue
+                self.live.add(ptr)
+                self.level += size
+                self.peak = max(self.peak, self.level)
+                weakref.finalize(storage, self._free, ptr, size)
+            return out
+
+        def _free(self, ptr: int, size: int) -> None:
+            self.level -= size
+            self.live.discard(ptr)
+
+    return PeakMode()
 
 
 def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: str,
@@ -235,7 +268,9 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
             except Exception as error:
                 print(f"  torch adapter for {name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
         note = "" if flat else "not flat-safe: per-tensor fallback"
-        modes = [("flat", {})] + ([("blocked", {"block_size": BLOCK_SIZE})] if blockwise and device == "cpu" else [])
+        modes: list = [("flat", {})]
+        if blockwise and device == "cpu":
+            modes.append(("blocked", {"block_size": BLOCK_SIZE["torch"]}))
         if name in compile_algorithms and flat:
             modes.append(("compiled", {"compile": True}))
         for path, kwargs in modes:
@@ -246,7 +281,10 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                 fo.step(grads)
             sync()
             extra = f"first step (compile) {time.perf_counter() - started:.1f} s" if path == "compiled" else ""
-            runners.append(runner(name, path, "adaptlr", fo.step, "; ".join(x for x in (note, extra) if x)))
+            made = runner(name, path, "adaptlr", fo.step, "; ".join(x for x in (note, extra) if x))
+            if path == "compiled" and not device.startswith("cuda"):
+                made.memory = lambda: None  # a dispatch mode would run the graph eagerly: not measured
+            runners.append(made)
     del xtorch
     if TorchAdapter is None:
         print(f"  torch adapter: skipped ({adapter_error})", file=sys.stderr)
@@ -317,8 +355,9 @@ def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    jitted = jax.jit(optax_step, donate_argnums=(1, 2))
-    runners.append(make_runner("optax.adamw", "jit-donate", "native", jitted, tx.init, jitted))
+    for path, donated in (("jit", ()), ("jit-donate", (1, 2))):
+        jitted = jax.jit(optax_step, donate_argnums=donated)
+        runners.append(make_runner("optax.adamw", path, "native", jitted, tx.init, jitted))
     words = int(3.5 * sum(int(np.prod(s)) for s in shapes))
     src = jnp.ones(words, dtype=jnp.float32)
     copy = jax.jit(lambda x: x * 1.0)
@@ -354,7 +393,7 @@ def summarise(runners: list[Runner], shapes: list, memory: bool) -> list[dict]:
     bound = medians.get(("copy", "bound"))
     natives = {
         "torch": [("foreach", ("torch.optim.AdamW", "foreach")), ("fused", ("torch.optim.AdamW", "fused"))],
-        "jax": [("optax", ("optax.adamw", "jit-donate"))],
+        "jax": [("optax", ("optax.adamw", "jit-donate")), ("optax_nodonate", ("optax.adamw", "jit"))],
     }
     largest = max(int(np.prod(s)) for s in shapes) * 4
     rows = []
@@ -382,8 +421,8 @@ def summarise(runners: list[Runner], shapes: list, memory: bool) -> list[dict]:
 
 COLUMNS = [("set", "set"), ("backend", "backend"), ("algorithm", "algorithm"), ("path", "path"),
            ("median_ms", "median ms"), ("x_bound", "× bound"), ("x_foreach", "× foreach"), ("x_fused", "× fused"),
-           ("x_optax", "× optax"), ("x_base", "× base"), ("peak_extra_mb", "peak extra MB"),
-           ("x_largest_tensor", "× largest tensor"), ("note", "note")]
+           ("x_optax", "× optax"), ("x_optax_nodonate", "× optax jit"), ("x_base", "× base"),
+           ("peak_extra_mb", "peak extra MB"), ("x_largest_tensor", "× largest tensor"), ("note", "note")]
 
 
 def _fmt(value: Any, key: str) -> str:
@@ -494,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             time_runners(runners, repeats)
             rows += summarise(runners, shapes, memory=not args.no_memory)
             del runners
+            if backend == "jax":
+                import jax
+
+                jax.clear_caches()  # compiled steps of finished groups hold large executables
             gc.collect()
     print(table(rows))
     meta = {"command": "adaptlr bench " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),

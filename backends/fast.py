@@ -35,7 +35,7 @@ import optree
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, apply_updates
 
-__all__ = ["FlatOptimizer", "flat_safety", "jit_step", "jit_update"]
+__all__ = ["FlatOptimizer", "flat_safety", "jit_step", "jit_update", "recommended_options"]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
 _BASE_MODULES = {"adaptlr.sgd", "adaptlr.adam", "adaptlr.radam", "adaptlr.adabelief"}
@@ -95,6 +95,32 @@ def flat_safety(opt: Optimizer) -> tuple[bool, bool, str]:
         flat, blockwise = flat and a_flat, blockwise and a_block
         reasons.append(reason)
     return flat, flat and blockwise, "; ".join(reasons)
+
+
+def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
+    """The :class:`FlatOptimizer` options measured fastest for ``opt`` on these params, or None.
+
+    ``None`` means: keep the per-tensor pure path (``opt.update`` / ``update_leaves``). On CPU, whole
+    flat buffers make every temporary of the unfused update as large as the model, and allocating
+    those (fresh pages from the OS each step) costs more than the per-tensor calls save, so only
+    the blocked path helps there (blockwise algorithms); on a GPU (caching allocator) whole flat
+    buffers win. JAX params: use :func:`jit_step` instead.
+
+    Args:
+        opt: an adaptlr optimizer.
+        params: the parameter leaves.
+    """
+    flat, blockwise, _ = flat_safety(opt)
+    params = list(params)
+    if not flat or not params or array_api_compat.is_jax_array(params[0]):
+        return None
+    device = str(array_api_compat.device(params[0]))
+    on_cpu = device == "cpu" or device.startswith("cpu")
+    if not on_cpu:
+        return {}
+    if not blockwise:
+        return None
+    return {"block_size": (1 << 17) if _is_torch(params[0]) else (1 << 15)}
 
 
 # -- JAX ---------------------------------------------------------------------------------------
@@ -343,7 +369,7 @@ class FlatOptimizer:
             bucket.grads = xp.zeros((bucket.size,), dtype=bucket.dtype, device=bucket.device)
             for i, offset, n, shape in bucket.members:
                 view = xp.reshape(bucket.params[offset:offset + n], shape)
-                _copy_into(view, params[i])
+                _copy_into(view, params[i].detach() if self._torch else params[i])
                 views[i] = view
                 grad_views[i] = xp.reshape(bucket.grads[offset:offset + n], shape)
         self.params = views

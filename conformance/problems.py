@@ -7,8 +7,9 @@ the backend (in the row's dtype) once; ``grad(xp, params, data, i)`` gives the g
 are precomputed per step into ``data``, so every backend sees the same numbers.
 
 Each problem is designed so that the discrete decisions of the adaptations have margins far from
-zero (the rotating target makes the AutoDrop angle settle geometrically, so |Δ| passes θ quickly) -- the runner measures the margins anyway and
-reports "ill-conditioned" where one is below the tolerance.
+zero (``sign_pattern`` for ActiveLR and HD; ``rotating_target`` makes the AutoDrop angle settle
+geometrically, so |Δ| passes θ quickly); the runner measures the margins anyway and reports
+"ill-conditioned" where one is below the tolerance.
 """
 
 from __future__ import annotations
@@ -183,23 +184,23 @@ def _rosenbrock_grad(xp: Any, p: Tree, d: dict, i: int) -> Tree:
 
 # -- a target rotating in a plane (AutoDrop's angle settles at a known value) --------------------
 
-ROTATION_PER_STEP_DEG = 6.0
+ROTATION_PER_STEP_DEG = 18.0
 
 
 def _rotating_data(steps: int) -> dict:
     angles = np.radians(ROTATION_PER_STEP_DEG) * np.arange(1, steps + 1)
-    rng = _rng(6)
-    return {"target": np.stack([np.cos(angles), np.sin(angles)], axis=1),
-            "z_star": rng.uniform(-1.0, 1.0, (3,))}
+    return {"target_x": np.stack([np.cos(angles), np.sin(angles)], axis=1),
+            "target_z": 0.5 * np.stack([np.cos(angles + 1.0), np.sin(angles + 1.0)], axis=1)}
 
 
 def _rotating_params() -> Tree:
-    return {"x": np.array([0.5, -0.5]), "z": np.zeros(3)}
+    return {"x": np.array([0.5, -0.5]), "z": np.zeros(2)}
 
 
 def _rotating_grad(xp: Any, p: Tree, d: dict, i: int) -> Tree:
-    """Gradient of ``½‖x - c_i‖² + ½‖z - z*‖²`` with ``c_i`` on the unit circle, 6° further each step."""
-    return {"x": p["x"] - d["target"][i, ...], "z": p["z"] - d["z_star"]}
+    """Gradient of ``½‖x - c_i‖² + ½‖z - c'_i‖²``: two targets circling the origin, 18° further each
+    step, so the displacement over an epoch of 5 steps turns by 90° once the tracking settles."""
+    return {"x": p["x"] - d["target_x"][i, ...], "z": p["z"] - d["target_z"][i, ...]}
 
 
 # -- a linear, parameter-independent gradient with a designed sign pattern ----------------------
@@ -208,13 +209,15 @@ SIGN_PATTERN_EPOCH = 5
 
 
 def _sign_pattern_data(steps: int) -> dict:
-    """``g_i = sign_e · m_i`` with magnitudes in [0.2, 1] and signs constant within each block of
-    ``SIGN_PATTERN_EPOCH`` steps (flipping with probability 0.3 per block): every epoch sum, and
-    every product of successive gradients, is far from zero."""
+    """``g_i = sign · m_i`` with magnitudes in [0.2, 1] and signs constant within each block of
+    ``SIGN_PATTERN_EPOCH`` steps. At a block boundary all signs flip together with probability 0.4
+    and each sign flips on its own with probability 0.1, so every epoch sum, every product of
+    successive gradients and every cosine between successive gradients is far from zero."""
     rng = _rng(7)
     blocks = steps // SIGN_PATTERN_EPOCH + 1
-    flips = np.where(rng.uniform(size=(blocks, 16)) < 0.3, -1.0, 1.0)
-    signs = np.cumprod(flips, axis=0) * np.where(rng.uniform(size=16) < 0.5, -1.0, 1.0)
+    together = np.where(rng.uniform(size=(blocks, 1)) < 0.4, -1.0, 1.0)
+    alone = np.where(rng.uniform(size=(blocks, 16)) < 0.1, -1.0, 1.0)
+    signs = np.cumprod(together * alone, axis=0) * np.where(rng.uniform(size=16) < 0.5, -1.0, 1.0)
     signs = np.repeat(signs, SIGN_PATTERN_EPOCH, axis=0)[:steps]
     g = signs * rng.uniform(0.2, 1.0, (steps, 16))
     return {"gw": g[:, :12].reshape(steps, 3, 4), "gb": g[:, 12:]}
@@ -236,7 +239,7 @@ for _problem in [
     Problem("rosenbrock", "Rosenbrock from (-1.2, 1)", _rosenbrock_params, _rosenbrock_grad, condition=100.0),
     Problem("sign_pattern", "linear loss whose gradient (independent of the params) has block-constant signs",
             _quadratic_params, _sign_pattern_grad, _sign_pattern_data),
-    Problem("rotating_target", "quadratic whose minimiser circles the origin, 6 degrees a step",
+    Problem("rotating_target", "two targets circling the origin, 18 degrees a step (90 per epoch)",
             _rotating_params, _rotating_grad, _rotating_data),
 ]:
     register_problem(_problem)

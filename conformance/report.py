@@ -36,7 +36,7 @@ def summary(rows: Sequence[Row]) -> str:
 def table(rows: Sequence[Row], width: int = 60) -> str:
     """A fixed-width table (the status column is cut at ``width`` characters)."""
     cells = [list(COLUMNS)] + [_cells(r) for r in rows]
-    cells = [c[:-1] + [c[-1][:width]] for c in cells]
+    cells = [[*c[:-1], c[-1][:width]] for c in cells]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))

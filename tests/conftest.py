@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+
 from adaptlr.conformance.backends import BACKENDS, Backend
 
 if BACKENDS["jax"].available:  # float64 tests need JAX's 64-bit mode, set before any JAX array exists

@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import pytest
-from adaptlr.conformance.backends import BACKENDS
 from conftest import max_rel_err
 
 import adaptlr
@@ -21,6 +20,7 @@ from adaptlr.autodrop import (
     autodrop,
     autodrop_detector,
 )
+from adaptlr.conformance.backends import BACKENDS
 
 # -- helpers -----------------------------------------------------------------------------------------
 
@@ -192,6 +192,23 @@ def test_weighted_average_patience_3():
     assert all(float(u[0]) == 0.0 for i, u in enumerate(updates) if i != 5)
     assert float(states[5].weighted_param_sum[0]) == 0.0  # A reset at the drop
     assert float(states[4].weighted_param_sum[0]) == 1 * 1 + 2 * 2  # running sum, no snapshots
+
+
+def test_weighted_average_uses_epoch_starts_only():
+    # S = 3: the average is over x_e at epoch starts only; the params at the other steps of a latched
+    # epoch (here 100 + t, far from the line) must not enter A. Epoch starts t = 1, 4, 7, ...: x_e = e - 3.
+    S, patience = 3, 3
+    xs = []
+    for e in range(1, 8):
+        xs.append(np.array([e - 3.0]))
+        xs.extend(np.array([100.0 + 10 * e + k]) for k in range(1, S))
+    opt = autodrop(adaptlr.sgd(0.0), steps_per_epoch=S, patience_epochs=patience, average=True)
+    states, updates, _ = _drive(opt, xs)
+    drop_step = (6 - 1) * S  # 0-based index of the first step of epoch 6 (latched at e = 4)
+    assert [int(s.drop_count) for s in states][drop_step - 1:drop_step + 1] == [0, 1]
+    assert abs(float((xs[drop_step] + updates[drop_step])[0]) - (1 * 1 + 2 * 2 + 3 * 3) / 6) < 1e-14
+    assert all(float(u[0]) == 0.0 for i, u in enumerate(updates) if i != drop_step)
+    assert float(states[drop_step - 1].weighted_param_sum[0]) == 1 * 1 + 2 * 2
 
 
 def test_drop_scales_the_same_step_and_learning_rates():

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from adaptlr.conformance.backends import BACKENDS
 
 import adaptlr
+from adaptlr.conformance.backends import BACKENDS
 from tests.conftest import max_rel_err
 
 

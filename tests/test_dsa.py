@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
-from adaptlr.conformance.backends import BACKENDS
 from conftest import max_rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adaptlr
+from adaptlr.conformance.backends import BACKENDS
 from adaptlr.dsa import leaf_structure
 
 

@@ -12,9 +12,9 @@ import warnings
 
 import numpy as np
 import pytest
-from adaptlr.backends.fast import FlatOptimizer, flat_safety, jit_step, jit_update
 
 import adaptlr
+from adaptlr.backends.fast import FlatOptimizer, flat_safety, jit_step, jit_update
 from adaptlr.core import Adaptation
 from tests.conftest import max_rel_err
 
@@ -235,7 +235,7 @@ def test_groups_and_overrides_match_update_leaves() -> None:
 
 
 @pytest.mark.skipif(not has_torch, reason="torch is not installed")
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 def test_torch_compiled_flat_step_agrees(dtype: str) -> None:
     opt = make("adamw")
     with warnings.catch_warnings():
@@ -258,9 +258,16 @@ def test_torch_compiled_wrappers_agree(name: str) -> None:
 # -- JAX: jitted, buffer-donating update ------------------------------------------------------------
 
 
+_SLOW = pytest.mark.slow
+JAX_CASES = [("adamw", "float64"), ("adamw", "float32"), ("hd_global", "float64"), ("active", "float64")] + [
+    pytest.param(name, dtype, marks=_SLOW)
+    for name, dtype in [("sgd", "float64"), ("radam", "float64"), ("active", "float32"), ("hd_global", "float32"),
+                        ("dsa", "float64"), ("dsa", "float32"), ("eg_global", "float64"), ("eg_global", "float32")]
+]
+
+
 @pytest.mark.skipif(not has_jax, reason="jax is not installed")
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name", ["adamw", "sgd", "radam", "active", "hd_global", "dsa", "eg_global"])
+@pytest.mark.parametrize(("name", "dtype"), JAX_CASES)
 def test_jax_jit_update_and_step_agree(name: str, dtype: str) -> None:
     import jax.numpy as jnp
 
@@ -295,3 +302,37 @@ def test_jit_helpers_reject_non_optimizers() -> None:
         jit_update(lambda g: g)
     with pytest.raises(TypeError, match="opt"):
         jit_step(None)
+
+
+def test_recommended_options() -> None:
+    from adaptlr.backends.fast import recommended_options
+
+    assert recommended_options(adaptlr.adamw(), [np.zeros(3)]) == {"block_size": 1 << 15}
+    if getattr(adaptlr, "eg_step_size", None) is not None:
+        tensor_scale = adaptlr.eg_step_size(adaptlr.sgd(0.1), scale_lr=0.1, gain_lr=0.1, scale="tensor")
+        assert recommended_options(tensor_scale, [np.zeros(3)]) is None
+
+
+# -- the benchmark command (a tiny run: it reports, it asserts nothing about speed) ------------------
+
+
+def test_bench_shapes_and_tiny_run(tmp_path, monkeypatch) -> None:
+    import json
+
+    from adaptlr.backends import bench
+
+    assert len(bench.RESNET18_SHAPES) == 62
+    assert sum(int(np.prod(s)) for s in bench.RESNET18_SHAPES) == 11_689_512
+    monkeypatch.setitem(bench.SETS, "tiny", [(8, 4), (16,), (3, 3, 2, 2)])
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    code = bench.main(["--backends", "numpy", "--algorithms", "adamw,active", "--sets", "tiny", "--repeats", "2",
+                       "--json", str(out), "--markdown", str(md)])
+    assert code == 0
+    rows = json.loads(out.read_text())["results"]
+    paths = {(r["algorithm"], r["path"]) for r in rows}
+    assert {("adamw", "pure"), ("adamw", "flat"), ("adamw", "blocked"), ("copy", "bound")} <= paths
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert "| set |" in md.read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--backends", "fortran"])

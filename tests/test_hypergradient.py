@@ -8,10 +8,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from adaptlr.conformance.backends import BACKENDS
 from conftest import max_rel_err
 
 import adaptlr
+from adaptlr.conformance.backends import BACKENDS
 from adaptlr.core import Adaptation, Optimizer
 
 

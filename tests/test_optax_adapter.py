@@ -15,8 +15,8 @@ import adaptlr
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
-from adaptlr.backends.jax import to_optax  # noqa: E402
 
+from adaptlr.backends.jax import to_optax  # noqa: E402
 from tests.conftest import max_rel_err  # noqa: E402
 
 

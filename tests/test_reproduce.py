@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from adaptlr.conformance.backends import BACKENDS
 from conftest import max_rel_err
 
+from adaptlr.conformance.backends import BACKENDS
 from adaptlr.reproduce import EXPERIMENTS, cli, data, harness, models
 
 NUMPY = BACKENDS["numpy"]

@@ -12,10 +12,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tests"))
 import conftest  # noqa: F401  (enables JAX's float64)
 import test_base_optimizers as cases
-from adaptlr.conformance.backends import BACKENDS
 from conftest import max_rel_err
 
 import adaptlr
+from adaptlr.conformance.backends import BACKENDS
 
 NAMES = ["numpy", "array_api_strict", "array_api_strict-device1", "torch", "jax"]
 

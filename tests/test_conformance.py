@@ -1,0 +1,163 @@
+"""The conformance suite, collected by pytest: a fast subset in CI.
+
+The full report is ``adaptlr conformance`` (docs/conformance.md); these tests run a few algorithms
+on every installed backend, the analytic checks on NumPy, and the harness itself (decisions,
+margins, tolerances, the CLI's errors and exit status, user registration).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import adaptlr
+from adaptlr.conformance import (
+    ALGORITHMS,
+    PROBLEMS,
+    Problem,
+    analytic,
+    cli,
+    register_algorithm,
+    register_problem,
+    runner,
+)
+from adaptlr.conformance.backends import BACKENDS
+
+FAST = ["sgdm", "adamw", "active(adamw)", "autodrop(sgd)", "hd-mult-element(sgd)", "dsa(adam)", "eg-global(sgdm)"]
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_agreement_across_backends(name: str, backend) -> None:
+    """float64 ≤ tolerance (≤ 1e-12) and float32 within its tolerance, decisions identical, vs NumPy float64."""
+    algorithm = ALGORITHMS[name]
+    if algorithm.missing():
+        pytest.skip(f"{name}: not available ({algorithm.missing()})")
+    rows = runner.run_agreement([name], [backend.name], ["float64", "float32"], 120)
+    assert rows
+    for row in rows:
+        assert row.status in ("pass", "ill-conditioned"), (row.dtype, row.reason, row.max_rel_err_params)
+        if row.dtype == "float64":
+            assert row.status == "pass"
+            assert row.max_rel_err_params <= 1e-12
+            assert row.decision_mismatches == 0
+
+
+def test_analytic_checks_on_numpy() -> None:
+    rows = analytic.run_checks([BACKENDS["numpy"]], 120, names=["spec-vectors", "dsa-signs", "closed-form"])
+    failed = [(r.algorithm, r.problem, r.reason) for r in rows if r.status == "fail"]
+    assert not failed
+    assert any(r.status == "pass" for r in rows)
+
+
+def test_reference_libraries() -> None:
+    if not BACKENDS["torch"].available:
+        pytest.skip("torch is not installed")
+    rows = analytic.run_checks([BACKENDS["numpy"]], 60, names=["reference-libraries"])
+    assert [r for r in rows if r.status == "pass"]
+    assert not [r for r in rows if r.status == "fail"]
+
+
+def test_tolerance_is_derived_from_eps() -> None:
+    assert runner.tolerance("float64", 150) <= 1e-12
+    assert runner.tolerance("float32", 150) == pytest.approx(100 * np.sqrt(150) * np.finfo(np.float32).eps)
+    assert runner.tolerance("float64", 10**6, 100.0) == 1e-12
+
+
+def test_max_rel_err_is_normwise() -> None:
+    ref = [[np.array([1.0, 1e-20])]]
+    assert runner.max_rel_err([[np.array([1.0, 2e-20])]], ref) == pytest.approx(1e-20)
+    assert runner.max_rel_err([[np.array([np.nan, 0.0])]], ref) == np.inf
+
+
+def _traj(lrs: list[float], grads: list[float]) -> runner.Trajectory:
+    return runner.Trajectory([[np.zeros(1)]] * (len(lrs) + 1), [[np.array([g])] for g in grads],
+                             [[np.array([lr])] for lr in lrs])
+
+
+def test_epoch_flip_decisions_and_margins() -> None:
+    """S = 2: γ changes at t = 4; a changed branch is a mismatch; an epoch sum near 0 is ill-conditioned."""
+    rule = adaptlr.conformance.EpochSignFlips(2)
+    ref = _traj([1.0, 1.0, 1.0, 1.2], [1.0, 2.0, 3.0, -1.0])
+    same = runner.compare_decisions(rule, ref, ref, "float64", 4, 1e-12)
+    assert same["decisions"] == 1 and same["mismatches"] == 0 and same["ill"] == 0
+    assert same["min_margin"] == pytest.approx(0.5)  # |3 - 1| / (3 + 1)
+    other = _traj([1.0, 1.0, 1.0, 0.5], [1.0, 2.0, 3.0, -1.0])
+    assert runner.compare_decisions(rule, ref, other, "float64", 4, 1e-12)["mismatches"] == 1
+    tiny = _traj([1.0, 1.0, 1.0, 1.2], [1.0, 2.0, 3.0, -3.0 + 1e-13])
+    assert runner.compare_decisions(rule, tiny, tiny, "float64", 4, 1e-12)["ill"] == 1
+
+
+def test_user_optimizer_and_problem_get_a_report() -> None:
+    """Any object with init/update works; without adaptlr state the learning rates are n/a."""
+
+    class PlainSGD:
+        def init(self, params):
+            return ()
+
+        def update(self, grads, state, params):
+            return {k: -0.1 * g for k, g in grads.items()}, state
+
+    register_problem(Problem("test_bowl", "½‖x‖²", lambda: {"x": np.array([1.0, -2.0])},
+                             lambda xp, p, d, i: {"x": p["x"]}))
+    register_algorithm("test_plain_sgd", PlainSGD, problems=["test_bowl"])
+    try:
+        rows = runner.run_agreement(["test_plain_sgd"], ["numpy", "torch"], ["float64"], 100)
+        assert {r.status for r in rows} <= {"pass", "skipped"}
+        ran = [r for r in rows if r.status == "pass"]
+        assert ran and all(r.max_rel_err_lr is None for r in ran)
+    finally:
+        ALGORITHMS.pop("test_plain_sgd")
+        PROBLEMS.pop("test_bowl")
+
+
+def test_missing_algorithm_is_skipped() -> None:
+    register_algorithm("test_missing", lambda a: a.not_written_yet(a.sgd(0.1)), takes_module=True,
+                       requires=("not_written_yet",))
+    try:
+        rows = runner.run_agreement(["test_missing"], ["numpy"], ["float64"], 100)
+        assert [r.status for r in rows] == ["skipped"]
+        assert "not available" in rows[0].reason
+    finally:
+        ALGORITHMS.pop("test_missing")
+
+
+def test_cli_rejects_unknown_names(capsys) -> None:
+    assert cli.main(["--backends", "nope"]) == 2
+    assert "valid: numpy" in capsys.readouterr().err
+    assert cli.main(["--algorithms", "nope"]) == 2
+    assert "valid:" in capsys.readouterr().err
+    assert cli.main(["--dtypes", "float16"]) == 2
+    assert "valid: float64, float32" in capsys.readouterr().err
+
+
+def test_cli_json_markdown_and_exit_status(tmp_path) -> None:
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    code = cli.main(["--algorithms", "sgd", "--backends", "numpy", "cupy", "--steps", "100", "--no-checks",
+                     "--quiet", "--json", str(out_json), "--markdown", str(out_md)])
+    assert code == 0
+    records = json.loads(out_json.read_text())["rows"]
+    keys = {"algorithm", "problem", "backend", "device", "dtype", "steps", "max_rel_err_params", "max_rel_err_lr",
+            "decision_mismatches", "tolerance", "passed"}
+    assert all(keys <= set(r) for r in records)
+    if not BACKENDS["cupy"].available:
+        assert any(r["backend"] == "cupy" and r["status"] == "skipped" and r["reason"] for r in records)
+    assert "| algorithm |" in out_md.read_text() or "| kind |" in out_md.read_text()
+
+
+def test_cli_fails_on_a_failing_row(tmp_path) -> None:
+    class Broken:  # a different step in float32: the float32 run cannot match the float64 reference
+        def init(self, params):
+            return 0
+
+        def update(self, grads, state, params):
+            scale = 1.0 if params["x"].dtype == np.float64 else 1.5
+            return {"x": -0.1 * scale * grads["x"]}, state
+
+    register_algorithm("test_broken", Broken, problems=["noisy_quadratic"])
+    try:
+        code = cli.main(["--algorithms", "test_broken", "--backends", "numpy", "--no-checks", "--quiet"])
+        assert code == 1
+    finally:
+        ALGORITHMS.pop("test_broken")
