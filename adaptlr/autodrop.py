@@ -38,12 +38,12 @@ start), a drop *raises* it to ``min_lr``; choose ``min_lr`` below your learning 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, NamedTuple
 
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._precision import accumulation_dtype
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 
@@ -209,21 +209,6 @@ class AutoDropState(NamedTuple):
         }
 
 
-def _accumulation_dtype(xp: Any, params: list, device: Any) -> Any:
-    """float64 where the backend makes float64 arrays on this device, else the widest param dtype."""
-    float64 = getattr(xp, "float64", None)
-    if float64 is not None:
-        try:
-            with warnings.catch_warnings():  # JAX without x64 warns and gives float32
-                warnings.simplefilter("ignore")
-                probe = xp.asarray(0.0, dtype=float64, device=device)
-            if probe.dtype == float64:
-                return float64
-        except Exception:  # e.g. PyTorch on MPS has no float64
-            pass
-    return xp.result_type(*[p.dtype for p in params])
-
-
 class AutoDrop(Adaptation):
     """The AutoDrop adaptation; build it with :func:`autodrop`."""
 
@@ -241,7 +226,7 @@ class AutoDrop(Adaptation):
 
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> AutoDropState:
         device = scalar_device(params[0])
-        acc = _accumulation_dtype(xp, params, device)
+        acc = accumulation_dtype(xp, [p.dtype for p in params], device)
 
         def scalar(value: Any, dtype: Any) -> Any:
             return xp.asarray(value, dtype=dtype, device=device)

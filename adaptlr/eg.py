@@ -24,12 +24,12 @@ see ``docs/algorithms/eg.md`` for what is known and what is our choice.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._precision import accumulation_dtype
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 
@@ -101,7 +101,7 @@ class EGStepSize(Adaptation):
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> EGState:
         device = scalar_device(params[0])
         if self.scale == "global":
-            scale = xp.asarray(1.0, dtype=_accumulation_dtype(xp, params, device), device=device)
+            scale = xp.asarray(1.0, dtype=accumulation_dtype(xp, [p.dtype for p in params], device), device=device)
         else:
             scale = layout.tree([xp.asarray(1.0, dtype=p.dtype, device=device) for p in params])
         return EGState(
@@ -161,19 +161,6 @@ class EGStepSize(Adaptation):
         high = ctx.scalars.constant(self.max_log_step, dtype)
         low = ctx.scalars.constant(-self.max_log_step, dtype)
         return xp.minimum(xp.maximum(exponent, low), high)
-
-
-def _accumulation_dtype(xp: Any, params: list, device: Any) -> Any:
-    """float64 where the backend can make it (JAX only with x64), else the widest parameter dtype."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # JAX without x64 warns and gives float32
-            probe = xp.asarray(0.0, dtype=xp.float64, device=device)
-        if probe.dtype == xp.float64:
-            return xp.float64
-    except (AttributeError, TypeError, RuntimeError, ValueError):  # no float64 on this device (MPS)
-        pass
-    return xp.result_type(*[p.dtype for p in params])
 
 
 def eg_step_size(

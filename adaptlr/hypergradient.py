@@ -22,12 +22,12 @@ sums are accumulated in float64 where the backend has it.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._precision import accumulation_dtype
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
 from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize
@@ -70,18 +70,6 @@ class HypergradientState(NamedTuple):
 
     def signals(self, layout: Layout) -> dict[str, Any]:
         return {"lr": self.lr}
-
-
-def _accumulation_dtype(xp: Any, dtypes: list, device: Any) -> Any:
-    """float64 where the backend can make it (JAX only with x64), else the widest params dtype."""
-    widest = xp.result_type(*dtypes)
-    float64 = getattr(xp, "float64", None)
-    if float64 is None:
-        return widest
-    with warnings.catch_warnings():  # JAX without x64 warns and falls back to float32
-        warnings.simplefilter("ignore")
-        probe = xp.asarray(0.0, dtype=float64, device=device)
-    return float64 if probe.dtype == float64 else widest
 
 
 class Hypergradient(Adaptation):
@@ -128,7 +116,7 @@ class Hypergradient(Adaptation):
 
         if self.granularity == "global":
             lr = state.lr
-            acc = _accumulation_dtype(xp, [g.dtype for g in grads], scalars.device)
+            acc = accumulation_dtype(xp, [g.dtype for g in grads], scalars.device)
             h = _global_sum(xp, [g * d for g, d in zip(grads, d_prev, strict=True)], acc)
             if multiplicative:
                 norms = _global_sum(xp, [g * g for g in grads], acc), _global_sum(xp, [d * d for d in d_prev], acc)

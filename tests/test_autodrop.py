@@ -12,11 +12,11 @@ import pytest
 from conftest import max_rel_err
 
 import adaptlr
+from adaptlr._precision import accumulation_dtype
 from adaptlr.autodrop import (
     AutoDropState,
     DetectorOptions,
     DetectorState,
-    _accumulation_dtype,
     autodrop,
     autodrop_detector,
 )
@@ -270,9 +270,15 @@ def test_accumulation_dtype_falls_back_without_float64():
 
         result_type = staticmethod(np.result_type)
 
-    params = [np.zeros(2, np.float32), np.zeros(2, np.float16)]
-    assert _accumulation_dtype(NoFloat64, params, "cpu") == np.float32
-    assert _accumulation_dtype(np, params, "cpu") == np.float64
+    class RaisesOnFloat64(NoFloat64):  # a namespace like PyTorch on MPS: float64 requests raise
+        @staticmethod
+        def asarray(x, dtype=None, device=None):
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
+
+    dtypes = [np.float32, np.float16]
+    assert accumulation_dtype(NoFloat64, dtypes, "cpu") == np.float32
+    assert accumulation_dtype(RaisesOnFloat64, dtypes, "cpu") == np.float32
+    assert accumulation_dtype(np, dtypes, "cpu") == np.float64
 
 
 # -- the noisy quadratic ----------------------------------------------------------------------------
