@@ -5,9 +5,10 @@ execution path, a native optimizer, a memory copy) is built, warmed up, and then
 interleaved rounds (one step of each runner per round, in a shuffled order), so that load changes
 on a shared machine hit all runners alike; the median step time is reported.
 
-Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``), ``adapter`` (torch:
-``adaptlr.backends.torch.Optimizer``), ``flat`` / ``blocked`` / ``compiled``
-(:class:`adaptlr.backends.fast.FlatOptimizer`), ``jit`` / ``jit-donate`` (JAX,
+Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``); ``adapter`` and
+``adapter-compiled`` (torch: ``adaptlr.backends.torch.Optimizer`` with its default ``fast="auto"``,
+and with ``fast="compile"``); ``flat`` / ``blocked`` / ``compiled``
+(:class:`adaptlr.backends.fast.FlatOptimizer`); ``jit`` / ``jit-donate`` (JAX,
 :func:`adaptlr.backends.fast.jit_step`). Native: ``torch.optim.AdamW`` (``foreach=True``,
 ``fused=True``), ``optax.adamw`` under ``jax.jit`` (params and state donated). Bound: a copy of
 ``3.5·P`` words (7 words per parameter are what an AdamW step must move: read params, grads, m, v;
@@ -264,7 +265,23 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                 for p, g in zip(tparams, grads):
                     p.grad = g.clone()
                 adapter = TorchAdapter(tparams, opt)
-                runners.append(runner(name, "adapter", "adaptlr", adapter.step))
+                adapter.step()  # the first step builds the flat buffers
+                runners.append(runner(name, "adapter", "adaptlr", adapter.step, adapter.fast_path))
+                if name in compile_algorithms and flat:
+                    tparams = params_copy(True)
+                    for p, g in zip(tparams, grads):
+                        p.grad = g.clone()
+                    adapter = TorchAdapter(tparams, opt, fast="compile")
+                    started = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        adapter.step()
+                    sync()
+                    made = runner(name, "adapter-compiled", "adaptlr", adapter.step,
+                                  f"first step (compile) {time.perf_counter() - started:.1f} s")
+                    if not device.startswith("cuda"):
+                        made.memory = lambda: None  # a dispatch mode would run the graph eagerly
+                    runners.append(made)
             except Exception as error:
                 print(f"  torch adapter for {name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
         note = "" if flat else "not flat-safe: per-tensor fallback"

@@ -39,6 +39,15 @@ How the torch concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
   ``p + u`` once to the parameter's dtype. Updates smaller than the parameter's resolution are then
   lost, as with any low-precision parameter; keep float32 master weights (autocast) where that
   matters.
+- Fast path (``fast="auto"``, the default): where :func:`adaptlr.backends.fast.recommended_options`
+  finds one for the algorithm and the parameters (blocks of flat buffers for elementwise algorithms
+  on CPU, whole flat buffers on a GPU; ``fast="compile"`` adds ``torch.compile``), the step runs the
+  same ``update_leaves`` through a :class:`~adaptlr.backends.fast.FlatOptimizer` over the parameters
+  that have gradients. Their ``.data`` then points into one flat buffer per dtype, device and group,
+  their ``.grad`` (after a step) into a flat gradient buffer, and ``optimizer.state[p]`` holds views
+  into the flat state buffers, all updated in place (as ``torch.optim`` does); the values are those
+  of the generic per-tensor path (same elementwise operations; global sums reassociated). A change
+  of the set of parameters with gradients (or of a parameter's ``.data``) rebuilds the flat buffers.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from typing import Any
 
 import array_api_compat.torch as xp_torch
 import torch
+from torch.autograd.graph import increment_version
 
 from adaptlr import checkpoint as _checkpoint
 from adaptlr import core
@@ -57,6 +67,7 @@ from adaptlr._tree import Layout
 __all__ = ["Optimizer"]
 
 STATE_DICT_FORMAT = 1
+_FAST_MODES = ("auto", "flat", "compile")
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -69,9 +80,35 @@ class Optimizer(torch.optim.Optimizer):
             hyper-parameters apply to every group.
         state_dtype: None (state in each parameter's dtype) or a floating torch dtype for the state
             of parameters of other floating dtypes (mixed precision; see the module docstring).
+        fast: how the step runs (same values in every case; see the module docstring):
+
+            - ``"auto"`` (default, also ``True``): through a
+              :class:`~adaptlr.backends.fast.FlatOptimizer` with the options
+              :func:`~adaptlr.backends.fast.recommended_options` gives (CPU: blocks of flat
+              buffers for elementwise algorithms; GPU: whole flat buffers for every flat-safe
+              algorithm), else the generic per-tensor path.
+            - ``"flat"``: whole flat buffers for every flat-safe algorithm (also AutoDrop, HD and
+              EG with global sums on CPU).
+            - ``"compile"``: flat buffers and ``torch.compile`` of the flat step (fastest on CPU
+              and GPU once compiled; the first step compiles, seconds; needs a working Inductor
+              toolchain).
+            - a dict: :class:`~adaptlr.backends.fast.FlatOptimizer` options (``{"block_size": 65536}``).
+            - ``False`` / ``None``: always the generic per-tensor path (parameters keep their own
+              storage, state tensors are new tensors each step).
+
+            Algorithms that are not flat-safe (per-tensor reductions: DSA's default factors, HD
+            ``granularity="tensor"``, EG ``scale="tensor"``) and parameters whose state dtype
+            differs from their dtype (``state_dtype``) always take the generic path.
+
+    Attributes:
+        fast_path: the path of the last step: ``"blocked"``, ``"flat"``, ``"compiled"`` (a
+            ``FlatOptimizer`` mode) or ``"generic"``; None before the first step.
     """
 
-    def __init__(self, params: Iterable[Any], opt: core.Optimizer, *, state_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, params: Iterable[Any], opt: core.Optimizer, *, state_dtype: torch.dtype | None = None,
+        fast: str | bool | dict | None = "auto",
+    ) -> None:
         if not isinstance(opt, core.Optimizer):
             raise TypeError(f"opt must be an adaptlr Optimizer (adaptlr.adamw(...), ...), got {type(opt).__name__}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
@@ -79,12 +116,17 @@ class Optimizer(torch.optim.Optimizer):
         learning_rate = opt.base.learning_rate
         self.opt = opt
         self.state_dtype = state_dtype
+        self._flat: _FlatPath | None = None
+        self.fast = fast
+        self.fast_path: str | None = None
         self._schedule: Callable[[Any], Any] | None = learning_rate if callable(learning_rate) else None
         self._skeleton: Node | None = None
         self._per_param_paths: list[str] = []
         self._field_kinds: list[tuple[str, bool]] = []
         self._global: dict[str, torch.Tensor] | None = None
         self._alpha_cache: dict = {}
+        self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a fast step
+        self._ensured: tuple | None = None  # (id, size) of the state and number of parameters when all had state
         defaults = {
             "lr": 1.0 if self._schedule is not None else float(learning_rate),
             "weight_decay": float(opt.base.weight_decay),
@@ -93,6 +135,24 @@ class Optimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"adaptlr.backends.torch.Optimizer({self.opt.name}, {len(self.param_groups)} param groups)"
+
+    @property
+    def fast(self) -> str | dict | None:
+        """The ``fast`` setting (``"auto"``, ``"flat"``, ``"compile"``, a dict or None). It may be changed
+        between steps: the state carries over, and the parameters get their own storage back until
+        the next fast step."""
+        return self._fast
+
+    @fast.setter
+    def fast(self, fast: str | bool | dict | None) -> None:
+        if fast is True:
+            fast = "auto"
+        if not (fast is None or fast is False or isinstance(fast, dict) or fast in _FAST_MODES):
+            raise ValueError(f"fast must be one of {_FAST_MODES}, True, False, None or a dict, got {fast!r}")
+        self._fast = dict(fast) if isinstance(fast, dict) else (fast or None)
+        self._generic_signature = None
+        if self._flat is not None:
+            self._drop_flat(())
 
     # -- the step -----------------------------------------------------------------------------------
 
@@ -103,22 +163,35 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._ensure_state()
-        active, groups = [], []
+        active, grads, groups, signature, num_params = [], [], [], [], 0
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError("adaptlr optimizers do not support sparse gradients")
+            signature.append(id(group))
+            group_params = group["params"]
+            num_params += len(group_params)
+            for p in group_params:
+                grad = p.grad
+                if grad is not None:
                     active.append(p)
+                    grads.append(grad)
                     groups.append(group)
+                    signature.append(id(p))
+        known = (id(self.state), len(self.state), num_params)
+        if known != self._ensured:  # parameters without state (before the first step, new groups)
+            self._ensure_state()
+            self._ensured = (id(self.state), len(self.state), num_params)
         if not active:
             return loss
+        if self.fast is not None and self._flat_step(active, grads, groups, signature):
+            self.fast_path = self._flat.fo.mode
+            return loss
+        _check_dense(grads)
+        self._ensure_state()
+        self.fast_path = "generic"
         params = [self._state_view(p) for p in active]
         grads = [self._state_view(p, p.grad) for p in active]
         layout, _ = Layout.of(params)
         state = self._assemble(active, layout)
-        alpha = self._alphas(groups, params, state.count + 1)
+        alpha = self._alphas(groups, params, state.count)
         weight_decay = [float(g["weight_decay"]) for g in groups]
         updates, new_state = self._update(xp_torch, layout, grads, state, params, alpha, weight_decay)
         self._scatter(new_state, active, layout)
@@ -130,15 +203,141 @@ class Optimizer(torch.optim.Optimizer):
         self, xp: Any, layout: Layout, grads: list, state: core.OptimizerState, params: list, alpha: list,
         weight_decay: list,
     ) -> tuple[list, core.OptimizerState]:
-        """``(updates, new state)`` on leaf lists: the one place the algorithm runs (a fast path may
-        replace this method; it must return the same values)."""
+        """``(updates, new state)`` on leaf lists: the one place the generic path runs the algorithm
+        (the fast path runs the same ``update_leaves`` on flat buffers)."""
         return self.opt.update_leaves(xp, layout, grads, state, params, alpha=alpha, weight_decay=weight_decay)
+
+    # -- the fast path ------------------------------------------------------------------------------
+
+    def _flat_step(self, active: list, grads: list, groups: list, signature: list) -> bool:
+        """Run this step through the flat buffers; False where it must take the generic path."""
+        flat = self._flat
+        if flat is None or flat.signature != signature or [p.data_ptr() for p in active] != flat.data_ptrs:
+            if signature == self._generic_signature:
+                return False
+            self._ensure_state()
+            options = self._flat_options(active)
+            if options is None:
+                self._drop_flat(())
+                self._generic_signature = signature
+                return False
+            self._drop_flat({id(p) for p in active})
+            flat = self._flat = self._build_flat(active, groups, signature, options)
+            self._generic_signature = None
+        elif self._flat_stale:
+            self._copy_state_into(flat)
+        # Gradients that are not the flat buffer's views are copied into it: check them first.
+        _check_dense([g for g, view in zip(grads, flat.fo.grads) if g is not view])
+        self._flat_stale = False
+        # α and λ per (group, dtype, device) of the step, spread to the parameters.
+        t = self._global["count"] + 1 if self._schedule is not None else None
+        alphas = [self._alpha(g["lr"], dtype, device, t) for g, dtype, device in flat.kinds]
+        decays = [float(g["weight_decay"]) for g, _, _ in flat.kinds]
+        flat.fo.step(grads, alpha=[alphas[k] for k in flat.kind_of], weight_decay=[decays[k] for k in flat.kind_of])
+        # Later backward passes accumulate straight into the flat gradient buffer (``zero_grad()``
+        # sets .grad to None; a fresh gradient is copied in at the next step).
+        for p, grad, view in zip(active, grads, flat.fo.grads):
+            if grad is not view:
+                p.grad = view
+        _bump_versions(active)  # as p.add_ would: autograd sees that the parameters changed in place
+        return True
+
+    def _flat_options(self, params: list[torch.Tensor]) -> dict | None:
+        """The FlatOptimizer options for a step on ``params``, or None (the generic path)."""
+        from adaptlr.backends.fast import flat_safety, recommended_options
+
+        if self.state_dtype is not None and any(p.dtype != self.state_dtype for p in params):
+            return None
+        if any(type(p.detach()) is not torch.Tensor or p.layout != torch.strided for p in params):
+            return None  # tensor subclasses (DTensor, ...) keep their own storage
+        if not flat_safety(self.opt)[0]:
+            return None
+        if self.fast == "auto":
+            return recommended_options(self.opt, [p.detach() for p in params])
+        if self.fast == "flat":
+            return {}
+        if self.fast == "compile":
+            return {"compile": True}
+        return dict(self.fast)
+
+    def _build_flat(self, active: list, groups: list, signature: list, options: dict) -> _FlatPath:
+        from adaptlr.backends.fast import FlatOptimizer
+
+        fo = FlatOptimizer(self.opt, [p.detach() for p in active], groups=[id(g) for g in groups], **options)
+        values = _field_values(self._skeleton, fo.per_tensor_state(), len(self._field_kinds))
+        treespec = Layout.of(fo.params)[0].treespec
+        per_param, shared = {}, {}
+        for (path, is_per_param), value in zip(self._field_kinds, values):
+            if is_per_param:
+                per_param[path] = slots(value, treespec)
+            else:
+                shared[path] = value
+        # Blocked: one state per buffer, each with its own copy of the shared fields (the step counter).
+        extra = []
+        if fo.mode == "blocked":
+            for bucket_state in fo.state[1:]:
+                bucket_values = _field_values(self._skeleton, bucket_state, len(self._field_kinds))
+                extra.append({path: v for (path, is_pp), v in zip(self._field_kinds, bucket_values) if not is_pp})
+        flat = _FlatPath(fo, list(active), signature, per_param, shared, extra)
+        kinds: dict = {}
+        for g, p in zip(groups, active):
+            key = (id(g), p.dtype, p.device)
+            if key not in kinds:
+                kinds[key] = len(flat.kinds)
+                flat.kinds.append((g, p.dtype, p.device))
+            flat.kind_of.append(kinds[key])
+        self._copy_state_into(flat)
+        for p, view in zip(active, fo.params):
+            p.data = view
+        flat.data_ptrs = [p.data_ptr() for p in active]
+        return flat
+
+    def _copy_state_into(self, flat: _FlatPath) -> None:
+        """Copy the state (``self.state``, the shared fields) into the flat buffers and make
+        ``self.state[p]`` and the shared fields the views into them."""
+        sources = {path: self._global[path] for path in flat.shared}
+        for i, p in enumerate(flat.params):
+            entry = self.state[p]
+            for path, views in flat.per_param.items():
+                view, source = views[i], entry[path]
+                if source is not view:
+                    _copy_tree(view, source)
+                    entry[path] = view
+        for path, view in flat.shared.items():
+            if sources[path] is not view:
+                view.copy_(sources[path])
+        for bucket in flat.extra:
+            for path, view in bucket.items():
+                view.copy_(sources[path])
+        self._global = dict(flat.shared)
+
+    def _drop_flat(self, keep: set) -> None:
+        """Stop using the flat buffers; parameters not in ``keep`` (ids), and their gradient and
+        state, get storage of their own again (so the old buffers can be freed)."""
+        flat, self._flat = self._flat, None
+        if flat is None:
+            return
+        fo = flat.fo
+        for i, p in enumerate(flat.params):
+            if id(p) in keep:
+                continue
+            if p.data_ptr() == fo.params[i].data_ptr():
+                p.data = p.data.clone()
+            if p.grad is not None and p.grad is fo.grads[i]:
+                p.grad = p.grad.clone()
+            entry = self.state.get(p)
+            if entry is None:
+                continue
+            for path, views in flat.per_param.items():
+                if entry.get(path) is views[i]:
+                    entry[path] = _map_tensors(views[i], torch.clone)
 
     # -- the functional state -----------------------------------------------------------------------
 
     @property
     def functional_state(self) -> core.OptimizerState:
-        """The :class:`adaptlr.OptimizerState` over the list of all parameters in group order."""
+        """The :class:`adaptlr.OptimizerState` over the list of all parameters in group order
+        (the live state tensors: later steps may update them in place)."""
         self._ensure_state()
         params = self._all_params()
         layout, _ = Layout.of([self._state_view(p) for p in params])
@@ -163,7 +362,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict`` (per-parameter fields under ``"state"``) plus ``"adaptlr"``: the format
-        version, the optimizer's name, ``state_dtype`` and the shared fields."""
+        version, the optimizer's name, ``state_dtype`` and the shared fields. As with ``torch.optim``,
+        the tensors are the live state (``torch.save`` it, or deep-copy it to keep a snapshot)."""
         out = super().state_dict()
         out["adaptlr"] = {
             "format_version": STATE_DICT_FORMAT,
@@ -248,18 +448,21 @@ class Optimizer(torch.optim.Optimizer):
     def _group_of(self) -> dict[int, dict]:
         return {id(p): g for g in self.param_groups for p in g["params"]}
 
-    def _alphas(self, groups: list[dict], params: list, t: torch.Tensor) -> list:
-        """``α`` per parameter: its group's ``lr`` (times the schedule's ``α_t``) as a 0-D tensor."""
-        out, by_key = [], {}
+    def _alphas(self, groups: list[dict], params: list, count: torch.Tensor) -> list:
+        """``α`` per parameter for the step after ``count``: its group's ``lr`` (times the schedule's
+        ``α_t``) as a 0-D tensor in the parameter's (state) dtype."""
+        out, by_key, t = [], {}, None
         for group, p in zip(groups, params):
-            lr = group["lr"]
             key = (id(group), p.dtype, p.device)
-            if key not in by_key:
-                by_key[key] = self._alpha(lr, p.dtype, p.device, t)
-            out.append(by_key[key])
+            alpha = by_key.get(key)
+            if alpha is None:
+                if self._schedule is not None and t is None:
+                    t = count + 1
+                alpha = by_key[key] = self._alpha(group["lr"], p.dtype, p.device, t)
+            out.append(alpha)
         return out
 
-    def _alpha(self, lr: Any, dtype: torch.dtype, device: torch.device, t: torch.Tensor) -> torch.Tensor:
+    def _alpha(self, lr: Any, dtype: torch.dtype, device: torch.device, t: torch.Tensor | None) -> torch.Tensor:
         if isinstance(lr, torch.Tensor):
             base = lr.detach().to(dtype=dtype, device=device)
         else:
@@ -281,7 +484,7 @@ class Optimizer(torch.optim.Optimizer):
         device = leaves[0].device
         count = torch.zeros((), dtype=torch.int32, device=device)
         group_of = self._group_of()
-        alpha = self._alphas([group_of[id(p)] for p in params], leaves, count + 1)
+        alpha = self._alphas([group_of[id(p)] for p in params], leaves, count)
         base_state = self.opt.base.init(leaves, layout, xp_torch)
         adaptations = tuple(a.init(leaves, alpha, layout, xp_torch) for a in self.opt.adaptations)
         return core.OptimizerState(count, layout.tree(alpha), base_state, adaptations)
@@ -315,21 +518,88 @@ class Optimizer(torch.optim.Optimizer):
         return rebuild_state(self._skeleton, values)
 
     def _scatter(self, state: core.OptimizerState, params: list[torch.Tensor], layout: Layout) -> None:
-        _, fields = split_state(state, layout.treespec)
-        if [(f.path, f.per_param) for f in fields] != self._field_kinds:
-            raise RuntimeError(f"{self.opt.name} changed the layout of its state during a step")
+        # The fields by the skeleton found at the first step (split_state per step would format the
+        # whole state into error messages of optree while it probes for per-parameter subtrees).
+        values = _field_values(self._skeleton, state, len(self._field_kinds))
         # The functional update may keep a parameter or gradient itself in its state (HD's d_prev = g
         # for SGD): copy those, since the parameter is updated in place and the gradient reused.
         shared = {p.untyped_storage().data_ptr() for p in params}
         shared |= {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
         new_global = {}
-        for f in fields:
-            if f.per_param:
-                for p, slot in zip(params, slots(f.value, layout.treespec)):
-                    self.state[p][f.path] = _map_tensors(slot, lambda t: _unshared(t, shared))
+        for (path, per_param), value in zip(self._field_kinds, values):
+            if per_param:
+                for p, slot in zip(params, slots(value, layout.treespec)):
+                    self.state[p][path] = (_unshared(slot, shared) if isinstance(slot, torch.Tensor)
+                                           else _map_tensors(slot, lambda t: _unshared(t, shared)))
             else:
-                new_global[f.path] = _unshared(f.value, shared)
+                new_global[path] = _unshared(value, shared)
         self._global = new_global
+        self._flat_stale = True
+
+
+class _FlatPath:
+    """A :class:`~adaptlr.backends.fast.FlatOptimizer` over the parameters that have gradients, with
+    the views of its state in the per-parameter layout of ``Optimizer.state``."""
+
+    __slots__ = ("data_ptrs", "extra", "fo", "kind_of", "kinds", "params", "per_param", "shared", "signature")
+
+    def __init__(self, fo: Any, params: list, signature: list, per_param: dict, shared: dict, extra: list) -> None:
+        self.fo = fo
+        self.params = params
+        self.signature = signature
+        self.per_param = per_param  # path -> one slot (view) per parameter
+        self.shared = shared  # path -> the 0-D tensor of a shared field
+        self.extra = extra  # blocked: the shared fields of the other buffers' states
+        self.data_ptrs: list[int] = []
+        self.kinds: list[tuple] = []  # (group, dtype, device) of the parameters, each once
+        self.kind_of: list[int] = []  # per parameter: its index in kinds
+
+
+def _bump_versions(params: list) -> None:
+    """Mark ``params`` modified in place (the flat step writes through the buffer, not through them)."""
+    try:
+        increment_version(params)
+    except TypeError:  # torch < 2.5 takes one tensor
+        for p in params:
+            increment_version(p)
+
+
+def _check_dense(grads: list) -> None:
+    for grad in grads:
+        if grad.is_sparse:
+            raise RuntimeError("adaptlr optimizers do not support sparse gradients")
+
+
+def _field_values(skeleton: Node, state: Any, num_fields: int) -> list:
+    """The field values of ``state`` (in field order), whose structure must be ``skeleton``'s."""
+    out: list = [None] * num_fields
+
+    def walk(node: Node, value: Any) -> None:
+        kind = node.kind
+        if kind == "field":
+            out[node.index] = value
+            return
+        if kind == "none":
+            if value is not None:
+                raise RuntimeError("the optimizer changed the layout of its state during a step")
+            return
+        if (kind == "namedtuple" and type(value) is not node.cls) or len(value) != len(node.children):
+            raise RuntimeError("the optimizer changed the layout of its state during a step")
+        for child, item in zip(node.children, value):
+            walk(child, item)
+
+    walk(skeleton, state)
+    return out
+
+
+def _copy_tree(dst: Any, src: Any) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+        return
+    import optree
+
+    for d, s in zip(optree.tree_leaves(dst), optree.tree_leaves(src)):
+        d.copy_(s)
 
 
 def _unshared(t: torch.Tensor, storages: set) -> torch.Tensor:

@@ -313,6 +313,19 @@ def test_recommended_options() -> None:
         assert recommended_options(tensor_scale, [np.zeros(3)]) is None
 
 
+def test_recommended_options_torch_cpu_by_tensor_size() -> None:
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.fast import _TORCH_CPU_MEAN_TENSOR_LIMIT, recommended_options
+
+    small = [torch.zeros(2048) for _ in range(4)]
+    assert recommended_options(adaptlr.adamw(), small) == {"block_size": 1 << 17}
+    # Large tensors (mean above the limit): eager blocks cost more than per-tensor calls on CPU.
+    large = [torch.zeros(_TORCH_CPU_MEAN_TENSOR_LIMIT + 1), torch.zeros(_TORCH_CPU_MEAN_TENSOR_LIMIT + 1)]
+    assert recommended_options(adaptlr.adamw(), large) is None
+    mixed = [torch.zeros(_TORCH_CPU_MEAN_TENSOR_LIMIT * 2), torch.zeros(8), torch.zeros(8)]  # mean below the limit
+    assert recommended_options(adaptlr.adamw(), mixed) == {"block_size": 1 << 17}
+
+
 # -- the benchmark command (a tiny run: it reports, it asserts nothing about speed) ------------------
 
 

@@ -194,10 +194,11 @@ def test_parameters_without_grad_are_skipped():
     assert int(torch_opt.functional_state.count) == 4
 
 
-def _model_and_optimizer(seed: int, opt: adaptlr.Optimizer) -> tuple:
+def _model_and_optimizer(seed: int, opt: adaptlr.Optimizer, fast="auto") -> tuple:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
-    torch_opt = Optimizer([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}], opt)
+    torch_opt = Optimizer([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.02}], opt,
+                          fast=fast)
     scheduler = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=3, gamma=0.5)
     return model, torch_opt, scheduler
 
@@ -300,10 +301,11 @@ def test_bfloat16_state_by_default():
     assert p.dtype == torch.bfloat16
 
 
-def test_hypergradient_state_never_aliases_the_gradient():
+@pytest.mark.parametrize("fast", ["auto", "flat", False])
+def test_hypergradient_state_never_aliases_the_gradient(fast):
     opt = _wrapped("hypergradient", adaptlr.sgd(0.1))
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-    torch_opt = Optimizer([p], opt)
+    torch_opt = Optimizer([p], opt, fast=fast)
     p.grad = torch.tensor([0.5, 0.5], dtype=torch.float64)
     torch_opt.step()
     snapshot = [t.clone() for t in torch_opt.state[p].values() if isinstance(t, torch.Tensor)]
@@ -337,3 +339,358 @@ def test_cuda_matches_cpu():
         results.append([p.detach().cpu().numpy() for p in torch_params])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+# -- the fast path (FlatOptimizer inside the adapter) ------------------------------------------------
+
+
+def _fast_cases() -> list:
+    """(name, optimizer, fast, the path a CPU step takes)."""
+    return [
+        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), "auto", "blocked"),
+        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), "flat", "flat"),
+        ("sgdm", lambda: adaptlr.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), "auto", "blocked"),
+        ("active(adamw)", lambda: _wrapped("active", adaptlr.adamw(1e-2)), "auto", "blocked"),
+        ("active(adamw)", lambda: _wrapped("active", adaptlr.adamw(1e-2)), {"block_size": 5}, "blocked"),
+        ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "auto", "generic"),
+        ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "flat", "flat"),
+        ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), "flat", "flat"),
+        ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "generic"),  # per-tensor factors
+        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), False, "generic"),
+    ]
+
+
+def _fast_ids() -> list:
+    return [f"{name}-{fast}" for name, _, fast, _ in _fast_cases()]
+
+
+def _state_err(a: adaptlr.OptimizerState, b: adaptlr.OptimizerState) -> float:
+    """The largest relative difference between two states of the same structure (0 if equal)."""
+    import optree
+
+    leaves_a, leaves_b = optree.tree_leaves(a), optree.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    worst = 0.0
+    for x, y in zip(leaves_a, leaves_b):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        assert x.shape == y.shape and x.dtype == y.dtype
+        if x.is_floating_point():
+            scale = y.abs().max().clamp_min(1e-300)
+            worst = max(worst, float((x - y).abs().max() / scale))
+        else:
+            assert torch.equal(x, y)
+    return worst
+
+
+@pytest.mark.parametrize("name,make,fast,path", _fast_cases(), ids=_fast_ids())
+def test_fast_path_trajectory_and_state_equal_functional_api(name, make, fast, path):
+    opt = make()
+    params, grads = _problem()
+    functional = [p.clone() for p in params]
+    state = opt.init(functional)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer(torch_params, opt, fast=fast)
+    for step_grads in grads:
+        step_grads = [g + 0.5 * p for g, p in zip(step_grads, functional)]
+        updates, state = opt.update(step_grads, state, functional)
+        functional = adaptlr.apply_updates(functional, updates)
+        for p, g in zip(torch_params, step_grads):
+            p.grad = g.clone()
+        torch_opt.step()
+        assert torch_opt.fast_path == path
+    assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
+    assert _state_err(torch_opt.functional_state, state) <= 1e-12
+    if path != "generic":
+        # Parameters, gradients and state live in one flat buffer (one group, one dtype).
+        for tensors in ([p.detach() for p in torch_params], [p.grad for p in torch_params],
+                        [torch_opt.state[p]["learning_rate"] for p in torch_params]):
+            assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+
+
+def _masked_run(make, fast, masks, seed=8):
+    """Adapter steps where parameter i has no gradient at step t unless masks[t][i]."""
+    params, grads = _problem(seed)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer([{"params": torch_params[:2]}, {"params": torch_params[2:], "lr": 0.02}], make(), fast=fast)
+    paths = []
+    for t, mask in enumerate(masks):
+        torch_opt.zero_grad()
+        for p, g, keep in zip(torch_params, grads[t], mask):
+            if keep:
+                p.grad = g + 0.5 * p.detach()
+        torch_opt.step()
+        paths.append(torch_opt.fast_path)
+    return torch_params, torch_opt, paths
+
+
+MASKS = [(1, 1, 1), (1, 1, 1), (1, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1), (1, 1, 0), (1, 1, 1), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("name,fast", [("adamw", "auto"), ("active(adamw)", "auto"), ("active(adamw)", "flat"),
+                                       ("autodrop(sgdm)", "flat"), ("hypergradient(sgd)", "flat")])
+def test_fast_path_with_parameters_without_grad_matches_generic_path(name, fast):
+    make = dict(_optimizers())[name]
+    generic_params, generic_opt, _ = _masked_run(make, False, MASKS)
+    fast_params, fast_opt, paths = _masked_run(make, fast, MASKS)
+    assert paths[0] != "generic" and all(p == paths[0] for p in paths)
+    assert max(_rel(a.detach(), b.detach()) for a, b in zip(fast_params, generic_params)) <= 1e-12
+    assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
+    assert int(fast_opt.functional_state.count) == len(MASKS)
+
+
+def test_fast_path_skipped_parameter_keeps_its_values_and_own_storage():
+    params, grads = _problem(4)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer(torch_params, adaptlr.adam(1e-2))
+    for p, g in zip(torch_params, grads[0]):
+        p.grad = g.clone()
+    torch_opt.step()
+    assert torch_opt.fast_path == "blocked"
+    skipped = torch_params[1]
+    before, mu_before = skipped.detach().clone(), torch_opt.state[skipped]["base.mu"].clone()
+    skipped.grad = None
+    torch_opt.step()
+    assert torch.equal(skipped.detach(), before) and torch.equal(torch_opt.state[skipped]["base.mu"], mu_before)
+    # The skipped parameter and its state no longer point into the (rebuilt) flat buffers.
+    assert skipped.untyped_storage().nbytes() == skipped.numel() * skipped.element_size()
+    assert torch_opt.state[skipped]["base.mu"].untyped_storage().nbytes() == skipped.numel() * skipped.element_size()
+
+
+def test_fast_path_follows_scheduler_and_schedule():
+    worst, _, torch_opt, _ = _scheduled_run(
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        lambda t: 0.1 * 0.5 ** ((t - 1) // 2),
+        lambda o: _wrapped("active", o),
+    )
+    assert torch_opt.fast_path == "blocked"
+    assert worst <= 1e-12, worst
+    # A schedule as the base learning rate (α_t from the step counter), times a group lr.
+    params, grads = _problem(3)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer([{"params": torch_params, "lr": 0.5}], adaptlr.adamw(lambda t: 0.1 / t), fast="flat")
+    opt = adaptlr.adamw(lambda t: 0.05 / t)
+    functional = [p.clone() for p in params]
+    state = opt.init(functional)
+    for step_grads in grads[:4]:
+        updates, state = opt.update(step_grads, state, functional)
+        functional = adaptlr.apply_updates(functional, updates)
+        for p, g in zip(torch_params, step_grads):
+            p.grad = g.clone()
+        torch_opt.step()
+    assert torch_opt.fast_path == "flat"
+    assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
+
+
+def _model_run(fast, seed=0, steps=6, set_to_none=True):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    torch_opt = Optimizer(model.parameters(), _wrapped("active", adaptlr.adamw(1e-2)), fast=fast)
+    for t in range(steps):
+        g = torch.Generator().manual_seed(200 + t)
+        x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
+        torch_opt.zero_grad(set_to_none=set_to_none)
+        ((model(x) - y) ** 2).mean().backward()
+        if t > 0 and not set_to_none and fast:
+            # backward accumulated into the flat gradient buffer the previous step installed
+            assert len({p.grad.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+        torch_opt.step()
+    return model, torch_opt
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_fast_path_with_a_model_and_backward_matches_generic_path(set_to_none):
+    fast_model, fast_opt = _model_run("auto", set_to_none=set_to_none)
+    generic_model, generic_opt = _model_run(False, set_to_none=set_to_none)
+    assert fast_opt.fast_path == "blocked" and generic_opt.fast_path == "generic"
+    for a, b in zip(fast_model.parameters(), generic_model.parameters()):
+        assert _rel(a.detach(), b.detach()) <= 1e-12
+    assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
+
+
+def test_fast_path_rebuilds_when_parameter_data_is_replaced():
+    params, grads = _problem(9)
+    results = []
+    for fast in ("auto", False):
+        torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+        torch_opt = Optimizer(torch_params, adaptlr.adamw(1e-2), fast=fast)
+        for t, step_grads in enumerate(grads[:5]):
+            if t == 2:
+                torch_params[0].data = torch_params[0].data.clone() * 0.5  # as module.to() / user code does
+            for p, g in zip(torch_params, step_grads):
+                p.grad = g.clone()
+            torch_opt.step()
+        results.append(torch_params)
+    assert max(_rel(a.detach(), b.detach()) for a, b in zip(*results)) <= 1e-12
+
+
+@pytest.mark.parametrize("save_fast,load_fast", [("auto", "auto"), ("flat", "flat"), ("auto", False), (False, "auto")])
+@pytest.mark.parametrize("which", ["adamw", "active(adamw)", "autodrop(sgdm)"])
+def test_state_dict_round_trip_across_fast_paths(which, save_fast, load_fast):
+    make = dict(_optimizers())[which]
+
+    model, torch_opt, scheduler = _model_and_optimizer(0, make(), save_fast)
+    _train(model, torch_opt, scheduler, 5, 0)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": torch_opt.state_dict(), "sched": scheduler.state_dict()}, buffer)
+    saved_keys = {i: sorted(s) for i, s in torch_opt.state_dict()["state"].items()}
+    _train(model, torch_opt, scheduler, 6, 5)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    assert {i: sorted(s) for i, s in saved["opt"]["state"].items()} == saved_keys
+    model2, torch_opt2, scheduler2 = _model_and_optimizer(1, make(), load_fast)
+    model2.load_state_dict(saved["model"])
+    torch_opt2.load_state_dict(saved["opt"])
+    scheduler2.load_state_dict(saved["sched"])
+    _train(model2, torch_opt2, scheduler2, 6, 5)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        if save_fast == load_fast:
+            assert torch.equal(a, b)  # same path: bit for bit
+        else:
+            assert _rel(a.detach(), b.detach()) <= 1e-12
+
+
+def test_fast_path_add_param_group_after_steps():
+    params, grads = _problem(5)
+    a, b = torch.nn.Parameter(params[0].clone()), torch.nn.Parameter(params[1].clone())
+    torch_opt = Optimizer([a], adaptlr.adam(1e-2), fast="flat")
+    ref_a, ref_b = adaptlr.adam(1e-2), adaptlr.adam(0.5)
+    fa, fb = [params[0].clone()], [params[1].clone()]
+    sa = ref_a.init(fa)
+    updates, sa = ref_a.update([grads[0][0]], sa, fa)
+    fa = adaptlr.apply_updates(fa, updates)
+    a.grad = grads[0][0].clone()
+    torch_opt.step()
+    torch_opt.add_param_group({"params": [b], "lr": 0.5})
+    # b joins at t = 2: Adam's bias correction follows the optimizer's (global) step count.
+    sb = ref_b.init(fb)._replace(count=torch.tensor(1, dtype=torch.int32))
+    for step_grads in grads[1:4]:
+        updates, sa = ref_a.update([step_grads[0]], sa, fa)
+        fa = adaptlr.apply_updates(fa, updates)
+        updates, sb = ref_b.update([step_grads[1]], sb, fb)
+        fb = adaptlr.apply_updates(fb, updates)
+        a.grad, b.grad = step_grads[0].clone(), step_grads[1].clone()
+        torch_opt.step()
+        assert torch_opt.fast_path == "flat"
+    assert _rel(a.detach(), fa[0]) <= 1e-12 and _rel(b.detach(), fb[0]) <= 1e-12
+    assert torch_opt.state[b]["learning_rate"].item() == 0.5
+    assert int(torch_opt.functional_state.count) == 4
+
+
+def test_set_functional_state_reaches_the_fast_path():
+    opt = _wrapped("active", adaptlr.adamw(1e-2))
+    params, grads = _problem(10)
+    first = [torch.nn.Parameter(p.clone()) for p in params]
+    first_opt = Optimizer(first, opt, fast=False)
+    second = [torch.nn.Parameter(p.clone()) for p in params]
+    second_opt = Optimizer(second, opt)
+    for t, step_grads in enumerate(grads):
+        if t == 4:  # move the generic optimizer's state into the fast one, mid-training
+            for p, q in zip(second, first):
+                p.data.copy_(q.detach())
+            second_opt.set_functional_state(first_opt.functional_state)
+        for p, q, g in zip(first, second, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        first_opt.step()
+        second_opt.step()
+    assert second_opt.fast_path == "blocked"
+    assert max(_rel(a.detach(), b.detach()) for a, b in zip(second, first)) <= 1e-12
+
+
+def test_mixed_precision_state_takes_the_generic_path():
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    torch_opt = Optimizer([p], adaptlr.adamw(1e-2), state_dtype=torch.float32)
+    p.grad = torch.ones(3, dtype=torch.bfloat16)
+    torch_opt.step()
+    assert torch_opt.fast_path == "generic"
+    q = torch.nn.Parameter(torch.ones(3))  # float32 parameters with float32 state may run flat
+    torch_opt = Optimizer([q], adaptlr.adamw(1e-2), state_dtype=torch.float32)
+    q.grad = torch.ones(3)
+    torch_opt.step()
+    assert torch_opt.fast_path == "blocked"
+
+
+def test_generic_step_does_not_format_tensors(monkeypatch):
+    # The per-step state split used to probe every subtree with optree, whose error messages
+    # formatted the whole state (most of ActiveLR's step time through the adapter).
+    params, grads = _problem(11)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer(torch_params, _wrapped("active", adaptlr.adamw(1e-2)), fast=False)
+    for p, g in zip(torch_params, grads[0]):
+        p.grad = g.clone()
+    torch_opt.step()
+
+    def no_repr(self, *args, **kwargs):
+        raise AssertionError("a tensor was formatted during a step")
+
+    monkeypatch.setattr(torch.Tensor, "__repr__", no_repr)
+    monkeypatch.setattr(torch.Tensor, "__format__", no_repr)
+    torch_opt.step()
+    torch_opt.step()
+
+
+def test_fast_option_is_checked():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="fast"):
+        Optimizer([p], adaptlr.sgd(0.1), fast="fused")
+    assert Optimizer([p], adaptlr.sgd(0.1), fast=True).fast == "auto"
+    assert Optimizer([p], adaptlr.sgd(0.1), fast=False).fast is None
+
+
+@pytest.mark.slow
+def test_compiled_fast_path_matches_functional_api():
+    pytest.importorskip("torch._inductor")
+    import warnings
+
+    opt = _wrapped("active", adaptlr.adamw(1e-2))
+    params, grads = _problem(12)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer(torch_params, opt, fast="compile")
+    scheduler = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=2, gamma=0.5)
+    reference = _wrapped("active", adaptlr.adamw(lambda t: 1e-2 * 0.5 ** ((t - 1) // 2)))
+    functional = [p.clone() for p in params]
+    state = reference.init(functional)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step_grads in grads:
+            updates, state = reference.update(step_grads, state, functional)
+            functional = adaptlr.apply_updates(functional, updates)
+            for p, g in zip(torch_params, step_grads):
+                p.grad = g.clone()
+            torch_opt.step()
+            scheduler.step()
+    assert torch_opt.fast_path == "compiled"
+    assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
+    assert _state_err(torch_opt.functional_state, state) <= 1e-12
+
+
+def test_fast_setting_can_change_between_steps():
+    params, grads = _problem(13)
+    opt = _wrapped("active", adaptlr.adamw(1e-2))
+    functional = [p.clone() for p in params]
+    state = opt.init(functional)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer(torch_params, opt)
+    for t, step_grads in enumerate(grads):
+        torch_opt.fast = ["auto", False, "flat", {"block_size": 4}, "auto", None, False, "flat", True][t]
+        updates, state = opt.update(step_grads, state, functional)
+        functional = adaptlr.apply_updates(functional, updates)
+        for p, g in zip(torch_params, step_grads):
+            p.grad = g.clone()
+        torch_opt.step()
+        assert torch_opt.fast_path == ["blocked", "generic", "flat", "blocked", "blocked", "generic", "generic",
+                                       "flat", "blocked"][t]
+    assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
+    assert _state_err(torch_opt.functional_state, state) <= 1e-12
+
+
+@pytest.mark.parametrize("fast", ["auto", False])
+def test_step_marks_parameters_modified_for_autograd(fast):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    torch_opt = Optimizer(model.parameters(), adaptlr.adamw(1e-2), fast=fast)
+    model(torch.randn(2, 3)).sum().backward()
+    torch_opt.step()
+    loss = model(torch.randn(2, 3)).sum()  # the graph saves the weights...
+    torch_opt.step()  # ...which this step changes in place
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
