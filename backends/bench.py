@@ -66,9 +66,14 @@ assert sum(int(np.prod(s)) for s in RESNET18_SHAPES) == 11_689_512 and len(RESNE
 SMALL_SHAPES = [(32, 64)] * 500  # 500 tensors of 2048 parameters: per-call overhead dominates
 SETS = {"resnet18": RESNET18_SHAPES, "small500": SMALL_SHAPES}
 
-# Elements per block of the ``blocked`` path: NumPy's per-op cost is small, so blocks of 32K (a working
-# set of ~10 float32 arrays fits in L2); torch's per-op cost on CPU is larger, so 128K (L3).
-BLOCK_SIZE = {"numpy": 1 << 15, "torch": 1 << 17}
+
+
+def block_size(params: Sequence[Any]) -> int:
+    """Elements per block of the ``blocked`` path: the one ``recommended_options`` picks for these
+    params (it depends on the library and the model's size)."""
+    from adaptlr.backends.fast import recommended_options
+
+    return recommended_options(adaptlr.adamw(), params)["block_size"]
 
 ALGORITHMS: dict[str, Callable[[], Any]] = {
     "adamw": lambda: adaptlr.adamw(1e-3),
@@ -145,7 +150,7 @@ def numpy_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> lis
             box["params"] = adaptlr.apply_updates(box["params"], updates)
 
         runners.append(Runner(set_name, "numpy", name, "pure", "adaptlr", pure, lambda s=pure: _tracemalloc_peak(s)))
-        modes = [("flat", None)] + ([("blocked", BLOCK_SIZE["numpy"])] if blockwise else [])
+        modes = [("flat", None)] + ([("blocked", block_size(host_params))] if blockwise else [])
         for path, block in modes:
             fo = FlatOptimizer(opt, [p.copy() for p in host_params], block_size=block)
             fo.step(grads)  # grads land in the flat gradient buffer once; later steps reuse them
@@ -241,6 +246,7 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
         return Runner(set_name, "torch", name, path, kind, synced,
                       lambda: _torch_memory(torch, synced, device), note)
 
+    torch_block = block_size(grads) if device == "cpu" else None
     runners = []
     try:
         from adaptlr.backends.torch import Optimizer as TorchAdapter
@@ -287,7 +293,7 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
         note = "" if flat else "not flat-safe: per-tensor fallback"
         modes: list = [("flat", {})]
         if blockwise and device == "cpu":
-            modes.append(("blocked", {"block_size": BLOCK_SIZE["torch"]}))
+            modes.append(("blocked", {"block_size": torch_block}))
         if name in compile_algorithms and flat:
             modes.append(("compiled", {"compile": True}))
         for path, kwargs in modes:
@@ -560,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.collect()
     print(table(rows))
     meta = {"command": "adaptlr bench " + " ".join(sys.argv[1:] if argv is None else argv), "machine": machine(),
-            "repeats": repeats, "block_size": BLOCK_SIZE,
+            "repeats": repeats,
             "sets": {name: {"tensors": len(SETS[name]), "params": int(sum(np.prod(s) for s in SETS[name])),
                             "largest_tensor_bytes": int(max(np.prod(s) for s in SETS[name])) * 4}
                      for name in sets},

@@ -39,8 +39,8 @@ from adaptlr.core import Optimizer, OptimizerState, apply_updates
 __all__ = ["FlatOptimizer", "flat_safety", "jit_step", "jit_update", "recommended_options"]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
-# Mean elements per tensor above which torch on CPU keeps the per-tensor path (see recommended_options).
-_TORCH_CPU_MEAN_TENSOR_LIMIT = 1 << 16
+# Bytes of params up to which whole flat buffers pay off on CPU (temporaries below glibc's mmap threshold).
+_CPU_FLAT_BYTES_LIMIT = 16 << 20
 _BASE_MODULES = {"adaptlr.sgd", "adaptlr.adam", "adaptlr.radam", "adaptlr.adabelief"}
 
 
@@ -103,13 +103,19 @@ def flat_safety(opt: Optimizer) -> tuple[bool, bool, str]:
 def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     """The :class:`FlatOptimizer` options measured fastest for ``opt`` on these params, or None.
 
-    ``None`` means: keep the per-tensor pure path (``opt.update`` / ``update_leaves``). On CPU, whole
-    flat buffers make every temporary of the unfused update as large as the model, and allocating
-    those (fresh pages from the OS each step) costs more than the per-tensor calls save, so only
-    the blocked path helps there (blockwise algorithms), and for torch only where the tensors are
-    small on average (≤ 64K elements: blocks then replace many per-call overheads; for large tensors
-    eager torch's per-tensor calls were faster); on a GPU (caching allocator) whole flat buffers win.
-    JAX params: use :func:`jit_step` instead.
+    ``None`` means: keep the per-tensor pure path (``opt.update`` / ``update_leaves``). The rule
+    (from ``adaptlr bench``, docs/performance.md):
+
+    - GPU (caching allocator): whole flat buffers (``{}``) for every flat-safe algorithm.
+    - CPU, small model (all params ≤ 16 MiB): one call per step beats one per tensor, and the
+      temporaries of the unfused update still come from the heap: blocks for blockwise algorithms,
+      whole flat buffers for the flat-safe ones with global sums (AutoDrop, HD global, EG global;
+      500 tensors of 2K, torch: AutoDrop 10 ms flat vs 61 ms per tensor).
+    - CPU, larger model: whole flat temporaries are as large as the model and get fresh pages from
+      the OS every step (ResNet-18 shapes, torch: AutoDrop 581 ms flat vs 156 ms per tensor), so
+      only blocks help (blockwise algorithms; larger blocks than for a small model); the others
+      keep the per-tensor path.
+    - JAX params: None (use :func:`jit_step`).
 
     Args:
         opt: an adaptlr optimizer.
@@ -123,17 +129,16 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     on_cpu = device == "cpu" or device.startswith("cpu")
     if not on_cpu:
         return {}
+    sizes = [math.prod(p.shape) for p in params]
+    total_bytes = sum(n * getattr(p.dtype, "itemsize", 8) for n, p in zip(sizes, params))
+    small_model = total_bytes <= _CPU_FLAT_BYTES_LIMIT
     if not blockwise:
-        return None
+        return {} if small_model else None
+    # Block sizes measured on the 2-core VM (docs/performance.md): larger blocks amortise the
+    # per-operation cost of eager evaluation on large models; small models prefer smaller ones.
     if _is_torch(params[0]):
-        # torch eager costs ~5-10 µs per op: blocks pay off when they replace many small per-tensor
-        # calls (500 tensors of 2K: 0.56× foreach vs 3.6× per-tensor), not for large tensors
-        # (ResNet-18 shapes: blocked 218 ms vs per-tensor 174 ms on the 8 MiB-L3 2-core VM).
-        sizes = [math.prod(p.shape) for p in params]
-        if sum(sizes) / len(sizes) > _TORCH_CPU_MEAN_TENSOR_LIMIT:
-            return None
-        return {"block_size": 1 << 17}
-    return {"block_size": 1 << 15}
+        return {"block_size": (1 << 17) if small_model else (1 << 18)}
+    return {"block_size": (1 << 15) if small_model else (1 << 17)}
 
 
 # -- JAX ---------------------------------------------------------------------------------------

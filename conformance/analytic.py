@@ -7,6 +7,8 @@ Every check returns :class:`~adaptlr.conformance.runner.Row` objects (``kind`` "
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -329,7 +331,11 @@ def _torch_optimizers() -> dict[str, Callable[[list], Any]]:
     try:
         import adabelief_pytorch
 
-        out["adabelief"] = lambda p: adabelief_pytorch.AdaBelief(p, lr=0.05, print_change_log=False)
+        def adabelief(p: Any) -> Any:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints its settings even with print_change_log=False
+                return adabelief_pytorch.AdaBelief(p, lr=0.05, print_change_log=False)
+
+        out["adabelief"] = adabelief
     except ImportError:
         pass
     return out

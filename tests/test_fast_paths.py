@@ -313,17 +313,24 @@ def test_recommended_options() -> None:
         assert recommended_options(tensor_scale, [np.zeros(3)]) is None
 
 
-def test_recommended_options_torch_cpu_by_tensor_size() -> None:
+def test_recommended_options_cpu_by_model_size() -> None:
     torch = pytest.importorskip("torch")
-    from adaptlr.backends.fast import _TORCH_CPU_MEAN_TENSOR_LIMIT, recommended_options
+    from adaptlr.backends.fast import _CPU_FLAT_BYTES_LIMIT, recommended_options
 
+    global_sums = adaptlr.autodrop(adaptlr.adamw(), steps_per_epoch=10)  # flat-safe, not blockwise
     small = [torch.zeros(2048) for _ in range(4)]
     assert recommended_options(adaptlr.adamw(), small) == {"block_size": 1 << 17}
-    # Large tensors (mean above the limit): eager blocks cost more than per-tensor calls on CPU.
-    large = [torch.zeros(_TORCH_CPU_MEAN_TENSOR_LIMIT + 1), torch.zeros(_TORCH_CPU_MEAN_TENSOR_LIMIT + 1)]
-    assert recommended_options(adaptlr.adamw(), large) is None
-    mixed = [torch.zeros(_TORCH_CPU_MEAN_TENSOR_LIMIT * 2), torch.zeros(8), torch.zeros(8)]  # mean below the limit
-    assert recommended_options(adaptlr.adamw(), mixed) == {"block_size": 1 << 17}
+    assert recommended_options(global_sums, small) == {}
+    assert recommended_options(global_sums, [np.zeros(2048)] * 4) == {}
+    # A model above the flat limit: larger blocks, and the per-tensor path for global sums.
+    large = [torch.empty(_CPU_FLAT_BYTES_LIMIT // 8) for _ in range(3)]  # 1.5x the limit in float32
+    assert recommended_options(adaptlr.adamw(), large) == {"block_size": 1 << 18}
+    assert recommended_options(global_sums, large) is None
+    assert recommended_options(adaptlr.adamw(), [t.numpy() for t in large]) == {"block_size": 1 << 17}
+    assert recommended_options(global_sums, [t.numpy() for t in large]) is None
+    # The limit counts bytes: the same element count in float64 crosses it sooner.
+    assert recommended_options(adaptlr.adamw(), [torch.empty(_CPU_FLAT_BYTES_LIMIT // 6, dtype=torch.float64)]) \
+        == {"block_size": 1 << 18}
 
 
 # -- the benchmark command (a tiny run: it reports, it asserts nothing about speed) ------------------

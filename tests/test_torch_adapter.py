@@ -78,8 +78,10 @@ def test_trajectory_equals_functional_api(name, make):
         torch_opt.step()
     worst = max(_rel(p.detach(), f) for p, f in zip(torch_params, functional))
     assert worst <= 1e-12, worst
+    # The default fast path sums global reductions over one flat buffer (reassociated), so the
+    # learning rates of AutoDrop/HD/EG agree to rounding; elementwise algorithms agree exactly.
     for a, b in zip(adaptlr.learning_rates(torch_opt.functional_state), adaptlr.learning_rates(state)):
-        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-12, atol=0)
 
 
 def test_param_groups_override_lr_and_weight_decay():
@@ -352,7 +354,7 @@ def _fast_cases() -> list:
         ("sgdm", lambda: adaptlr.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), "auto", "blocked"),
         ("active(adamw)", lambda: _wrapped("active", adaptlr.adamw(1e-2)), "auto", "blocked"),
         ("active(adamw)", lambda: _wrapped("active", adaptlr.adamw(1e-2)), {"block_size": 5}, "blocked"),
-        ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "auto", "generic"),
+        ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "auto", "flat"),
         ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "flat", "flat"),
         ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), "flat", "flat"),
         ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "generic"),  # per-tensor factors
