@@ -60,22 +60,32 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp_min(1e-300)).max())
 
 
-@pytest.mark.parametrize("name,make", _optimizers(), ids=[n for n, _ in _optimizers()])
-def test_trajectory_equals_functional_api(name, make):
-    opt = make()
-    params, grads = _problem()
+def _step_both(torch_opt, torch_params, opt, params, grads, coupling=0.0, after_step=None):
+    """Step the adapter and the functional API side by side; the functional params and state.
+
+    ``coupling`` adds ``coupling·params`` to each gradient (AutoDrop and HD need gradients that
+    depend on the trajectory); ``after_step()`` runs after each adapter step."""
     functional = [p.clone() for p in params]
     state = opt.init(functional)
-    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
-    torch_opt = Optimizer(torch_params, opt)
     for step_grads in grads:
-        # The gradient must depend on the parameters for AutoDrop/HD to see a trajectory.
-        step_grads = [g + 0.5 * p for g, p in zip(step_grads, functional)]
+        step_grads = [g + coupling * p for g, p in zip(step_grads, functional)]
         updates, state = opt.update(step_grads, state, functional)
         functional = adaptlr.apply_updates(functional, updates)
         for p, g in zip(torch_params, step_grads):
             p.grad = g.clone()
         torch_opt.step()
+        if after_step is not None:
+            after_step()
+    return functional, state
+
+
+@pytest.mark.parametrize("name,make", _optimizers(), ids=[n for n, _ in _optimizers()])
+def test_trajectory_equals_functional_api(name, make):
+    opt = make()
+    params, grads = _problem()
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer(torch_params, opt)
+    functional, state = _step_both(torch_opt, torch_params, opt, params, grads, coupling=0.5)
     worst = max(_rel(p.detach(), f) for p, f in zip(torch_params, functional))
     assert worst <= 1e-12, worst
     # The default fast path sums global reductions over one flat buffer (reassociated), so the
@@ -159,14 +169,7 @@ def test_schedule_as_base_learning_rate_is_multiplied_by_group_lr():
     torch_opt = Optimizer(torch_params, adaptlr.sgd(lambda t: 0.1 / t))
     assert torch_opt.param_groups[0]["lr"] == 1.0
     opt = adaptlr.sgd(lambda t: 0.1 / t)
-    functional = [p.clone() for p in params]
-    state = opt.init(functional)
-    for step_grads in grads[:3]:
-        updates, state = opt.update(step_grads, state, functional)
-        functional = adaptlr.apply_updates(functional, updates)
-        for p, g in zip(torch_params, step_grads):
-            p.grad = g.clone()
-        torch_opt.step()
+    functional, _ = _step_both(torch_opt, torch_params, opt, params, grads[:3])
     for p, f in zip(torch_params, functional):
         assert torch.equal(p.detach(), f)
 
@@ -388,18 +391,13 @@ def _state_err(a: adaptlr.OptimizerState, b: adaptlr.OptimizerState) -> float:
 def test_fast_path_trajectory_and_state_equal_functional_api(name, make, fast, path):
     opt = make()
     params, grads = _problem()
-    functional = [p.clone() for p in params]
-    state = opt.init(functional)
     torch_params = [torch.nn.Parameter(p.clone()) for p in params]
     torch_opt = Optimizer(torch_params, opt, fast=fast)
-    for step_grads in grads:
-        step_grads = [g + 0.5 * p for g, p in zip(step_grads, functional)]
-        updates, state = opt.update(step_grads, state, functional)
-        functional = adaptlr.apply_updates(functional, updates)
-        for p, g in zip(torch_params, step_grads):
-            p.grad = g.clone()
-        torch_opt.step()
+
+    def check_path():
         assert torch_opt.fast_path == path
+
+    functional, state = _step_both(torch_opt, torch_params, opt, params, grads, coupling=0.5, after_step=check_path)
     assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
     assert _state_err(torch_opt.functional_state, state) <= 1e-12
     if path != "generic":
@@ -471,14 +469,7 @@ def test_fast_path_follows_scheduler_and_schedule():
     torch_params = [torch.nn.Parameter(p.clone()) for p in params]
     torch_opt = Optimizer([{"params": torch_params, "lr": 0.5}], adaptlr.adamw(lambda t: 0.1 / t), fast="flat")
     opt = adaptlr.adamw(lambda t: 0.05 / t)
-    functional = [p.clone() for p in params]
-    state = opt.init(functional)
-    for step_grads in grads[:4]:
-        updates, state = opt.update(step_grads, state, functional)
-        functional = adaptlr.apply_updates(functional, updates)
-        for p, g in zip(torch_params, step_grads):
-            p.grad = g.clone()
-        torch_opt.step()
+    functional, _ = _step_both(torch_opt, torch_params, opt, params, grads[:4])
     assert torch_opt.fast_path == "flat"
     assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
 
@@ -650,17 +641,9 @@ def test_compiled_fast_path_matches_functional_api():
     torch_opt = Optimizer(torch_params, opt, fast="compile")
     scheduler = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=2, gamma=0.5)
     reference = _wrapped("active", adaptlr.adamw(lambda t: 1e-2 * 0.5 ** ((t - 1) // 2)))
-    functional = [p.clone() for p in params]
-    state = reference.init(functional)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step_grads in grads:
-            updates, state = reference.update(step_grads, state, functional)
-            functional = adaptlr.apply_updates(functional, updates)
-            for p, g in zip(torch_params, step_grads):
-                p.grad = g.clone()
-            torch_opt.step()
-            scheduler.step()
+        functional, state = _step_both(torch_opt, torch_params, reference, params, grads, after_step=scheduler.step)
     assert torch_opt.fast_path == "compiled"
     assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
     assert _state_err(torch_opt.functional_state, state) <= 1e-12
