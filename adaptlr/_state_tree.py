@@ -18,7 +18,7 @@ import optree
 
 from adaptlr import _validation as v
 
-__all__ = ["Field", "Node", "dtype_name", "rebuild_state", "split_state", "to_numpy"]
+__all__ = ["Field", "Node", "dtype_name", "field_values", "rebuild_state", "split_state", "to_numpy"]
 
 
 class Field(NamedTuple):
@@ -79,6 +79,11 @@ def split_state(state: Any, params_treespec: optree.PyTreeSpec) -> tuple[Node, l
 
 
 def _is_per_param(node: Any, params_treespec: optree.PyTreeSpec) -> bool:
+    # Cheap rejection first: a failing flatten_up_to formats both trees into its error message,
+    # which costs ~0.1 s for a state of hundreds of tensors.
+    if type(node) is not params_treespec.type or (
+            isinstance(node, (list, tuple, dict)) and len(node) != params_treespec.num_children):
+        return False
     try:
         params_treespec.flatten_up_to(node)
     except (ValueError, TypeError):
@@ -110,6 +115,28 @@ def rebuild_state(skeleton: Node, values: list[Any]) -> Any:
         return tuple(children) if node.kind == "tuple" else children
 
     return build(skeleton)
+
+
+def field_values(skeleton: Node, state: Any, num_fields: int) -> list[Any]:
+    """The field values of ``state`` in field order (inverse of :func:`rebuild_state`); ``state`` must
+    have the structure of ``skeleton`` (cheaper than :func:`split_state` when the skeleton is known)."""
+    out: list[Any] = [None] * num_fields
+
+    def walk(node: Node, value: Any) -> None:
+        if node.kind == "field":
+            out[node.index] = value
+            return
+        if node.kind == "none":
+            if value is not None:
+                raise RuntimeError("the optimizer changed the layout of its state during a step")
+            return
+        if (node.kind == "namedtuple" and type(value) is not node.cls) or len(value) != len(node.children):
+            raise RuntimeError("the optimizer changed the layout of its state during a step")
+        for child, item in zip(node.children, value):
+            walk(child, item)
+
+    walk(skeleton, state)
+    return out
 
 
 def map_fields(state: Any, params_treespec: optree.PyTreeSpec, fn: Callable[[Field], Any]) -> Any:

@@ -61,7 +61,7 @@ from torch.autograd.graph import increment_version
 
 from adaptlr import checkpoint as _checkpoint
 from adaptlr import core
-from adaptlr._state_tree import Node, dtype_name, from_slots, rebuild_state, slots, split_state
+from adaptlr._state_tree import Node, dtype_name, field_values, from_slots, rebuild_state, slots, split_state
 from adaptlr._tree import Layout
 
 __all__ = ["Optimizer"]
@@ -264,7 +264,7 @@ class Optimizer(torch.optim.Optimizer):
         from adaptlr.backends.fast import FlatOptimizer
 
         fo = FlatOptimizer(self.opt, [p.detach() for p in active], groups=[id(g) for g in groups], **options)
-        values = _field_values(self._skeleton, fo.per_tensor_state(), len(self._field_kinds))
+        values = field_values(self._skeleton, fo.per_tensor_state(), len(self._field_kinds))
         treespec = Layout.of(fo.params)[0].treespec
         per_param, shared = {}, {}
         for (path, is_per_param), value in zip(self._field_kinds, values):
@@ -276,7 +276,7 @@ class Optimizer(torch.optim.Optimizer):
         extra = []
         if fo.mode == "blocked":
             for bucket_state in fo.state[1:]:
-                bucket_values = _field_values(self._skeleton, bucket_state, len(self._field_kinds))
+                bucket_values = field_values(self._skeleton, bucket_state, len(self._field_kinds))
                 extra.append({path: v for (path, is_pp), v in zip(self._field_kinds, bucket_values) if not is_pp})
         flat = _FlatPath(fo, list(active), signature, per_param, shared, extra)
         kinds: dict = {}
@@ -520,7 +520,7 @@ class Optimizer(torch.optim.Optimizer):
     def _scatter(self, state: core.OptimizerState, params: list[torch.Tensor], layout: Layout) -> None:
         # The fields by the skeleton found at the first step (split_state per step would format the
         # whole state into error messages of optree while it probes for per-parameter subtrees).
-        values = _field_values(self._skeleton, state, len(self._field_kinds))
+        values = field_values(self._skeleton, state, len(self._field_kinds))
         # The functional update may keep a parameter or gradient itself in its state (HD's d_prev = g
         # for SGD): copy those, since the parameter is updated in place and the gradient reused.
         shared = {p.untyped_storage().data_ptr() for p in params}
@@ -568,28 +568,6 @@ def _check_dense(grads: list) -> None:
     for grad in grads:
         if grad.is_sparse:
             raise RuntimeError("adaptlr optimizers do not support sparse gradients")
-
-
-def _field_values(skeleton: Node, state: Any, num_fields: int) -> list:
-    """The field values of ``state`` (in field order), whose structure must be ``skeleton``'s."""
-    out: list = [None] * num_fields
-
-    def walk(node: Node, value: Any) -> None:
-        kind = node.kind
-        if kind == "field":
-            out[node.index] = value
-            return
-        if kind == "none":
-            if value is not None:
-                raise RuntimeError("the optimizer changed the layout of its state during a step")
-            return
-        if (kind == "namedtuple" and type(value) is not node.cls) or len(value) != len(node.children):
-            raise RuntimeError("the optimizer changed the layout of its state during a step")
-        for child, item in zip(node.children, value):
-            walk(child, item)
-
-    walk(skeleton, state)
-    return out
 
 
 def _copy_tree(dst: Any, src: Any) -> None:

@@ -20,6 +20,7 @@ reported as "ill-conditioned" instead of pass/fail.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -280,14 +281,14 @@ def compare_decisions(rule: Any, ref: Trajectory, run: Trajectory, dtype: str, s
                    for t in range(1, steps + 1, rule.steps_per_epoch)}  # drops happen at epoch starts
         ref_drops = [t for t, (r, _) in decided.items() if r[0] < 0]
         notes = {"drops": ref_drops, "spec_drops": spec_drops}
-        # the latch, where the state exposes it (adaptlr's AutoDrop: signals()["latched"])
-        latch = [k for k in (ref.signals[0] if ref.signals else {}) if k.endswith(".latched")]
-        if latch and run.signals and latch[0] in run.signals[0]:
-            for t in range(1, steps + 1, rule.steps_per_epoch):
-                decided[-t] = (np.array([ref.signals[t - 1][latch[0]]]), np.array([run.signals[t - 1][latch[0]]]))
-            notes["latches"] = sum(1 for t in range(1 + rule.steps_per_epoch, steps + 1, rule.steps_per_epoch)
-                                   if ref.signals[t - 1][latch[0]] and not ref.signals[t - 1 - rule.steps_per_epoch][
-                                       latch[0]])
+        # the latch, where the state exposes it (adaptlr's AutoDrop: signals()["latched"]), per epoch start
+        key = next((k for k in (ref.signals[0] if ref.signals else {}) if k.endswith(".latched")), None)
+        if key is not None and run.signals and key in run.signals[0]:
+            starts = range(1, steps + 1, rule.steps_per_epoch)
+            ref_latched = [ref.signals[t - 1][key] for t in starts]
+            for t, latched in zip(starts, ref_latched):
+                decided[-t] = (np.array([latched]), np.array([run.signals[t - 1][key]]))  # keys < 0: no clash
+            notes["latches"] = sum(1 for before, now in itertools.pairwise(ref_latched) if now and not before)
     count = sum(r.size for r, _ in decided.values())
     mismatches = sum(int(np.sum(r != a)) for r, a in decided.values())
     all_margins = np.concatenate(list(margins.values())) if margins else np.zeros(0)
@@ -350,8 +351,6 @@ def run_agreement(
         algorithm: Algorithm = ALGORITHMS[alg_name]
         missing = algorithm.missing()
         for prob_name in selected_problems(algorithm, problems, all_problems):
-            if problems is not None and prob_name not in problems:
-                continue
             problem = PROBLEMS[prob_name]
             if missing:
                 rows.append(Row("agreement", alg_name, prob_name, "*", "*", "*", steps, status="skipped",
