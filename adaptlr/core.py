@@ -403,7 +403,7 @@ class Optimizer:
         learning_rate = self.base.learning_rate
         if callable(learning_rate):
             value = xp.asarray(learning_rate(scalars.t), dtype=scalars.wide, device=scalars.device)
-            return [xp.astype(value, leaf.dtype) for leaf in leaves]
+            return [xp.astype(value, leaf.dtype, copy=True) for leaf in leaves]  # a buffer per leaf: donatable
         return [xp.asarray(learning_rate, dtype=leaf.dtype, device=scalars.device) for leaf in leaves]
 
     def _check_state(self, state: Any, layout: Layout, xp: Any, params: list) -> None:

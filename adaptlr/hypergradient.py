@@ -99,9 +99,9 @@ class Hypergradient(Adaptation):
         if self.granularity == "global":
             dtypes = [p.dtype for p in params]
             dtype = xp.result_type(*dtypes)
-            lr = xp.astype(alpha[dtypes.index(dtype) if dtype in dtypes else 0], dtype)
+            lr = xp.astype(alpha[dtypes.index(dtype) if dtype in dtypes else 0], dtype, copy=True)  # own buffer
         elif self.granularity == "tensor":
-            lr = layout.tree([xp.astype(a, p.dtype) for a, p in zip(alpha, params, strict=True)])
+            lr = layout.tree([xp.astype(a, p.dtype, copy=True) for a, p in zip(alpha, params, strict=True)])
         else:
             lr = layout.tree([a * xp.ones_like(p) for a, p in zip(alpha, params, strict=True)])
         return HypergradientState(lr, layout.tree([xp.zeros_like(p) for p in params]))

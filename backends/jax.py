@@ -47,7 +47,7 @@ def to_optax(opt: core.Optimizer) -> optax.GradientTransformationExtraArgs:
 
     def init(params: Any) -> core.OptimizerState:
         leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(params)]
-        if len({d for x in leaves for d in x.sharding.device_set}) <= 1:
+        if len(_devices(leaves)) <= 1:  # one device, or traced (jit, eval_shape, vmap, grad): no placement
             return opt.init(leaves)
         # Sharded params: build the state in one jitted call, then give per-parameter arrays their
         # parameter's sharding and everything else a replicated one (what the jitted step returns).
@@ -64,6 +64,14 @@ def to_optax(opt: core.Optimizer) -> optax.GradientTransformationExtraArgs:
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _devices(leaves: list) -> set:
+    """The devices the leaves live on (empty for traced values, which have no sharding to ask)."""
+    try:
+        return {d for x in leaves for d in x.sharding.device_set}
+    except AttributeError:
+        return set()
 
 
 def _place(state: core.OptimizerState, leaves: list) -> core.OptimizerState:
