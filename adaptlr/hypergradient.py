@@ -30,7 +30,7 @@ from adaptlr import _validation as v
 from adaptlr._precision import accumulation_dtype
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
-from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize
+from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize, scalar_device
 from adaptlr.sgd import sgd
 
 __all__ = [
@@ -96,10 +96,10 @@ class Hypergradient(Adaptation):
             )
 
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> HypergradientState:
-        if self.granularity == "global":
-            dtypes = [p.dtype for p in params]
-            dtype = xp.result_type(*dtypes)
-            lr = xp.astype(alpha[dtypes.index(dtype) if dtype in dtypes else 0], dtype, copy=True)  # own buffer
+        if self.granularity == "global":  # one scalar: kept in the widest float (adaptlr._precision)
+            dtype = accumulation_dtype(xp, [p.dtype for p in params], scalar_device(params[0]))
+            widest = max(alpha, key=lambda a: xp.finfo(a.dtype).bits)  # α least rounded
+            lr = xp.astype(widest, dtype, copy=True)  # its own buffer (donatable)
         elif self.granularity == "tensor":
             lr = layout.tree([xp.astype(a, p.dtype, copy=True) for a, p in zip(alpha, params, strict=True)])
         else:
@@ -127,10 +127,12 @@ class Hypergradient(Adaptation):
         else:
             lrs = []
             for a, g, d in zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True):
-                if self.granularity == "tensor":
-                    h = xp.sum(g * d)
+                if self.granularity == "tensor":  # sums in the widest float, then the state dtype
+                    wide = scalars.wide
+                    h = xp.sum(g * d, dtype=wide)
                     if multiplicative:
-                        h = _cosine(xp, h, xp.sum(g * g), xp.sum(d * d))
+                        h = _cosine(xp, h, xp.sum(g * g, dtype=wide), xp.sum(d * d, dtype=wide))
+                    h = xp.astype(h, a.dtype)
                 else:
                     h = xp.sign(g * d) if multiplicative else g * d
                 lrs.append(self._adapt(xp, a, h, scalars))
