@@ -234,6 +234,8 @@ def sgd_hd(
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """SGD-HD: SGD (with optional momentum) and global additive hypergradient descent.
 
@@ -242,7 +244,8 @@ def sgd_hd(
         hyper_lr: ``β`` >= 0 (default 1e-6, the reference code's).
         momentum, dampening, weight_decay: as in :func:`adaptlr.sgd` (weight decay is coupled L2).
     """
-    return hypergradient(sgd(learning_rate, momentum, dampening, False, weight_decay), hyper_lr)
+    base = sgd(learning_rate, momentum, dampening, False, weight_decay, state_dtype=state_dtype)
+    return hypergradient(base, hyper_lr)
 
 
 def sgdn_hd(
@@ -250,6 +253,8 @@ def sgdn_hd(
     hyper_lr: float = 1e-6,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """SGDN-HD: SGD with Nesterov momentum and global additive hypergradient descent.
 
@@ -259,7 +264,7 @@ def sgdn_hd(
         momentum: ``μ`` in (0, 1).
         weight_decay: ``λ`` >= 0, coupled L2.
     """
-    return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay), hyper_lr)
+    return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay, state_dtype=state_dtype), hyper_lr)
 
 
 def adam_hd(
@@ -269,6 +274,8 @@ def adam_hd(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adam-HD: Adam (coupled L2 weight decay) and global additive hypergradient descent.
 
@@ -277,5 +284,5 @@ def adam_hd(
         hyper_lr: ``β`` >= 0 (default 1e-8, the reference code's).
         b1, b2, eps, weight_decay: as in :func:`adaptlr.adam`.
     """
-    return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay), hyper_lr)
+    return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay, state_dtype=state_dtype), hyper_lr)
 
