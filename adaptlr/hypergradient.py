@@ -117,21 +117,21 @@ class Hypergradient(Adaptation):
         if self.granularity == "global":
             lr = state.lr
             acc = accumulation_dtype(xp, [g.dtype for g in grads], scalars.device)
-            h = _global_sum(xp, [g * d for g, d in zip(grads, d_prev, strict=True)], acc)
+            total = ctx.reduce.total
+            h = total((g * d for g, d in zip(grads, d_prev, strict=True)), acc)
             if multiplicative:
-                norms = _global_sum(xp, [g * g for g in grads], acc), _global_sum(xp, [d * d for d in d_prev], acc)
-                h = _cosine(xp, h, *norms)
+                h = _cosine(xp, h, total((g * g for g in grads), acc), total((d * d for d in d_prev), acc))
             lr = self._adapt(xp, lr, xp.astype(h, lr.dtype), scalars)
             lrs = [xp.astype(lr, g.dtype) for g in grads]
             new_lr = lr
         else:
             lrs = []
-            for a, g, d in zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True):
+            for i, (a, g, d) in enumerate(zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True)):
                 if self.granularity == "tensor":  # sums in the widest float, then the state dtype
-                    wide = scalars.wide
-                    h = xp.sum(g * d, dtype=wide)
+                    wide, leaf_sum = scalars.wide, ctx.reduce.leaf_sum
+                    h = leaf_sum(i, g * d, dtype=wide)
                     if multiplicative:
-                        h = _cosine(xp, h, xp.sum(g * g, dtype=wide), xp.sum(d * d, dtype=wide))
+                        h = _cosine(xp, h, leaf_sum(i, g * g, dtype=wide), leaf_sum(i, d * d, dtype=wide))
                     h = xp.astype(h, a.dtype)
                 else:
                     h = xp.sign(g * d) if multiplicative else g * d
@@ -154,15 +154,6 @@ class Hypergradient(Adaptation):
         if self.max_lr is not None:
             a = xp.minimum(a, scalars.constant(self.max_lr, a.dtype))
         return a
-
-
-def _global_sum(xp: Any, terms: list, dtype: Any) -> Any:
-    """``Σ`` over the elements of every array in ``terms``, accumulated in ``dtype``."""
-    total = None
-    for term in terms:
-        s = xp.sum(term, dtype=dtype)
-        total = s if total is None else total + s
-    return total
 
 
 def _cosine(xp: Any, dot: Any, g_sq: Any, d_sq: Any) -> Any:

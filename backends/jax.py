@@ -33,14 +33,23 @@ from adaptlr import core
 from adaptlr._state_tree import from_slots, rebuild_state, slots, split_state
 from adaptlr._tree import Layout
 
-__all__ = ["to_optax"]
+__all__ = ["complete_sum", "state_partition_specs", "to_optax"]
 
 
-def to_optax(opt: core.Optimizer) -> optax.GradientTransformationExtraArgs:
+def complete_sum(partial: Any, axis_names: tuple) -> Any:
+    """The sum of ``partial`` over the devices of the mesh axes ``axis_names`` (inside ``shard_map``)."""
+    return jax.lax.psum(partial, axis_names)
+
+
+def to_optax(opt: core.Optimizer, *, axis_name: Any = None,
+             partition_specs: Any = None) -> optax.GradientTransformationExtraArgs:
     """``opt`` as an optax gradient transformation (``update`` needs ``params``; extra args are ignored).
 
     Args:
         opt: an adaptlr optimizer (``adaptlr.adamw(1e-3)``, ``adaptlr.autodrop(...)``, ...).
+        axis_name, partition_specs: inside ``jax.shard_map`` with split parameters, complete the
+            algorithm's sums over parameters across the shards (see
+            :meth:`adaptlr.Optimizer.update`); ``partition_specs`` is a tree like the params.
     """
     if not isinstance(opt, core.Optimizer):
         raise TypeError(f"opt must be an adaptlr Optimizer (adaptlr.adamw(...), ...), got {type(opt).__name__}")
@@ -60,7 +69,9 @@ def to_optax(opt: core.Optimizer) -> optax.GradientTransformationExtraArgs:
             raise ValueError(f"{opt.name} needs the params: call update(grads, state, params)")
         param_leaves, treedef = jax.tree_util.tree_flatten(params)
         grad_leaves = treedef.flatten_up_to(updates)
-        new_leaves, new_state = opt.update(list(grad_leaves), state, list(param_leaves))
+        specs = None if partition_specs is None else list(treedef.flatten_up_to(partition_specs))
+        new_leaves, new_state = opt.update(list(grad_leaves), state, list(param_leaves), axis_name=axis_name,
+                                           partition_specs=specs)
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -73,17 +84,55 @@ def _like_param(a: Any, p: Any, replicated: Any) -> Any:
     ``(m, 1)`` of an ``(m, n)`` parameter), ``p``'s partitioning on the axes they share and none on
     the reduced ones (XLA keeps a row sum of row-sharded rows row-sharded); else replicated.
     """
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
 
     if a.shape == p.shape:
         return p.sharding
-    if not isinstance(p.sharding, NamedSharding) or a.ndim != p.ndim:
+    if not isinstance(p.sharding, NamedSharding):
         return replicated
-    spec = tuple(p.sharding.spec) + (None,) * (p.ndim - len(p.sharding.spec))
-    kept = [axis if size == full else None for axis, size, full in zip(spec, a.shape, p.shape)]
+    return NamedSharding(p.sharding.mesh, _spec_like(a.shape, p.shape, p.sharding.spec))
+
+
+def _spec_like(shape: tuple, param_shape: tuple, param_spec: Any) -> Any:
+    """``param_spec`` kept on the dimensions where ``shape`` matches ``param_shape``, None elsewhere."""
+    from jax.sharding import PartitionSpec
+
+    if len(shape) != len(param_shape) or param_spec is None:
+        return PartitionSpec()
+    spec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
+    kept = [axis if size == full else None for axis, size, full in zip(spec, shape, param_shape)]
     while kept and kept[-1] is None:  # P("d", None) and P("d") are equal but jit caches them apart
         kept.pop()
-    return NamedSharding(p.sharding.mesh, PartitionSpec(*kept))
+    return PartitionSpec(*kept)
+
+
+def state_partition_specs(state: core.OptimizerState, params: Any, param_specs: Any) -> Any:
+    """Partition specs for ``state`` (of ``to_optax(opt).init(params)``) matching the params' specs.
+
+    For ``jax.shard_map``'s ``in_specs``/``out_specs``: per-parameter arrays are split like their
+    parameter (reduced ones, such as DSA's row and column factors, on the dimensions they keep),
+    everything else (the step counter, learning rates, global scalars) is replicated.
+
+    Args:
+        state: the optax state of :func:`to_optax` (an :class:`adaptlr.OptimizerState`).
+        params: the params it was made for (global shapes).
+        param_specs: a tree like ``params`` of ``PartitionSpec`` (None: replicated).
+    """
+    from jax.sharding import PartitionSpec
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    specs = treedef.flatten_up_to(param_specs)
+    layout, _ = Layout.of(leaves)
+    skeleton, fields = split_state(state, layout.treespec)
+    values = []
+    for field in fields:
+        if field.per_param:
+            placed = [jax.tree_util.tree_map(lambda a, p=p, spec=spec: _spec_like(a.shape, p.shape, spec), slot)
+                      for slot, p, spec in zip(slots(field.value, layout.treespec), leaves, specs)]
+            values.append(from_slots(placed, layout.treespec))
+        else:
+            values.append(jax.tree_util.tree_map(lambda _a: PartitionSpec(), field.value))
+    return rebuild_state(skeleton, values)
 
 
 def _devices(leaves: list) -> set:
