@@ -22,6 +22,7 @@ Do not chain ``optax.scale_by_learning_rate`` after it: the adaptlr update alrea
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -56,9 +57,11 @@ def to_optax(opt: core.Optimizer, *, axis_name: Any = None,
 
     def init(params: Any) -> core.OptimizerState:
         leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(params)]
-        if len(_devices(leaves)) <= 1:  # one device, or traced (jit, eval_shape, vmap, grad): no placement
+        devices = _devices(leaves)
+        named = any(isinstance(x.sharding, jax.sharding.NamedSharding) for x in leaves) if devices else False
+        if not devices or (len(devices) == 1 and not named):  # traced (jit, eval_shape, vmap, grad) or plain
             return opt.init(leaves)
-        # Sharded params: build the state in one jitted call, then give per-parameter arrays their
+        # Params on a mesh: build the state in one jitted call, then give per-parameter arrays their
         # parameter's sharding and everything else a replicated one (what the jitted step returns).
         state = jax.jit(opt.init)(leaves)
         return _place(state, leaves)
@@ -90,17 +93,29 @@ def _like_param(a: Any, p: Any, replicated: Any) -> Any:
         return p.sharding
     if not isinstance(p.sharding, NamedSharding):
         return replicated
-    return NamedSharding(p.sharding.mesh, _spec_like(a.shape, p.shape, p.sharding.spec))
+    mesh = p.sharding.mesh
+    return NamedSharding(mesh, _spec_like(a.shape, p.shape, p.sharding.spec, dict(mesh.shape)))
 
 
-def _spec_like(shape: tuple, param_shape: tuple, param_spec: Any) -> Any:
-    """``param_spec`` kept on the dimensions where ``shape`` matches ``param_shape``, None elsewhere."""
+def _spec_like(shape: tuple, param_shape: tuple, param_spec: Any, axis_sizes: dict | None = None) -> Any:
+    """``param_spec`` kept on the dimensions where ``shape`` matches ``param_shape``, None elsewhere.
+
+    With ``axis_sizes`` (of the mesh), a reduced dimension also keeps its axes where their size
+    divides it, as XLA does (a column sum of shape ``(1, n)`` stays "sharded" on a 1-device axis).
+    """
     from jax.sharding import PartitionSpec
 
     if len(shape) != len(param_shape) or param_spec is None:
         return PartitionSpec()
     spec = tuple(param_spec) + (None,) * (len(param_shape) - len(param_spec))
-    kept = [axis if size == full else None for axis, size, full in zip(spec, shape, param_shape)]
+
+    def keeps(axis: Any, size: int, full: int) -> bool:
+        if size == full:
+            return True
+        names = (axis,) if isinstance(axis, str) else tuple(axis or ())
+        return axis_sizes is not None and bool(names) and size % math.prod(axis_sizes[n] for n in names) == 0
+
+    kept = [axis if keeps(axis, size, full) else None for axis, size, full in zip(spec, shape, param_shape)]
     while kept and kept[-1] is None:  # P("d", None) and P("d") are equal but jit caches them apart
         kept.pop()
     return PartitionSpec(*kept)
