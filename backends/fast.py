@@ -36,7 +36,7 @@ import optree
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, apply_updates
 
-__all__ = ["FlatOptimizer", "flat_safety", "jit_step", "jit_update", "recommended_options"]
+__all__ = ["FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "recommended_options"]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
 # Bytes of params up to which whole flat buffers pay off on CPU (temporaries below glibc's mmap threshold).
@@ -282,23 +282,38 @@ def _add_into(dst: Any, src: Any) -> None:
         dst += src
 
 
-class _ListLayout(Layout):
-    """The layout of a plain list of leaves, flattened in Python (no optree call per step).
+class ListLayout(Layout):
+    """The layout of a plain list of ``num_leaves`` leaves, flattened in Python (no optree call per step).
 
     Cheaper per call than optree for the blocked loop, and traceable by ``torch.compile`` (whose
-    optree emulation makes tree specs that do not compare equal to real ones).
+    optree emulation makes tree specs that do not compare equal to real ones); the optree tree
+    spec is made only when an algorithm asks for it (DSA's per-parameter factor dicts).
     """
 
-    __slots__ = ()
+    __slots__ = ("_spec",)
 
     def __init__(self, num_leaves: int) -> None:
-        reference = [0] * num_leaves
-        super().__init__(optree.tree_structure(reference), reference)
+        self.num_leaves = num_leaves
+        self._reference = None
+        self._spec = None
+
+    @property
+    def treespec(self) -> Any:
+        if self._spec is None:
+            self._spec = optree.tree_structure([0] * self.num_leaves)
+        return self._spec
+
+    def paths(self) -> list[str]:
+        return [f"[{i}]" for i in range(self.num_leaves)]
 
     def leaves(self, tree: Any, what: str) -> list[Any]:
         if type(tree) is list and len(tree) == self.num_leaves:
             return tree
-        return super().leaves(tree, what)
+        leaves, treespec = optree.tree_flatten(tree)
+        if treespec != self.treespec:
+            raise ValueError(f"{what} and params have different tree structure: params are a list of "
+                             f"{self.num_leaves} arrays, {what} is {treespec}")
+        return leaves
 
     def tree(self, leaves: Sequence[Any]) -> Any:
         return list(leaves)
@@ -420,10 +435,10 @@ class FlatOptimizer:
         self.grads = grad_views
         flat_params = [b.params for b in self._buckets]
         if self.mode == "blocked":
-            self._layout = _ListLayout(1)
+            self._layout = ListLayout(1)
             self.state = [self._own(self.opt.init([p])) for p in flat_params]
         else:
-            self._layout = _ListLayout(len(flat_params))
+            self._layout = ListLayout(len(flat_params))
             self.state = self._own(self.opt.init(flat_params))
 
     def _own(self, state: Any) -> Any:

@@ -360,8 +360,8 @@ def _fast_cases() -> list:
         ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "auto", "flat"),
         ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "flat", "flat"),
         ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), "flat", "flat"),
-        ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "generic"),  # per-tensor factors
-        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), False, "generic"),
+        ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "list"),  # per-tensor factors
+        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), False, "list"),
     ]
 
 
@@ -400,11 +400,15 @@ def test_fast_path_trajectory_and_state_equal_functional_api(name, make, fast, p
     functional, state = _step_both(torch_opt, torch_params, opt, params, grads, coupling=0.5, after_step=check_path)
     assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
     assert _state_err(torch_opt.functional_state, state) <= 1e-12
-    if path != "generic":
-        # Parameters, gradients and state live in one flat buffer (one group, one dtype).
-        for tensors in ([p.detach() for p in torch_params], [p.grad for p in torch_params],
-                        [torch_opt.state[p]["learning_rate"] for p in torch_params]):
-            assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    _assert_own_storage(torch_params)
+
+
+def _assert_own_storage(params: list) -> None:
+    """Each parameter and gradient has a storage of its own, of its own size (no shared buffer)."""
+    tensors = [p.detach() for p in params] + [p.grad for p in params if p.grad is not None]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _masked_run(make, fast, masks, seed=8):
@@ -432,7 +436,7 @@ def test_fast_path_with_parameters_without_grad_matches_generic_path(name, fast)
     make = dict(_optimizers())[name]
     generic_params, generic_opt, _ = _masked_run(make, False, MASKS)
     fast_params, fast_opt, paths = _masked_run(make, fast, MASKS)
-    assert paths[0] != "generic" and all(p == paths[0] for p in paths)
+    assert paths[0] != "list" and all(p == paths[0] for p in paths)
     assert max(_rel(a.detach(), b.detach()) for a, b in zip(fast_params, generic_params)) <= 1e-12
     assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
     assert int(fast_opt.functional_state.count) == len(MASKS)
@@ -483,10 +487,10 @@ def _model_run(fast, seed=0, steps=6, set_to_none=True):
         x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
         torch_opt.zero_grad(set_to_none=set_to_none)
         ((model(x) - y) ** 2).mean().backward()
-        if t > 0 and not set_to_none and fast:
-            # backward accumulated into the flat gradient buffer the previous step installed
-            assert len({p.grad.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+        grads = [p.grad for p in model.parameters()]
         torch_opt.step()
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # .grad is never replaced
+        _assert_own_storage(list(model.parameters()))
     return model, torch_opt
 
 
@@ -494,7 +498,7 @@ def _model_run(fast, seed=0, steps=6, set_to_none=True):
 def test_fast_path_with_a_model_and_backward_matches_generic_path(set_to_none):
     fast_model, fast_opt = _model_run("auto", set_to_none=set_to_none)
     generic_model, generic_opt = _model_run(False, set_to_none=set_to_none)
-    assert fast_opt.fast_path == "blocked" and generic_opt.fast_path == "generic"
+    assert fast_opt.fast_path == "blocked" and generic_opt.fast_path == "list"
     for a, b in zip(fast_model.parameters(), generic_model.parameters()):
         assert _rel(a.detach(), b.detach()) <= 1e-12
     assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
@@ -595,7 +599,7 @@ def test_mixed_precision_state_takes_the_generic_path():
     torch_opt = Optimizer([p], adaptlr.adamw(1e-2), state_dtype=torch.float32)
     p.grad = torch.ones(3, dtype=torch.bfloat16)
     torch_opt.step()
-    assert torch_opt.fast_path == "generic"
+    assert torch_opt.fast_path == "list"
     q = torch.nn.Parameter(torch.ones(3))  # float32 parameters with float32 state may run flat
     torch_opt = Optimizer([q], adaptlr.adamw(1e-2), state_dtype=torch.float32)
     q.grad = torch.ones(3)
@@ -663,7 +667,7 @@ def test_fast_setting_can_change_between_steps():
         for p, g in zip(torch_params, step_grads):
             p.grad = g.clone()
         torch_opt.step()
-        assert torch_opt.fast_path == ["blocked", "generic", "flat", "blocked", "blocked", "generic", "generic",
+        assert torch_opt.fast_path == ["blocked", "list", "flat", "blocked", "blocked", "list", "list",
                                        "flat", "blocked"][t]
     assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
     assert _state_err(torch_opt.functional_state, state) <= 1e-12
