@@ -126,7 +126,8 @@ class Optimizer(torch.optim.Optimizer):
         self._field_kinds: list[tuple[str, bool]] = []
         self._global: dict[str, torch.Tensor] | None = None
         self._alpha_cache: dict = {}
-        self._opts: dict[tuple, core.Optimizer] = {}
+        # per base hyper-parameters (torch_groups.hyper_key); filled before any traced step
+        self._opts: dict[tuple, core.Optimizer] = {torch_groups.base_key(opt.base): opt}
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
         self._ensured: tuple | None = None  # (id, size) of the state and number of parameters when all had state
         self._built = False
@@ -232,7 +233,7 @@ class Optimizer(torch.optim.Optimizer):
         alpha = self._alphas(groups, params, self._global["count"])
         decay = [float(g["weight_decay"]) for g in groups]
         if all(k == keys[0] for k in keys):
-            self._run(self._opt_for(keys), active, alpha, decay)
+            self._run(self._opt_for(keys), active, [p.grad for p in active], alpha, decay)
             return
         # Groups with different base hyper-parameters: one update per set of values, on one state.
         _check_no_global_sums(self.opt)
@@ -241,8 +242,9 @@ class Optimizer(torch.optim.Optimizer):
         for key in dict.fromkeys(keys):
             members = [i for i, k in enumerate(keys) if k == key]
             sub = [active[i] for i in members]
-            results.append((members, *self._update(self._opt_for([key]), sub, self._assemble(sub),
-                                                    [alpha[i] for i in members], [decay[i] for i in members])))
+            results.append((members, *self._update(self._opt_for([key]), sub, [p.grad for p in sub],
+                                                    self._assemble(sub), [alpha[i] for i in members],
+                                                    [decay[i] for i in members])))
         new_values = [None] * len(self._field_kinds)
         for members, _, new_state in results:
             for k, ((_, per_param), value) in enumerate(zip(self._field_kinds, self._values(new_state))):
@@ -258,17 +260,17 @@ class Optimizer(torch.optim.Optimizer):
             for i, u in zip(members, updates):
                 active[i].add_(u)
 
-    def _update(self, opt: core.Optimizer, active: list, state: core.OptimizerState, alpha: list,
+    def _update(self, opt: core.Optimizer, active: list, grads: list, state: core.OptimizerState, alpha: list,
                 decay: list) -> tuple[list, core.OptimizerState]:
         params = [self._state_view(p) for p in active]
-        grads = [self._state_view(p, p.grad) for p in active]
+        grads = [self._state_view(p, g) for p, g in zip(active, grads)]
         return opt.update_leaves(xp_torch, ListLayout(len(params)), grads, state, params, alpha=alpha,
                                  weight_decay=decay)
 
-    def _run(self, opt: core.Optimizer, active: list, alpha: list, decay: list) -> None:
+    def _run(self, opt: core.Optimizer, active: list, grads: list, alpha: list, decay: list) -> None:
         """``update_leaves`` on the lists; the state written in place, ``p.add_(u)``."""
         state = self._assemble(active)
-        updates, new_state = self._update(opt, active, state, alpha, decay)
+        updates, new_state = self._update(opt, active, grads, state, alpha, decay)
         self._write(state, new_state, active)
         for p, u in zip(active, updates):
             p.add_(u)
@@ -283,7 +285,8 @@ class Optimizer(torch.optim.Optimizer):
             self._compiled = torch.compile(self._run)
         params = [self._state_view(p) for p in active]
         alpha = self._alphas(groups, params, self._global["count"])
-        self._compiled(self._opt_for(keys), active, alpha, [float(g["weight_decay"]) for g in groups])
+        self._compiled(self._opt_for(keys), active, [p.grad for p in active], alpha,
+                       [float(g["weight_decay"]) for g in groups])
 
     def _write(self, state: core.OptimizerState, new_state: core.OptimizerState, active: list) -> None:
         """Write ``new_state`` into the tensors of ``state`` (of ``active``): in place where they have
