@@ -255,7 +255,7 @@ class Optimizer(torch.optim.Optimizer):
                     new_values[k] = [None] * len(active)
                 for i, slot in zip(members, value):
                     new_values[k][i] = slot
-        self._write(state, rebuild_state(self._skeleton, new_values), active)
+        self._assign_scalars(active, self._write(state, rebuild_state(self._skeleton, new_values), active))
         for members, updates, _ in results:
             for i, u in zip(members, updates):
                 active[i].add_(u)
@@ -267,13 +267,20 @@ class Optimizer(torch.optim.Optimizer):
         return opt.update_leaves(xp_torch, ListLayout(len(params)), grads, state, params, alpha=alpha,
                                  weight_decay=decay)
 
-    def _run(self, opt: core.Optimizer, active: list, grads: list, alpha: list, decay: list) -> None:
-        """``update_leaves`` on the lists; the state written in place, ``p.add_(u)``."""
+    def _run(self, opt: core.Optimizer, active: list, grads: list, alpha: list, decay: list,
+             assign: bool = True) -> list | None:
+        """``update_leaves`` on the lists; the state written in place, ``p.add_(u)``. With ``assign=False``
+        the new 0-D fields are returned instead of assigned (``fast="compile"``: a compiled graph may
+        return an input it was given as a constant, not the tensor passed at this call)."""
         state = self._assemble(active)
         updates, new_state = self._update(opt, active, grads, state, alpha, decay)
-        self._write(state, new_state, active)
+        scalars = self._write(state, new_state, active)
         for p, u in zip(active, updates):
             p.add_(u)
+        if not assign:
+            return scalars
+        self._assign_scalars(active, scalars)
+        return None
 
     def _compiled_step(self, active: list, groups: list) -> None:
         """:meth:`_run` through ``torch.compile`` (α computed outside, so a scheduler does not recompile)."""
@@ -285,33 +292,48 @@ class Optimizer(torch.optim.Optimizer):
             self._compiled = torch.compile(self._run)
         params = [self._state_view(p) for p in active]
         alpha = self._alphas(groups, params, self._global["count"])
-        self._compiled(self._opt_for(keys), active, [p.grad for p in active], alpha,
-                       [float(g["weight_decay"]) for g in groups])
+        scalars = self._compiled(self._opt_for(keys), active, [p.grad for p in active], alpha,
+                                 [float(g["weight_decay"]) for g in groups], assign=False)
+        self._assign_scalars(active, scalars)
 
-    def _write(self, state: core.OptimizerState, new_state: core.OptimizerState, active: list) -> None:
-        """Write ``new_state`` into the tensors of ``state`` (of ``active``): in place where they have
-        elements; 0-D fields (step counter, learning rates, global scalars) are replaced."""
+    def _write(self, state: core.OptimizerState, new_state: core.OptimizerState, active: list) -> list:
+        """Write ``new_state`` into the tensors of ``state`` (of ``active``) where they have elements,
+        in place; return the new 0-D fields (step counter, learning rates, global scalars) in the
+        order :meth:`_assign_scalars` puts them in place of the old ones."""
         old_values = self._values(state)
         new_values = self._values(new_state)
         if not torch.compiler.is_compiling():
             new_values = _read_before_write(old_values, new_values)
-        for (path, per_param), old, new in zip(self._field_kinds, old_values, new_values):
+        scalars = []
+        for (_, per_param), old, new in zip(self._field_kinds, old_values, new_values):
             if not per_param:
-                self._global[path] = new
+                scalars.append(new)
                 continue
-            for p, old_slot, new_slot in zip(active, old, new):
+            for old_slot, new_slot in zip(old, new):
+                pairs = old_slot.items() if isinstance(old_slot, dict) else [(None, old_slot)]
+                for kind, t in pairs:
+                    value = new_slot if kind is None else new_slot[kind]
+                    if t.ndim == 0:
+                        scalars.append(value)
+                    elif value is not t:
+                        t.copy_(value)
+        return scalars
+
+    def _assign_scalars(self, active: list, scalars: list) -> None:
+        values = iter(scalars)
+        for path, per_param in self._field_kinds:
+            if not per_param:
+                self._global[path] = next(values)
+                continue
+            for p in active:
                 entry = self.state[p]
-                if isinstance(old_slot, torch.Tensor):
-                    if old_slot.ndim == 0:
-                        entry[path] = new_slot
-                    elif new_slot is not old_slot:
-                        old_slot.copy_(new_slot)
-                elif isinstance(old_slot, dict):
-                    for kind, t in old_slot.items():
+                slot = entry[path]
+                if isinstance(slot, dict):
+                    for kind, t in slot.items():
                         if t.ndim == 0:
-                            old_slot[kind] = new_slot[kind]
-                        elif new_slot[kind] is not t:
-                            t.copy_(new_slot[kind])
+                            slot[kind] = next(values)
+                elif slot.ndim == 0:
+                    entry[path] = next(values)
         self._flat_stale = True
 
     def _values(self, state: core.OptimizerState) -> list:
