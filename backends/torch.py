@@ -661,7 +661,7 @@ class Optimizer(torch.optim.Optimizer):
         for (path, per_param), value in zip(self._field_kinds, values):
             if per_param:
                 for p, slot in zip(params, value):
-                    self.state[p][path] = _map_tensors(slot, own)
+                    self.state[p][path] = _map_tensors(slot, lambda t, p=p: own(_placed_like(t, p)))
             else:
                 new_global[path] = value
         self._global = new_global
@@ -735,6 +735,29 @@ def _read_before_write(old_values: list, new_values: list) -> list:
             new = _map_tensors(new, lambda t, k=k: t.clone() if position.get(id(t), k) != k else t)
         out.append(new)
     return out
+
+
+def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A plain state tensor ``t`` of a DTensor parameter ``p`` as a DTensor on ``p``'s mesh: sharded
+    where ``t`` spans ``p``'s sharded axis, else replicated (DSA's row and column factors). State made
+    from ``p`` (``zeros_like``) is a DTensor already; 0-D tensors stay plain (DTensor takes them as
+    replicated scalars)."""
+    if t.ndim == 0 or not _is_dtensor(p) or _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    placements = [placement if isinstance(placement, Shard) and t.ndim == p.ndim
+                  and t.shape[placement.dim] == p.shape[placement.dim] else Replicate()
+                  for placement in p.placements]
+    return distribute_tensor(t, p.device_mesh, placements)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _storage(t: torch.Tensor) -> int | None:
