@@ -124,6 +124,7 @@ class Optimizer(torch.optim.Optimizer):
         self._schedule: Callable[[Any], Any] | None = learning_rate if callable(learning_rate) else None
         self._skeleton: Node | None = None
         self._field_kinds: list[tuple[str, bool]] = []
+        self._hd_fields: list[tuple[str, bool]] = []  # HD's adapted rates (they follow the scheduler)
         self._global: dict[str, torch.Tensor] | None = None
         self._alpha_cache: dict = {}
         # per base hyper-parameters (torch_groups.hyper_key); filled before any traced step
@@ -192,11 +193,13 @@ class Optimizer(torch.optim.Optimizer):
             return loss
         _check_grads(active, groups, where)
         if torch.compiler.is_compiling():  # traced into the caller's graph
+            self._follow_scheduler(active, groups)
             self._list_step(active, groups)
             return loss
         num_params = sum(len(group["params"]) for group in self.param_groups)
         if (id(self.state), len(self.state), num_params) != self._ensured:  # new groups, cleared state
             self._ensure_state()
+        self._follow_scheduler(active, groups)
         if self.fast is not None and self.fast != "compile" and self._flat_step(active, groups):
             self.fast_path = self._flat.fo.mode
             return loss
@@ -207,6 +210,38 @@ class Optimizer(torch.optim.Optimizer):
             self._list_step(active, groups)
             self.fast_path = "list"
         return loss
+
+    def _follow_scheduler(self, active: list, groups: list) -> None:
+        """Hypergradient descent: the adapted rate ``a`` follows the scheduler, ``a ← a·(α_t/α_{t-1})``,
+        with ``α_{t-1}`` the group ``lr`` of the last step (``state[p]["learning_rate"]``; no change
+        where it was 0). With a constant ``lr`` the ratio is exactly 1 (spec §4 unchanged). One
+        global ``a`` follows the first parameter's group."""
+        if not self._hd_fields:
+            return
+        params = [self._state_view(p) for p in active]
+        ratios, by_pair = [], {}
+        for p, alpha in zip(active, self._alphas(groups, params, self._global["count"])):
+            previous = self.state[p]["learning_rate"]
+            ratio = by_pair.get((id(alpha), id(previous)))
+            if ratio is None:
+                positive = previous > 0
+                ratio = by_pair[(id(alpha), id(previous))] = torch.where(
+                    positive, alpha / torch.where(positive, previous, torch.ones_like(previous)),
+                    torch.ones_like(previous))
+            ratios.append(ratio)
+        for path, per_param in self._hd_fields:
+            if not per_param:
+                rate = self._global[path]
+                self._global[path] = rate * ratios[0].to(rate.dtype)
+                continue
+            for p, ratio in zip(active, ratios):
+                entry = self.state[p]
+                rate = entry[path]
+                if rate.ndim == 0:
+                    entry[path] = rate * ratio.to(rate.dtype)
+                else:
+                    rate.mul_(ratio.to(rate.dtype))
+        self._flat_stale = True
 
     def _opt_for(self, keys: list[tuple]) -> core.Optimizer:
         """The adaptlr optimizer with the base hyper-parameters ``keys[0]`` (all equal)."""
@@ -636,6 +671,10 @@ class Optimizer(torch.optim.Optimizer):
         skeleton, fields = split_state(state, layout.treespec)
         self._skeleton = skeleton
         self._field_kinds = [(f.path, f.per_param) for f in fields]
+        from adaptlr.hypergradient import Hypergradient
+
+        rates = {f"adaptations[{i}].lr" for i, a in enumerate(self.opt.adaptations) if isinstance(a, Hypergradient)}
+        self._hd_fields = [(path, per_param) for path, per_param in self._field_kinds if path in rates]
 
     def _assemble(self, params: list[torch.Tensor]) -> core.OptimizerState:
         values = []

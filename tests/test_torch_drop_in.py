@@ -266,3 +266,62 @@ def test_dcp_save_and_load_to_disk(tmp_path):
     _train(model2, opt2, 4, start=5)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+# -- schedulers and hypergradient descent ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", FAST)
+@pytest.mark.parametrize("granularity", ["global", "tensor", "element"])
+def test_scheduler_scales_the_hypergradient_rate(granularity, fast):
+    """HD's adapted rate follows the scheduler: a ← a·(α_t/α_{t-1}) before the step; spec §4 otherwise."""
+    def make():
+        return adaptlr.hypergradient(adaptlr.sgd(0.05, momentum=0.9), hyper_lr=1e-3, granularity=granularity)
+
+    start = _params(4)
+    mine = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = Optimizer(mine, make(), fast=fast)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    reference = make()
+    functional = [p.clone() for p in start]
+    state = reference.init(functional)
+    lrs = []
+    for t in range(9):
+        lr = opt.param_groups[0]["lr"]
+        if lrs and lr != lrs[-1]:
+            hd, ratio = state.adaptations[0], lr / lrs[-1]
+            rates = [r * ratio for r in hd.lr] if isinstance(hd.lr, list) else hd.lr * ratio  # per tensor / global
+            state = state._replace(adaptations=(hd._replace(lr=rates),))
+        lrs.append(lr)
+        g = torch.Generator().manual_seed(t)
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) + 0.3 * p for p in functional]
+        updates, state = reference.update(grads, state, functional)
+        functional = adaptlr.apply_updates(functional, updates)
+        for p, grad in zip(mine, grads):
+            p.grad = grad.clone()
+        opt.step()
+        scheduler.step()
+    assert lrs[-1] == 0.05 * 0.25
+    assert max(_rel(p.detach(), f) for p, f in zip(mine, functional)) <= 1e-12
+    got = adaptlr.learning_rates(opt.functional_state)
+    want = adaptlr.learning_rates(state)
+    assert max(_rel(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(got, want)) <= 1e-12
+
+
+def test_constant_lr_leaves_hypergradient_exact():
+    start = _params(5)
+    mine = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = Optimizer(mine, adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-3))
+    reference = adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-3)
+    functional = [p.clone() for p in start]
+    state = reference.init(functional)
+    for t in range(6):
+        g = torch.Generator().manual_seed(t)
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) + 0.3 * p for p in functional]
+        updates, state = reference.update(grads, state, functional)
+        functional = adaptlr.apply_updates(functional, updates)
+        for p, grad in zip(mine, grads):
+            p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(opt.functional_state.adaptations[0].lr, state.adaptations[0].lr)
+    assert all(torch.equal(p.detach(), f) for p, f in zip(mine, functional))
