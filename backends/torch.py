@@ -59,7 +59,7 @@ from adaptlr import checkpoint as _checkpoint
 from adaptlr import core
 from adaptlr._state_tree import Node, dtype_name, field_values, rebuild_state, split_state
 from adaptlr._tree import Layout
-from adaptlr.backends import torch_groups
+from adaptlr.backends import torch_groups, torch_steps
 from adaptlr.backends.fast import ListLayout
 
 __all__ = ["Optimizer"]
@@ -128,7 +128,8 @@ class Optimizer(torch.optim.Optimizer):
         self._global: dict[str, torch.Tensor] | None = None
         self._alpha_cache: dict = {}
         # per base hyper-parameters (torch_groups.hyper_key); filled before any traced step
-        self._opts: dict[tuple, core.Optimizer] = {torch_groups.base_key(opt.base): opt}
+        self._opts: dict[tuple, core.Optimizer] = {
+            torch_groups.base_key(opt.base): core.Optimizer(torch_steps.PerParameterSteps(opt.base), opt.adaptations)}
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
         self._ensured: tuple | None = None  # (id, size) of the state and number of parameters when all had state
         self._built = False
@@ -194,20 +195,21 @@ class Optimizer(torch.optim.Optimizer):
         _check_grads(active, groups, where)
         if torch.compiler.is_compiling():  # traced into the caller's graph
             self._follow_scheduler(active, groups)
-            self._list_step(active, groups)
+            self._list_step(active, groups, torch_steps.advance([self.state[p] for p in active]))
             return loss
         num_params = sum(len(group["params"]) for group in self.param_groups)
         if (id(self.state), len(self.state), num_params) != self._ensured:  # new groups, cleared state
             self._ensure_state()
         self._follow_scheduler(active, groups)
-        if self.fast is not None and self.fast != "compile" and self._flat_step(active, groups):
+        steps = torch_steps.advance([self.state[p] for p in active])
+        if self.fast is not None and self.fast != "compile" and self._flat_step(active, groups, steps):
             self.fast_path = self._flat.fo.mode
             return loss
         if self.fast == "compile":
-            self._compiled_step(active, groups)
+            self._compiled_step(active, groups, steps)
             self.fast_path = "compiled"
         else:
-            self._list_step(active, groups)
+            self._list_step(active, groups, steps)
             self.fast_path = "list"
         return loss
 
@@ -243,13 +245,15 @@ class Optimizer(torch.optim.Optimizer):
                     rate.mul_(ratio.to(rate.dtype))
         self._flat_stale = True
 
-    def _opt_for(self, keys: list[tuple]) -> core.Optimizer:
-        """The adaptlr optimizer with the base hyper-parameters ``keys[0]`` (all equal)."""
+    def _opt_for(self, keys: list[tuple], steps: Any) -> core.Optimizer:
+        """The adaptlr optimizer with the base hyper-parameters ``keys[0]`` (all equal), its base counting
+        the steps ``steps`` (per parameter; :mod:`adaptlr.backends.torch_steps`)."""
         key = keys[0]
         found = self._opts.get(key)
         if found is None:
-            base = torch_groups.base_for(self.opt.base, key)
-            found = self._opts[key] = self.opt if base is self.opt.base else core.Optimizer(base, self.opt.adaptations)
+            base = torch_steps.PerParameterSteps(torch_groups.base_for(self.opt.base, key))
+            found = self._opts[key] = core.Optimizer(base, self.opt.adaptations)
+        found.base.steps = steps
         return found
 
     def _hyper_keys(self, groups: list[dict]) -> list[tuple]:
@@ -261,14 +265,14 @@ class Optimizer(torch.optim.Optimizer):
             keys.append(key)
         return keys
 
-    def _list_step(self, active: list, groups: list) -> None:
+    def _list_step(self, active: list, groups: list, steps: list) -> None:
         """The step over the lists of per-parameter tensors (eager, or traced by ``torch.compile``)."""
         keys = self._hyper_keys(groups)
         params = [self._state_view(p) for p in active]
         alpha = self._alphas(groups, params, self._global["count"])
         decay = [float(g["weight_decay"]) for g in groups]
         if all(k == keys[0] for k in keys):
-            self._run(self._opt_for(keys), active, [p.grad for p in active], alpha, decay)
+            self._run(self._opt_for(keys, steps), active, [p.grad for p in active], alpha, decay)
             return
         # Groups with different base hyper-parameters: one update per set of values, on one state.
         _check_no_global_sums(self.opt)
@@ -277,9 +281,9 @@ class Optimizer(torch.optim.Optimizer):
         for key in dict.fromkeys(keys):
             members = [i for i, k in enumerate(keys) if k == key]
             sub = [active[i] for i in members]
-            results.append((members, *self._update(self._opt_for([key]), sub, [p.grad for p in sub],
-                                                    self._assemble(sub), [alpha[i] for i in members],
-                                                    [decay[i] for i in members])))
+            opt = self._opt_for([key], [steps[i] for i in members])
+            results.append((members, *self._update(opt, sub, [p.grad for p in sub], self._assemble(sub),
+                                                    [alpha[i] for i in members], [decay[i] for i in members])))
         new_values = [None] * len(self._field_kinds)
         for members, _, new_state in results:
             for k, ((_, per_param), value) in enumerate(zip(self._field_kinds, self._values(new_state))):
@@ -317,17 +321,17 @@ class Optimizer(torch.optim.Optimizer):
         self._assign_scalars(active, scalars)
         return None
 
-    def _compiled_step(self, active: list, groups: list) -> None:
+    def _compiled_step(self, active: list, groups: list, steps: list) -> None:
         """:meth:`_run` through ``torch.compile`` (α computed outside, so a scheduler does not recompile)."""
         keys = self._hyper_keys(groups)
         if any(k != keys[0] for k in keys):
-            self._list_step(active, groups)
+            self._list_step(active, groups, steps)
             return
         if self._compiled is None:
             self._compiled = torch.compile(self._run)
         params = [self._state_view(p) for p in active]
         alpha = self._alphas(groups, params, self._global["count"])
-        scalars = self._compiled(self._opt_for(keys), active, [p.grad for p in active], alpha,
+        scalars = self._compiled(self._opt_for(keys, steps), active, [p.grad for p in active], alpha,
                                  [float(g["weight_decay"]) for g in groups], assign=False)
         self._assign_scalars(active, scalars)
 
@@ -376,12 +380,12 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the flat buffers ---------------------------------------------------------------------------
 
-    def _flat_step(self, active: list, groups: list) -> bool:
+    def _flat_step(self, active: list, groups: list, steps: list) -> bool:
         """Run this step on the flat buffers; False where it must take the list path."""
         signature = [id(g) for g in groups] + [id(p) for p in active]
         keys = self._hyper_keys(groups)
-        if any(k != keys[0] for k in keys):
-            return False
+        if any(k != keys[0] for k in keys) or any(s is not steps[0] for s in steps):
+            return False  # one set of base values and one step count per flat update
         flat = self._flat
         if flat is None or flat.signature != signature:
             if signature == self._list_signature:
@@ -398,7 +402,7 @@ class Optimizer(torch.optim.Optimizer):
             self._copy_state_into(flat)
         self._flat_stale = False
         fo = flat.fo
-        fo.opt = self._opt_for(keys)
+        fo.opt = self._opt_for(keys, steps[0])
         # α and λ per (group, dtype, device) of the step, spread to the parameters.
         t = self._global["count"] + 1 if self._schedule is not None else None
         alphas = [self._alpha(g["lr"], dtype, device, t) for g, dtype, device in flat.kinds]
@@ -512,6 +516,8 @@ class Optimizer(torch.optim.Optimizer):
         device = params[0].device
         state = _map_tensors(state, lambda t: t.to(device=device, copy=True))
         self._scatter(state, params)
+        for p in params:
+            self.state[p]["step"] = self._global["count"]
 
     # -- torch's state_dict -------------------------------------------------------------------------
 
@@ -577,7 +583,7 @@ class Optimizer(torch.optim.Optimizer):
                     values.append(first[SHARED_PREFIX + f.path])
                 else:
                     raise ValueError(f"state_dict has no shared state field {f.path}")
-            known = {f.path if f.per_param else SHARED_PREFIX + f.path for f in fields}
+            known = {f.path if f.per_param else SHARED_PREFIX + f.path for f in fields} | {"step"}
             extra = set(first) - known
             if extra:
                 raise ValueError(f"state_dict has state fields {sorted(extra)} this optimizer does not have")
@@ -590,6 +596,18 @@ class Optimizer(torch.optim.Optimizer):
             self._flat = None
         if new_state is not None:
             self.set_functional_state(new_state)
+            if all("step" in saved_state[i] for i in indices):
+                self._load_steps([saved_state[i]["step"] for i in indices], params)
+
+    def _load_steps(self, saved: list, params: list) -> None:
+        """Per-parameter step counts from a state_dict; equal counts share one tensor (a host sync, once)."""
+        count = self._global["count"]
+        shared: dict[int, torch.Tensor] = {}
+        for p, step in zip(params, saved):
+            value = int(step)
+            if value not in shared:
+                shared[value] = torch.tensor(value, dtype=count.dtype, device=count.device)
+            self.state[p]["step"] = shared[value]
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -664,6 +682,9 @@ class Optimizer(torch.optim.Optimizer):
             self._scatter(state, fresh)
             if keep_global is not None:
                 self._global = keep_global
+            never = torch.zeros_like(state.count)  # steps that updated the parameter (torch_steps)
+            for p in fresh:
+                self.state[p]["step"] = never
         num_params = sum(len(group["params"]) for group in self.param_groups)
         self._ensured = (id(self.state), len(self.state), num_params)
 

@@ -325,3 +325,56 @@ def test_constant_lr_leaves_hypergradient_exact():
         opt.step()
     assert torch.equal(opt.functional_state.adaptations[0].lr, state.adaptations[0].lr)
     assert all(torch.equal(p.detach(), f) for p, f in zip(mine, functional))
+
+
+# -- per-parameter step counts (torch_steps) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", FAST)
+@pytest.mark.parametrize("case", ["unfreeze", "add_param_group"])
+def test_late_parameters_take_their_own_first_step_like_torch_adamw(case, fast):
+    """A parameter that first gets a gradient at step 5 starts with Adam's first step, as in torch.optim."""
+    model, reference = _model(), _model()
+    late = [model[2].weight, model[2].bias]
+    late_ref = [reference[2].weight, reference[2].bias]
+    first = [p for p in model.parameters() if all(p is not q for q in late)]
+    first_ref = [p for p in reference.parameters() if all(p is not q for q in late_ref)]
+    if case == "unfreeze":
+        ours = Optimizer(model.parameters(), adaptlr.adamw(1e-2, weight_decay=0.05), fast=fast)
+        theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.05)
+    else:
+        ours = Optimizer(first, adaptlr.adamw(1e-2, weight_decay=0.05), fast=fast)
+        theirs = torch.optim.AdamW(first_ref, lr=1e-2, weight_decay=0.05)
+    for p in late + late_ref:
+        p.requires_grad_(False)
+    _train(model, ours, 5)
+    _train(reference, theirs, 5)
+    for p in late + late_ref:
+        p.requires_grad_(True)
+    if case == "add_param_group":
+        ours.add_param_group({"params": late, "lr": 3e-3})
+        theirs.add_param_group({"params": late_ref, "lr": 3e-3})
+    _train(model, ours, 5, start=5)
+    _train(reference, theirs, 5, start=5)
+    assert max(_rel(a.detach(), b.detach()) for a, b in zip(model.parameters(), reference.parameters())) <= 1e-12
+    assert [int(ours.state[p]["step"]) for p in model.parameters()] == [
+        int(theirs.state[p]["step"]) for p in reference.parameters()]
+    assert int(ours.functional_state.count) == 10  # the optimizer's own count (epoch boundaries)
+
+
+def test_per_parameter_steps_survive_a_state_dict_round_trip():
+    model = _model()
+    opt = Optimizer(model.parameters(), adaptlr.adamw(1e-2))
+    model[2].weight.requires_grad_(False)
+    _train(model, opt, 3)
+    model[2].weight.requires_grad_(True)
+    _train(model, opt, 2, start=3)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _train(model, opt, 3, start=5)
+    model2 = _model(seed=1)
+    model2.load_state_dict(saved_model)
+    opt2 = Optimizer(model2.parameters(), adaptlr.adamw(1e-2))
+    opt2.load_state_dict(saved)
+    assert [int(opt2.state[p]["step"]) for p in model2.parameters()] == [5, 5, 2, 5]
+    _train(model2, opt2, 3, start=5)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
