@@ -30,7 +30,9 @@ How the torch concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
   :func:`adaptlr.save_state`.
 - A parameter whose ``.grad`` is None is skipped for that step: it and its per-parameter state are
   untouched; the step runs on the parameters that have gradients, with their slices of every
-  per-parameter field and the shared fields. The step counter ``t`` is global and still advances.
+  per-parameter field and the shared fields. The optimizer's step counter ``t`` (the adaptations'
+  epochs) advances at every step; the base's bias correction counts the steps of each parameter
+  (``state[p]["step"]``, as ``torch.optim``; :mod:`adaptlr.backends.torch_steps`).
   For ActiveLR, a skipped parameter adds nothing to its epoch sum ``C`` that step and, if it is
   skipped at an epoch's last step, misses that epoch boundary. For AutoDrop, the angle ω at an epoch
   start is taken over the parameters that have gradients at that step. Global sums of other
