@@ -332,10 +332,12 @@ class FlatOptimizer:
     """Run an adaptlr optimizer on one contiguous buffer per dtype, device and group, in place.
 
     ``FlatOptimizer(opt, params)`` copies the parameters into flat buffers; :attr:`params` are views
-    into them (in the order of ``params``) and are what the model must use from then on (torch: set
-    ``p.data = view``). :attr:`grads` are views into flat gradient buffers: gradients written there
-    (or passed to :meth:`step` as those very views) need no copy. :meth:`step` runs the pure update
-    on the flat buffers and writes params and state in place, like ``torch.optim``.
+    into them (in the order of ``params``): either the model uses them from then on, or, as the torch
+    adapter does (parameters keep their own storage), the caller copies its parameters in before
+    and the views back out after each step (``torch._foreach_copy_``). :attr:`grads` are views into
+    flat gradient buffers: gradients written there (or passed to :meth:`step` as those very views)
+    need no copy. :meth:`step` runs the pure update on the flat buffers and writes params and state
+    in place, like ``torch.optim``.
 
     Args:
         opt: an adaptlr optimizer.
