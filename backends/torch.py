@@ -143,6 +143,13 @@ class Optimizer(torch.optim.Optimizer):
         # then never runs, and HD's initial rate is each group's lr.
         self._ensure_state()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the flat buffers and the compiled step (``copy.deepcopy``, pickling);
+        ``torch.optim.Optimizer`` keeps only its own three fields, which would lose the algorithm."""
+        out = dict(self.__dict__)
+        out.update(_flat=None, _compiled=None, _list_signature=None)
+        return out
+
     def __repr__(self) -> str:
         return f"adaptlr.backends.torch.Optimizer({self.opt.name}, {len(self.param_groups)} param groups)"
 
@@ -195,6 +202,9 @@ class Optimizer(torch.optim.Optimizer):
         if not active:
             return loss
         _check_grads(active, groups, where)
+        keys = self._hyper_keys(groups)
+        if any(k != keys[0] for k in keys):
+            _check_no_global_sums(self.opt)  # before any state changes
         if torch.compiler.is_compiling():  # traced into the caller's graph
             self._follow_scheduler(active, groups)
             self._list_step(active, groups, torch_steps.advance([self.state[p] for p in active]))
@@ -277,7 +287,6 @@ class Optimizer(torch.optim.Optimizer):
             self._run(self._opt_for(keys, steps), active, [p.grad for p in active], alpha, decay)
             return
         # Groups with different base hyper-parameters: one update per set of values, on one state.
-        _check_no_global_sums(self.opt)
         state = self._assemble(active)
         results = []
         for key in dict.fromkeys(keys):

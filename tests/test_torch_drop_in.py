@@ -378,3 +378,15 @@ def test_per_parameter_steps_survive_a_state_dict_round_trip():
     assert [int(opt2.state[p]["step"]) for p in model2.parameters()] == [5, 5, 2, 5]
     _train(model2, opt2, 3, start=5)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_deepcopy_of_model_and_optimizer_continues_bit_identically(fast):
+    model = _model()
+    opt = Optimizer(model.parameters(), adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2), fast=fast)
+    _train(model, opt, 3)
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert all(p is q for p, q in zip(opt2.param_groups[0]["params"], model2.parameters()))
+    _train(model, opt, 4, start=3)
+    _train(model2, opt2, 4, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
