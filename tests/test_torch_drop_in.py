@@ -390,3 +390,25 @@ def test_deepcopy_of_model_and_optimizer_continues_bit_identically(fast):
     _train(model, opt, 4, start=3)
     _train(model2, opt2, 4, start=3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_grad_scaler_skips_inf_steps_and_leaves_the_state(fast):
+    model = _model()
+    opt = Optimizer(model.parameters(), adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2), fast=fast)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    for poison in (False, False, True, False):
+        opt.zero_grad()
+        scaler.scale(((model(x) - y) ** 2).mean()).backward()
+        if poison:
+            model[0].weight.grad[0, 0] = float("inf")
+            values = [p.detach().clone() for p in model.parameters()]
+            entries = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if poison:
+            assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))
+            for p, entry in zip(model.parameters(), entries):
+                assert all(torch.equal(opt.state[p][k], v) for k, v in entry.items())
+    assert int(opt.functional_state.count) == 3
