@@ -432,15 +432,15 @@ MASKS = [(1, 1, 1), (1, 1, 1), (1, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1), (1, 1
 
 @pytest.mark.parametrize("name,fast", [("adamw", "auto"), ("active(adamw)", "auto"), ("active(adamw)", "flat"),
                                        ("autodrop(sgdm)", "flat"), ("hypergradient(sgd)", "flat")])
-def test_fast_path_with_parameters_without_grad_matches_generic_path(name, fast):
+def test_fast_path_with_parameters_without_grad_matches_list_path(name, fast):
     make = dict(_optimizers())[name]
-    generic_params, generic_opt, _ = _masked_run(make, False, MASKS)
+    list_params, list_opt, _ = _masked_run(make, False, MASKS)
     fast_params, fast_opt, paths = _masked_run(make, fast, MASKS)
     # Flat while every parameter has stepped equally often; a skip splits the per-parameter step counts
     # (torch_steps), and a flat update needs one count: the list path from there on.
     assert paths[:2] == [paths[0]] * 2 and paths[0] != "list" and paths[-1] == "list"
-    assert max(_rel(a.detach(), b.detach()) for a, b in zip(fast_params, generic_params)) <= 1e-12
-    assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
+    assert max(_rel(a.detach(), b.detach()) for a, b in zip(fast_params, list_params)) <= 1e-12
+    assert _state_err(fast_opt.functional_state, list_opt.functional_state) <= 1e-12
     assert int(fast_opt.functional_state.count) == len(MASKS)
 
 
@@ -497,13 +497,13 @@ def _model_run(fast, seed=0, steps=6, set_to_none=True):
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_fast_path_with_a_model_and_backward_matches_generic_path(set_to_none):
+def test_fast_path_with_a_model_and_backward_matches_list_path(set_to_none):
     fast_model, fast_opt = _model_run("auto", set_to_none=set_to_none)
-    generic_model, generic_opt = _model_run(False, set_to_none=set_to_none)
-    assert fast_opt.fast_path == "blocked" and generic_opt.fast_path == "list"
-    for a, b in zip(fast_model.parameters(), generic_model.parameters()):
+    list_model, list_opt = _model_run(False, set_to_none=set_to_none)
+    assert fast_opt.fast_path == "blocked" and list_opt.fast_path == "list"
+    for a, b in zip(fast_model.parameters(), list_model.parameters()):
         assert _rel(a.detach(), b.detach()) <= 1e-12
-    assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
+    assert _state_err(fast_opt.functional_state, list_opt.functional_state) <= 1e-12
 
 
 def test_fast_path_rebuilds_when_parameter_data_is_replaced():
