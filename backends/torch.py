@@ -233,15 +233,18 @@ class Optimizer(torch.optim.Optimizer):
         if not self._hd_fields:
             return
         params = [self._state_view(p) for p in active]
-        ratios, by_pair = [], {}
+        ratios, known = [], []  # known: (α_t, α_{t-1}, ratio), by identity (id() would guard under Dynamo)
         for p, alpha in zip(active, self._alphas(groups, params, self._global["count"])):
             previous = self.state[p]["learning_rate"]
-            ratio = by_pair.get((id(alpha), id(previous)))
-            if ratio is None:
+            for a, q, r in known:
+                if a is alpha and q is previous:
+                    ratio = r
+                    break
+            else:
                 positive = previous > 0
-                ratio = by_pair[(id(alpha), id(previous))] = torch.where(
-                    positive, alpha / torch.where(positive, previous, torch.ones_like(previous)),
-                    torch.ones_like(previous))
+                ratio = torch.where(positive, alpha / torch.where(positive, previous, torch.ones_like(previous)),
+                                    torch.ones_like(previous))
+                known.append((alpha, previous, ratio))
             ratios.append(ratio)
         for path, per_param in self._hd_fields:
             if not per_param:
@@ -688,6 +691,8 @@ class Optimizer(torch.optim.Optimizer):
     def _ensure_state(self) -> None:
         """Initialise the state of parameters that have none (all of them at the start)."""
         fresh = [p for p in self._all_params() if p not in self.state]
+        for p in fresh:  # library_of caches by type: fill it here, not inside a traced step (a guard)
+            core.scalar_device(p)
         if fresh:
             state = self._init_state(fresh)
             if self._skeleton is None:

@@ -109,3 +109,37 @@ def test_fast_compile_option_equals_eager():
     assert max(_rel(p.detach(), q.detach()) for p, q in zip(params, eager_params)) <= 1e-12
     assert _state_rel(opt.functional_state, eager_opt.functional_state) <= 1e-12
     assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
+
+
+OTHERS = {
+    "hd_global": lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-3),
+    "hd_element": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-2), hyper_lr=1e-3, granularity="element"),
+    "eg": lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05), scale_lr=0.1, gain_lr=0.1),
+    "dsa": lambda: adaptlr.dsa(adaptlr.adam(1e-2), hyper_lr=0.01),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_other_algorithms_trace_into_one_graph(name):
+    """HD, EG and DSA under ``fullgraph=True`` (``aot_eager``: the trace, without Inductor's compile time)."""
+    torch._dynamo.reset()
+    counters.clear()
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64)),
+                  torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+        opt = Optimizer(params, OTHERS[name]())
+        step = torch.compile(lambda opt=opt: opt.step(), backend="aot_eager", fullgraph=True) if compiled else opt.step
+        g = torch.Generator().manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(6):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64) + 0.5 * p.detach()
+                step()
+        runs.append((params, opt))
+    (eager, eager_opt), (traced, traced_opt) = runs
+    assert max(_rel(p.detach(), q.detach()) for p, q in zip(traced, eager)) <= 1e-12
+    assert _state_rel(traced_opt.functional_state, eager_opt.functional_state) <= 1e-12
+    assert counters["stats"]["unique_graphs"] == 1
