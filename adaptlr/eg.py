@@ -133,8 +133,9 @@ class EGStepSize(Adaptation):
             scales = [by_dtype[g.dtype] for g in grads]  # another EG in the same optimizer has its own s
             scale_state = new_scale
         else:
+            wide_lr = scalars.constant(self.scale_lr, scalars.wide)  # ⟨v, g⟩ and exp in the widest float
             scales = [
-                s * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, g.dtype) * xp.sum(pv * g)))
+                s * xp.astype(xp.exp(self._clip(ctx, wide_lr * xp.sum(pv * g, dtype=scalars.wide))), s.dtype)
                 for s, pv, g in zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads, strict=True)
             ]
             scale_state = layout.tree(scales)

@@ -30,7 +30,7 @@ from adaptlr import _validation as v
 from adaptlr._precision import accumulation_dtype
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
-from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize
+from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize, scalar_device
 from adaptlr.sgd import sgd
 
 __all__ = [
@@ -96,12 +96,12 @@ class Hypergradient(Adaptation):
             )
 
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> HypergradientState:
-        if self.granularity == "global":
-            dtypes = [p.dtype for p in params]
-            dtype = xp.result_type(*dtypes)
-            lr = xp.astype(alpha[dtypes.index(dtype) if dtype in dtypes else 0], dtype)
+        if self.granularity == "global":  # one scalar: kept in the widest float (adaptlr._precision)
+            dtype = accumulation_dtype(xp, [p.dtype for p in params], scalar_device(params[0]))
+            widest = max(alpha, key=lambda a: xp.finfo(a.dtype).bits)  # α least rounded
+            lr = xp.astype(widest, dtype, copy=True)  # its own buffer (donatable)
         elif self.granularity == "tensor":
-            lr = layout.tree([xp.astype(a, p.dtype) for a, p in zip(alpha, params, strict=True)])
+            lr = layout.tree([xp.astype(a, p.dtype, copy=True) for a, p in zip(alpha, params, strict=True)])
         else:
             lr = layout.tree([a * xp.ones_like(p) for a, p in zip(alpha, params, strict=True)])
         return HypergradientState(lr, layout.tree([xp.zeros_like(p) for p in params]))
@@ -127,10 +127,12 @@ class Hypergradient(Adaptation):
         else:
             lrs = []
             for a, g, d in zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True):
-                if self.granularity == "tensor":
-                    h = xp.sum(g * d)
+                if self.granularity == "tensor":  # sums in the widest float, then the state dtype
+                    wide = scalars.wide
+                    h = xp.sum(g * d, dtype=wide)
                     if multiplicative:
-                        h = _cosine(xp, h, xp.sum(g * g), xp.sum(d * d))
+                        h = _cosine(xp, h, xp.sum(g * g, dtype=wide), xp.sum(d * d, dtype=wide))
+                    h = xp.astype(h, a.dtype)
                 else:
                     h = xp.sign(g * d) if multiplicative else g * d
                 lrs.append(self._adapt(xp, a, h, scalars))
@@ -232,6 +234,8 @@ def sgd_hd(
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """SGD-HD: SGD (with optional momentum) and global additive hypergradient descent.
 
@@ -240,7 +244,8 @@ def sgd_hd(
         hyper_lr: ``β`` >= 0 (default 1e-6, the reference code's).
         momentum, dampening, weight_decay: as in :func:`adaptlr.sgd` (weight decay is coupled L2).
     """
-    return hypergradient(sgd(learning_rate, momentum, dampening, False, weight_decay), hyper_lr)
+    base = sgd(learning_rate, momentum, dampening, False, weight_decay, state_dtype=state_dtype)
+    return hypergradient(base, hyper_lr)
 
 
 def sgdn_hd(
@@ -248,6 +253,8 @@ def sgdn_hd(
     hyper_lr: float = 1e-6,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """SGDN-HD: SGD with Nesterov momentum and global additive hypergradient descent.
 
@@ -257,7 +264,7 @@ def sgdn_hd(
         momentum: ``μ`` in (0, 1).
         weight_decay: ``λ`` >= 0, coupled L2.
     """
-    return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay), hyper_lr)
+    return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay, state_dtype=state_dtype), hyper_lr)
 
 
 def adam_hd(
@@ -267,6 +274,8 @@ def adam_hd(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adam-HD: Adam (coupled L2 weight decay) and global additive hypergradient descent.
 
@@ -275,5 +284,5 @@ def adam_hd(
         hyper_lr: ``β`` >= 0 (default 1e-8, the reference code's).
         b1, b2, eps, weight_decay: as in :func:`adaptlr.adam`.
     """
-    return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay), hyper_lr)
+    return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay, state_dtype=state_dtype), hyper_lr)
 

@@ -47,7 +47,7 @@ def to_optax(opt: core.Optimizer) -> optax.GradientTransformationExtraArgs:
 
     def init(params: Any) -> core.OptimizerState:
         leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(params)]
-        if len({d for x in leaves for d in x.sharding.device_set}) <= 1:
+        if len(_devices(leaves)) <= 1:  # one device, or traced (jit, eval_shape, vmap, grad): no placement
             return opt.init(leaves)
         # Sharded params: build the state in one jitted call, then give per-parameter arrays their
         # parameter's sharding and everything else a replicated one (what the jitted step returns).
@@ -66,6 +66,34 @@ def to_optax(opt: core.Optimizer) -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def _like_param(a: Any, p: Any, replicated: Any) -> Any:
+    """The sharding the jitted step gives a per-parameter array ``a`` of parameter ``p``.
+
+    ``p``'s own where the shapes match; for a reduced array such as DSA's row factor (shape
+    ``(m, 1)`` of an ``(m, n)`` parameter), ``p``'s partitioning on the axes they share and none on
+    the reduced ones (XLA keeps a row sum of row-sharded rows row-sharded); else replicated.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if a.shape == p.shape:
+        return p.sharding
+    if not isinstance(p.sharding, NamedSharding) or a.ndim != p.ndim:
+        return replicated
+    spec = tuple(p.sharding.spec) + (None,) * (p.ndim - len(p.sharding.spec))
+    kept = [axis if size == full else None for axis, size, full in zip(spec, a.shape, p.shape)]
+    while kept and kept[-1] is None:  # P("d", None) and P("d") are equal but jit caches them apart
+        kept.pop()
+    return NamedSharding(p.sharding.mesh, PartitionSpec(*kept))
+
+
+def _devices(leaves: list) -> set:
+    """The devices the leaves live on (empty for traced values, which have no sharding to ask)."""
+    try:
+        return {d for x in leaves for d in x.sharding.device_set}
+    except AttributeError:
+        return set()
+
+
 def _place(state: core.OptimizerState, leaves: list) -> core.OptimizerState:
     """``state`` with arrays shaped like their parameter sharded like it and the rest replicated."""
     from jax.sharding import NamedSharding, PartitionSpec
@@ -82,9 +110,7 @@ def _place(state: core.OptimizerState, leaves: list) -> core.OptimizerState:
     for field in fields:
         if field.per_param:
             placed = [
-                jax.tree_util.tree_map(
-                    lambda a, p=p: jax.device_put(a, p.sharding if a.shape == p.shape else replicated), slot
-                )
+                jax.tree_util.tree_map(lambda a, p=p: jax.device_put(a, _like_param(a, p, replicated)), slot)
                 for slot, p in zip(slots(field.value, layout.treespec), leaves)
             ]
             values.append(from_slots(placed, layout.treespec))

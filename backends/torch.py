@@ -59,6 +59,7 @@ import torch
 
 from adaptlr import checkpoint as _checkpoint
 from adaptlr import core
+from adaptlr._precision import counter_dtype, widest_float
 from adaptlr._state_tree import Node, dtype_name, field_values, rebuild_state, split_state
 from adaptlr._tree import Layout
 from adaptlr.backends import torch_groups, torch_steps
@@ -673,15 +674,16 @@ class Optimizer(torch.optim.Optimizer):
                 base = self._alpha_cache[key] = torch.tensor(float(lr), dtype=dtype, device=device)
         if self._schedule is None:
             return base
-        scheduled = xp_torch.astype(xp_torch.asarray(self._schedule(xp_torch.astype(t, dtype)), device=device), dtype)
+        wide = widest_float(xp_torch, device)  # schedules see t in the widest float (adaptlr._precision)
+        scheduled = xp_torch.astype(xp_torch.asarray(self._schedule(xp_torch.astype(t, wide)), device=device), dtype)
         return scheduled if (not isinstance(lr, torch.Tensor) and float(lr) == 1.0) else scheduled * base
 
     def _init_state(self, params: list[torch.Tensor]) -> core.OptimizerState:
         """A fresh state for ``params`` (as ``opt.init`` with each group's ``lr`` as ``α``)."""
         views = [self._state_view(p) for p in params]
         layout = ListLayout(len(views))
-        probe = torch.zeros((1,), dtype=views[0].dtype, device=views[0].device)
-        count = self.opt.init([probe]).count  # the step counter as the functional API makes it
+        device = views[0].device
+        count = torch.zeros((), dtype=counter_dtype(xp_torch, device), device=device)
         group_of = self._group_of()
         alpha = self._alphas([group_of[id(p)] for p in params], views, count)
         base_state = self.opt.base.init(views, layout, xp_torch)
