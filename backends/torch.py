@@ -19,9 +19,10 @@ How the torch concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
   ``momentum``/``dampening``/``nesterov``; :mod:`adaptlr.backends.torch_groups`): a value changed
   there takes effect at the next step. When the wrapped optimizer's learning rate is a schedule
   ``t ↦ α_t``, ``group["lr"]`` defaults to 1.0 and multiplies it (``α = group["lr"] · α_t``).
-- The state is adaptlr's functional state, created for every parameter when the optimizer is built
-  (and when a group is added): per-parameter fields in ``optimizer.state[p]`` (keyed by their path
-  in the state, ``"base.mu"``, ``"adaptations[0].gamma"``), the fields shared by all parameters
+- The state is adaptlr's functional state, created for every parameter that requires a gradient
+  when the optimizer is built (and when a group is added; a frozen parameter at its first
+  gradient): per-parameter fields in ``optimizer.state[p]`` (keyed by their path in the state,
+  ``"base.mu"``, ``"adaptations[0].gamma"``), the fields shared by all parameters
   (the step counter, AutoDrop's angle) in ``state_dict()["adaptlr"]["global"]`` and, under
   ``"shared.<path>"``, in every parameter's entry of ``state_dict()["state"]`` (so tools that keep
   only ``"state"`` and ``"param_groups"``, such as ``torch.distributed.checkpoint``, keep them).
@@ -134,14 +135,13 @@ class Optimizer(torch.optim.Optimizer):
         self._opts: dict[tuple, core.Optimizer] = {
             torch_groups.base_key(opt.base): core.Optimizer(torch_steps.PerParameterSteps(opt.base), opt.adaptations)}
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
-        self._ensured: tuple | None = None  # (id, size) of the state and number of parameters when all had state
         self._built = False
         defaults = {"lr": 1.0 if self._schedule is not None else float(learning_rate),
                     **torch_groups.group_defaults(opt.base)}
         super().__init__(params, defaults)
         self._built = True
-        # The state exists from the start (as after a first step): DCP's lr = 0 initialisation step
-        # then never runs, and HD's initial rate is each group's lr.
+        # The state of trainable parameters exists from the start (as after a first step): DCP's
+        # lr = 0 initialisation step then never runs, and HD's initial rate is each group's lr.
         self._ensure_state()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -207,11 +207,12 @@ class Optimizer(torch.optim.Optimizer):
         if any(k != keys[0] for k in keys):
             _check_no_global_sums(self.opt)  # before any state changes
         if torch.compiler.is_compiling():  # traced into the caller's graph
+            if any(p not in self.state for p in active):
+                self._ensure_state()
             self._follow_scheduler(active, groups)
             self._list_step(active, groups, torch_steps.advance([self.state[p] for p in active]))
             return loss
-        num_params = sum(len(group["params"]) for group in self.param_groups)
-        if (id(self.state), len(self.state), num_params) != self._ensured:  # new groups, cleared state
+        if any(p not in self.state for p in active):  # unfrozen, or appended to a group's list
             self._ensure_state()
         self._follow_scheduler(active, groups)
         steps = torch_steps.advance([self.state[p] for p in active])
@@ -514,8 +515,9 @@ class Optimizer(torch.optim.Optimizer):
     @property
     def functional_state(self) -> core.OptimizerState:
         """The :class:`adaptlr.OptimizerState` over the list of all parameters in group order
-        (the live state tensors: later steps update them in place)."""
-        self._ensure_state()
+        (the live state tensors: later steps update them in place). Parameters that never had a
+        gradient and do not require one get their initial state here."""
+        self._ensure_state(everyone=True)
         return self._assemble(self._all_params())
 
     def set_functional_state(self, state: core.OptimizerState) -> None:
@@ -564,8 +566,9 @@ class Optimizer(torch.optim.Optimizer):
         saved_state = state_dict.get("state", {})
         saved_groups = state_dict["param_groups"]
         indices = [i for g in saved_groups for i in g["params"]]
-        has_shared = bool(indices) and indices[0] in saved_state and any(
-            isinstance(k, str) and k.startswith(SHARED_PREFIX) for k in saved_state[indices[0]])
+        with_state = [i for i in indices if i in saved_state]  # frozen parameters may have none
+        has_shared = bool(with_state) and any(
+            isinstance(k, str) and k.startswith(SHARED_PREFIX) for k in saved_state[with_state[0]])
         if meta is None and not has_shared:
             raise ValueError("state_dict was not made by adaptlr.backends.torch.Optimizer (no 'adaptlr' entry)")
         if meta is not None:
@@ -578,19 +581,17 @@ class Optimizer(torch.optim.Optimizer):
             torch_groups.check_group({**self.param_groups[k], **group}, self.opt.base, f"saved param_groups[{k}]")
         params = self._all_params()
         new_state = None
-        if saved_state or (meta is not None and meta["global"]):
-            missing = [i for i in indices if i not in saved_state]
-            if missing:
-                raise ValueError(f"state_dict has no state for parameter index {missing[0]}")
+        if with_state:
             layout, _ = Layout.of([self._state_view(p) for p in params])
             template = self._init_state(params)
             skeleton, fields = split_state(template, layout.treespec)
-            first = saved_state[indices[0]]
+            first = saved_state[with_state[0]]
             values = []
             for f in fields:
-                if f.per_param:
+                if f.per_param:  # a parameter without saved state gets the initial one
                     try:
-                        values.append([saved_state[i][f.path] for i in indices])
+                        values.append([saved_state[i][f.path] if i in saved_state else f.value[k]
+                                       for k, i in enumerate(indices)])
                     except KeyError:
                         raise ValueError(f"state_dict has no state field {f.path}") from None
                 elif meta is not None and f.path in meta["global"]:
@@ -612,8 +613,14 @@ class Optimizer(torch.optim.Optimizer):
             self._flat = None
         if new_state is not None:
             self.set_functional_state(new_state)
-            if all("step" in saved_state[i] for i in indices):
-                self._load_steps([saved_state[i]["step"] for i in indices], params)
+            for k, i in enumerate(indices):
+                if i not in saved_state:
+                    del self.state[params[k]]  # as saved: no state until its first gradient
+            if all("step" in saved_state[i] for i in with_state):
+                self._load_steps([saved_state[i]["step"] for i in with_state],
+                                 [params[k] for k, i in enumerate(indices) if i in saved_state])
+        else:
+            self._ensure_state()
 
     def _load_steps(self, saved: list, params: list) -> None:
         """Per-parameter step counts from a state_dict; equal counts share one tensor (a host sync, once)."""
@@ -690,9 +697,11 @@ class Optimizer(torch.optim.Optimizer):
         adaptations = tuple(a.init(views, alpha, layout, xp_torch) for a in self.opt.adaptations)
         return core.OptimizerState(count, list(alpha), base_state, adaptations)
 
-    def _ensure_state(self) -> None:
-        """Initialise the state of parameters that have none (all of them at the start)."""
-        fresh = [p for p in self._all_params() if p not in self.state]
+    def _ensure_state(self, everyone: bool = False) -> None:
+        """Initialise the state of parameters that have none and require or have a gradient (all of
+        them with ``everyone``). Like ``torch.optim``, frozen parameters cost no state memory."""
+        fresh = [p for p in self._all_params()
+                 if p not in self.state and (everyone or p.requires_grad or p.grad is not None)]
         for p in fresh:  # library_of caches by type: fill it here, not inside a traced step (a guard)
             core.scalar_device(p)
         if fresh:
@@ -706,8 +715,6 @@ class Optimizer(torch.optim.Optimizer):
             never = torch.zeros_like(state.count)  # steps that updated the parameter (torch_steps)
             for p in fresh:
                 self.state[p]["step"] = never
-        num_params = sum(len(group["params"]) for group in self.param_groups)
-        self._ensured = (id(self.state), len(self.state), num_params)
 
     def _set_skeleton(self, state: core.OptimizerState, layout: Layout) -> None:
         skeleton, fields = split_state(state, layout.treespec)

@@ -412,3 +412,24 @@ def test_grad_scaler_skips_inf_steps_and_leaves_the_state(fast):
             for p, entry in zip(model.parameters(), entries):
                 assert all(torch.equal(opt.state[p][k], v) for k, v in entry.items())
     assert int(opt.functional_state.count) == 3
+
+
+@pytest.mark.parametrize("fast", FAST)
+def test_frozen_parameters_have_no_state_and_a_state_dict_round_trip_keeps_it_so(fast):
+    model = _model()
+    model[0].weight.requires_grad_(False)
+    opt = Optimizer(model.parameters(), adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2), fast=fast)
+    assert model[0].weight not in opt.state and len(opt.state) == 3  # as torch.optim: no memory for it
+    _train(model, opt, 3)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    assert len(saved["state"]) == 3
+    _train(model, opt, 3, start=3)
+    model2 = _model(seed=1)
+    model2.load_state_dict(saved_model)
+    model2[0].weight.requires_grad_(False)
+    opt2 = Optimizer(model2.parameters(), adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2), fast=fast)
+    opt2.load_state_dict(saved)
+    assert model2[0].weight not in opt2.state
+    _train(model2, opt2, 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    assert len(opt.functional_state.base.mu) == 4  # the functional view covers every parameter
