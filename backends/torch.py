@@ -84,6 +84,7 @@ class Optimizer(torch.optim.Optimizer):
             hyper-parameters are the groups' defaults; the adaptations' apply to every group.
         state_dtype: None (state in each parameter's dtype) or a floating torch dtype for the state
             of parameters of other floating dtypes (mixed precision; see the module docstring).
+            Defaults to the ``state_dtype`` the adaptlr optimizer was made with.
         fast: how the step runs (same values in every case, to rounding; parameters and gradients
             always keep their own storage):
 
@@ -118,6 +119,11 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"opt must be an adaptlr Optimizer (adaptlr.adamw(...), ...), got {type(opt).__name__}")
         if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
             raise TypeError(f"state_dtype must be None or a floating torch dtype, got {state_dtype!r}")
+        if opt.state_dtype is not None:  # adaptlr.adamw(..., state_dtype="float32") carries it
+            if state_dtype is not None and dtype_name(state_dtype) != opt.state_dtype:
+                raise ValueError(f"state_dtype={state_dtype} differs from the optimizer's "
+                                 f"state_dtype={opt.state_dtype!r}")
+            state_dtype = getattr(torch, opt.state_dtype)
         learning_rate = opt.base.learning_rate
         self.opt = opt
         self.state_dtype = state_dtype

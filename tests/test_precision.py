@@ -224,3 +224,17 @@ def test_every_factory_takes_state_dtype(name):
     assert floats and all(x.dtype == np.float32 for x in floats)
     updates, state = opt.update([np.full((2, 3), 0.5, dtype=np.float16)], state, params)
     assert updates[0].dtype == np.float16 and np.all(np.isfinite(updates[0]))
+
+
+def test_torch_adapter_takes_the_optimizers_state_dtype():
+    from adaptlr.backends.torch import Optimizer
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = Optimizer([p], adaptlr.adamw(1e-2, state_dtype="float32"))
+    assert opt.state_dtype == torch.float32
+    p.grad = torch.full((4,), 0.5, dtype=torch.bfloat16)
+    opt.step()
+    assert opt.state[p]["base.mu"].dtype == torch.float32 and p.dtype == torch.bfloat16
+    assert torch.all(p < 1)  # Adam's first step: -α·sign(g), then rounded once to bfloat16
+    with pytest.raises(ValueError, match="differs"):
+        Optimizer([p], adaptlr.adamw(1e-2, state_dtype="float32"), state_dtype=torch.float64)
