@@ -18,6 +18,7 @@ from adaptlr.core import Optimizer, OptimizerState, apply_updates, learning_rate
 from adaptlr.dsa import dsa
 from adaptlr.eg import eg_step_size
 from adaptlr.hypergradient import adam_hd, hypergradient, sgd_hd, sgdn_hd
+from adaptlr.prodigy import prodigy
 from adaptlr.radam import radam
 from adaptlr.sgd import sgd
 from adaptlr.summary import lr_summary
@@ -45,6 +46,7 @@ __all__ = [
     "learning_rates",
     "load_state",
     "lr_summary",
+    "prodigy",
     "radam",
     "save_state",
     "sgd",

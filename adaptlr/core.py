@@ -6,9 +6,11 @@ Every optimizer in adaptlr computes
 
 where ``d_t`` is the base optimizer's learning-rate-free direction (:class:`BaseDirection`), ``α_t``
 the user's learning rate (a float or a schedule of t), ``κ_t`` the product of the multipliers of the
-adaptations wrapped around the base (:class:`Adaptation`), ``λ`` the decoupled weight decay (scaled
-by ``κ`` only where an adaptation is told to), and ``shift_t`` an additive parameter shift that only
-AutoDrop's averaging uses. Coupled (L2) decay is part of ``d_t`` (``g ← g + λθ``).
+adaptations wrapped around the base (:class:`Adaptation`) and, for a learning-rate-free base
+(Prodigy, D-Adaptation, DoG), of the base's own estimate (:meth:`BaseDirection.step`), ``λ`` the
+decoupled weight decay (scaled by ``κ`` only where an adaptation or the base's estimate says so), and
+``shift_t`` an additive parameter shift that only AutoDrop's averaging uses. Coupled (L2) decay is
+part of ``d_t`` (``g ← g + λθ``).
 
 The public surface is optax-like::
 
@@ -221,11 +223,27 @@ class BaseDirection(abc.ABC):
         """
         return 1.0
 
-    @abc.abstractmethod
     def direction(
         self, grads: list, state: NamedTuple, scalars: Scalars, layout: Layout
     ) -> tuple[list, NamedTuple]:
-        """``(d_t per leaf, new state)`` from the objective gradients ``g_t (+ λθ)``."""
+        """``(d_t per leaf, new state)`` from the objective gradients ``g_t (+ λθ)``.
+
+        Every base implements this or :meth:`step`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither direction nor step")
+
+    def step(self, ctx: StepContext, size: StepSize, state: NamedTuple) -> tuple[list, StepSize, NamedTuple]:
+        """``(d_t per leaf, step size, new state)``: the base's part of the step.
+
+        The default is :meth:`direction` on ``ctx.objective_grads`` with ``size`` unchanged. A
+        learning-rate-free base (Prodigy, D-Adaptation, DoG) overrides it: it reads the parameters
+        and makes global sums (``ctx.reduce``; ``ctx.directions`` is empty here, the base makes them),
+        and multiplies ``size`` by its own estimate (``size.scaled(...)``: the base's κ). Its state
+        then has ``scale_learning_rate`` and ``signals`` methods as an adaptation's state has, so
+        that :func:`learning_rates` and ``lr_summary`` include the estimate.
+        """
+        directions, state = self.direction(ctx.objective_grads, state, ctx.scalars, ctx.layout)
+        return directions, size, state
 
 
 class Adaptation(abc.ABC):
@@ -373,11 +391,10 @@ class Optimizer:
         decoupled = weight_decay if base.decoupled else [0.0] * len(params)
 
         objective_grads = [g + lam * p if lam else g for g, p, lam in zip(grads, params, coupled)]
-        directions, base_state = base.direction(objective_grads, state.base, scalars, layout)
-
-        ctx = StepContext(xp, layout, count, grads, objective_grads, directions, params, alpha, scalars,
+        ctx = StepContext(xp, layout, count, grads, objective_grads, [], params, alpha, scalars,
                           reducer or Reducer(xp))
-        size = StepSize.of(alpha)
+        directions, size, base_state = base.step(ctx, StepSize.of(alpha), state.base)
+        ctx = ctx._replace(directions=directions)
         adaptation_states = []
         for adaptation, adaptation_state in zip(self.adaptations, state.adaptations):
             size, adaptation_state = adaptation.step(ctx, size, adaptation_state)
@@ -509,6 +526,8 @@ def learning_rates(state: OptimizerState) -> PyTree:
     alpha, treespec = optree.tree_flatten(state.learning_rate)
     layout = Layout(treespec, state.learning_rate)
     size = StepSize.of(alpha)
+    if hasattr(state.base, "scale_learning_rate"):  # a learning-rate-free base's own estimate
+        size = state.base.scale_learning_rate(size, layout)
     for adaptation_state in state.adaptations:
         size = adaptation_state.scale_learning_rate(size, layout)
     return layout.tree(size.effective())

@@ -55,6 +55,8 @@ def lr_summary(
 
     out: dict[str, Any] = {"learning_rate": _per_tensor(layout.leaves(learning_rates(state), "learning rates"), names)}
     signals: list[tuple[int, str, Any]] = []
+    if hasattr(state.base, "signals"):  # a learning-rate-free base's estimate (Prodigy's d)
+        signals.extend(("base", key, value) for key, value in state.base.signals(layout).items())
     for i, adaptation_state in enumerate(state.adaptations):
         for key, value in adaptation_state.signals(layout).items():
             signals.append((i, key, value))

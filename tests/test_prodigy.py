@@ -1,0 +1,204 @@
+"""Prodigy against ``prodigyopt.Prodigy`` 1.1.2 and ``optax.contrib.prodigy`` (issue 18).
+
+Float64, 200 steps, parameters of several shapes (0-D included) on a nonlinear problem, on every
+backend; the error is the normwise relative error of the parameters, maximised over steps and
+tensors (``max_rel_err``), and also that of the estimate ``d``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import max_rel_err
+
+import adaptlr
+
+torch = pytest.importorskip("torch", reason="the reference is prodigyopt (PyTorch)")
+prodigyopt = pytest.importorskip("prodigyopt", reason="prodigyopt==1.1.2 is the reference (pip install prodigyopt)")
+
+SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
+STEPS = 200
+TOL = 1e-12
+
+
+def _problem(seed: int = 20261202):
+    rng = np.random.default_rng(seed)
+    init = [rng.normal(size=s) for s in SHAPES]
+    centres = [rng.normal(size=s) for s in SHAPES]
+    coeffs = [rng.uniform(0.5, 2.0, size=s) for s in SHAPES]
+
+    def grad(params):  # ∇ Σ (a/2·(θ-c)² + 0.1·cos θ): smooth, convex away from c, bounded below
+        return [a * (p - c) - 0.1 * np.sin(p) for p, a, c in zip(params, coeffs, centres)]
+
+    return init, grad
+
+
+# adaptlr kwargs; prodigyopt takes the same names except lr/betas.
+CASES = {
+    "default": {},
+    "d0-1e-3": {"d0": 1e-3},
+    "decoupled-wd": {"weight_decay": 0.1, "d0": 1e-3},
+    "coupled-wd": {"weight_decay": 0.1, "decouple": False, "d0": 1e-3},
+    "bias-correction": {"use_bias_correction": True, "d0": 1e-3},
+    "safeguard-warmup": {"safeguard_warmup": True, "d0": 1e-4},
+    "growth-rate": {"growth_rate": 1.02, "d0": 1e-3},
+    "slice-p-3": {"slice_p": 3, "d0": 1e-3},
+    "b1-0-beta3-dcoef": {"b1": 0.0, "beta3": 0.9, "d_coef": 0.5, "d0": 1e-3},
+    "lr-0.5-eps-wd-all": {"learning_rate": 0.5, "eps": 1e-6, "weight_decay": 0.05, "use_bias_correction": True,
+                          "safeguard_warmup": True, "growth_rate": 1.05, "slice_p": 2, "d0": 1e-3},
+}
+
+
+def _upstream_kwargs(kwargs: dict) -> dict:
+    out = dict(kwargs)
+    out["lr"] = out.pop("learning_rate", 1.0)
+    out["betas"] = (out.pop("b1", 0.9), out.pop("b2", 0.999))
+    return out
+
+
+def _reference(kwargs: dict, init, grad):
+    params = [torch.tensor(p, dtype=torch.float64) for p in init]
+    opt = prodigyopt.Prodigy(params, **_upstream_kwargs(kwargs))
+    trajectory, ds = [], []
+    for _ in range(STEPS):
+        for p, g in zip(params, grad([p.detach().numpy() for p in params])):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        trajectory.append([p.detach().numpy().copy() for p in params])
+        ds.append(opt.param_groups[0]["d"])
+    return trajectory, ds
+
+
+def _run(opt, backend, init, grad, step=None):
+    params = [backend.asarray(p) for p in init]
+    state = opt.init(params)
+    step = step or opt.update
+    trajectory, ds = [], []
+    for _ in range(STEPS):
+        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params])]
+        updates, state = step(grads, state, params)
+        params = adaptlr.apply_updates(params, updates)
+        trajectory.append([backend.to_numpy(p) for p in params])
+        ds.append(float(backend.to_numpy(state.base.d)))
+    return trajectory, ds, state
+
+
+def _worst(trajectory, expected) -> float:
+    return max(max_rel_err(a, e) for a, e in zip(trajectory, expected))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_prodigyopt(case, backend):
+    init, grad = _problem()
+    expected, expected_d = _reference(CASES[case], init, grad)
+    trajectory, ds, _ = _run(adaptlr.prodigy(**CASES[case]), backend, init, grad)
+    worst = _worst(trajectory, expected)
+    worst_d = max_rel_err(ds, expected_d)
+    assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
+    assert worst_d <= TOL, f"{case} on {backend.name}: d max relative error {worst_d:.3e}"
+    assert expected_d[-1] > 10 * CASES[case].get("d0", 1e-6), "the problem must make d grow"
+
+
+def test_jit_matches_prodigyopt(backend):
+    if backend.library != "jax":
+        pytest.skip("jax.jit of the functional step")
+    import jax
+
+    kwargs = CASES["lr-0.5-eps-wd-all"]
+    init, grad = _problem()
+    expected, expected_d = _reference(kwargs, init, grad)
+    opt = adaptlr.prodigy(**kwargs)
+    trajectory, ds, _ = _run(opt, backend, init, grad, step=jax.jit(opt.update))
+    assert _worst(trajectory, expected) <= TOL
+    assert max_rel_err(ds, expected_d) <= TOL
+
+
+OPTAX_CASES = {
+    "wd-dcoef-eps": {"weight_decay": 0.05, "d0": 1e-3, "d_coef": 0.8, "eps": 1e-7},
+    "wd-safeguard": {"weight_decay": 0.05, "d0": 1e-3, "safeguard_warmup": True},
+}
+
+
+@pytest.mark.parametrize("case", list(OPTAX_CASES))
+def test_matches_optax_contrib_prodigy(case, backend):
+    """``optax.contrib.prodigy`` is Prodigy with bias correction, decoupled decay, unbounded growth."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+
+    kwargs = OPTAX_CASES[case]
+    init, grad = _problem()
+    ref = optax.contrib.prodigy(1.0, betas=(0.9, 0.999), eps=kwargs.get("eps", 1e-8), estim_lr0=kwargs["d0"],
+                                estim_lr_coef=kwargs.get("d_coef", 1.0), weight_decay=kwargs["weight_decay"],
+                                safeguard_warmup=kwargs.get("safeguard_warmup", False))
+    params = [jax.numpy.asarray(p, dtype=jax.numpy.float64) for p in init]
+    state = ref.init(params)
+    step = jax.jit(ref.update)
+    expected, expected_d = [], []
+    for _ in range(STEPS):
+        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params])]
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        expected.append([np.asarray(p) for p in params])
+        expected_d.append(float(state.estim_lr))
+    opt = adaptlr.prodigy(use_bias_correction=True, **kwargs)
+    trajectory, ds, _ = _run(opt, backend, init, grad)
+    worst, worst_d = _worst(trajectory, expected), max_rel_err(ds, expected_d)
+    assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
+    assert worst_d <= TOL, f"{case} on {backend.name}: d max relative error {worst_d:.3e}"
+
+
+def test_torch_adapter_equals_functional():
+    from adaptlr.backends.torch import Optimizer
+    from adaptlr.conformance.backends import BACKENDS
+
+    kwargs = CASES["lr-0.5-eps-wd-all"]
+    init, grad = _problem()
+    expected, expected_d, _ = _run(adaptlr.prodigy(**kwargs), BACKENDS["torch"], init, grad)
+    params = [torch.nn.Parameter(torch.tensor(p, dtype=torch.float64)) for p in init]
+    opt = Optimizer(params, adaptlr.prodigy(**kwargs), fast=False)
+    worst = 0.0
+    for step in range(STEPS):
+        for p, g in zip(params, grad([p.detach().numpy() for p in params])):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        worst = max(worst, max_rel_err([p.detach().numpy() for p in params], expected[step]))
+    assert worst == 0.0 or worst <= TOL
+    d = float(opt.functional_state.base.d)
+    assert d == pytest.approx(expected_d[-1], rel=TOL)
+
+
+def test_learning_rates_and_summary_report_d():
+    opt = adaptlr.prodigy(learning_rate=0.5, use_bias_correction=True, d0=1e-3)
+    init, grad = _problem()
+    params = [np.asarray(p) for p in init]
+    state = opt.init(params)
+    for _ in range(5):
+        updates, state = opt.update(grad(params), state, params)
+        params = adaptlr.apply_updates(params, updates)
+    t = 6  # the next step's bias correction
+    expected = 0.5 * float(state.base.d) * math.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+    for rate in adaptlr.learning_rates(state):
+        assert float(rate) == pytest.approx(expected, rel=1e-15)
+    summary = adaptlr.lr_summary(state, flat=True)
+    assert summary["d"] == float(state.base.d) and "d_hat" in summary and "d_max" in summary
+
+
+def test_zero_gradients_do_not_move():
+    """Σ|s| = 0: no step and no change of d (prodigyopt returns early), without NaN."""
+    opt = adaptlr.prodigy(weight_decay=0.1)
+    params = [np.ones(3)]
+    state = opt.init(params)
+    updates, state = opt.update([np.zeros(3)], state, params)
+    assert np.all(updates[0] == 0) and float(state.base.d) == 1e-6 and float(state.base.numerator) == 0
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"learning_rate": 0.0}, "learning_rate"), ({"b1": 1.0}, "b1"), ({"beta3": -0.1}, "beta3"),
+    ({"eps": 0.0}, "eps"), ({"d0": 0.0}, "d0"), ({"d_coef": -1.0}, "d_coef"),
+    ({"growth_rate": 0.5}, "growth_rate"), ({"slice_p": 0}, "slice_p"), ({"weight_decay": -1.0}, "weight_decay"),
+])
+def test_bad_hyper_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        adaptlr.prodigy(**kwargs)
