@@ -15,6 +15,7 @@ from adaptlr.adam import adam, adamw
 from adaptlr.autodrop import autodrop, autodrop_detector
 from adaptlr.checkpoint import load_state, save_state
 from adaptlr.core import Optimizer, OptimizerState, apply_updates, learning_rates
+from adaptlr.dadapt import dadapt_adam, dadapt_sgd
 from adaptlr.dog import dog, dowg
 from adaptlr.dsa import dsa
 from adaptlr.eg import eg_step_size
@@ -41,6 +42,8 @@ __all__ = [
     "apply_updates",
     "autodrop",
     "autodrop_detector",
+    "dadapt_adam",
+    "dadapt_sgd",
     "dog",
     "dowg",
     "dsa",

@@ -1,0 +1,295 @@
+"""D-Adaptation: Adam and SGD with the learning rate estimated from a lower bound on ‖x_0 - x*‖ (issue 18).
+
+Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023 (arXiv:2301.07733);
+oracles ``dadaptation.DAdaptAdam`` and ``DAdaptSGD`` 3.2 (``facebookresearch/dadaptation``).
+
+**D-Adapt Adam**, with ``d`` the estimate (``d_0`` at the start), ``c_t`` the bias correction,
+``a = max α`` and ``β̃ = sqrt(β2)``::
+
+    g ← g_t + λ·θ_{t-1}                                          (decouple=False: coupled decay)
+    c_t = sqrt(1-β2^t) / (1-β1^t)   (use_bias_correction; else 1)      η = d·a·c_t
+    r_t = β̃·r_{t-1} + (1-β̃)·η·⟨g, s_{t-1} / (sqrt(v_{t-1}) + ε)⟩  (global sum over every tensor)
+    m_t = β1·m_{t-1} + η·(1-β1)·g
+    v_t = β2·v_{t-1} + (1-β2)·g²
+    s_t = β̃·s_{t-1} + η·(1-β̃)·g
+    d⁺ = max(d, min(r_t / ((1-β̃)·Σ|s_t|), d·growth_rate))
+    u_t = -m_t / (sqrt(v_t) + ε)  -  η·λ·θ_{t-1}                 (decouple=True: decoupled decay)
+
+**D-Adapt SGD**, with ``μ`` the momentum and ``‖g_1‖`` the norm of the first raw gradient::
+
+    g ← g_t + λ·θ_{t-1}
+    η = d·a / ‖g_1‖
+    r_t = r_{t-1} + η·⟨g, s_{t-1}⟩;    s_t = s_{t-1} + η·g
+    d⁺ = max(d, min(2·r_t / ‖s_t‖, d·growth_rate))
+    θ_t = μ·θ_{t-1} + (1-μ)·(x_0 - s_t)
+
+A step where ``Σ|s_t|`` (``‖s_t‖``) is 0 (every gradient so far zero) leaves the parameters, ``d``
+and ``r`` as they are, as upstream. Here the learning rate ``α`` is inside the moments (``m`` and
+``s`` accumulate ``η·g``), so the base returns the whole update as its direction and sets the step's
+``α`` to 1 (:meth:`adaptlr.core.BaseDirection.step`); decoupled weight decay is scaled by ``d·c_t``
+(``-α·λ·d·c_t·θ``). :func:`adaptlr.learning_rates` reports ``η`` of the next step (``α·d·c_{t+1}``,
+``α·d/‖g_1‖``), the rate at which a new gradient enters the update.
+
+Differences from upstream: no ``.item()`` or host-side branching (``where`` on 0-D arrays), sums
+through the step's reducer (complete under ``shard_map``); the step counter of the bias correction
+also counts a skipped all-zero-gradient step (upstream's ``k`` does not). ``optax.contrib.dadapt_adamw``
+is D-Adapt Adam with ``use_bias_correction=True``, ``decouple=True``, ``growth_rate=inf``; it always
+applies both, while ``DAdaptAdam`` defaults to neither. ``DAdaptSGD`` takes ``‖g_1‖`` of the gradient
+without weight decay (its ``grad.add`` is not in place); adaptlr does the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from adaptlr import _validation as v
+from adaptlr._precision import widest_float
+from adaptlr._tree import Layout
+from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
+
+__all__ = ["DAdaptAdamDirection", "DAdaptAdamState", "DAdaptSGDDirection", "DAdaptSGDState", "dadapt_adam",
+           "dadapt_sgd"]
+
+
+def _scale(size: StepSize, lr_scale: Any) -> StepSize:
+    xp = array_api_compat.array_namespace(lr_scale)
+    return size.scaled([xp.astype(lr_scale, a.dtype) for a in size.alpha])
+
+
+class DAdaptAdamState(NamedTuple):
+    """State of D-Adapt Adam: ``mu`` (``m``), ``nu`` (``v``), ``s`` (trees like the params); ``d``,
+    ``numerator`` (``r``) and ``lr_scale`` (``d·c_{t+1}``, what :func:`adaptlr.learning_rates`
+    multiplies ``α`` by), 0-D in the widest float."""
+
+    mu: Any
+    nu: Any
+    s: Any
+    d: Any
+    numerator: Any
+    lr_scale: Any
+
+    def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
+        return _scale(size, self.lr_scale)
+
+    def signals(self, layout: Layout) -> dict[str, Any]:
+        return {"d": self.d}
+
+
+class DAdaptSGDState(NamedTuple):
+    """State of D-Adapt SGD: ``s`` and ``x0`` (trees like the params); ``d``, ``numerator`` (``r``),
+    ``g0_norm`` (``‖g_1‖``, 0 before the first step) and ``lr_scale`` (``d/‖g_1‖``), 0-D in the
+    widest float."""
+
+    s: Any
+    x0: Any
+    d: Any
+    numerator: Any
+    g0_norm: Any
+    lr_scale: Any
+
+    def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
+        return _scale(size, self.lr_scale)
+
+    def signals(self, layout: Layout) -> dict[str, Any]:
+        return {"d": self.d}
+
+
+def _check_common(base: BaseDirection, learning_rate: Any, weight_decay: float, d0: float,
+                  growth_rate: float) -> None:
+    base.learning_rate = v.check_learning_rate(learning_rate)
+    if not callable(base.learning_rate) and base.learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0 (D-Adaptation estimates d only while it is), got {learning_rate}")
+    base.weight_decay = v.check_nonnegative("weight_decay", weight_decay)
+    base.d0 = v.check_positive("d0", d0)
+    growth_rate = float(growth_rate)
+    if not growth_rate >= 1.0:  # also NaN
+        raise ValueError(f"growth_rate must be >= 1 (inf: unbounded), got {growth_rate}")
+    base.growth_rate = growth_rate
+
+
+def _largest_alpha(xp: Any, alpha: list, wide: Any) -> Any:
+    if len(alpha) == 1:
+        return xp.astype(alpha[0], wide)
+    return xp.max(xp.stack([xp.astype(a, wide) for a in alpha]))
+
+
+def _unit_step(xp: Any, size: StepSize, moved: Any, decay_scale: Any, like: list) -> StepSize:
+    """The step size of a base whose direction is the whole update: ``α`` = 1 (0 where nothing
+    moved), decoupled decay scaled by ``decay_scale`` (0 where nothing moved)."""
+    one = xp.where(moved, xp.ones_like(decay_scale), xp.zeros_like(decay_scale))
+    decay = xp.where(moved, decay_scale, xp.zeros_like(decay_scale))
+    return size._replace(alpha=tuple(xp.astype(one, g.dtype) for g in like),
+                         decay_kappa=tuple(xp.astype(decay, g.dtype) for g in like))
+
+
+class DAdaptAdamDirection(BaseDirection):
+    """D-Adapt Adam's base (build it with :func:`dadapt_adam`)."""
+
+    state_class = DAdaptAdamState
+
+    def __init__(self, learning_rate: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
+                 decouple: bool, use_bias_correction: bool, d0: float, growth_rate: float) -> None:
+        _check_common(self, learning_rate, weight_decay, d0, growth_rate)
+        self.b1 = v.check_beta("b1", b1)
+        self.b2 = v.check_beta("b2", b2)
+        self.eps = v.check_positive("eps", eps)
+        self.decoupled = bool(decouple)
+        self.use_bias_correction = bool(use_bias_correction)
+        self.name = "dadapt_adamw" if self.decoupled else "dadapt_adam"
+
+    def _bias_correction(self, t: Any) -> Any:
+        if not self.use_bias_correction:
+            return t * 0.0 + 1.0
+        return (1.0 - self.b2**t) ** 0.5 / (1.0 - self.b1**t)
+
+    def init(self, params: list, layout: Layout, xp: Any) -> DAdaptAdamState:
+        device = scalar_device(params[0])
+        wide = widest_float(xp, device)
+
+        def zeros() -> Any:
+            return layout.tree([xp.zeros_like(p) for p in params])
+
+        d0 = xp.asarray(self.d0, dtype=wide, device=device)
+        return DAdaptAdamState(zeros(), zeros(), zeros(), d0, xp.zeros_like(d0),
+                               xp.asarray(d0 * self._bias_correction(xp.ones_like(d0))))
+
+    def step(self, ctx: StepContext, size: StepSize, state: DAdaptAdamState
+             ) -> tuple[list, StepSize, DAdaptAdamState]:
+        xp, layout, scalars, reduce = ctx.xp, ctx.layout, ctx.scalars, ctx.reduce
+        wide, b1, b2, eps = scalars.wide, self.b1, self.b2, self.eps
+        sqrt_b2 = math.sqrt(b2)
+        grads, d = ctx.objective_grads, state.d
+
+        bias_correction = scalars.step_scalars("dadapt_adam", wide, self._bias_correction)
+        dlr = d * _largest_alpha(xp, ctx.alpha, wide) * bias_correction
+
+        def cast(x: Any, like: Any) -> Any:
+            return xp.astype(x, like.dtype)
+
+        terms, mus, nus, ss = [], [], [], []
+        for g, m, nu, s in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu"),
+                               layout.leaves(state.s, "state.s")):
+            terms.append(g * (s / (xp.sqrt(nu) + eps)))  # with the previous s and v
+            mus.append(b1 * m + g * cast(dlr * (1.0 - b1), g))
+            nus.append(b2 * nu + (1.0 - b2) * (g * g))
+            ss.append(sqrt_b2 * s + g * cast(dlr * (1.0 - sqrt_b2), g))
+        numerator = sqrt_b2 * state.numerator + (1.0 - sqrt_b2) * (dlr * reduce.total(terms, wide))
+        s_l1 = reduce.total([xp.abs(s) for s in ss], wide)
+
+        moved = s_l1 > 0
+        d_hat = numerator / ((1.0 - sqrt_b2) * xp.where(moved, s_l1, xp.ones_like(s_l1)))
+        d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
+        numerator = xp.where(moved, numerator, state.numerator)
+
+        directions = [m / (xp.sqrt(nu) + eps) for m, nu in zip(mus, nus)]
+        size = _unit_step(xp, size, moved, d * bias_correction, grads)
+        lr_scale = xp.asarray(d_new * self._bias_correction(scalars.t + 1.0))
+        new_state = DAdaptAdamState(layout.tree(mus), layout.tree(nus), layout.tree(ss), d_new,
+                                    xp.asarray(numerator), lr_scale)
+        return directions, size, new_state
+
+
+class DAdaptSGDDirection(BaseDirection):
+    """D-Adapt SGD's base (build it with :func:`dadapt_sgd`)."""
+
+    name = "dadapt_sgd"
+    state_class = DAdaptSGDState
+    decoupled = False
+
+    def __init__(self, learning_rate: float | Schedule, momentum: float, weight_decay: float, d0: float,
+                 growth_rate: float) -> None:
+        _check_common(self, learning_rate, weight_decay, d0, growth_rate)
+        self.momentum = v.check_beta("momentum", momentum)
+
+    def init(self, params: list, layout: Layout, xp: Any) -> DAdaptSGDState:
+        device = scalar_device(params[0])
+        d0 = xp.asarray(self.d0, dtype=widest_float(xp, device), device=device)
+        zero = xp.zeros_like(d0)
+        return DAdaptSGDState(layout.tree([xp.zeros_like(p) for p in params]),
+                              layout.tree([xp.asarray(p, copy=True) for p in params]), d0, zero, zero, zero)
+
+    def step(self, ctx: StepContext, size: StepSize, state: DAdaptSGDState) -> tuple[list, StepSize, DAdaptSGDState]:
+        xp, layout, scalars, reduce = ctx.xp, ctx.layout, ctx.scalars, ctx.reduce
+        wide, mu, d = scalars.wide, self.momentum, state.d
+        grads, params = ctx.objective_grads, ctx.params
+
+        # ‖g_1‖ of the raw gradient (DAdaptSGD's decay there is not in place), fixed after step 1.
+        first_norm = xp.sqrt(reduce.total([g * g for g in ctx.grads], wide))
+        g0_norm = xp.where(scalars.count == 1, first_norm, state.g0_norm)
+        dlr = d * _largest_alpha(xp, ctx.alpha, wide) / g0_norm
+
+        numerator = state.numerator + dlr * reduce.total(
+            [g * s for g, s in zip(grads, layout.leaves(state.s, "state.s"))], wide)
+        ss = [s + g * xp.astype(dlr, g.dtype) for g, s in zip(grads, layout.leaves(state.s, "state.s"))]
+        s_sq = reduce.total([s * s for s in ss], wide)
+
+        moved = s_sq > 0
+        d_hat = 2.0 * numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
+        d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
+        numerator = xp.where(moved, numerator, state.numerator)
+
+        # θ_t = μ·θ + (1-μ)·(x_0 - s): the direction is θ - θ_t, taken with α = 1.
+        directions = []
+        for p, x0, s in zip(params, layout.leaves(state.x0, "state.x0"), ss):
+            new = p * (1.0 - (1.0 - mu)) + (x0 - s) * (1.0 - mu) if mu else x0 - s
+            directions.append(p - new)
+        size = _unit_step(xp, size, moved, xp.zeros_like(d), grads)
+        new_state = DAdaptSGDState(layout.tree(ss), state.x0, d_new, xp.asarray(numerator), g0_norm,
+                                   xp.asarray(d_new / g0_norm))
+        return directions, size, new_state
+
+
+def dadapt_adam(
+    learning_rate: float | Schedule = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decouple: bool = False,
+    use_bias_correction: bool = False,
+    d0: float = 1e-6,
+    growth_rate: float = math.inf,
+    *,
+    state_dtype: Any = None,
+) -> Optimizer:
+    """D-Adapt Adam (Defazio & Mishchenko, ICML 2023), as ``dadaptation.DAdaptAdam`` 3.2 with its defaults.
+
+    Args:
+        learning_rate: ``α`` > 0 (1, or a schedule with 1 as its peak).
+        b1, b2: ``β1, β2`` in [0, 1) (``DAdaptAdam``'s ``betas``).
+        eps: ``ε`` > 0 added to ``sqrt(v)``.
+        weight_decay: ``λ`` >= 0.
+        decouple: True: AdamW-style decay ``-α·d·c_t·λ·θ``; False: coupled L2 (``g ← g + λθ``).
+        use_bias_correction: multiply ``η`` by Adam's ``c_t = sqrt(1-β2^t)/(1-β1^t)``.
+        d0: the initial estimate ``d_0`` > 0.
+        growth_rate: ``d`` grows at most by this factor per step (>= 1; inf: unbounded).
+        state_dtype: the dtype of the moments and of the step's arithmetic (None: each parameter's).
+    """
+    return Optimizer(DAdaptAdamDirection(learning_rate, b1, b2, eps, weight_decay, decouple, use_bias_correction,
+                                         d0, growth_rate), state_dtype=state_dtype)
+
+
+def dadapt_sgd(
+    learning_rate: float | Schedule = 1.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    d0: float = 1e-6,
+    growth_rate: float = math.inf,
+    *,
+    state_dtype: Any = None,
+) -> Optimizer:
+    """D-Adapt SGD (Defazio & Mishchenko, ICML 2023), as ``dadaptation.DAdaptSGD`` 3.2 with its defaults.
+
+    Args:
+        learning_rate: ``α`` > 0 (1, or a schedule with 1 as its peak).
+        momentum: ``μ`` in [0, 1), the weight of the previous iterate (primal averaging).
+        weight_decay: ``λ`` >= 0, coupled L2 (``g ← g + λθ``).
+        d0: the initial estimate ``d_0`` > 0.
+        growth_rate: ``d`` grows at most by this factor per step (>= 1; inf: unbounded).
+        state_dtype: the dtype of ``s`` and ``x_0`` and of the step's arithmetic (None: each parameter's).
+    """
+    return Optimizer(DAdaptSGDDirection(learning_rate, momentum, weight_decay, d0, growth_rate),
+                     state_dtype=state_dtype)
