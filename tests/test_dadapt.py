@@ -139,26 +139,32 @@ OPTAX_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(OPTAX_CASES))
-def test_dadapt_adam_matches_optax_dadapt_adamw(case, backend):
-    """``optax.contrib.dadapt_adamw`` = D-Adapt Adam with bias correction and decoupled decay."""
+def _optax_reference(kwargs: dict, init, grad):
+    """``optax.contrib.dadapt_adamw`` with adaptlr's ``kwargs`` (``estim_lr0`` = ``d0``)."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
-    kwargs = OPTAX_CASES[case]
-    init, grad = _problem()
     ref = optax.contrib.dadapt_adamw(kwargs.get("learning_rate", 1.0), betas=(kwargs.get("b1", 0.9),
-                                     kwargs.get("b2", 0.999)), eps=kwargs.get("eps", 1e-8), estim_lr0=kwargs["d0"],
-                                     weight_decay=kwargs.get("weight_decay", 0.0))
+                                     kwargs.get("b2", 0.999)), eps=kwargs.get("eps", 1e-8),
+                                     estim_lr0=kwargs.get("d0", 1e-6), weight_decay=kwargs.get("weight_decay", 0.0))
     params = [jax.numpy.asarray(p, dtype=jax.numpy.float64) for p in init]
     state = ref.init(params)
     step = jax.jit(ref.update)
-    expected, expected_d = [], []
+    trajectory, ds = [], []
     for t in range(STEPS):
         grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params], t)]
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
-        expected.append([np.asarray(p) for p in params])
-        expected_d.append(float(state.estim_lr))
+        trajectory.append([np.asarray(p) for p in params])
+        ds.append(float(state.estim_lr))
+    return trajectory, ds
+
+
+@pytest.mark.parametrize("case", list(OPTAX_CASES))
+def test_dadapt_adam_matches_optax_dadapt_adamw(case, backend):
+    """``optax.contrib.dadapt_adamw`` = D-Adapt Adam with bias correction and decoupled decay."""
+    kwargs = OPTAX_CASES[case]
+    init, grad = _problem()
+    expected, expected_d = _optax_reference(kwargs, init, grad)
     opt = adaptlr.dadapt_adam(decouple=True, use_bias_correction=True, **kwargs)
     trajectory, ds, _ = _run(opt, backend, init, grad)
     _check(case, backend, trajectory, ds, expected, expected_d, kwargs["d0"])

@@ -121,27 +121,35 @@ OPTAX_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(OPTAX_CASES))
-def test_matches_optax_contrib_prodigy(case, backend):
-    """``optax.contrib.prodigy`` is Prodigy with bias correction, decoupled decay, unbounded growth."""
+def _optax_reference(kwargs: dict, init, grad):
+    """``optax.contrib.prodigy`` with adaptlr's ``kwargs`` (its names: ``estim_lr0`` = ``d0``, ...)."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
-
-    kwargs = OPTAX_CASES[case]
-    init, grad = _problem()
-    ref = optax.contrib.prodigy(1.0, betas=(0.9, 0.999), eps=kwargs.get("eps", 1e-8), estim_lr0=kwargs["d0"],
-                                estim_lr_coef=kwargs.get("d_coef", 1.0), weight_decay=kwargs["weight_decay"],
+    ref = optax.contrib.prodigy(kwargs.get("learning_rate", 1.0),
+                                betas=(kwargs.get("b1", 0.9), kwargs.get("b2", 0.999)), beta3=kwargs.get("beta3"),
+                                eps=kwargs.get("eps", 1e-8),
+                                estim_lr0=kwargs.get("d0", 1e-6), estim_lr_coef=kwargs.get("d_coef", 1.0),
+                                weight_decay=kwargs.get("weight_decay", 0.0),
                                 safeguard_warmup=kwargs.get("safeguard_warmup", False))
     params = [jax.numpy.asarray(p, dtype=jax.numpy.float64) for p in init]
     state = ref.init(params)
     step = jax.jit(ref.update)
-    expected, expected_d = [], []
+    trajectory, ds = [], []
     for _ in range(STEPS):
         grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params])]
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
-        expected.append([np.asarray(p) for p in params])
-        expected_d.append(float(state.estim_lr))
+        trajectory.append([np.asarray(p) for p in params])
+        ds.append(float(state.estim_lr))
+    return trajectory, ds
+
+
+@pytest.mark.parametrize("case", list(OPTAX_CASES))
+def test_matches_optax_contrib_prodigy(case, backend):
+    """``optax.contrib.prodigy`` is Prodigy with bias correction, decoupled decay, unbounded growth."""
+    kwargs = OPTAX_CASES[case]
+    init, grad = _problem()
+    expected, expected_d = _optax_reference(kwargs, init, grad)
     opt = adaptlr.prodigy(use_bias_correction=True, **kwargs)
     trajectory, ds, _ = _run(opt, backend, init, grad)
     worst, worst_d = _worst(trajectory, expected), max_rel_err(ds, expected_d)
