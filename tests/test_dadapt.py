@@ -1,12 +1,8 @@
 """D-Adapt Adam / SGD against ``dadaptation`` 3.2 and ``optax.contrib.dadapt_adamw`` (issue 18).
 
 Float64, 200 steps, parameters of several shapes (0-D included), on every backend; the error is the
-normwise relative error of the parameters maximised over steps and tensors, and that of ``d``.
-
-The gradients carry a fixed pseudo-random noise (a function of the step): without it D-Adapt Adam
-overestimates ``d`` on this small problem (``d ≈ 3`` for a distance ≈ 1) and oscillates around the
-minimum chaotically, which amplifies rounding differences (to 1e-10 .. 1e-6 after 200 steps between
-two correct implementations); with it the run contracts, as a stochastic training run does.
+normwise relative error of the parameters maximised over steps and tensors, and that of ``d``, on
+the problem of ``lr_free_problem.py`` (noisy gradients: see there why).
 """
 
 from __future__ import annotations
@@ -16,26 +12,12 @@ import math
 import numpy as np
 import pytest
 from conftest import max_rel_err
+from lr_free_problem import STEPS
+from lr_free_problem import problem as _problem
 
 import adaptlr
 
-SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
-STEPS = 200
 TOL = 1e-12
-
-
-def _problem(seed: int = 20261202, noise: float = 0.3):
-    rng = np.random.default_rng(seed)
-    init = [rng.normal(size=s) for s in SHAPES]
-    centres = [rng.normal(size=s) for s in SHAPES]
-    coeffs = [rng.uniform(0.5, 2.0, size=s) for s in SHAPES]
-
-    def grad(params, t):  # ∇ Σ (a/2·(θ-c)² + 0.1·cos θ) plus the noise of step t
-        step_rng = np.random.default_rng([seed, t])
-        return [a * (p - c) - 0.1 * np.sin(p) + noise * step_rng.normal(size=np.shape(p))
-                for p, a, c in zip(params, coeffs, centres)]
-
-    return init, grad
 
 
 def _run(opt, backend, init, grad, step=None):

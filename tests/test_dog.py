@@ -9,24 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import max_rel_err
+from lr_free_problem import STEPS
+from lr_free_problem import problem as _problem
 
 import adaptlr
 
-SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
-STEPS = 200
 TOL = 1e-12
-
-
-def _problem(seed: int = 20261202):
-    rng = np.random.default_rng(seed)
-    init = [rng.normal(size=s) for s in SHAPES]
-    centres = [rng.normal(size=s) for s in SHAPES]
-    coeffs = [rng.uniform(0.5, 2.0, size=s) for s in SHAPES]
-
-    def grad(params):  # ∇ Σ (a/2·(θ-c)² + 0.1·cos θ)
-        return [a * (p - c) - 0.1 * np.sin(p) for p, a, c in zip(params, coeffs, centres)]
-
-    return init, grad
 
 
 def _run(opt, backend, init, grad, step=None):
@@ -34,8 +22,8 @@ def _run(opt, backend, init, grad, step=None):
     state = opt.init(params)
     step = step or opt.update
     trajectory, etas = [], []
-    for _ in range(STEPS):
-        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params])]
+    for t in range(STEPS):
+        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params], t)]
         updates, state = step(grads, state, params)
         params = adaptlr.apply_updates(params, updates)
         trajectory.append([backend.to_numpy(p) for p in params])
@@ -68,8 +56,8 @@ def _dog_reference(kwargs: dict, init, grad):
     params = [torch.tensor(p, dtype=torch.float64) for p in init]
     opt = cls(params, **kwargs)
     trajectory, etas = [], []
-    for _ in range(STEPS):
-        for p, g in zip(params, grad([p.numpy() for p in params])):
+    for t in range(STEPS):
+        for p, g in zip(params, grad([p.numpy() for p in params], t)):
             p.grad = torch.tensor(g, dtype=torch.float64)
         opt.step()
         trajectory.append([p.numpy().copy() for p in params])
@@ -122,8 +110,8 @@ def _optax_reference(transform, init, grad):
     state = transform.init(params)
     step = jax.jit(transform.update)
     out = []
-    for _ in range(STEPS):
-        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params])]
+    for t in range(STEPS):
+        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params], t)]
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
         out.append([np.asarray(p) for p in params])
@@ -183,7 +171,7 @@ def test_torch_adapter_equals_functional(make):
     opt = Optimizer(params, make(), fast=False)
     worst = 0.0
     for step in range(STEPS):
-        for p, g in zip(params, grad([p.detach().numpy() for p in params])):
+        for p, g in zip(params, grad([p.detach().numpy() for p in params], step)):
             p.grad = torch.tensor(g, dtype=torch.float64)
         opt.step()
         worst = max(worst, max_rel_err([p.detach().numpy() for p in params], expected[step]))
@@ -197,10 +185,10 @@ def test_learning_rates_and_summary_report_eta():
     init, grad = _problem()
     params = [np.asarray(p) for p in init]
     state = opt.init(params)
-    for _ in range(3):
-        updates, state = opt.update(grad(params), state, params)
+    for t in range(3):
+        updates, state = opt.update(grad(params, t), state, params)
         params = adaptlr.apply_updates(params, updates)
-    g = grad(params)
+    g = grad(params, 3)
     updates, new_state = opt.update(g, state, params)
     for u, gi, rate in zip(updates, g, adaptlr.learning_rates(new_state)):
         np.testing.assert_allclose(u, -float(rate) * gi, rtol=1e-15)

@@ -1,8 +1,8 @@
 """Prodigy against ``prodigyopt.Prodigy`` 1.1.2 and ``optax.contrib.prodigy`` (issue 18).
 
-Float64, 200 steps, parameters of several shapes (0-D included) on a nonlinear problem, on every
-backend; the error is the normwise relative error of the parameters, maximised over steps and
-tensors (``max_rel_err``), and also that of the estimate ``d``.
+Float64, 200 steps, parameters of several shapes (0-D included) on the problem of
+``lr_free_problem.py``, on every backend; the error is the normwise relative error of the
+parameters, maximised over steps and tensors (``max_rel_err``), and also that of the estimate ``d``.
 """
 
 from __future__ import annotations
@@ -12,27 +12,15 @@ import math
 import numpy as np
 import pytest
 from conftest import max_rel_err
+from lr_free_problem import STEPS
+from lr_free_problem import problem as _problem
 
 import adaptlr
 
 torch = pytest.importorskip("torch", reason="the reference is prodigyopt (PyTorch)")
 prodigyopt = pytest.importorskip("prodigyopt", reason="prodigyopt==1.1.2 is the reference (pip install prodigyopt)")
 
-SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
-STEPS = 200
 TOL = 1e-12
-
-
-def _problem(seed: int = 20261202):
-    rng = np.random.default_rng(seed)
-    init = [rng.normal(size=s) for s in SHAPES]
-    centres = [rng.normal(size=s) for s in SHAPES]
-    coeffs = [rng.uniform(0.5, 2.0, size=s) for s in SHAPES]
-
-    def grad(params):  # ∇ Σ (a/2·(θ-c)² + 0.1·cos θ): smooth, convex away from c, bounded below
-        return [a * (p - c) - 0.1 * np.sin(p) for p, a, c in zip(params, coeffs, centres)]
-
-    return init, grad
 
 
 # adaptlr kwargs; prodigyopt takes the same names except lr/betas.
@@ -62,8 +50,8 @@ def _reference(kwargs: dict, init, grad):
     params = [torch.tensor(p, dtype=torch.float64) for p in init]
     opt = prodigyopt.Prodigy(params, **_upstream_kwargs(kwargs))
     trajectory, ds = [], []
-    for _ in range(STEPS):
-        for p, g in zip(params, grad([p.detach().numpy() for p in params])):
+    for t in range(STEPS):
+        for p, g in zip(params, grad([p.detach().numpy() for p in params], t)):
             p.grad = torch.tensor(g, dtype=torch.float64)
         opt.step()
         trajectory.append([p.detach().numpy().copy() for p in params])
@@ -76,8 +64,8 @@ def _run(opt, backend, init, grad, step=None):
     state = opt.init(params)
     step = step or opt.update
     trajectory, ds = [], []
-    for _ in range(STEPS):
-        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params])]
+    for t in range(STEPS):
+        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params], t)]
         updates, state = step(grads, state, params)
         params = adaptlr.apply_updates(params, updates)
         trajectory.append([backend.to_numpy(p) for p in params])
@@ -135,8 +123,8 @@ def _optax_reference(kwargs: dict, init, grad):
     state = ref.init(params)
     step = jax.jit(ref.update)
     trajectory, ds = [], []
-    for _ in range(STEPS):
-        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params])]
+    for t in range(STEPS):
+        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params], t)]
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
         trajectory.append([np.asarray(p) for p in params])
@@ -168,7 +156,7 @@ def test_torch_adapter_equals_functional():
     opt = Optimizer(params, adaptlr.prodigy(**kwargs), fast=False)
     worst = 0.0
     for step in range(STEPS):
-        for p, g in zip(params, grad([p.detach().numpy() for p in params])):
+        for p, g in zip(params, grad([p.detach().numpy() for p in params], step)):
             p.grad = torch.tensor(g, dtype=torch.float64)
         opt.step()
         worst = max(worst, max_rel_err([p.detach().numpy() for p in params], expected[step]))
@@ -182,8 +170,8 @@ def test_learning_rates_and_summary_report_d():
     init, grad = _problem()
     params = [np.asarray(p) for p in init]
     state = opt.init(params)
-    for _ in range(5):
-        updates, state = opt.update(grad(params), state, params)
+    for t in range(5):
+        updates, state = opt.update(grad(params, t), state, params)
         params = adaptlr.apply_updates(params, updates)
     t = 6  # the next step's bias correction
     expected = 0.5 * float(state.base.d) * math.sqrt(1 - 0.999**t) / (1 - 0.9**t)
