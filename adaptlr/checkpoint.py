@@ -21,6 +21,7 @@ import functools
 import importlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -244,10 +245,22 @@ def _optimizer_classes(optimizer: Optimizer) -> list:
 
 
 def _fits(shape: tuple, param_shape: tuple) -> bool:
-    """A per-parameter state array has the parameter's shape or broadcasts to it."""
+    """A per-parameter state array has the parameter's shape, broadcasts to it, or holds every k-th
+    element of the flattened parameter (Prodigy's ``slice_p``: shape ``(ceil(n/k),)``)."""
+    if len(shape) == 1 and _is_strided_sample(shape[0], math.prod(param_shape)):
+        return True
     if len(shape) > len(param_shape):
         return False
     return all(a in (1, b) for a, b in zip(reversed(shape), reversed(param_shape)))
+
+
+def _is_strided_sample(length: int, size: int) -> bool:
+    """Whether ``length == ceil(size / k)`` for some stride ``k >= 1`` (ceil(size/k) falls as k grows,
+    so the only candidate is the smallest ``k`` with ``ceil(size/k) <= length``)."""
+    if length < 1 or length > size:
+        return False
+    stride = -(-size // length)
+    return -(-size // stride) == length
 
 
 # -- arrays -------------------------------------------------------------------------------------
