@@ -127,7 +127,7 @@ class DoGDirection(BaseDirection):
     def init(self, params: list, layout: Layout, xp: Any) -> DoGState:
         x0 = layout.tree([xp.asarray(p, copy=True) for p in params])
         wide = widest_float(xp, scalar_device(params[0]))
-        sq_norms = [xp.astype(xp.sum(p * p), wide) for p in params]  # init sees whole (unsharded) params
+        sq_norms = [xp.sum(p * p, dtype=wide) for p in params]  # init sees whole (unsharded) params
 
         def scalars(values: list) -> Any:
             return layout.tree(values) if self.layerwise else values[0]

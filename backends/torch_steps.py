@@ -72,17 +72,8 @@ class PerParameterSteps(BaseDirection):
     def step(self, ctx: StepContext, size: StepSize, state: Any) -> tuple[list, StepSize, Any]:
         if type(self.base).step is BaseDirection.step:  # a direction per leaf: counts per parameter
             return super().step(ctx, size, state)
-        # A learning-rate-free base estimates one rate from every parameter: one count for all, as
-        # its upstream keeps one per optimizer.
-        steps = self.steps
-        if isinstance(steps, list):
-            groups = by_identity(steps)
-            if len(groups) > 1:
-                raise ValueError(f"{self.name} estimates one learning rate from all parameters and needs them to "
-                                 "have taken the same number of steps; these parameters have different counts")
-            steps = groups[0][0]
-        if steps is not None:
-            ctx = ctx._replace(scalars=Scalars(ctx.xp, steps, ctx.scalars.device))
+        # A learning-rate-free base estimates one rate from every parameter and counts the steps of the
+        # optimizer, as its upstream package does (Prodigy's and D-Adaptation's ``k`` per optimizer).
         return self.base.step(ctx, size, state)
 
     def direction(self, grads: list, state: Any, scalars: Scalars, layout: Any) -> tuple[list, Any]:

@@ -198,3 +198,26 @@ def test_zero_gradients_do_not_move():
 def test_bad_hyper_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         adaptlr.prodigy(**kwargs)
+
+
+def test_torch_adapter_with_a_late_parameter_matches_prodigyopt():
+    """A parameter without a gradient for the first steps (progressive unfreezing): both skip it, and
+    the estimate keeps counting the optimizer's steps (prodigyopt's ``k``)."""
+    from adaptlr.backends.torch import Optimizer
+
+    kwargs = {"d0": 1e-3, "use_bias_correction": True, "weight_decay": 0.01}
+    init, grad = _problem()
+    ours = [torch.nn.Parameter(torch.tensor(p, dtype=torch.float64)) for p in init]
+    theirs = [torch.tensor(p, dtype=torch.float64) for p in init]
+    opt = Optimizer(ours, adaptlr.prodigy(**kwargs), fast=False)
+    ref = prodigyopt.Prodigy(theirs, **_upstream_kwargs(kwargs))
+    worst = 0.0
+    for t in range(60):
+        for params in (ours, theirs):
+            for i, (p, g) in enumerate(zip(params, grad([p.detach().numpy() for p in params], t))):
+                p.grad = None if (i == 1 and t < 5) else torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        ref.step()
+        worst = max(worst, max_rel_err([p.detach().numpy() for p in ours], [p.numpy() for p in theirs]))
+    assert worst <= TOL
+    assert float(opt.functional_state.base.d) == pytest.approx(ref.param_groups[0]["d"], rel=TOL)
