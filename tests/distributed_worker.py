@@ -37,6 +37,12 @@ def algorithms() -> dict:
         "hd_tensor": lambda: adaptlr.hypergradient(adaptlr.adam(1e-2), hyper_lr=1e-4, granularity="tensor"),
         "eg_global": lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05), scale_lr=0.1, gain_lr=0.1),
         "dsa": lambda: adaptlr.dsa(adaptlr.adam(1e-2), hyper_lr=0.01),
+        "prodigy": lambda: adaptlr.prodigy(d0=1e-2, weight_decay=0.01, use_bias_correction=True),
+        "dog": lambda: adaptlr.dog(reps_rel=1e-2, weight_decay=1e-3),
+        "ldog": lambda: adaptlr.dog(reps_rel=1e-2, layerwise=True),
+        "dowg": lambda: adaptlr.dowg(init_estim_sq_dist=1e-3),
+        "dadapt_adam": lambda: adaptlr.dadapt_adam(d0=1e-2, weight_decay=0.01, decouple=True),
+        "dadapt_sgd": lambda: adaptlr.dadapt_sgd(d0=1e-2, momentum=0.5),
     }
 
 
