@@ -1,8 +1,9 @@
 """Checks against known answers, in float64: the spec's test vectors, closed-form trajectories,
 known minimisers, the AutoDrop noisy-quadratic angle, and the reference libraries.
 
-Every check returns :class:`~adaptlr.conformance.runner.Row` objects (``kind`` "analytic" or
-"reference"); a check whose algorithm does not exist in ``adaptlr`` yet is "skipped".
+Every check returns :class:`~adaptlr.conformance.runner.Row` objects (``kind`` "analytic",
+"reference" or "upstream": :mod:`adaptlr.conformance.upstream`); a check whose algorithm does not
+exist in ``adaptlr`` yet is "skipped".
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from adaptlr.conformance.algorithms import ALGORITHMS
 from adaptlr.conformance.backends import BACKENDS, Backend
 from adaptlr.conformance.problems import PROBLEMS, Problem, logistic_minimiser, lstsq_minimiser
 from adaptlr.conformance.runner import Row, max_rel_err, run_trajectory, tolerance
+from adaptlr.conformance.upstream import upstream_rows
 
 __all__ = ["CHECKS", "run_checks"]
 
@@ -389,6 +391,7 @@ CHECKS: dict[str, Callable[[Sequence[Backend], int], list[Row]]] = {
     "convergence": _convergence_rows,
     "autodrop-angle": _angle_rows,
     "reference-libraries": _reference_rows,
+    "upstream": upstream_rows,  # learning-rate-free optimizers vs prodigyopt, dadaptation, dog-optimizer, optax
 }
 
 

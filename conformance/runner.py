@@ -37,7 +37,7 @@ DTYPES = ("float64", "float32")
 class Row:
     """One line of the report."""
 
-    kind: str  # "agreement", "analytic", "reference", or "backend"
+    kind: str  # "agreement", "analytic", "reference", "upstream", or "backend"
     algorithm: str
     problem: str
     backend: str

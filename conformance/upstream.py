@@ -1,0 +1,333 @@
+"""adaptlr's learning-rate-free optimizers against their upstream packages: the "upstream" rows.
+
+Each :class:`UpstreamCase` runs one adaptlr configuration and the upstream optimizer it reproduces
+(``prodigyopt.Prodigy`` 1.1.2, ``dadaptation.DAdaptAdam``/``DAdaptSGD`` 3.2,
+``dog_optimizer.DoG``/``LDoG`` 1.0.3, ``optax.contrib.prodigy``/``dadapt_adamw``/``dog``/``dowg``)
+on :func:`problem` for at least :data:`STEPS` steps in float64, and reports the maximum normwise
+relative error of the parameters (over steps and tensors) on each backend, and that of the
+estimate (``d`` or ``η``, where the upstream exposes it). A row passes at ≤ :data:`TOLERANCE`; an
+upstream package that is not installed makes its rows "skipped". ``adaptlr conformance --checks
+upstream`` prints them; docs/algorithms/lr_free.md publishes them (docs/scripts/lr_free_table.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adaptlr.conformance.backends import Backend
+from adaptlr.conformance.runner import Row, max_rel_err
+
+__all__ = ["CASES", "SHAPES", "STEPS", "TOLERANCE", "UpstreamCase", "problem", "reference", "run", "upstream_rows"]
+
+SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
+STEPS = 200
+TOLERANCE = 1e-12
+
+
+def problem(seed: int = 20261202, noise: float = 0.3) -> tuple[list[np.ndarray], Callable[[list, int], list]]:
+    """``(init, grad)``: ``Σ a/2·(θ-c)² + 0.1·cos θ`` over parameters of :data:`SHAPES`, and
+    ``grad(params, t)``, its gradient plus a fixed pseudo-random noise of step ``t``.
+
+    Without the noise the learning-rate-free methods overestimate the step on this small problem
+    (D-Adapt Adam: ``d ≈ 3`` for a distance ≈ 1) and oscillate around the minimum chaotically, which
+    amplifies rounding differences between two correct implementations (to 1e-10 .. 1e-6 after 200
+    steps); with it the run contracts, as a stochastic training run does.
+    """
+    rng = np.random.default_rng(seed)
+    init = [rng.normal(size=s) for s in SHAPES]
+    centres = [rng.normal(size=s) for s in SHAPES]
+    coeffs = [rng.uniform(0.5, 2.0, size=s) for s in SHAPES]
+
+    def grad(params: list, t: int) -> list:
+        step_rng = np.random.default_rng([seed, t])
+        return [a * (p - c) - 0.1 * np.sin(p) + noise * step_rng.normal(size=np.shape(p))
+                for p, a, c in zip(params, coeffs, centres)]
+
+    return init, grad
+
+
+@dataclass(frozen=True)
+class UpstreamCase:
+    """One adaptlr configuration and the upstream optimizer it reproduces.
+
+    Attributes:
+        algorithm: the adaptlr factory (``"prodigy"``, ``"dadapt_adam"``, ...).
+        upstream: the upstream optimizer (a key of :data:`_REFERENCES`).
+        settings: a short name of the configuration.
+        kwargs: the adaptlr factory's arguments (the upstream gets the same values under its names).
+    """
+
+    algorithm: str
+    upstream: str
+    settings: str
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> Any:
+        import adaptlr
+
+        return getattr(adaptlr, self.algorithm)(**self.kwargs)
+
+
+def _cases() -> list[UpstreamCase]:
+    out = []
+    for settings, kw in {
+        "default": {}, "d0-1e-3": {"d0": 1e-3}, "decoupled-wd": {"weight_decay": 0.1, "d0": 1e-3},
+        "coupled-wd": {"weight_decay": 0.1, "decouple": False, "d0": 1e-3},
+        "bias-correction": {"use_bias_correction": True, "d0": 1e-3},
+        "safeguard-warmup": {"safeguard_warmup": True, "d0": 1e-4},
+        "growth-rate": {"growth_rate": 1.02, "d0": 1e-3}, "slice-p-3": {"slice_p": 3, "d0": 1e-3},
+        "b1-0-beta3-dcoef": {"b1": 0.0, "beta3": 0.9, "d_coef": 0.5, "d0": 1e-3},
+        "lr-0.5-eps-wd-all": {"learning_rate": 0.5, "eps": 1e-6, "weight_decay": 0.05, "use_bias_correction": True,
+                              "safeguard_warmup": True, "growth_rate": 1.05, "slice_p": 2, "d0": 1e-3},
+    }.items():
+        out.append(UpstreamCase("prodigy", "prodigyopt.Prodigy", settings, kw))
+    for settings, kw in {"wd-dcoef-eps": {"weight_decay": 0.05, "d0": 1e-3, "d_coef": 0.8, "eps": 1e-7},
+                         "wd-safeguard": {"weight_decay": 0.05, "d0": 1e-3, "safeguard_warmup": True}}.items():
+        out.append(UpstreamCase("prodigy", "optax.contrib.prodigy", settings, {"use_bias_correction": True, **kw}))
+    for settings, kw in {"dog-default": {}, "dog-reps-1e-4-wd": {"reps_rel": 1e-4, "weight_decay": 0.05},
+                         "dog-init-eta-lr": {"init_eta": 1e-3, "learning_rate": 0.8, "eps": 1e-6},
+                         "ldog-default": {"layerwise": True},
+                         "ldog-init-eta-wd": {"layerwise": True, "init_eta": 1e-3, "weight_decay": 0.05}}.items():
+        out.append(UpstreamCase("dog", "dog_optimizer.DoG", settings, kw))
+    for settings, kw in {"heuristic": {"reps_rel": 1e-5},
+                         "learning-rate-wd": {"init_eta": 1e-3, "weight_decay": 0.05, "eps": 1e-6}}.items():
+        out.append(UpstreamCase("dog", "optax.contrib.dog", settings, kw))
+    for settings, kw in {"default": {}, "sq-dist-wd-lr-eps": {"learning_rate": 0.7, "init_estim_sq_dist": 1e-6,
+                                                              "weight_decay": 0.05, "eps": 1e-6}}.items():
+        out.append(UpstreamCase("dowg", "optax.contrib.dowg", settings, kw))
+    for settings, kw in {
+        "default": {}, "d0-1e-3": {"d0": 1e-3}, "coupled-wd": {"weight_decay": 0.05, "d0": 1e-3},
+        "decoupled-wd": {"weight_decay": 0.05, "decouple": True, "d0": 1e-3},
+        "bias-correction": {"use_bias_correction": True, "d0": 1e-3},
+        "growth-rate": {"growth_rate": 1.05, "d0": 1e-3},
+        "all": {"learning_rate": 0.5, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.05, "decouple": True,
+                "use_bias_correction": True, "growth_rate": 1.1, "d0": 1e-3},
+    }.items():
+        out.append(UpstreamCase("dadapt_adam", "dadaptation.DAdaptAdam", settings, kw))
+    for settings, kw in {
+        "wd": {"weight_decay": 0.05, "d0": 1e-3},
+        "betas-eps-lr": {"learning_rate": 0.5, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "d0": 1e-3},
+    }.items():
+        out.append(UpstreamCase("dadapt_adam", "optax.contrib.dadapt_adamw", settings,
+                                {"decouple": True, "use_bias_correction": True, **kw}))
+    for settings, kw in {"default": {}, "d0-1e-3": {"d0": 1e-3},
+                         "momentum-wd": {"momentum": 0.9, "weight_decay": 0.05, "d0": 1e-3},
+                         "growth-lr": {"learning_rate": 0.5, "growth_rate": 1.05, "momentum": 0.5, "d0": 1e-3}}.items():
+        out.append(UpstreamCase("dadapt_sgd", "dadaptation.DAdaptSGD", settings, kw))
+    return out
+
+
+CASES: list[UpstreamCase] = _cases()
+
+
+# -- the upstream runs ----------------------------------------------------------------------------
+
+def _torch_run(make: Callable[[list], Any], estimate: Callable[[Any], Any], init: list, grad: Callable,
+               steps: int) -> tuple[list, list]:
+    import torch
+
+    params = [torch.tensor(p, dtype=torch.float64) for p in init]
+    with contextlib.redirect_stdout(io.StringIO()):  # "Using decoupled weight decay"
+        opt = make(params)
+    trajectory, estimates = [], []
+    for t in range(steps):
+        for p, g in zip(params, grad([p.numpy() for p in params], t)):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        trajectory.append([p.numpy().copy() for p in params])
+        estimates.append(estimate(opt))
+    return trajectory, estimates
+
+
+def _optax_run(transform: Any, estimate: Callable[[Any], Any], init: list, grad: Callable,
+               steps: int) -> tuple[list, list]:
+    import jax
+    import optax
+
+    from adaptlr.conformance.backends import enable_jax_x64
+
+    enable_jax_x64()  # the reference runs in float64 whichever backends the report covers
+    params = [jax.numpy.asarray(p, dtype=jax.numpy.float64) for p in init]
+    if params[0].dtype != jax.numpy.float64:
+        raise RuntimeError("JAX made float32 arrays: enable jax_enable_x64 before JAX computes anything")
+    state = transform.init(params)
+    step = jax.jit(transform.update)
+    trajectory, estimates = [], []
+    for t in range(steps):
+        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params], t)]
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append([np.asarray(p) for p in params])
+        estimates.append(estimate(state))
+    return trajectory, estimates
+
+
+def _betas(kw: dict) -> tuple[float, float]:
+    return kw.get("b1", 0.9), kw.get("b2", 0.999)
+
+
+def _prodigyopt(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    import prodigyopt
+
+    names = {k: v for k, v in kw.items() if k not in ("learning_rate", "b1", "b2")}
+    return _torch_run(lambda p: prodigyopt.Prodigy(p, lr=kw.get("learning_rate", 1.0), betas=_betas(kw), **names),
+                      lambda opt: opt.param_groups[0]["d"], init, grad, steps)
+
+
+def _optax_prodigy(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    import optax
+
+    transform = optax.contrib.prodigy(kw.get("learning_rate", 1.0), betas=_betas(kw), beta3=kw.get("beta3"),
+                                      eps=kw.get("eps", 1e-8), estim_lr0=kw.get("d0", 1e-6),
+                                      estim_lr_coef=kw.get("d_coef", 1.0), weight_decay=kw.get("weight_decay", 0.0),
+                                      safeguard_warmup=kw.get("safeguard_warmup", False))
+    return _optax_run(transform, lambda s: float(s.estim_lr), init, grad, steps)
+
+
+def _dog_optimizer(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    import dog
+
+    names = {k: v for k, v in kw.items() if k not in ("learning_rate", "layerwise")}
+    cls = dog.LDoG if kw.get("layerwise") else dog.DoG
+    return _torch_run(lambda p: cls(p, lr=kw.get("learning_rate", 1.0), **names),
+                      lambda opt: [float(e) for e in opt.param_groups[0]["eta"]], init, grad, steps)
+
+
+def _optax_dog(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    import optax
+
+    init_step = (("learning_rate", kw["init_eta"]) if kw.get("init_eta") is not None
+                 else ("heuristic", kw.get("reps_rel", 1e-6)))
+    transform = optax.contrib.dog(kw.get("learning_rate", 1.0), init_step=init_step, eps=kw.get("eps", 1e-8),
+                                  weight_decay=kw.get("weight_decay"))
+    return _optax_run(transform, lambda s: None, init, grad, steps)
+
+
+def _optax_dowg(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    import optax
+
+    transform = optax.contrib.dowg(kw.get("learning_rate", 1.0), init_estim_sq_dist=kw.get("init_estim_sq_dist"),
+                                   eps=kw.get("eps", 1e-4), weight_decay=kw.get("weight_decay"))
+    return _optax_run(transform, lambda s: None, init, grad, steps)
+
+
+def _dadaptation(cls_name: str) -> Callable:
+    def run_it(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+        import dadaptation
+
+        names = {k: v for k, v in kw.items() if k not in ("learning_rate", "b1", "b2")}
+        if cls_name == "DAdaptAdam":
+            names["betas"] = _betas(kw)
+        cls = getattr(dadaptation, cls_name)
+        return _torch_run(lambda p: cls(p, lr=kw.get("learning_rate", 1.0), **names),
+                          lambda opt: opt.param_groups[0]["d"], init, grad, steps)
+
+    return run_it
+
+
+def _optax_dadapt_adamw(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    import optax
+
+    transform = optax.contrib.dadapt_adamw(kw.get("learning_rate", 1.0), betas=_betas(kw), eps=kw.get("eps", 1e-8),
+                                           estim_lr0=kw.get("d0", 1e-6), weight_decay=kw.get("weight_decay", 0.0))
+    return _optax_run(transform, lambda s: float(s.estim_lr), init, grad, steps)
+
+
+# upstream -> (the modules it needs, its run: (adaptlr kwargs, init, grad, steps) -> (trajectory, estimates))
+_REFERENCES: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "prodigyopt.Prodigy": (("torch", "prodigyopt"), _prodigyopt),
+    "optax.contrib.prodigy": (("jax", "optax"), _optax_prodigy),
+    "dog_optimizer.DoG": (("torch", "dog"), _dog_optimizer),
+    "optax.contrib.dog": (("jax", "optax"), _optax_dog),
+    "optax.contrib.dowg": (("jax", "optax"), _optax_dowg),
+    "dadaptation.DAdaptAdam": (("torch", "dadaptation"), _dadaptation("DAdaptAdam")),
+    "dadaptation.DAdaptSGD": (("torch", "dadaptation"), _dadaptation("DAdaptSGD")),
+    "optax.contrib.dadapt_adamw": (("jax", "optax"), _optax_dadapt_adamw),
+}
+
+
+def missing_modules(case: UpstreamCase) -> list[str]:
+    """The modules ``case``'s upstream needs that cannot be imported."""
+    import importlib.util
+
+    return [m for m in _REFERENCES[case.upstream][0] if importlib.util.find_spec(m) is None]
+
+
+def reference(case: UpstreamCase, init: list, grad: Callable, steps: int = STEPS) -> tuple[list, list]:
+    """The upstream run of ``case``: parameters after each step, and the estimate after each step
+    (``d``; DoG: ``η`` per group or tensor; None where the upstream state does not keep it)."""
+    return _REFERENCES[case.upstream][1](case.kwargs, init, grad, steps)
+
+
+def run(opt: Any, backend: Backend, init: list, grad: Callable, steps: int = STEPS,
+        step: Callable | None = None) -> tuple[list, Any]:
+    """adaptlr's run of ``opt`` on ``backend``: parameters after each step (NumPy), and the final state."""
+    import adaptlr
+
+    params = [backend.asarray(p) for p in init]
+    state = opt.init(params)
+    step = step or opt.update
+    trajectory = []
+    for t in range(steps):
+        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params], t)]
+        updates, state = step(grads, state, params)
+        params = adaptlr.apply_updates(params, updates)
+        trajectory.append([backend.to_numpy(p) for p in params])
+    return trajectory, state
+
+
+def _final_estimate(state: Any) -> np.ndarray:
+    """The estimate after the last step as the upstream reports it: DoG's step size ``α·η`` per
+    tensor (:func:`adaptlr.learning_rates`), else ``d``."""
+    import adaptlr
+
+    if hasattr(state.base, "eta"):
+        return np.array([float(np.asarray(x)) for x in adaptlr.learning_rates(state)])
+    return np.array([float(np.asarray(state.base.d))])
+
+
+def _estimate_error(final: np.ndarray, upstream: Any) -> float:
+    expected = np.atleast_1d(np.asarray(upstream, dtype=np.float64))
+    return float(np.max(np.abs(final - expected)) / np.max(np.abs(expected)))
+
+
+def upstream_rows(backends: Sequence[Backend], steps: int, cases: Sequence[UpstreamCase] | None = None) -> list[Row]:
+    """One row per case and backend (float64, ``max(steps, STEPS)`` steps): the parameters' error
+    against the upstream run (``max_rel_err_params``) and that of the final estimate
+    (``max_rel_err_lr``, where the upstream exposes it)."""
+    steps = max(steps, STEPS)
+    init, grad = problem()
+    rows = []
+    for case in cases or CASES:
+        name = f"{case.algorithm} vs {case.upstream}"
+        missing = missing_modules(case)
+        if missing:
+            rows.append(Row("upstream", name, case.settings, "*", "*", "float64", steps, status="skipped",
+                            reason=f"not installed: {', '.join(missing)}"))
+            continue
+        expected, estimates = reference(case, init, grad, steps)
+        for backend in backends:
+            start = time.perf_counter()
+            row = Row("upstream", name, case.settings, backend.name, backend.device_name, "float64", steps,
+                      tolerance=TOLERANCE)
+            if not backend.supports("float64"):
+                row.status, row.reason = "skipped", "no float64"
+                rows.append(row)
+                continue
+            trajectory, state = run(case.build(), backend, init, grad, steps)
+            row.max_rel_err_params = max_rel_err(trajectory, expected)
+            if estimates[-1] is not None:
+                row.max_rel_err_lr = _estimate_error(_final_estimate(state), estimates[-1])
+            worst = max(row.max_rel_err_params, row.max_rel_err_lr or 0.0)
+            row.status = "pass" if math.isfinite(worst) and worst <= TOLERANCE else "fail"
+            row.seconds = time.perf_counter() - start
+            rows.append(row)
+    return rows

@@ -1,0 +1,50 @@
+"""``adaptlr conformance --checks upstream``: the learning-rate-free optimizers against their upstreams.
+
+The rows themselves are the comparison of tests/test_prodigy.py, test_dog.py and test_dadapt.py,
+made by the conformance suite (:mod:`adaptlr.conformance.upstream`); here every row passes on
+NumPy and none is skipped where the upstream packages are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from adaptlr.conformance import analytic, cli, upstream
+from adaptlr.conformance.backends import BACKENDS
+
+
+def test_upstream_is_a_conformance_check(capsys):
+    assert "upstream" in analytic.CHECKS
+    assert cli.main(["--list"]) == 0
+    assert "upstream" in capsys.readouterr().out
+
+
+def test_every_upstream_row_passes_on_numpy():
+    missing = [m for m in ("torch", "jax", "optax", "prodigyopt", "dadaptation", "dog")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the upstream packages are not installed: {missing}")
+    from adaptlr.conformance.backends import enable_jax_x64
+
+    enable_jax_x64()
+    rows = upstream.upstream_rows([BACKENDS["numpy"]], 1)
+    assert len(rows) == len(upstream.CASES)
+    assert {r.algorithm.split(" vs ")[1] for r in rows} == {
+        "prodigyopt.Prodigy", "optax.contrib.prodigy", "dog_optimizer.DoG", "optax.contrib.dog", "optax.contrib.dowg",
+        "dadaptation.DAdaptAdam", "dadaptation.DAdaptSGD", "optax.contrib.dadapt_adamw"}
+    failed = [(r.algorithm, r.problem, r.max_rel_err_params, r.max_rel_err_lr) for r in rows if r.status != "pass"]
+    assert not failed
+    assert all(r.steps == upstream.STEPS and r.max_rel_err_params <= upstream.TOLERANCE for r in rows)
+
+
+def test_a_configuration_that_is_not_the_upstream_fails():
+    """prodigyopt's default (no bias correction) is not optax.contrib.prodigy (always bias-corrected)."""
+    pytest.importorskip("optax")
+    from adaptlr.conformance.backends import enable_jax_x64
+
+    enable_jax_x64()
+    case = upstream.UpstreamCase("prodigy", "optax.contrib.prodigy", "prodigyopt-defaults", {})
+    (row,) = upstream.upstream_rows([BACKENDS["numpy"]], 1, [case])
+    assert row.status == "fail" and row.max_rel_err_params > 1e-3
