@@ -17,7 +17,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["INT32_MAX", "accumulation_dtype", "counter_dtype", "is_half_precision", "next_count", "widest_float"]
+__all__ = ["INT32_MAX", "accumulation_dtype", "cast_like", "counter_dtype", "is_half_precision", "largest",
+           "next_count", "widest_float"]
 
 INT32_MAX = 2**31 - 1
 
@@ -80,3 +81,21 @@ def next_count(xp: Any, count: Any) -> Any:
             "(jax.config.update('jax_enable_x64', True)) for longer runs"
         )
     return xp.where(at_limit, count, count + 1)
+
+
+def cast_like(xp: Any, x: Any, like: Sequence[Any]) -> list:
+    """The 0-D scalar ``x`` in the dtype of each array of ``like``, cast once per distinct dtype."""
+    by_dtype: dict = {}
+    for a in like:
+        if a.dtype not in by_dtype:
+            by_dtype[a.dtype] = xp.astype(x, a.dtype)
+    return [by_dtype[a.dtype] for a in like]
+
+
+def largest(xp: Any, values: Sequence[Any], dtype: Any) -> Any:
+    """The largest of the 0-D arrays ``values`` (for example α per leaf), as a 0-D array of ``dtype``."""
+    if len(values) == 1:
+        return xp.astype(values[0], dtype)
+    if len({v.dtype for v in values}) > 1:
+        values = [xp.astype(v, dtype) for v in values]
+    return xp.astype(xp.max(xp.stack(list(values))), dtype)

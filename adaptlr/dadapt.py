@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import widest_float
+from adaptlr._precision import cast_like, largest, widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
 
@@ -99,6 +99,7 @@ class DAdaptSGDState(NamedTuple):
 
 def _check_common(base: BaseDirection, learning_rate: Any, weight_decay: float, d0: float,
                   growth_rate: float) -> None:
+    base.flat_safe, base.blockwise = True, False  # global sums: the same on one flat buffer, not on blocks
     base.learning_rate = v.check_learning_rate(learning_rate)
     if not callable(base.learning_rate) and base.learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0 (D-Adaptation estimates d only while it is), got {learning_rate}")
@@ -110,19 +111,12 @@ def _check_common(base: BaseDirection, learning_rate: Any, weight_decay: float, 
     base.growth_rate = growth_rate
 
 
-def _largest_alpha(xp: Any, alpha: list, wide: Any) -> Any:
-    if len(alpha) == 1:
-        return xp.astype(alpha[0], wide)
-    return xp.max(xp.stack([xp.astype(a, wide) for a in alpha]))
-
-
 def _unit_step(xp: Any, size: StepSize, moved: Any, decay_scale: Any, like: list) -> StepSize:
     """The step size of a base whose direction is the whole update: ``α`` = 1 (0 where nothing
     moved), decoupled decay scaled by ``decay_scale`` (0 where nothing moved)."""
     one = xp.where(moved, xp.ones_like(decay_scale), xp.zeros_like(decay_scale))
     decay = xp.where(moved, decay_scale, xp.zeros_like(decay_scale))
-    return size._replace(alpha=tuple(xp.astype(one, g.dtype) for g in like),
-                         decay_kappa=tuple(xp.astype(decay, g.dtype) for g in like))
+    return size._replace(alpha=tuple(cast_like(xp, one, like)), decay_kappa=tuple(cast_like(xp, decay, like)))
 
 
 class DAdaptAdamDirection(BaseDirection):
@@ -164,18 +158,26 @@ class DAdaptAdamDirection(BaseDirection):
         grads, d = ctx.objective_grads, state.d
 
         bias_correction = scalars.step_scalars("dadapt_adam", wide, self._bias_correction)
-        dlr = d * _largest_alpha(xp, ctx.alpha, wide) * bias_correction
+        dlr = d * largest(xp, ctx.alpha, wide) * bias_correction
 
-        def cast(x: Any, like: Any) -> Any:
-            return xp.astype(x, like.dtype)
+        casts: dict = {}
+
+        def cast(name: str, x: Any, like: Any) -> Any:
+            """``x`` (a 0-D wide scalar) in ``like``'s dtype, cast once per dtype and step."""
+            key = (name, like.dtype)
+            if key not in casts:
+                casts[key] = xp.astype(x, like.dtype)
+            return casts[key]
+
+        m_coef, s_coef = dlr * (1.0 - b1), dlr * (1.0 - sqrt_b2)
 
         terms, mus, nus, ss = [], [], [], []
         for g, m, nu, s in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu"),
                                layout.leaves(state.s, "state.s")):
             terms.append(g * (s / (xp.sqrt(nu) + eps)))  # with the previous s and v
-            mus.append(b1 * m + g * cast(dlr * (1.0 - b1), g))
+            mus.append(b1 * m + g * cast("m", m_coef, g))
             nus.append(b2 * nu + (1.0 - b2) * (g * g))
-            ss.append(sqrt_b2 * s + g * cast(dlr * (1.0 - sqrt_b2), g))
+            ss.append(sqrt_b2 * s + g * cast("s", s_coef, g))
         numerator = sqrt_b2 * state.numerator + (1.0 - sqrt_b2) * (dlr * reduce.total(terms, wide))
         s_l1 = reduce.total([xp.abs(s) for s in ss], wide)
 
@@ -219,11 +221,11 @@ class DAdaptSGDDirection(BaseDirection):
         # ‖g_1‖ of the raw gradient (DAdaptSGD's decay there is not in place), fixed after step 1.
         first_norm = xp.sqrt(reduce.total([g * g for g in ctx.grads], wide))
         g0_norm = xp.where(scalars.count == 1, first_norm, state.g0_norm)
-        dlr = d * _largest_alpha(xp, ctx.alpha, wide) / g0_norm
+        dlr = d * largest(xp, ctx.alpha, wide) / g0_norm
 
         numerator = state.numerator + dlr * reduce.total(
             [g * s for g, s in zip(grads, layout.leaves(state.s, "state.s"))], wide)
-        ss = [s + g * xp.astype(dlr, g.dtype) for g, s in zip(grads, layout.leaves(state.s, "state.s"))]
+        ss = [s + g * c for g, s, c in zip(grads, layout.leaves(state.s, "state.s"), cast_like(xp, dlr, grads))]
         s_sq = reduce.total([s * s for s in ss], wide)
 
         moved = s_sq > 0

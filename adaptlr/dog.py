@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import widest_float
+from adaptlr._precision import cast_like, widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
 
@@ -123,6 +123,7 @@ class DoGDirection(BaseDirection):
         self.weight_decay = v.check_nonnegative("weight_decay", weight_decay)
         self.layerwise = bool(layerwise)
         self.name = "ldog" if self.layerwise else "dog"
+        self.flat_safe, self.blockwise = not self.layerwise, False  # global sums: one flat buffer, not blocks
 
     def init(self, params: list, layout: Layout, xp: Any) -> DoGState:
         x0 = layout.tree([xp.asarray(p, copy=True) for p in params])
@@ -170,8 +171,10 @@ class DoGDirection(BaseDirection):
         def tree(values: list) -> Any:
             return layout.tree(values) if self.layerwise else values[0]
 
-        kappa = eta if self.layerwise else [eta[0]] * len(grads)
-        size = size.scaled([xp.astype(k, g.dtype) for k, g in zip(kappa, grads)])
+        if self.layerwise:
+            size = size.scaled([xp.astype(k, g.dtype) for k, g in zip(eta, grads)])
+        else:
+            size = size.scaled(cast_like(xp, eta[0], grads))
         return list(grads), size, DoGState(state.init_params, tree(rbar), tree(grad_sq_sum), tree(eta))
 
 
@@ -181,6 +184,7 @@ class DoWGDirection(BaseDirection):
     name = "dowg"
     state_class = DoWGState
     decoupled = False
+    flat_safe, blockwise = True, False  # global sums: the same on one flat buffer, not on blocks
 
     def __init__(self, learning_rate: float | Schedule, init_estim_sq_dist: float | None, eps: float,
                  weight_decay: float) -> None:
@@ -203,7 +207,7 @@ class DoWGDirection(BaseDirection):
         estim_sq_dist = xp.maximum(state.estim_sq_dist, sq_dist)
         weighted = estim_sq_dist * ctx.reduce.total([g * g for g in grads], wide) + state.weighted_sq_norm_grads
         eta = estim_sq_dist / (xp.sqrt(weighted) + self.eps)
-        size = size.scaled([xp.astype(eta, g.dtype) for g in grads])
+        size = size.scaled(cast_like(xp, eta, grads))
         return list(grads), size, DoWGState(state.init_params, estim_sq_dist, weighted, eta)
 
 

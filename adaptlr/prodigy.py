@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import widest_float
+from adaptlr._precision import largest, widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
 
@@ -108,6 +108,9 @@ class ProdigyDirection(BaseDirection):
             raise ValueError(f"growth_rate must be >= 1 (inf: unbounded), got {growth_rate}")
         self.growth_rate = growth_rate
         self.slice_p = v.check_positive_int("slice_p", slice_p)
+        # Every sum is over the whole model, so the step is the same on one flat buffer (not on blocks);
+        # the strided slices of a flat buffer are not those of each tensor.
+        self.flat_safe, self.blockwise = self.slice_p == 1, False
 
     def _sliced(self, xp: Any, x: Any) -> Any:
         """Every ``slice_p``-th element of ``x`` flattened (``x`` itself for ``slice_p = 1``)."""
@@ -141,13 +144,19 @@ class ProdigyDirection(BaseDirection):
         d = state.d
 
         bias_correction = scalars.step_scalars("prodigy", wide, self._bias_correction)
-        lr = ctx.alpha[0] if len(ctx.alpha) == 1 else xp.max(xp.stack([xp.astype(a, wide) for a in ctx.alpha]))
-        lr = xp.astype(lr, wide)
-        dlr = d * lr * bias_correction
+        dlr = d * largest(xp, ctx.alpha, wide) * bias_correction
         s_coef = (d / d0) * (d if self.safeguard_warmup else dlr)
 
-        def cast(x: Any, like: Any) -> Any:
-            return xp.astype(x, like.dtype)
+        casts: dict = {}
+
+        def cast(name: str, x: Any, like: Any) -> Any:
+            """``x`` (a 0-D wide scalar) in ``like``'s dtype, cast once per dtype and step."""
+            key = (name, like.dtype)
+            if key not in casts:
+                casts[key] = xp.astype(x, like.dtype)
+            return casts[key]
+
+        m_coef, v_coef = d * (1.0 - b1), d * d * (1.0 - b2)
 
         # Moments with the current d; the numerator and denominator of d̂.
         mus = layout.leaves(state.mu, "state.mu") if state.mu is not None else [None] * len(grads)
@@ -158,9 +167,9 @@ class ProdigyDirection(BaseDirection):
             g_sliced = self._sliced(xp, g)
             dots.append(g_sliced * (p0 - self._sliced(xp, p)))
             if m is not None:
-                new_mu.append(b1 * m + g * cast(d * (1.0 - b1), g))
-            new_nu.append(b2 * nu + cast(d * d * (1.0 - b2), g) * (g * g))
-            new_s.append(beta3 * s + g_sliced * cast(s_coef, g))
+                new_mu.append(b1 * m + g * cast("m", m_coef, g))
+            new_nu.append(b2 * nu + cast("v", v_coef, g) * (g * g))
+            new_s.append(beta3 * s + g_sliced * cast("s", s_coef, g))
         numerator = beta3 * state.numerator + (d / d0) * dlr * reduce.total(dots, wide)
         denominator = reduce.total([xp.abs(s) for s in new_s], wide)
 
@@ -176,13 +185,13 @@ class ProdigyDirection(BaseDirection):
 
         directions = []
         for i, (g, nu) in enumerate(zip(grads, new_nu)):
-            denom = xp.sqrt(nu) + cast(d_new * self.eps, g)
-            directions.append(new_mu[i] / denom if self.b1 > 0 else g * cast(d_new, g) / denom)
+            denom = xp.sqrt(nu) + cast("eps", d_new * self.eps, g)
+            directions.append(new_mu[i] / denom if self.b1 > 0 else g * cast("d", d_new, g) / denom)
 
         lr_scale = xp.asarray(d_new * self._bias_correction(scalars.t + 1.0))  # NumPy: 0-D array, not a scalar
         new_state = ProdigyState(layout.tree(new_mu) if state.mu is not None else None, layout.tree(new_nu),
                                  layout.tree(new_s), state.p0, d_new, d_max, d_hat, xp.asarray(numerator), lr_scale)
-        size = size.scaled([cast(kappa, g) for g in grads], weight_decay_too=True)
+        size = size.scaled([cast("kappa", kappa, g) for g in grads], weight_decay_too=True)
         return directions, size, new_state
 
 

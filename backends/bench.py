@@ -10,7 +10,9 @@ Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``); ``adapter`` 
 and with ``fast="compile"``); ``flat`` / ``blocked`` / ``compiled``
 (:class:`adaptlr.backends.fast.FlatOptimizer`); ``jit`` / ``jit-donate`` (JAX,
 :func:`adaptlr.backends.fast.jit_step`). Native: ``torch.optim.AdamW`` (``foreach=True``,
-``fused=True``), ``optax.adamw`` under ``jax.jit`` (params and state donated). Bound: a copy of
+``fused=True``), ``optax.adamw`` under ``jax.jit`` (params and state donated); for the learning-rate-free
+algorithms, their upstream PyTorch optimizer (``prodigyopt.Prodigy``, ``dadaptation.DAdaptAdam`` /
+``DAdaptSGD``, ``dog_optimizer.DoG``, default settings; column "× upstream"). Bound: a copy of
 ``3.5·P`` words (7 words per parameter are what an AdamW step must move: read params, grads, m, v;
 write params, m, v), timed like a step.
 
@@ -86,7 +88,33 @@ ALGORITHMS: dict[str, Callable[[], Any]] = {
     "hypergradient": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3), hyper_lr=1e-8),
     "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3)),
     "eg_step_size": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3), scale_lr=1e-3, gain_lr=1e-3),
+    "prodigy": lambda: adaptlr.prodigy(),
+    "dadapt_adam": lambda: adaptlr.dadapt_adam(),
+    "dadapt_sgd": lambda: adaptlr.dadapt_sgd(),
+    "dog": lambda: adaptlr.dog(),
 }
+
+
+def _upstream_torch(name: str) -> tuple[str, Callable[[list], Any]] | None:
+    """The upstream PyTorch optimizer an algorithm reproduces, with the same (default) settings."""
+    if name == "prodigy":
+        import prodigyopt
+
+        return "prodigyopt.Prodigy", lambda p: prodigyopt.Prodigy(p)
+    if name in ("dadapt_adam", "dadapt_sgd"):
+        import dadaptation
+
+        cls = dadaptation.DAdaptAdam if name == "dadapt_adam" else dadaptation.DAdaptSGD
+        return f"dadaptation.{cls.__name__}", lambda p: cls(p)
+    if name == "dog":
+        import dog
+
+        return "dog_optimizer.DoG", lambda p: dog.DoG(p)
+    return None
+
+
+UPSTREAM = {"prodigy": "prodigyopt.Prodigy", "dadapt_adam": "dadaptation.DAdaptAdam",
+            "dadapt_sgd": "dadaptation.DAdaptSGD", "dog": "dog_optimizer.DoG"}
 WRAPPERS = ("active", "autodrop", "hypergradient", "dsa", "eg_step_size")
 DEFAULT_ALGORITHMS = ("adamw", *WRAPPERS)
 
@@ -290,6 +318,19 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                     runners.append(made)
             except Exception as error:
                 print(f"  torch adapter for {name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
+        try:
+            upstream = _upstream_torch(name)
+        except ImportError as error:
+            upstream = None
+            print(f"  upstream of {name}: skipped ({error})", file=sys.stderr)
+        if upstream is not None:  # the package's own optimizer on the same tensors (a host sync per tensor)
+            label, make = upstream
+            tparams = params_copy(True)
+            for p, g in zip(tparams, grads):
+                p.grad = g.clone()
+            native = make(tparams)
+            native.step()
+            runners.append(runner(label, "upstream", "native", native.step))
         note = "" if flat else "not flat-safe: per-tensor fallback"
         modes: list = [("flat", {})]
         if blockwise and device == "cpu":
@@ -434,6 +475,8 @@ def summarise(runners: list[Runner], shapes: list, memory: bool) -> list[dict]:
             row[f"x_{label}"] = t / medians[key] if key in medians else None
         if algorithm in WRAPPERS and ("adamw", path) in medians:
             row["x_base"] = t / medians[("adamw", path)]
+        if (UPSTREAM.get(algorithm), "upstream") in medians:
+            row["x_upstream"] = t / medians[(UPSTREAM[algorithm], "upstream")]
         if memory and runner.kind != "bound":
             try:
                 peak = runner.memory()
@@ -448,6 +491,7 @@ def summarise(runners: list[Runner], shapes: list, memory: bool) -> list[dict]:
 COLUMNS = [("set", "set"), ("backend", "backend"), ("algorithm", "algorithm"), ("path", "path"),
            ("median_ms", "median ms"), ("x_bound", "× bound"), ("x_foreach", "× foreach"), ("x_fused", "× fused"),
            ("x_optax", "× optax"), ("x_optax_nodonate", "× optax jit"), ("x_base", "× base"),
+           ("x_upstream", "× upstream"),
            ("peak_extra_mb", "peak extra MB"), ("x_largest_tensor", "× largest tensor"), ("note", "note")]
 
 

@@ -15,7 +15,8 @@ execution strategies around :meth:`adaptlr.core.Optimizer.update_leaves`, never 
   ``compile=True`` (torch) the flat step goes through ``torch.compile``, which fuses it into one
   kernel.
 
-Which algorithms may run flat (:func:`flat_safety`): base optimizers (all elementwise) and
+Which algorithms may run flat (:func:`flat_safety`): base optimizers (elementwise, or with global
+sums only: the learning-rate-free bases declare ``flat_safe`` and ``blockwise=False``) and
 adaptations that are elementwise or use global sums. Per-tensor reductions (HD
 ``granularity="tensor"``, DSA tensor/row/col factors, EG ``scale="tensor"``) change meaning on flat
 buffers, so those optimizers fall back to the per-tensor path (``FlatOptimizer`` still works, with
@@ -92,7 +93,10 @@ def flat_safety(opt: Optimizer) -> tuple[bool, bool, str]:
     declared = getattr(opt.base, "flat_safe", None)
     if not (declared if declared is not None else type(opt.base).__module__ in _BASE_MODULES):
         return False, False, f"base optimizer {opt.base.name!r} is not known to be elementwise"
-    flat, blockwise, reasons = True, True, [f"{opt.base.name} is elementwise"]
+    if getattr(opt.base, "blockwise", True):
+        flat, blockwise, reasons = True, True, [f"{opt.base.name} is elementwise"]
+    else:  # a learning-rate-free base: its sums are over the whole model, as on one flat buffer
+        flat, blockwise, reasons = True, False, [f"{opt.base.name} uses global sums (flat-safe, not blockwise)"]
     for adaptation in opt.adaptations:
         a_flat, a_block, reason = _adaptation_safety(adaptation)
         flat, blockwise = flat and a_flat, blockwise and a_block
