@@ -48,3 +48,15 @@ def test_a_configuration_that_is_not_the_upstream_fails():
     case = upstream.UpstreamCase("prodigy", "optax.contrib.prodigy", "prodigyopt-defaults", {})
     (row,) = upstream.upstream_rows([BACKENDS["numpy"]], 1, [case])
     assert row.status == "fail" and row.max_rel_err_params > 1e-3
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam", "dadapt_sgd", "dog", "ldog", "dowg"])
+def test_learning_rate_free_agreement_rows(name, backend):
+    """The registered entries agree across backends as every algorithm must (float64 and float32)."""
+    from adaptlr.conformance import runner
+    from adaptlr.conformance.algorithms import ALGORITHMS
+
+    rows = runner.run_agreement([name], [backend.name], ["float64", "float32"], 120,
+                                all_problems=True)
+    assert rows and all(row.status == "pass" for row in rows), [(r.problem, r.dtype, r.reason) for r in rows]
+    assert ALGORITHMS[name].problems == ("noisy_quadratic", "logistic")
