@@ -2,7 +2,7 @@
 
 ::
 
-    os.environ["KERAS_BACKEND"] = "jax"   # or "torch" (before importing keras)
+    os.environ["KERAS_BACKEND"] = "jax"   # or "torch", "tensorflow" (before importing keras)
     opt = adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=steps)
     model.compile(optimizer=adaptlr.backends.keras.Optimizer(opt), loss="mse")
     model.fit(x, y, batch_size=32, epochs=10)
@@ -16,7 +16,7 @@ How the Keras concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
   own gradient clipping (``clipnorm``, ``global_clipnorm``, ``clipvalue``), loss-scale division and
   gradient accumulation, and before its EMA, all of which keep working. On the JAX backend it is
   traced into the jitted ``train_step`` (through ``stateless_apply``); on the torch backend it runs
-  eagerly under ``torch.no_grad()``.
+  eagerly under ``torch.no_grad()``; on the TensorFlow backend see the last point.
 - ``optimizer.learning_rate`` (a Keras variable) is the user's ``α``, as ``param_groups[i]["lr"]``
   is for the torch adapter: it starts at the wrapped optimizer's learning rate and Keras callbacks
   that set it (``LearningRateScheduler``, ``ReduceLROnPlateau``) change ``α`` for the following
@@ -26,8 +26,8 @@ How the Keras concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
 - Weight decay is the wrapped optimizer's (``adaptlr.adamw(1e-3, weight_decay=1e-2)``); Keras'
   ``weight_decay=`` is rejected, so the decay is not applied twice.
 - The state is adaptlr's functional :class:`adaptlr.OptimizerState` for the list of trainable
-  variables, one Keras variable per array (named after its path in the state, ``base.mu[0]``,
-  ``adaptations[0].gamma[1]``), after Keras' own ``iteration`` and ``learning_rate`` variables. So
+  variables, one Keras variable per array (named after its path in the state, ``base.mu_0``,
+  ``adaptations_0.gamma_1``), after Keras' own ``iteration`` and ``learning_rate`` variables. So
   ``model.save`` / ``keras.saving.load_model`` and ``model.save_weights`` / ``load_weights`` save
   and restore it with the model; :attr:`Optimizer.functional_state` assembles the state for
   :func:`adaptlr.learning_rates`, :func:`adaptlr.lr_summary` and :func:`adaptlr.save_state`.
@@ -35,26 +35,34 @@ How the Keras concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
   saved config: pass ``custom_objects=adaptlr.backends.keras.custom_objects(opt)``. The saved config
   records ``opt.name`` and loading checks it.
 - Every trainable variable must get a gradient at every step (Keras drops variables whose gradient
-  is None; the step then raises). The TensorFlow backend is not supported: adaptlr runs on
-  array-API arrays, and TensorFlow tensors are not.
+  is None; the step then raises).
+- TensorFlow tensors are not array-API arrays: on the TensorFlow backend the step runs on NumPy
+  copies through ``tf.numpy_function`` (a host round trip per step, no XLA: on a GPU compile with
+  ``jit_compile=False``), and :attr:`Optimizer.functional_state` holds NumPy arrays.
+
+Tested against the functional API on every backend (``tests/test_keras_adapter.py``,
+docs/frameworks/keras.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import array_api_compat
 import keras
+import numpy as np
 import optree
 
 from adaptlr import core
 from adaptlr._precision import next_count, widest_float
+from adaptlr._state_tree import dtype_name
 from adaptlr._tree import Layout
 
 __all__ = ["Optimizer", "custom_objects"]
 
-_BACKENDS = ("jax", "torch")
+_BACKENDS = ("jax", "torch", "tensorflow")
 
 
 class Optimizer(keras.optimizers.Optimizer):
@@ -74,8 +82,8 @@ class Optimizer(keras.optimizers.Optimizer):
             raise TypeError(f"opt must be an adaptlr Optimizer (adaptlr.adamw(...), ...), got {type(opt).__name__}")
         if keras.backend.backend() not in _BACKENDS:
             raise NotImplementedError(
-                f"adaptlr runs on array-API arrays; the Keras {keras.backend.backend()!r} backend is not "
-                f"supported (use KERAS_BACKEND={' or '.join(_BACKENDS)})"
+                f"the Keras {keras.backend.backend()!r} backend is not supported "
+                f"(use KERAS_BACKEND={' or '.join(_BACKENDS)})"
             )
         for name in ("learning_rate", "weight_decay"):
             if kwargs.get(name) is not None:
@@ -98,15 +106,15 @@ class Optimizer(keras.optimizers.Optimizer):
             return
         super().build(variables)
         with _no_grad():
-            state = self.opt.init([v.value for v in variables])
+            state = self.opt.init(_arrays([v.value for v in variables]))
         self._layout = Layout.of(list(variables))[0]
         accessors, leaves, self._state_treespec = optree.tree_flatten_with_accessor(state)
         self._state_variables = [
             self.add_variable(
                 shape=tuple(leaf.shape),
                 initializer=_Constant(leaf),
-                dtype=_dtype_name(leaf.dtype),
-                name=accessor.codify("").lstrip("."),
+                dtype=dtype_name(leaf.dtype),
+                name=_variable_name(accessor),
             )
             for accessor, leaf in zip(accessors, leaves)
         ]
@@ -116,7 +124,7 @@ class Optimizer(keras.optimizers.Optimizer):
         """The :class:`adaptlr.OptimizerState` for the list of trainable variables (current values)."""
         if not self.built:
             raise ValueError("the optimizer is not built yet: fit the model or call optimizer.build(variables)")
-        return optree.tree_unflatten(self._state_treespec, [v.value for v in self._state_variables])
+        return optree.tree_unflatten(self._state_treespec, _arrays([v.value for v in self._state_variables]))
 
     def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any) -> None:
         if len(trainable_variables) != len(self._trainable_variables) or any(
@@ -126,20 +134,49 @@ class Optimizer(keras.optimizers.Optimizer):
                 f"{self.opt.name} steps all {len(self._trainable_variables)} trainable variables at once, "
                 f"but Keras passed {len(trainable_variables)}: every trainable variable needs a gradient"
             )
+        lr = learning_rate.value if isinstance(learning_rate, keras.Variable) else learning_rate
         params = [v.value for v in trainable_variables]
+        state_values = [v.value for v in self._state_variables]
+        if keras.backend.backend() == "tensorflow":
+            new_params, new_state_values = self._tensorflow_step(list(grads), params, state_values, lr)
+        else:
+            with _no_grad():
+                new_params, new_state_values = self._step(list(grads), params, state_values, lr)
+        for variable, value in zip(trainable_variables, new_params):
+            variable.assign(value)
+        for variable, value in zip(self._state_variables, new_state_values):
+            variable.assign(value)
+
+    def _step(self, grads: list, params: list, state_values: list, lr: Any) -> tuple[list, list]:
+        """The adaptlr step on arrays: (new params, new state values)."""
         xp = array_api_compat.array_namespace(*params)
-        with _no_grad():
-            state = self.functional_state
-            alpha = self._alpha(xp, learning_rate, state.count, params)
-            updates, new_state = self.opt.update_leaves(xp, self._layout, list(grads), state, params, alpha=alpha)
-            for variable, p, u in zip(trainable_variables, params, updates):
-                variable.assign(p + u)
-            for variable, value in zip(self._state_variables, self._state_treespec.flatten_up_to(new_state)):
-                variable.assign(value)
+        state = optree.tree_unflatten(self._state_treespec, state_values)
+        alpha = self._alpha(xp, lr, state.count, params)
+        updates, new_state = self.opt.update_leaves(xp, self._layout, grads, state, params, alpha=alpha)
+        return [p + u for p, u in zip(params, updates)], self._state_treespec.flatten_up_to(new_state)
+
+    def _tensorflow_step(self, grads: list, params: list, state_values: list, lr: Any) -> tuple[list, list]:
+        """:meth:`_step` on NumPy copies, through ``tf.numpy_function`` (TensorFlow tensors are not array-API)."""
+        import tensorflow as tf
+
+        sizes = [len(grads), len(params), len(state_values)]
+
+        def step(*arrays: Any) -> list:
+            arrays = [np.asarray(a) for a in arrays]
+            grads, params, state_values = (arrays[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(3))
+            new_params, new_state_values = self._step(grads, params, state_values, arrays[-1])
+            return [np.asarray(x) for x in (*new_params, *new_state_values)]
+
+        inputs = [*grads, *params, *state_values, lr]
+        dtypes = [x.dtype for x in (*params, *state_values)]
+        outputs = tf.numpy_function(step, [tf.convert_to_tensor(x) for x in inputs], dtypes, stateful=True)
+        for out, x in zip(outputs, (*params, *state_values)):
+            out.set_shape(x.shape)
+        return outputs[:len(params)], outputs[len(params):]
 
     def _alpha(self, xp: Any, learning_rate: Any, count: Any, params: list) -> list:
         """``α`` per parameter for the step after ``count``: Keras' learning rate (times ``α_t``)."""
-        lr = learning_rate.value if isinstance(learning_rate, keras.Variable) else learning_rate
+        lr = xp.asarray(learning_rate)
         if self._schedule is None:
             return [xp.astype(lr, p.dtype, copy=True) for p in params]
         device = core.scalar_device(params[0])
@@ -194,10 +231,22 @@ class _Constant:
         return keras.ops.cast(keras.ops.convert_to_tensor(self.value), dtype)
 
 
-def _dtype_name(dtype: Any) -> str:
-    from adaptlr._state_tree import dtype_name
+def _variable_name(accessor: optree.PyTreeAccessor) -> str:
+    """``base.mu_0`` for ``state.base.mu[0]`` (TensorFlow scope names allow no brackets)."""
+    name = re.sub(r"\[['\"]?([^\]'\"]*)['\"]?\]", r"_\1", accessor.codify("").lstrip("."))
+    return re.sub(r"[^A-Za-z0-9_.>-]", "_", name)
 
-    return dtype_name(dtype)
+
+def _arrays(values: list) -> list:
+    """Keras variable values as arrays adaptlr can step: the backend's own, NumPy for TensorFlow."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():  # Keras may build the optimizer inside the traced train step
+            return [keras.ops.convert_to_numpy(x) for x in values]
+    if keras.backend.backend() == "torch":
+        return [x.detach() for x in values]  # tensors, not the variables' Parameters
+    return values
 
 
 def _no_grad() -> contextlib.AbstractContextManager:

@@ -10,12 +10,16 @@ backend in a subprocess::
   max |Δloss| over the run, per optimizer.
 - ``round_trip``: fit, save (``model.save`` / ``model.save_weights``), restore into a new model,
   fit both on: max |Δ| of the weights and of the optimizer variables (0 when it continues identically).
+- ``learning_rate_callback``, ``gradient_accumulation``: Keras features that set the learning rate
+  or skip updates, against the equivalent adaptlr runs.
+- ``docs_example``: the Python blocks of docs/frameworks/keras.md, run on this backend.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -64,6 +68,16 @@ def functional_run(opt, weights: list) -> tuple[list, list]:
 
         params = [jnp.asarray(w) for w in weights]
         value_and_grad = jax.value_and_grad(lambda p, x, y: loss_of(jnp, p, x, y))
+    elif BACKEND == "tensorflow":  # the adapter steps NumPy copies: so does the reference
+        import tensorflow as tf
+
+        params = [np.asarray(w) for w in weights]
+
+        def value_and_grad(p, x, y):
+            p = [tf.Variable(q) for q in p]
+            with tf.GradientTape() as tape:
+                loss = loss_of(keras.ops, p, tf.constant(x), tf.constant(y))
+            return loss.numpy(), [g.numpy() for g in tape.gradient(loss, p)]
     else:
         import torch
 
@@ -180,6 +194,39 @@ def learning_rate_callback() -> dict:
             "final_learning_rate": float(keras.ops.convert_to_numpy(m.optimizer.learning_rate))}
 
 
+def gradient_accumulation() -> dict:
+    """``gradient_accumulation_steps=2`` on half batches steps like full batches: adaptlr's counter
+    (and so its epochs) advances only on the update steps."""
+    from adaptlr.backends.keras import Optimizer
+
+    opt = adaptlr.active(adaptlr.adamw(1e-2, weight_decay=1e-2), steps_per_epoch=STEPS_PER_EPOCH)
+    weights = []
+    for batch, options in ((BATCH, {}), (BATCH // 2, {"gradient_accumulation_steps": 2})):
+        m = model()
+        m.compile(optimizer=Optimizer(opt, **options), loss="mse")
+        m.fit(X, Y, batch_size=batch, epochs=EPOCHS, shuffle=False, verbose=0)
+        weights.append(m.get_weights())
+        count = int(keras.ops.convert_to_numpy(m.optimizer.functional_state.count))
+    return {"max_param_diff": max(float(np.abs(a - b).max()) for a, b in zip(*weights)), "adaptlr_count": count}
+
+
+def docs_example(tmp: str) -> str:
+    """Run the Python blocks of docs/frameworks/keras.md in order, in one namespace: "ok" or the error."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "frameworks", "keras.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        namespace: dict = {}
+        for block in blocks:
+            exec(compile(block, "docs/frameworks/keras.md", "exec"), namespace)
+        return f"ok ({len(blocks)} blocks)"
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        os.chdir(cwd)
+
+
 def rejected() -> dict:
     from adaptlr.backends.keras import Optimizer
 
@@ -199,18 +246,11 @@ def rejected() -> dict:
 
 
 def main() -> None:
-    if BACKEND not in ("jax", "torch"):
-        from adaptlr.backends.keras import Optimizer
-
-        try:
-            Optimizer(adaptlr.adamw(1e-3))
-            result = {"unsupported": None}
-        except NotImplementedError as error:
-            result = {"unsupported": str(error)}
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            result = {"trajectory": trajectory(), "round_trip": round_trip(tmp),
-                      "learning_rate_callback": learning_rate_callback(), "rejected": rejected()}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"trajectory": trajectory(), "round_trip": round_trip(tmp),
+                  "learning_rate_callback": learning_rate_callback(),
+                  "gradient_accumulation": gradient_accumulation(), "rejected": rejected(),
+                  "docs_example": docs_example(tmp)}
     print("KERAS-CHECKS " + json.dumps(result))
 
 
