@@ -15,7 +15,8 @@ import tempfile
 
 import pytest
 
-pytest.importorskip("keras")
+if importlib.util.find_spec("keras") is None:  # not imported here: Keras would pick its backend (TensorFlow) now
+    pytest.skip("keras is not installed", allow_module_level=True)
 
 BACKENDS = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}  # Keras backend -> package
 SCRIPT = os.path.join(os.path.dirname(__file__), "keras_checks.py")
