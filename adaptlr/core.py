@@ -221,6 +221,10 @@ class Adaptation(abc.ABC):
     def step(self, ctx: StepContext, size: StepSize, state: NamedTuple) -> tuple[StepSize, NamedTuple]:
         """The step size of this step and the new state."""
 
+    # An adaptation may also define ``guard(ctx, state, new_state, updates, index)`` returning
+    # ``(updates, new_state)``: called once the whole step is computed, with the old and new
+    # :class:`OptimizerState` and its own position in ``adaptations`` (adaptlr.nonfinite uses it).
+
 
 class Optimizer:
     """An adaptlr optimizer: a base direction and the adaptations wrapped around it.
@@ -296,7 +300,8 @@ class Optimizer:
         count = xp.asarray(state.count + 1)
         scalars = Scalars(xp, count, device)
         if alpha is None:
-            if callable(base.learning_rate):
+            # A schedule, or a 0-D array that may change between steps (optax.inject_hyperparams).
+            if callable(base.learning_rate) or v.library_of(base.learning_rate) is not None:
                 alpha = self._alpha(xp, count, params, device, scalars)
             else:
                 alpha = layout.leaves(state.learning_rate, "state.learning_rate")
@@ -326,6 +331,10 @@ class Optimizer:
                 u = u + size.shift[i]
             updates.append(u if u.ndim else xp.asarray(u))  # NumPy turns 0-D results into scalars
         new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
+        for i, adaptation in enumerate(self.adaptations):
+            guard = getattr(adaptation, "guard", None)
+            if guard is not None:
+                updates, new_state = guard(ctx, state, new_state, updates, i)
         return updates, new_state
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -340,6 +349,7 @@ class Optimizer:
             if dtype not in by_dtype:
                 if callable(learning_rate):
                     value = learning_rate(xp.astype(count, dtype))
+                    v.check_scheduled_learning_rate(value, count)
                     by_dtype[dtype] = xp.astype(xp.asarray(value, device=device), dtype)
                 else:
                     by_dtype[dtype] = xp.asarray(learning_rate, dtype=dtype, device=device)

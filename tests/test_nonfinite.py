@@ -1,0 +1,277 @@
+"""Non-finite gradients: ``skip_nonfinite`` leaves params and the whole state bit-identical on every
+backend (eagerly, under ``jax.jit``, in the torch adapter), counts the skips, honours
+``max_consecutive``; ActiveLR never grows γ from a non-finite epoch sum; the default propagates."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import optree
+import pytest
+
+import adaptlr
+from adaptlr._state_tree import to_numpy
+from adaptlr.conformance.backends import BACKENDS
+from adaptlr.nonfinite import SkipState
+
+S = 2
+
+
+def _optimizers() -> list:
+    return [
+        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1)),
+        ("active(adamw)", lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=S, increase=0.5)),
+        ("autodrop(sgdm)", lambda: adaptlr.autodrop(adaptlr.sgd(0.05, momentum=0.9), steps_per_epoch=S,
+                                                    theta=30.0, theta_max=90.0, patience_epochs=1)),
+        ("hypergradient(sgd)", lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-3)),
+        ("eg(sgd)", lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05), scale_lr=0.1, gain_lr=0.1)),
+        ("dsa(adam)", lambda: adaptlr.dsa(adaptlr.adam(1e-2), hyper_lr=0.01)),
+    ]
+
+
+NAMES = [n for n, _ in _optimizers()]
+MAKERS = dict(_optimizers())
+
+
+def _problem(seed: int = 0, steps: int = 7) -> tuple[list, list]:
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal((4, 3)), rng.standard_normal(3), np.asarray(rng.standard_normal())]
+    grads = [[rng.standard_normal(p.shape) for p in params] for _ in range(steps)]
+    return params, grads
+
+
+def _host(tree) -> list[np.ndarray]:
+    return [to_numpy(x) for x in optree.tree_leaves(tree)]
+
+
+def _assert_identical(a, b) -> None:
+    """Same leaves, dtypes and values, bit for bit (NaN where NaN)."""
+    ha, hb = _host(a), _host(b)
+    assert len(ha) == len(hb)
+    for x, y in zip(ha, hb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x, y, equal_nan=True), (x, y)
+
+
+def _poison(grads: list, value: float) -> list:
+    bad = [g.copy() for g in grads]
+    bad[0][1, 2] = value
+    return bad
+
+
+def _without_skip_state(state):
+    return state._replace(adaptations=tuple(a for a in state.adaptations if not isinstance(a, SkipState)))
+
+
+def _run(backend, opt, params, grads, update=None):
+    update = update or opt.update
+    params = [backend.asarray(p) for p in params]
+    state = opt.init(params)
+    for g in grads:
+        updates, state = update([backend.asarray(x) for x in g], state, params)
+        params = adaptlr.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", NAMES)
+def test_skipped_step_changes_nothing_and_the_run_continues_as_without_it(backend, name, bad):
+    make = MAKERS[name]
+    params, grads = _problem()
+    # Reference: the plain optimizer on the finite gradients only.
+    ref_params, ref_state = _run(backend, make(), params, grads)
+    # Guarded: a non-finite gradient inserted after step 3 (an epoch boundary for S = 2 is step 4).
+    opt = adaptlr.skip_nonfinite(make())
+    xp_params = [backend.asarray(p) for p in params]
+    state = opt.init(xp_params)
+    for i, g in enumerate(grads):
+        if i == 3:
+            before = state
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # NumPy warns about the NaN arithmetic
+                updates, state = opt.update([backend.asarray(x) for x in _poison(g, bad)], state, xp_params)
+            assert all(np.array_equal(u, np.zeros_like(u)) for u in _host(updates))
+            _assert_identical(_without_skip_state(state), _without_skip_state(before))
+            assert int(to_numpy(state.adaptations[-1].skipped)) == 1
+            assert int(to_numpy(state.adaptations[-1].consecutive)) == 1
+        updates, state = opt.update([backend.asarray(x) for x in g], state, xp_params)
+        xp_params = adaptlr.apply_updates(xp_params, updates)
+    _assert_identical(xp_params, ref_params)
+    _assert_identical(_without_skip_state(state), ref_state)
+    assert int(to_numpy(state.adaptations[-1].skipped)) == 1
+    assert int(to_numpy(state.adaptations[-1].consecutive)) == 0
+    summary = adaptlr.lr_summary(state)
+    assert summary["skipped_steps"] == 1.0 and summary["consecutive_skips"] == 0.0
+
+
+def test_non_finite_update_from_finite_gradients_is_skipped(backend):
+    opt = adaptlr.skip_nonfinite(adaptlr.sgd(1e300))
+    params = [backend.asarray(np.ones(3))]
+    state = opt.init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        updates, new_state = opt.update([backend.asarray(np.array([1e300, 1.0, 1.0]))], state, params)
+    assert np.array_equal(to_numpy(updates[0]), np.zeros(3))
+    assert int(to_numpy(new_state.count)) == 0
+    assert int(to_numpy(new_state.adaptations[-1].skipped)) == 1
+
+
+def test_default_propagates_like_torch_optim():
+    torch = pytest.importorskip("torch")
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    ref = torch.optim.AdamW([w], lr=1e-2)
+    opt = adaptlr.adamw(1e-2)
+    params = [np.ones(3)]
+    state = opt.init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for g in ([1.0, np.nan, 2.0], [1.0, 1.0, 1.0]):
+            w.grad = torch.tensor(g, dtype=torch.float64)
+            ref.step()
+            updates, state = opt.update([np.array(g)], state, params)
+            params = adaptlr.apply_updates(params, updates)
+    np.testing.assert_allclose(params[0], w.detach().numpy(), rtol=1e-14)  # NaN in the same place
+    assert np.isnan(params[0][1]) and np.isfinite(params[0][[0, 2]]).all()
+
+
+def test_max_consecutive_raises_on_the_next_skip_in_eager_mode(backend):
+    opt = adaptlr.skip_nonfinite(adaptlr.adamw(1e-2), max_consecutive=2)
+    params = [backend.asarray(np.ones(3))]
+    nan = [backend.asarray(np.array([1.0, np.nan, 1.0]))]
+    good = [backend.asarray(np.ones(3))]
+    state = opt.init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, state = opt.update(nan, state, params)
+        _, state = opt.update(nan, state, params)
+        with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*\(max_consecutive=2\)"):
+            opt.update(nan, state, params)
+        assert int(to_numpy(state.adaptations[-1].consecutive)) == 2
+        _, state = opt.update(good, state, params)  # a finite step resets the run
+        assert int(to_numpy(state.adaptations[-1].consecutive)) == 0
+        _, state = opt.update(nan, state, params)
+    assert int(to_numpy(state.adaptations[-1].skipped)) == 3
+    assert int(to_numpy(state.count)) == 1
+
+
+def test_max_consecutive_zero_raises_on_the_first_non_finite_step():
+    opt = adaptlr.skip_nonfinite(adaptlr.sgd(0.1), max_consecutive=0)
+    params = [np.ones(2)]
+    state = opt.init(params)
+    with pytest.raises(FloatingPointError, match="1 consecutive steps"):
+        opt.update([np.array([np.inf, 0.0])], state, params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_matches_eager_including_the_skip(name):
+    jax = pytest.importorskip("jax")
+    make = MAKERS[name]
+    params, grads = _problem(1)
+    grads[2] = _poison(grads[2], np.nan)
+    opt = adaptlr.skip_nonfinite(make())
+    backend = BACKENDS["jax"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        eager_params, eager_state = _run(backend, opt, params, grads)
+    jit_params, jit_state = _run(backend, opt, params, grads, update=jax.jit(opt.update))
+    for a, b in zip(_host(jit_params) + _host(jit_state), _host(eager_params) + _host(eager_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+    assert int(jit_state.adaptations[-1].skipped) == 1
+    assert int(jit_state.count) == len(grads) - 1
+
+
+def test_jit_lets_the_step_through_past_max_consecutive():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    opt = adaptlr.skip_nonfinite(adaptlr.sgd(0.1), max_consecutive=1)
+    update = jax.jit(opt.update)
+    params = [jnp.ones(2)]
+    state = opt.init(params)
+    nan = [jnp.asarray([1.0, jnp.nan])]
+    updates, state = update(nan, state, params)
+    assert np.array_equal(np.asarray(updates[0]), [0.0, 0.0]) and int(state.count) == 0
+    updates, state = update(nan, state, params)  # the 2nd consecutive: let through under jit
+    assert np.isnan(np.asarray(updates[0])[1]) and int(state.count) == 1
+    assert int(state.adaptations[-1].skipped) == 1 and int(state.adaptations[-1].consecutive) == 0
+    assert update._cache_size() == 1  # one compiled step for skipped and applied steps
+
+
+def test_jax_jit_step_with_donated_state():
+    pytest.importorskip("jax")
+    from adaptlr.backends.fast import jit_step
+
+    backend = BACKENDS["jax"]
+    params, grads = _problem(2)
+    grads[1] = _poison(grads[1], np.inf)
+    opt = adaptlr.skip_nonfinite(MAKERS["active(adamw)"]())
+    eager_params, eager_state = _run(backend, opt, params, grads)
+    step = jit_step(opt)
+    xp_params = [backend.asarray(p) for p in params]
+    state = opt.init(xp_params)
+    for g in grads:
+        xp_params, state = step([backend.asarray(x) for x in g], state, xp_params)
+    for a, b in zip(_host(xp_params) + _host(state), _host(eager_params) + _host(eager_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fast", [False, "flat", "auto"])
+@pytest.mark.parametrize("name", ["adamw", "active(adamw)", "autodrop(sgdm)", "hypergradient(sgd)"])
+def test_torch_adapter_skips_like_the_functional_api(name, fast):
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.torch import Optimizer
+
+    params, grads = _problem(3)
+    grads[4] = _poison(grads[4], np.nan)
+    opt = adaptlr.skip_nonfinite(MAKERS[name]())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref_params, ref_state = _run(BACKENDS["numpy"], opt, params, grads)
+    torch_params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
+    torch_opt = Optimizer(torch_params, opt, fast=fast)
+    for i, g in enumerate(grads):
+        before = [p.detach().clone() for p in torch_params]
+        for p, x in zip(torch_params, g):
+            p.grad = torch.from_numpy(x.copy())
+        torch_opt.step()
+        if i == 4:
+            assert all(torch.equal(p.detach(), b) for p, b in zip(torch_params, before))
+    # One global finite-check: whole flat buffers where the adapter goes fast, never blocks.
+    assert torch_opt.fast_path == ("generic" if fast is False else "flat")
+    for p, r in zip(torch_params, ref_params):
+        np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-12, atol=0)
+    state = torch_opt.functional_state
+    assert int(state.adaptations[-1].skipped) == 1 and int(state.count) == len(grads) - 1
+    for a, b in zip(_host(state), _host(ref_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="adaptlr Optimizer"):
+        adaptlr.skip_nonfinite("adamw")
+    with pytest.raises(ValueError, match="max_consecutive must be an integer >= 0"):
+        adaptlr.skip_nonfinite(adaptlr.sgd(0.1), max_consecutive=-1)
+    with pytest.raises(ValueError, match="already wrapped"):
+        adaptlr.skip_nonfinite(adaptlr.skip_nonfinite(adaptlr.sgd(0.1)))
+    assert adaptlr.skip_nonfinite(adaptlr.sgd(0.1), max_consecutive=np.int64(3)).adaptations[-1].max_consecutive == 3
+
+
+# -- ActiveLR: a non-finite epoch sum never increases γ ------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_active_gamma_never_grows_from_a_non_finite_epoch_sum(backend, bad):
+    # S = 1, h = 2, ℓ = 0.5, constant gradient 1: γ = 1, 3 after steps 1, 2; step 3's sum is `bad`.
+    opt = adaptlr.active(adaptlr.sgd(0.1), steps_per_epoch=1, increase=2.0, decrease=0.5)
+    params = [backend.asarray(np.ones(2))]
+    state = opt.init(params)
+    gammas = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for g in ([1.0, 1.0], [1.0, 1.0], [bad, 1.0], [1.0, 1.0]):
+            _, state = opt.update([backend.asarray(np.array(g))], state, params)
+            gammas.append(to_numpy(state.adaptations[0].gamma[0]))
+    assert np.array_equal(gammas[1], [3.0, 3.0])
+    assert np.array_equal(gammas[2], [1.5, 5.0])  # the non-finite element counts as a flip
+    assert gammas[3][0] == 0.75  # G_prev is non-finite now: a flip again, never growth
