@@ -98,6 +98,8 @@ def check_learning_rate(value: Any) -> Any:
     with respect to the learning rate needs; its value is checked unless it is traced (``jax.jit``,
     ``jax.grad``, ``torch.compile``), where it cannot be read.
     """
+    if isinstance(value, (numbers.Number, np.generic)):  # NumPy scalars pass as arrays too
+        return check_nonnegative("learning_rate", value)
     if library_of(value) is not None:
         if value.ndim != 0:
             raise ValueError(f"learning_rate must be a number, a 0-D array or a schedule; got an array of shape "
@@ -123,7 +125,7 @@ def check_scheduled_learning_rate(value: Any, count: Any) -> None:
     if value is None:
         raise TypeError(f"the learning-rate schedule returned None at step {_step(count)}; it must return a "
                         "number >= 0 (or a 0-D array)")
-    if library_of(value) is None:
+    if isinstance(value, np.generic) or library_of(value) is None:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"the learning-rate schedule returned a {type(value).__name__} at step {_step(count)}; "
                             "it must return a number >= 0 (or a 0-D array)")
