@@ -301,7 +301,7 @@ class Optimizer:
         scalars = Scalars(xp, count, device)
         if alpha is None:
             # A schedule, or a 0-D array that may change between steps (optax.inject_hyperparams).
-            if callable(base.learning_rate) or v.library_of(base.learning_rate) is not None:
+            if not isinstance(base.learning_rate, float):
                 alpha = self._alpha(xp, count, params, device, scalars)
             else:
                 alpha = layout.leaves(state.learning_rate, "state.learning_rate")
