@@ -247,6 +247,35 @@ def test_torch_adapter_skips_like_the_functional_api(name, fast):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["adapter-compiled", "functional"])
+def test_torch_compile_skips_like_eager(where):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch._inductor")
+    from adaptlr.backends.torch import Optimizer
+
+    params, grads = _problem(4, steps=5)
+    grads[2] = _poison(grads[2], np.nan)
+    opt = adaptlr.skip_nonfinite(MAKERS["active(adamw)"](), max_consecutive=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref_params, ref_state = _run(BACKENDS["torch"], opt, params, grads)
+        if where == "functional":
+            got_params, got_state = _run(BACKENDS["torch"], opt, params, grads, update=torch.compile(opt.update))
+        else:
+            got_params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
+            torch_opt = Optimizer(got_params, opt, fast="compile")
+            for g in grads:
+                for p, x in zip(got_params, g):
+                    p.grad = torch.from_numpy(x.copy())
+                torch_opt.step()
+            assert torch_opt.fast_path == "compiled"
+            got_state = torch_opt.functional_state
+    for a, b in zip(_host(got_params) + _host(got_state), _host(ref_params) + _host(ref_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+    assert int(got_state.adaptations[-1].skipped) == 1 and int(got_state.count) == len(grads) - 1
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(TypeError, match="adaptlr Optimizer"):
         adaptlr.skip_nonfinite("adamw")
