@@ -2,9 +2,9 @@
 
 **Default: propagate.** Like ``torch.optim`` and optax, an adaptlr optimizer computes with whatever
 gradient it is given. One NaN or Inf element makes that element's update and state non-finite (Adam's
-moments stay NaN for good), and adaptations with global quantities (hypergradient's global α, EG's
-global scale, AutoDrop's angle ω) make the whole model non-finite. ActiveLR never *increases* γ
-from a non-finite epoch sum (it counts as a sign flip). Use ``torch.amp.GradScaler`` (which skips
+moments stay NaN for good); hypergradient's global α and EG's global scale make every parameter
+NaN, and AutoDrop's angle ω becomes undefined. ActiveLR never *increases* γ from a non-finite epoch
+sum (it counts as a sign flip). Use ``torch.amp.GradScaler`` (which skips
 the step itself), ``optax.apply_if_finite`` or this module's wrapper to skip such steps instead.
 
 **skip_nonfinite(opt, max_consecutive=k)** wraps any optimizer. With ``n`` the number of consecutive

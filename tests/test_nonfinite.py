@@ -135,6 +135,17 @@ def test_default_propagates_like_torch_optim():
     assert np.isnan(params[0][1]) and np.isfinite(params[0][[0, 2]]).all()
 
 
+@pytest.mark.parametrize("name", ["hypergradient(sgd)", "eg(sgd)"])
+def test_default_global_rates_spread_one_nan_to_every_parameter(name):
+    opt = MAKERS[name]()
+    params, grads = _problem(5, steps=3)
+    grads[1] = _poison(grads[1], np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        params, _ = _run(BACKENDS["numpy"], opt, params, grads)
+    assert all(np.isnan(p).all() for p in params)
+
+
 def test_max_consecutive_raises_on_the_next_skip_in_eager_mode(backend):
     opt = adaptlr.skip_nonfinite(adaptlr.adamw(1e-2), max_consecutive=2)
     params = [backend.asarray(np.ones(3))]
