@@ -287,6 +287,39 @@ def test_torch_compile_skips_like_eager(where):
     assert int(got_state.adaptations[-1].skipped) == 1 and int(got_state.count) == len(grads) - 1
 
 
+def test_skip_state_survives_checkpoints_and_torch_state_dict(tmp_path):
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.torch import Optimizer
+
+    params, grads = _problem(6)
+    grads[1] = _poison(grads[1], np.inf)
+    opt = adaptlr.skip_nonfinite(MAKERS["active(adamw)"](), max_consecutive=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        half_params, half_state = _run(BACKENDS["numpy"], opt, params, grads[:3])
+    adaptlr.save_state(tmp_path / "s.npz", half_state, optimizer=opt)
+    loaded = adaptlr.load_state(tmp_path / "s.npz", like=half_params, optimizer=opt)
+    _assert_identical(loaded, half_state)
+    # The torch adapter: state_dict round trip after the skip, then both continue identically.
+    torch_params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params]
+    first = Optimizer(torch_params, opt, fast=False)
+    for g in grads[:3]:
+        for p, x in zip(torch_params, g):
+            p.grad = torch.from_numpy(x.copy())
+        first.step()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in torch_params]
+    second = Optimizer(copies, opt, fast=False)
+    second.load_state_dict(first.state_dict())
+    assert int(second.functional_state.adaptations[-1].skipped) == 1
+    for g in grads[3:]:
+        for ps in (torch_params, copies):
+            for p, x in zip(ps, g):
+                p.grad = torch.from_numpy(x.copy())
+        first.step()
+        second.step()
+    assert all(torch.equal(a, b) for a, b in zip(torch_params, copies))
+
+
 def test_rejects_bad_arguments():
     with pytest.raises(TypeError, match="adaptlr Optimizer"):
         adaptlr.skip_nonfinite("adamw")
