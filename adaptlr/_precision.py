@@ -1,4 +1,15 @@
-"""The dtype in which adaptations accumulate global sums (dot products, norms, scalars)."""
+"""The dtypes of step scalars, global sums and the step counter.
+
+One rule for every algorithm: whatever depends on the step or on the hyper-parameters (bias
+corrections, RAdam's ``ρ_t`` and ``r_t``, schedule values, AutoDrop/HD/EG/DSA scalar arithmetic) and
+every global sum over parameters is computed in the *widest* float the backend offers on the params'
+device (:func:`widest_float`: float64 where it exists; float32 for JAX without ``jax_enable_x64`` and
+PyTorch on MPS), never in bfloat16/float16, and is cast once where it meets a tensor. In bfloat16,
+``1 - 0.999**t`` is 0 and Adam would never move; in float32 it has a relative error of 1e-5.
+
+The step counter is int64 where float64 exists (:func:`counter_dtype`), else int32 (JAX without
+x64, where :func:`next_count` saturates at 2**31 - 1 instead of wrapping to a negative step).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +17,16 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["accumulation_dtype"]
+__all__ = ["INT32_MAX", "accumulation_dtype", "counter_dtype", "is_half_precision", "next_count", "widest_float"]
+
+INT32_MAX = 2**31 - 1
 
 
-def accumulation_dtype(xp: Any, dtypes: Sequence[Any], device: Any) -> Any:
-    """float64 where ``xp`` makes float64 arrays on ``device``, else the widest of ``dtypes``.
+def widest_float(xp: Any, device: Any) -> Any:
+    """float64 where ``xp`` makes float64 arrays on ``device``, else float32.
 
     JAX without ``jax_enable_x64`` silently gives float32 (and warns); PyTorch on MPS has no float64
-    and raises. Both fall back to the widest parameter dtype.
+    and raises. Both fall back to float32, the widest float every array-API library has.
     """
     float64 = getattr(xp, "float64", None)
     if float64 is not None:
@@ -25,4 +38,42 @@ def accumulation_dtype(xp: Any, dtypes: Sequence[Any], device: Any) -> Any:
                 return float64
         except (TypeError, RuntimeError, ValueError):
             pass
-    return xp.result_type(*dtypes)
+    return xp.float32
+
+
+def is_half_precision(xp: Any, dtype: Any) -> bool:
+    """bfloat16 and float16 (any real float narrower than float32): values that underflow easily."""
+    return dtype not in (xp.float32, getattr(xp, "float64", None))
+
+
+def accumulation_dtype(xp: Any, dtypes: Sequence[Any], device: Any) -> Any:
+    """The dtype of global sums over parameters of ``dtypes``: the widest float on ``device``."""
+    del dtypes  # the widest float is at least as wide as any parameter dtype
+    return widest_float(xp, device)
+
+
+def counter_dtype(xp: Any, device: Any) -> Any:
+    """int64 where the backend has 64-bit numbers on ``device``, else int32 (JAX without x64)."""
+    return xp.int64 if widest_float(xp, device) == xp.float64 else xp.int32
+
+
+def next_count(xp: Any, count: Any) -> Any:
+    """``count + 1`` that never wraps around.
+
+    An int64 counter cannot reach its limit. An int32 counter (JAX without x64) raises a clear
+    error at 2**31 - 1 in eager mode; under ``jax.jit`` the value is not known, and the counter
+    saturates there (every later step is step 2**31 - 1, whose bias corrections are 1).
+    """
+    if count.dtype == xp.int64:
+        return count + 1
+    at_limit = count >= INT32_MAX
+    try:
+        reached = bool(at_limit)
+    except TypeError:  # traced under jit: no value to check
+        reached = False
+    if reached:
+        raise OverflowError(
+            "the int32 step counter is at its limit 2**31 - 1; enable 64-bit numbers "
+            "(jax.config.update('jax_enable_x64', True)) for longer runs"
+        )
+    return xp.where(at_limit, count, count + 1)

@@ -183,6 +183,20 @@ def _step(count: Any) -> Any:
     return count if isinstance(count, int) or is_traced(count) else int(_host_float(count))
 
 
+def check_state_dtype(value: Any) -> str | None:
+    """``None`` or the name of a floating dtype (``"float32"``; also ``torch.float32``, ``np.float32``...)."""
+    if value is None:
+        return None
+    name = value if isinstance(value, str) else getattr(value, "name", None) or getattr(value, "__name__", None)
+    if name is None:  # torch.float32 has neither: str() is "torch.float32"
+        name = str(value)
+    name = name.removeprefix("torch.")
+    if name not in ("float64", "float32", "bfloat16", "float16"):
+        raise ValueError(f"state_dtype must be None or a floating dtype (float64, float32, bfloat16, float16), "
+                         f"got {value!r}")
+    return name
+
+
 _LIBRARY_PREDICATES = (
     ("numpy", array_api_compat.is_numpy_array),
     ("torch", array_api_compat.is_torch_array),

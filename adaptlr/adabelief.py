@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._rectification import rectification
+from adaptlr._rectification import rectification, rectification_condition
 from adaptlr._tree import Layout
+from adaptlr.adam import bias_correction_condition
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
 __all__ = ["AdaBeliefDirection", "AdaBeliefState", "adabelief"]
@@ -48,12 +49,15 @@ class AdaBeliefDirection(BaseDirection):
         return AdaBeliefState(layout.tree([xp.zeros_like(p) for p in params]),
                               layout.tree([xp.zeros_like(p) for p in params]))
 
+    def scalar_condition(self) -> float:
+        bias = bias_correction_condition(self.b1, self.b2)
+        return max(bias, rectification_condition(self.b2)) if self.rectify else bias
+
     def direction(self, grads: list, state: AdaBeliefState, scalars: Scalars,
                   layout: Layout) -> tuple[list, AdaBeliefState]:
         xp, b1, b2, eps = scalars.xp, self.b1, self.b2, self.eps
 
-        def step_scalars(dtype: Any) -> tuple[Any, Any, Any, Any]:
-            t = scalars.step(dtype)
+        def step_scalars(t: Any) -> tuple[Any, Any, Any, Any]:
             inv_bc1 = 1.0 / (1.0 - b1**t)
             sqrt_bc2 = xp.sqrt(1.0 - b2**t)
             rho_t, r_t = rectification(xp, t, b2)
@@ -61,7 +65,7 @@ class AdaBeliefDirection(BaseDirection):
 
         mus, beliefs, directions = [], [], []
         for g, m, s in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.belief, "state.belief")):
-            rectified, inv_bc1, sqrt_bc2, rect_scale = scalars.per_dtype("adabelief", g.dtype, step_scalars)
+            rectified, inv_bc1, sqrt_bc2, rect_scale = scalars.step_scalars("adabelief", g.dtype, step_scalars)
             m = b1 * m + (1.0 - b1) * g
             residual = g - m
             s = b2 * s + (1.0 - b2) * (residual * residual) + eps
@@ -83,6 +87,8 @@ def adabelief(
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = True,
     rectify: bool = True,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """AdaBelief, matching ``adabelief_pytorch.AdaBelief`` 0.2.1 (``amsgrad=False``,
     ``fixed_decay=False``, ``degenerated_to_sgd=True``).
@@ -93,5 +99,7 @@ def adabelief(
         eps: ``ε`` >= 0; added to ``s`` every step and to ``sqrt(s)``.
         weight_decay: ``λ`` >= 0; decoupled ``-α·λ·θ`` unless ``decoupled_weight_decay=False`` (L2).
         rectify: use the RAdam rectification (SGD-with-momentum steps while ``ρ_t < 5``).
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
     """
-    return Optimizer(AdaBeliefDirection(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, rectify))
+    return Optimizer(AdaBeliefDirection(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, rectify),
+                     state_dtype=state_dtype)

@@ -17,7 +17,12 @@ from adaptlr import _validation as v
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
-__all__ = ["AdamDirection", "AdamState", "adam", "adamw"]
+__all__ = ["AdamDirection", "AdamState", "adam", "adamw", "bias_correction_condition"]
+
+
+def bias_correction_condition(b1: float, b2: float) -> float:
+    """``max_t |∂ log(1-β^t) / ∂ log β^t| = β/(1-β)`` (at t = 1), halved for ``sqrt(1-β2^t)``."""
+    return max(1.0, b1 / (1.0 - b1), 0.5 * b2 / (1.0 - b2))
 
 
 class AdamState(NamedTuple):
@@ -44,16 +49,18 @@ class AdamDirection(BaseDirection):
         return AdamState(layout.tree([xp.zeros_like(p) for p in params]),
                          layout.tree([xp.zeros_like(p) for p in params]))
 
+    def scalar_condition(self) -> float:
+        return bias_correction_condition(self.b1, self.b2)
+
     def direction(self, grads: list, state: AdamState, scalars: Scalars, layout: Layout) -> tuple[list, AdamState]:
         xp, b1, b2, eps = scalars.xp, self.b1, self.b2, self.eps
 
-        def corrections(dtype: Any) -> tuple[Any, Any]:
-            t = scalars.step(dtype)
+        def corrections(t: Any) -> tuple[Any, Any]:
             return 1.0 / (1.0 - b1**t), 1.0 / xp.sqrt(1.0 - b2**t)
 
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
-            inv_bc1, inv_sqrt_bc2 = scalars.per_dtype("adam", g.dtype, corrections)
+            inv_bc1, inv_sqrt_bc2 = scalars.step_scalars("adam", g.dtype, corrections)
             m = b1 * m + (1.0 - b1) * g
             nu = b2 * nu + (1.0 - b2) * (g * g)
             directions.append((m * inv_bc1) / (xp.sqrt(nu) * inv_sqrt_bc2 + eps))
@@ -68,6 +75,8 @@ def adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adam, matching ``torch.optim.Adam``; ``weight_decay`` is coupled (L2: ``g ← g + λθ``).
 
@@ -76,8 +85,10 @@ def adam(
         b1, b2: ``β1, β2`` in [0, 1), the decay rates of the first and second moments.
         eps: ``ε`` >= 0 added to the bias-corrected ``sqrt(v)``.
         weight_decay: ``λ`` >= 0.
+        state_dtype: the dtype of ``m`` and ``v`` and of the step's arithmetic (None: each
+            parameter's dtype, as ``torch.optim``; ``"float32"`` for bfloat16/float16 params).
     """
-    return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=False))
+    return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=False), state_dtype=state_dtype)
 
 
 def adamw(
@@ -86,10 +97,12 @@ def adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """AdamW, matching ``torch.optim.AdamW``: Adam with decoupled weight decay ``-α·λ·θ``.
 
     Args as :func:`adam`; ``weight_decay`` is decoupled and not scaled by an adaptation's κ unless
     that adaptation is created with ``scale_weight_decay=True``.
     """
-    return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=True))
+    return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=True), state_dtype=state_dtype)

@@ -30,6 +30,7 @@ import array_api_compat
 import optree
 
 from adaptlr import _validation as v
+from adaptlr._precision import counter_dtype, next_count, widest_float
 from adaptlr._tree import Layout
 
 __all__ = [
@@ -54,10 +55,12 @@ class OptimizerState(NamedTuple):
     """State of any adaptlr optimizer.
 
     Attributes:
-        count: the step counter ``t`` of the last update (0 after ``init``), a 0-D int32 array.
+        count: the step counter ``t`` of the last update (0 after ``init``), a 0-D int64 array
+            (int32 for JAX without ``jax_enable_x64``, saturating at 2**31 - 1, see
+            :func:`adaptlr._precision.next_count`).
         learning_rate: ``α`` per parameter (a tree shaped like the params of 0-D arrays in each
-            parameter's dtype): the user's learning rate of the last step, or of the first step
-            after ``init`` (a schedule's ``α_t``).
+            parameter's state dtype, one buffer per leaf): the user's learning rate of the last
+            step, or of the first step after ``init`` (a schedule's ``α_t``).
         base: the base optimizer's state (for example :class:`adaptlr.adam.AdamState`).
         adaptations: one state per wrapped adaptation, innermost first.
     """
@@ -114,12 +117,12 @@ class StepContext(NamedTuple):
     Attributes:
         xp: the array namespace of the params.
         layout: the tree structure of the params.
-        count: ``t`` of this step (1 on the first update), a 0-D int32 array.
-        grads: the raw gradients ``g_t``.
+        count: ``t`` of this step (1 on the first update), a 0-D integer array.
+        grads: the raw gradients ``g_t`` (in the state dtype).
         objective_grads: the gradient of what the base minimises (``g_t + λθ`` under coupled decay).
         directions: the base directions ``d_t``.
-        params: the parameters ``θ_{t-1}`` the gradients were computed at.
-        alpha: the user's learning rate ``α_t`` per leaf (0-D arrays in the leaf's dtype).
+        params: the parameters ``θ_{t-1}`` the gradients were computed at (in the state dtype).
+        alpha: the user's learning rate ``α_t`` per leaf (0-D arrays in the leaf's state dtype).
         scalars: 0-D helper arrays on the params' device.
     """
 
@@ -135,23 +138,22 @@ class StepContext(NamedTuple):
 
 
 class Scalars:
-    """0-D arrays on the params' device, made once per dtype and step (no host syncs)."""
+    """0-D arrays on the params' device, made once per dtype and step (no host syncs).
 
-    __slots__ = ("_cache", "count", "device", "xp")
+    Step scalars (bias corrections, rectification, schedules) are computed from :attr:`t`, the step
+    in :attr:`wide` (the widest float on the device, see :mod:`adaptlr._precision`), and cast once
+    to the dtype of the tensors they meet (:meth:`step_scalars`).
+    """
+
+    __slots__ = ("_cache", "count", "device", "t", "wide", "xp")
 
     def __init__(self, xp: Any, count: Array, device: Any) -> None:
         self.xp = xp
         self.count = count
         self.device = device
+        self.wide = widest_float(xp, device)
+        self.t = xp.astype(count, self.wide)
         self._cache: dict = {}
-
-    def step(self, dtype: Any) -> Array:
-        """The step counter ``t`` as a 0-D array of ``dtype``."""
-        key = ("t", dtype)
-        found = self._cache.get(key)
-        if found is None:
-            found = self._cache[key] = self.xp.astype(self.count, dtype)
-        return found
 
     def constant(self, value: float, dtype: Any) -> Array:
         key = (value, dtype)
@@ -166,6 +168,25 @@ class Scalars:
         if key not in self._cache:
             self._cache[key] = make(dtype)
         return self._cache[key]
+
+    def step_scalars(self, name: str, dtype: Any, make: Callable[[Array], Any]) -> Any:
+        """``make(t)`` with ``t`` the step in the widest float, its float results cast to ``dtype``.
+
+        ``make`` returns one 0-D array or a tuple of them; it runs once per step (not per dtype),
+        and boolean results (``ρ_t > 5``) are returned as they are.
+        """
+        wide = self._cache.get((name, None))
+        if wide is None:
+            wide = self._cache[(name, None)] = make(self.t)
+        return self.per_dtype(name, dtype, lambda dt: _cast_floats(self.xp, wide, dt))
+
+
+def _cast_floats(xp: Any, values: Any, dtype: Any) -> Any:
+    if isinstance(values, tuple):
+        return tuple(_cast_floats(xp, x, dtype) for x in values)
+    if values.dtype == dtype or not xp.isdtype(values.dtype, "real floating"):
+        return values
+    return xp.astype(values, dtype)
 
 
 class BaseDirection(abc.ABC):
@@ -186,6 +207,15 @@ class BaseDirection(abc.ABC):
     @abc.abstractmethod
     def init(self, params: list, layout: Layout, xp: Any) -> NamedTuple:
         """The state before the first step."""
+
+    def scalar_condition(self) -> float:
+        """How much the step scalars amplify a relative rounding error of ``β^t``: ``max |∂ log s / ∂ log β^t|``.
+
+        1 for bases without step scalars; used by the tolerance rule of
+        :mod:`adaptlr.conformance.tolerances` (an ulp of a backend's ``pow`` times this is the
+        relative error of the step size it causes).
+        """
+        return 1.0
 
     @abc.abstractmethod
     def direction(
@@ -231,11 +261,19 @@ class Optimizer:
 
     Build one with the factories (``adaptlr.adamw(...)``, ``adaptlr.active(opt, ...)``); use
     ``init`` / ``update`` as in optax. The object is immutable and holds no arrays.
+
+    ``state_dtype`` (``None``, a dtype name such as ``"float32"``, or a dtype of the params'
+    library) is the dtype of the optimizer state and of the step's arithmetic; ``None`` keeps each
+    parameter's dtype, as ``torch.optim`` does. With bfloat16/float16 params and
+    ``state_dtype="float32"`` the gradients and params are upcast for the step and the update is
+    ``round(θ + u) - θ`` in the parameter dtype, so that :func:`apply_updates` rounds ``θ + u`` once.
     """
 
-    def __init__(self, base: BaseDirection, adaptations: Sequence[Adaptation] = ()) -> None:
+    def __init__(self, base: BaseDirection, adaptations: Sequence[Adaptation] = (), *,
+                 state_dtype: Any = None) -> None:
         self.base = base
         self.adaptations = tuple(adaptations)
+        self.state_dtype = v.check_state_dtype(state_dtype)
         for adaptation in self.adaptations:
             adaptation.check_base(base)
 
@@ -249,9 +287,14 @@ class Optimizer:
     def __repr__(self) -> str:
         return f"<adaptlr.Optimizer {self.name}>"
 
+    @property
+    def scalar_condition(self) -> float:
+        """The condition of the base's step scalars (:meth:`BaseDirection.scalar_condition`)."""
+        return self.base.scalar_condition()
+
     def wrapped(self, adaptation: Adaptation) -> Optimizer:
         """This optimizer with ``adaptation`` wrapped around it (outermost)."""
-        return Optimizer(self.base, (*self.adaptations, adaptation))
+        return Optimizer(self.base, (*self.adaptations, adaptation), state_dtype=self.state_dtype)
 
     # -- public functional API -------------------------------------------------------------------
 
@@ -260,9 +303,10 @@ class Optimizer:
         layout, leaves = Layout.of(params)
         xp = v.namespace_of_leaves(leaves, "params", layout.paths)
         v.check_floating_params(xp, leaves, layout.paths)
+        leaves = self._in_state_dtype(xp, leaves)
         device = scalar_device(leaves[0])
-        count = xp.asarray(0, dtype=xp.int32, device=device)
-        alpha = self._alpha(xp, xp.asarray(1, dtype=xp.int32, device=device), leaves, device, None)
+        count = xp.asarray(0, dtype=counter_dtype(xp, device), device=device)
+        alpha = self._alpha(xp, Scalars(xp, xp.asarray(1, dtype=count.dtype, device=device), device), leaves)
         base_state = self.base.init(leaves, layout, xp)
         adaptation_states = tuple(a.init(leaves, alpha, layout, xp) for a in self.adaptations)
         return OptimizerState(count, layout.tree(alpha), base_state, adaptation_states)
@@ -296,13 +340,16 @@ class Optimizer:
         learning rate and weight decay: the torch adapter passes its param groups' values here.
         """
         base = self.base
+        caller_params = params
+        params = self._in_state_dtype(xp, params)
+        grads = self._in_state_dtype(xp, grads)
         device = scalar_device(params[0])
-        count = xp.asarray(state.count + 1)
+        count = next_count(xp, state.count)
         scalars = Scalars(xp, count, device)
         if alpha is None:
             # A schedule, or a 0-D array that may change between steps (optax.inject_hyperparams).
             if not isinstance(base.learning_rate, float):
-                alpha = self._alpha(xp, count, params, device, scalars)
+                alpha = self._alpha(xp, scalars, params)
             else:
                 alpha = layout.leaves(state.learning_rate, "state.learning_rate")
         if weight_decay is None:
@@ -321,7 +368,7 @@ class Optimizer:
             adaptation_states.append(adaptation_state)
 
         updates = []
-        for i, (d, p) in enumerate(zip(directions, params)):
+        for i, (d, p, caller_p) in enumerate(zip(directions, params, caller_params)):
             lr = _times(size.alpha[i], size.kappa[i])
             u = d * (-lr)
             if decoupled[i]:
@@ -329,6 +376,8 @@ class Optimizer:
                 u = u - decay * p
             if size.shift[i] is not None:
                 u = u + size.shift[i]
+            if p.dtype != caller_p.dtype:  # so that apply_updates rounds θ + u once
+                u = xp.astype(p + u, caller_p.dtype) - caller_p
             updates.append(u if u.ndim else xp.asarray(u))  # NumPy turns 0-D results into scalars
         new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
         for i, adaptation in enumerate(self.adaptations):
@@ -339,22 +388,34 @@ class Optimizer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _alpha(self, xp: Any, count: Array, leaves: list, device: Any, scalars: Scalars | None) -> list:
-        """``α_t`` per leaf: one 0-D array per dtype, shared by the leaves of that dtype."""
+    def state_dtype_of(self, xp: Any, dtype: Any) -> Any:
+        """The dtype of the state (and the step's arithmetic) for a parameter of ``dtype``."""
+        if self.state_dtype is None:
+            return dtype
+        found = getattr(xp, self.state_dtype, None)
+        if found is None or not xp.isdtype(found, "real floating"):
+            raise TypeError(f"state_dtype={self.state_dtype!r} is not a floating dtype of {xp.__name__}")
+        return found
+
+    def _in_state_dtype(self, xp: Any, leaves: list) -> list:
+        if self.state_dtype is None:
+            return leaves
+        dtypes = [self.state_dtype_of(xp, x.dtype) for x in leaves]
+        return [x if x.dtype == dt else xp.astype(x, dt) for x, dt in zip(leaves, dtypes)]
+
+    def _alpha(self, xp: Any, scalars: Scalars, leaves: list) -> list:
+        """``α_t`` per leaf: one 0-D array per leaf (its own buffer), in the leaf's dtype.
+
+        A schedule is called once per step with ``t`` in the widest float (:attr:`Scalars.t`), and
+        its value is cast to each leaf's dtype.
+        """
         learning_rate = self.base.learning_rate
-        by_dtype: dict = {}
-        out = []
-        for leaf in leaves:
-            dtype = leaf.dtype
-            if dtype not in by_dtype:
-                if callable(learning_rate):
-                    value = learning_rate(xp.astype(count, dtype))
-                    v.check_scheduled_learning_rate(value, count)
-                    by_dtype[dtype] = xp.astype(xp.asarray(value, device=device), dtype)
-                else:
-                    by_dtype[dtype] = xp.asarray(learning_rate, dtype=dtype, device=device)
-            out.append(by_dtype[dtype])
-        return out
+        if callable(learning_rate):
+            value = learning_rate(scalars.t)
+            v.check_scheduled_learning_rate(value, scalars.count)
+            value = xp.asarray(value, dtype=scalars.wide, device=scalars.device)
+            return [xp.astype(value, leaf.dtype) for leaf in leaves]
+        return [xp.asarray(learning_rate, dtype=leaf.dtype, device=scalars.device) for leaf in leaves]
 
     def _check_state(self, state: Any, layout: Layout, xp: Any, params: list) -> None:
         if not isinstance(state, OptimizerState):
@@ -377,23 +438,29 @@ class Optimizer:
                 f"{v.library_of(params[0])} arrays; init the optimizer with these params"
             )
         for i, (a, p) in enumerate(zip(alpha, params)):
-            if a.dtype != p.dtype:
+            expected_dtype = self.state_dtype_of(xp, p.dtype)
+            if a.dtype != expected_dtype:
                 raise ValueError(
                     f"state does not belong to these params: parameter {layout.paths()[i]} has dtype "
-                    f"{p.dtype} but the state was made for dtype {a.dtype}"
+                    f"{p.dtype} (state dtype {expected_dtype}) but the state was made for dtype {a.dtype}"
                 )
 
 
 def scalar_device(x: Array) -> Any:
     """The device for 0-D state values (counters, global scalars) of params like ``x``.
 
-    Usually ``x``'s device. A JAX array sharded over several devices has no single device, and JAX
-    cannot shard a 0-D array: its scalars get JAX's default placement (None), which ``jax.jit``
-    replicates as needed.
+    Usually ``x``'s device. JAX gets ``None`` (its default placement, which ``jax.jit`` places as
+    needed) where ``x`` has no single committed device: an array sharded over several devices (JAX
+    cannot shard a 0-D array), an uncommitted array (committing the state to a device would make
+    a jitted step compile a second time), and a traced value under a JAX transformation (which has
+    no device to ask for).
     """
     if v.library_of(x) == "jax":
-        sharding = getattr(x, "sharding", None)
-        if sharding is not None and len(sharding.device_set) > 1:
+        try:
+            sharding = x.sharding
+        except AttributeError:  # a tracer
+            return None
+        if len(sharding.device_set) > 1 or not getattr(x, "committed", True):
             return None
     return array_api_compat.device(x)
 

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._precision import is_half_precision
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 from adaptlr.hypergradient import _check_bounds, _check_optimizer
@@ -165,16 +166,19 @@ class DSA(Adaptation):
         all_factors = layout.treespec.flatten_up_to(state.factors)
         new_factors = []
         for g, p, factors in zip(ctx.objective_grads, prev_steps, all_factors, strict=True):
-            beta = scalars.constant(self.hyper_lr, g.dtype)
-            eps = scalars.constant(EPS, g.dtype)
-            one = scalars.constant(1.0, g.dtype)
+            # In bfloat16/float16, p·p underflows and EPS is 0: the cosines 0/0. Compute them wider.
+            work = scalars.wide if is_half_precision(xp, g.dtype) else g.dtype
+            g, p = xp.astype(g, work, copy=False), xp.astype(p, work, copy=False)
+            beta = scalars.constant(self.hyper_lr, work)
+            eps = scalars.constant(EPS, work)
+            one = scalars.constant(1.0, work)
             gp, gg, pp = g * p, g * g, p * p
             updated = {}
             for kind, factor in factors.items():
                 dot = _slice_sum(xp, gp, kind)
                 norms = xp.sqrt(_slice_sum(xp, gg, kind)) * xp.sqrt(_slice_sum(xp, pp, kind))
                 cos = xp.minimum(xp.maximum(dot / (norms + eps), -one), one)
-                updated[kind] = factor * xp.exp(beta * cos)
+                updated[kind] = factor * xp.astype(xp.exp(beta * cos), factor.dtype, copy=False)
             new_factors.append(updated)
         new_state = state._replace(factors=layout.tree(new_factors))
         size = _apply(size, new_state.kappa(layout), state.min_lr, state.max_lr, self.scale_weight_decay)

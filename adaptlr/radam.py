@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from adaptlr import _validation as v
-from adaptlr._rectification import rectification
+from adaptlr._rectification import rectification, rectification_condition
 from adaptlr._tree import Layout
-from adaptlr.adam import AdamState
+from adaptlr.adam import AdamState, bias_correction_condition
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
 __all__ = ["RAdamDirection", "radam"]
@@ -39,17 +39,19 @@ class RAdamDirection(BaseDirection):
         return AdamState(layout.tree([xp.zeros_like(p) for p in params]),
                          layout.tree([xp.zeros_like(p) for p in params]))
 
+    def scalar_condition(self) -> float:
+        return max(bias_correction_condition(self.b1, self.b2), rectification_condition(self.b2))
+
     def direction(self, grads: list, state: AdamState, scalars: Scalars, layout: Layout) -> tuple[list, AdamState]:
         xp, b1, b2, eps = scalars.xp, self.b1, self.b2, self.eps
 
-        def step_scalars(dtype: Any) -> tuple[Any, Any, Any]:
-            t = scalars.step(dtype)
+        def step_scalars(t: Any) -> tuple[Any, Any, Any]:
             rho_t, r_t = rectification(xp, t, b2)
             return rho_t > 5.0, 1.0 / (1.0 - b1**t), r_t * xp.sqrt(1.0 - b2**t)
 
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
-            rectified, inv_bc1, scale = scalars.per_dtype("radam", g.dtype, step_scalars)
+            rectified, inv_bc1, scale = scalars.step_scalars("radam", g.dtype, step_scalars)
             m = b1 * m + (1.0 - b1) * g
             nu = b2 * nu + (1.0 - b2) * (g * g)
             m_hat = m * inv_bc1
@@ -66,6 +68,8 @@ def radam(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """RAdam, matching ``torch.optim.RAdam``.
 
@@ -74,5 +78,7 @@ def radam(
         b1, b2: ``β1, β2`` in [0, 1).
         eps: ``ε`` >= 0.
         weight_decay: ``λ`` >= 0; coupled (L2) unless ``decoupled_weight_decay`` (then ``-α·λ·θ``).
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
     """
-    return Optimizer(RAdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay))
+    return Optimizer(RAdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay),
+                     state_dtype=state_dtype)

@@ -68,6 +68,8 @@ def sgd(
     dampening: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Stochastic gradient descent, matching ``torch.optim.SGD``.
 
@@ -77,6 +79,7 @@ def sgd(
         dampening: ``τ`` in [0, 1]: the gradient enters the buffer with weight ``1 - τ`` after step 1.
         nesterov: use Nesterov momentum ``d = g + μ·b`` (needs momentum > 0 and dampening 0).
         weight_decay: ``λ`` >= 0, coupled (L2): ``g ← g + λθ``.
+        state_dtype: the dtype of the momentum buffer and the step's arithmetic (see :func:`adaptlr.adam`).
 
     Example:
         >>> import numpy as np, adaptlr
@@ -87,4 +90,4 @@ def sgd(
         >>> adaptlr.apply_updates(params, updates)["w"]
         array([0.9, 0.9, 0.9])
     """
-    return Optimizer(SGDDirection(learning_rate, momentum, dampening, nesterov, weight_decay))
+    return Optimizer(SGDDirection(learning_rate, momentum, dampening, nesterov, weight_decay), state_dtype=state_dtype)

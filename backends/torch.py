@@ -61,6 +61,7 @@ from torch.autograd.graph import increment_version
 
 from adaptlr import checkpoint as _checkpoint
 from adaptlr import core
+from adaptlr._precision import counter_dtype, widest_float
 from adaptlr._state_tree import Node, dtype_name, field_values, from_slots, rebuild_state, slots, split_state
 from adaptlr._tree import Layout
 
@@ -474,7 +475,8 @@ class Optimizer(torch.optim.Optimizer):
                 base = self._alpha_cache[key] = torch.tensor(float(lr), dtype=dtype, device=device)
         if self._schedule is None:
             return base
-        scheduled = xp_torch.astype(xp_torch.asarray(self._schedule(xp_torch.astype(t, dtype)), device=device), dtype)
+        wide = widest_float(xp_torch, device)  # schedules see t in the widest float (adaptlr._precision)
+        scheduled = xp_torch.astype(xp_torch.asarray(self._schedule(xp_torch.astype(t, wide)), device=device), dtype)
         return scheduled if (not isinstance(lr, torch.Tensor) and float(lr) == 1.0) else scheduled * base
 
     def _init_state(self, params: list[torch.Tensor]) -> core.OptimizerState:
@@ -482,7 +484,7 @@ class Optimizer(torch.optim.Optimizer):
         views = [self._state_view(p) for p in params]
         layout, leaves = Layout.of(views)
         device = leaves[0].device
-        count = torch.zeros((), dtype=torch.int32, device=device)
+        count = torch.zeros((), dtype=counter_dtype(xp_torch, device), device=device)
         group_of = self._group_of()
         alpha = self._alphas([group_of[id(p)] for p in params], leaves, count)
         base_state = self.opt.base.init(leaves, layout, xp_torch)

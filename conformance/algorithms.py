@@ -76,8 +76,9 @@ class Algorithm:
         problems: the problems (names in :data:`PROBLEMS`) it runs on across backends.
         requires: names that must exist in ``adaptlr`` (else the rows are "skipped: not available").
         decisions: the discrete decisions to compare exactly, or None.
-        condition: a factor (≥ 1) by which the algorithm amplifies rounding errors; it multiplies
-            the tolerance (30 for the RAdam rectification, see :mod:`adaptlr.conformance.runner`).
+        condition: a factor (≥ 1) by which the algorithm's dynamics amplify rounding errors; it
+            multiplies the tolerance (see :mod:`adaptlr.conformance.tolerances`). The condition of
+            its step scalars comes from the optimizer itself (:meth:`scalar_condition`).
     """
 
     name: str
@@ -92,6 +93,10 @@ class Algorithm:
         import adaptlr
 
         return [n for n in self.requires if getattr(adaptlr, n, None) is None]
+
+    def scalar_condition(self) -> float:
+        """The optimizer's ``scalar_condition`` (1 for optimizers that do not define one)."""
+        return float(getattr(self.build(), "scalar_condition", 1.0))
 
     def build(self) -> Any:
         import adaptlr
@@ -156,13 +161,6 @@ _BASES: dict[str, Callable[[Any], Any]] = {
     "radam-decoupled": lambda a: a.radam(0.05, weight_decay=0.01, decoupled_weight_decay=True),
     "adabelief": lambda a: a.adabelief(0.05),
 }
-RECTIFIED_CONDITION = 30.0
-
-
-def _condition(base: str) -> float:
-    return RECTIFIED_CONDITION if base.startswith(("radam", "adabelief")) else 1.0
-
-
 _BASE_NAMES = {"sgd": "sgd", "sgdm": "sgd", "sgdn": "sgd", "sgdm-damp-l2": "sgd", "adam": "adam", "adam-l2": "adam",
                "adamw": "adamw", "radam": "radam", "radam-decoupled": "radam", "adabelief": "adabelief"}
 
@@ -170,8 +168,7 @@ _BASE_NAMES = {"sgd": "sgd", "sgdm": "sgd", "sgdn": "sgd", "sgdm-damp-l2": "sgd"
 def _register_defaults() -> None:
     for name, make in _BASES.items():
         problems = ("noisy_quadratic", "logistic") + (("rosenbrock",) if name.startswith("adam") else ())
-        register_algorithm(name, make, problems, requires=(_BASE_NAMES[name],), takes_module=True,
-                           condition=_condition(name))
+        register_algorithm(name, make, problems, requires=(_BASE_NAMES[name],), takes_module=True)
 
     # ActiveLR on four bases (a smaller base learning rate: γ grows to several times α).
     for base in ("sgd", "adamw", "radam", "adabelief"):
@@ -180,8 +177,7 @@ def _register_defaults() -> None:
             return a.active(opt, steps_per_epoch=S, increase=0.2, decrease=0.5)
 
         register_algorithm(f"active({base})", make, ("sign_pattern", "noisy_quadratic"),
-                           requires=("active", _BASE_NAMES[base]), decisions=EpochSignFlips(S), takes_module=True,
-                           condition=_condition(base))
+                           requires=("active", _BASE_NAMES[base]), decisions=EpochSignFlips(S), takes_module=True)
 
     # AutoDrop on a rotating target: the angle between epoch displacements settles at 90 degrees, and
     # after each drop |Δ| decays geometrically through θ (margins measured: ≥ 2.7e-4, see the docs).

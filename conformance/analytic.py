@@ -146,7 +146,8 @@ def _dsa_sign_rows(backends: Sequence[Backend], steps: int) -> list[Row]:
                       lambda _s: {"h": h})
     rows = []
     for b in backends:
-        row = Row("analytic", "dsa-element(sgd)", "spec §5 e^±β", b.name, b.device_name, "float64", n, tolerance=1e-12)
+        row = Row("analytic", "dsa-element(sgd)", "spec §5 e^±β", b.name, b.device_name, "float64", n,
+                  tolerance=tolerance("float64", n))
         try:
             traj = run_trajectory(adaptlr.dsa(adaptlr.sgd(0.1), hyper_lr=beta, structure=("element",)), problem, b,
                                   "float64", n)
@@ -360,7 +361,7 @@ def _reference_rows(backends: Sequence[Backend], steps: int) -> list[Row]:
         for prob_name in ("noisy_quadratic", "logistic"):
             problem = PROBLEMS[prob_name]
             row = Row("reference", name, f"{library} on {prob_name}", "numpy", "cpu", "float64", steps,
-                      tolerance=tolerance("float64", steps, problem.condition))
+                      tolerance=tolerance("float64", steps, problem.condition, ALGORITHMS[name].scalar_condition()))
             ref = run_trajectory(ALGORITHMS[name].build(), problem, BACKENDS["numpy"], "float64", steps)
             tree = optree.tree_map(lambda x: torch.tensor(x, dtype=torch.float64), problem.params())
             data = optree.tree_map(lambda x: torch.tensor(x, dtype=torch.float64), problem.data(steps))

@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"command": "adaptlr conformance " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.machine()}, {platform.system()}, Python {platform.python_version()}",
             "seconds": round(seconds, 1), "steps": args.steps,
-            "tolerance": "100·sqrt(K)·eps(dtype)·condition(problem)·condition(algorithm), at most 1e-12 in float64"}
+            "tolerance": "100·sqrt(K)·eps(dtype)·c_problem·c_algorithm + 4·eps(float64)·κ_scalars·c_problem "
+                         "(adaptlr.conformance.tolerances)"}
     if args.quiet:
         print(report.summary(rows))
     else:

@@ -2,16 +2,9 @@
 
 Errors are normwise: for each step and parameter leaf, ``‖x - x_ref‖∞ / ‖x_ref‖∞``, and the row
 reports the maximum over steps and leaves (the same for the learning rates of
-``adaptlr.learning_rates(state)``, broadcast to the parameter shapes). The tolerance of a row is
-
-    tol = 100 · sqrt(K) · eps(dtype) · condition(problem) · condition(algorithm),  at most 1e-12 in float64
-
-(rounding errors of K steps that do not grow, accumulated as a random walk, times a factor 100 for
-the few dozen operations of a step and the float32 rounding of the inputs; the conditions are > 1
-only where errors are amplified: Rosenbrock's curved valley (100), and the rectification of RAdam
-and AdaBelief (30), whose ``ρ_t - 4`` at the first rectified steps is ``ρ∞ ≈ 2/(1-β2) ≈ 2000`` minus
-a nearly equal number, so those steps lose about three digits). For K = 150 this is 2.7e-13 in
-float64 and 1.5e-4 in float32 (4.4e-3 for the rectified bases).
+``adaptlr.learning_rates(state)``, broadcast to the parameter shapes). The tolerance of a row comes
+from the one rule of :mod:`adaptlr.conformance.tolerances` (dtype, steps, the problem's and the
+algorithm's condition, and the condition of the optimizer's step scalars).
 
 A discrete decision counts as ill-conditioned when its margin in the reference run (see
 :mod:`adaptlr.conformance.algorithms`) is below the row's tolerance; a row with any such decision is
@@ -34,24 +27,12 @@ from adaptlr._tree import Layout
 from adaptlr.conformance.algorithms import ALGORITHMS, Algorithm, AngleDrops, EpochSignFlips, HypergradientSigns
 from adaptlr.conformance.backends import BACKENDS, Backend
 from adaptlr.conformance.problems import PROBLEMS, Problem
+from adaptlr.conformance.tolerances import eps, tolerance
 
 __all__ = ["DTYPES", "Row", "Trajectory", "agreement_pairs", "max_rel_err", "planned_runs", "run_agreement",
            "run_trajectory", "tolerance"]
 
 DTYPES = ("float64", "float32")
-TOLERANCE_FACTOR = 100.0
-FLOAT64_CAP = 1e-12
-
-
-def eps(dtype: str) -> float:
-    return float(np.finfo(dtype).eps)
-
-
-def tolerance(dtype: str, steps: int, condition: float = 1.0) -> float:
-    """``100 · sqrt(K) · eps(dtype) · condition``, at most 1e-12 in float64 (see the module docstring)."""
-    tol = TOLERANCE_FACTOR * math.sqrt(max(steps, 1)) * eps(dtype) * condition
-    return min(tol, FLOAT64_CAP) if dtype == "float64" else tol
-
 
 @dataclass
 class Row:
@@ -388,7 +369,7 @@ def run_agreement(
 
 def _agreement_row(algorithm: Algorithm, problem: Problem, b: Backend, dtype: str, steps: int,
                    ref: Trajectory) -> Row:
-    tol = tolerance(dtype, steps, problem.condition * algorithm.condition)
+    tol = tolerance(dtype, steps, problem.condition * algorithm.condition, algorithm.scalar_condition())
     row = Row("agreement", algorithm.name, problem.name, b.name, b.device_name, dtype, steps, tolerance=tol)
     start = time.perf_counter()
     try:

@@ -263,6 +263,7 @@ def test_float32_params_accumulate_in_float64():
 def test_accumulation_dtype_falls_back_without_float64():
     class NoFloat64:  # a namespace like JAX without x64: float64 requests give float32
         float64 = np.float64
+        float32 = np.float32
 
         @staticmethod
         def asarray(x, dtype=None, device=None):

@@ -1,7 +1,10 @@
 """Base optimizers (spec §1) against their oracles: torch.optim and adabelief-pytorch 0.2.1.
 
 Float64, 60 steps, parameters of several shapes and a nonlinear gradient; every backend runs the
-same problem and must match the reference to 1e-12 relative.
+same problem and must match the reference within the tolerance rule of
+:mod:`adaptlr.conformance.tolerances` (1.7e-13 plus 4 ulps times the condition of the optimizer's
+step scalars: 8.7e-11 for RAdam and AdaBelief, whose ``ρ_t - 4`` cancels at the first rectified
+steps, so that an ulp of difference in a backend's ``pow`` cannot fail a correct implementation).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import pytest
 from conftest import max_rel_err
 
 import adaptlr
+from adaptlr.conformance.tolerances import tolerance
 
 torch = pytest.importorskip("torch", reason="the reference optimizers are torch.optim")
 
@@ -100,7 +104,8 @@ def test_matches_reference_library(case, backend, rng):
         updates, state = opt.update(grads, state, params)
         params = adaptlr.apply_updates(params, updates)
         worst = max(worst, max_rel_err([backend.to_numpy(p) for p in params], expected[step]))
-    assert worst <= 1e-12, f"{case} on {backend.name}: max relative error {worst:.3e}"
+    tol = tolerance("float64", STEPS, scalar_condition=opt.scalar_condition)
+    assert worst <= tol, f"{case} on {backend.name}: max relative error {worst:.3e} > {tol:.3e}"
 
 
 def test_radam_switches_to_rectified_steps_at_step_6():
@@ -118,4 +123,5 @@ def test_radam_switches_to_rectified_steps_at_step_6():
         if rho_t > 5:
             expected = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
         assert (rho_t > 5) == (t >= 6)
-        np.testing.assert_allclose(-updates[0], expected, rtol=1e-12)
+        rtol = tolerance("float64", 1, scalar_condition=opt.scalar_condition)
+        np.testing.assert_allclose(-updates[0], expected, rtol=rtol)

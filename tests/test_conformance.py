@@ -61,9 +61,14 @@ def test_reference_libraries() -> None:
 
 
 def test_tolerance_is_derived_from_eps() -> None:
-    assert runner.tolerance("float64", 150) <= 1e-12
-    assert runner.tolerance("float32", 150) == pytest.approx(100 * np.sqrt(150) * np.finfo(np.float32).eps)
-    assert runner.tolerance("float64", 10**6, 100.0) == 1e-12
+    eps64, eps32 = np.finfo(np.float64).eps, np.finfo(np.float32).eps
+    assert runner.tolerance("float64", 150) == pytest.approx(100 * np.sqrt(150) * eps64 + 4 * eps64)
+    assert runner.tolerance("float32", 150) == pytest.approx(100 * np.sqrt(150) * eps32 + 4 * eps64)
+    # the step-scalar term does not depend on the parameter dtype: the scalars are computed in float64
+    rectified = adaptlr.radam(1e-3).scalar_condition
+    assert 9e4 < rectified < 1e5
+    assert runner.tolerance("float32", 150, 1.0, rectified) == pytest.approx(
+        100 * np.sqrt(150) * eps32 + 4 * eps64 * rectified)
 
 
 def test_max_rel_err_is_normwise() -> None:

@@ -253,13 +253,16 @@ def test_smaller_clip_keeps_momentum_and_adam_stable(base):
     assert float(eg.scale) < 1e3 and float(np.max(eg.gain)) < 1e4
 
 
-@pytest.mark.xfail(strict=True, reason="known: max_log_step=1.0 (the spec default) lets s and p resonate with a "
-                   "momentum or Adam base on this problem and float32 overflows; see docs/algorithms/eg.md")
 @pytest.mark.parametrize("base", ["sgd-momentum", "adam"])
-def test_default_clip_with_momentum_or_adam_on_badly_scaled_problem(base):
+def test_default_clip_diverges_with_momentum_or_adam_on_badly_scaled_problem(base):
+    """Known spec issue: max_log_step=1.0 (the spec default) lets s and p resonate with a momentum or
+    Adam base here (docs/algorithms/eg.md). Where it blows up is chaotic (an ulp of a backend's pow
+    moves it: float32 overflow on one CPU, a finite loss of 1e13 on another), so the test asserts
+    what holds on every machine: the run ends non-finite or above its initial loss."""
     make = {"sgd-momentum": lambda: adaptlr.sgd(1e-4, momentum=0.9), "adam": lambda: adaptlr.adam(1e-2)}[base]
     opt = eg_step_size(make(), scale_lr=1.0, gain_lr=1.0)
-    assert _badly_scaled_run(opt, 1500, "float32")[2]
+    _, _, finite, loss = _badly_scaled_run(opt, 1500, "float32")
+    assert not finite or loss > 0.5 * BADLY_SCALED.sum()
 
 
 # -- granularity ----------------------------------------------------------------------------------

@@ -556,7 +556,7 @@ def test_fast_path_add_param_group_after_steps():
     torch_opt.step()
     torch_opt.add_param_group({"params": [b], "lr": 0.5})
     # b joins at t = 2: Adam's bias correction follows the optimizer's (global) step count.
-    sb = ref_b.init(fb)._replace(count=torch.tensor(1, dtype=torch.int32))
+    sb = ref_b.init(fb)._replace(count=torch.tensor(1, dtype=torch.int64))
     for step_grads in grads[1:4]:
         updates, sa = ref_a.update([step_grads[0]], sa, fa)
         fa = adaptlr.apply_updates(fa, updates)
