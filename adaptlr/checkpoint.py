@@ -269,11 +269,16 @@ def _state_from(manifest: dict, arrays: dict, path: Any, xp: Any, layout: Layout
             f"{path} was saved for parameter {saved['paths'][i]} where like has {names[i]}; "
             "pass match='order' to match parameters by position"
         )
+    # With state_dtype= (given by the optimizer, else as recorded) the state is in that dtype.
+    recorded = (manifest.get("hyperparameters") or [{}])[0]
+    state_dtype = getattr(optimizer, "state_dtype", None) if optimizer is not None else recorded.get("state_dtype")
     for i, (name, p) in enumerate(zip(saved["dtypes"], params)):
-        if name != dtype_name(p.dtype):
+        if name != (state_dtype or dtype_name(p.dtype)):
             raise ValueError(
                 f"{path} holds a state made for {name} at parameter {layout.paths()[i]}, but like "
-                f"has {dtype_name(p.dtype)} there; pass params in the dtype the state was made for"
+                f"has {dtype_name(p.dtype)} there"
+                + (f" and the state dtype is {state_dtype}" if state_dtype else "")
+                + "; pass params in the dtype the state was made for"
             )
     if "shapes" in saved:  # files from adaptlr 0.1.0 do not record them: the fields' shapes are checked
         for i, (shape, p) in enumerate(zip(saved["shapes"], params)):
@@ -391,8 +396,11 @@ def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
     adaptation, innermost first), each with the part's ``name``. A schedule is recorded as
     ``"<schedule>"`` (it cannot be compared), a traced array as ``"<array>"``."""
     parts = [optimizer.base, *optimizer.adaptations]
-    return [{"name": part.name, **{k: _plain(x) for k, x in sorted(vars(part).items()) if not k.startswith("_")}}
-            for part in parts]
+    out = [{"name": part.name, **{k: _plain(x) for k, x in sorted(vars(part).items()) if not k.startswith("_")}}
+           for part in parts]
+    if getattr(optimizer, "state_dtype", None) is not None:
+        out[0]["state_dtype"] = _plain(optimizer.state_dtype)
+    return out
 
 
 def _plain(x: Any) -> Any:

@@ -369,3 +369,16 @@ def test_a_save_killed_mid_write_leaves_the_old_file_and_the_next_save_cleans_up
     live.write_bytes(b"")
     adaptlr.save_state(path, _make("active").init(params))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
+
+
+def test_state_dtype_state_round_trips_for_low_precision_params(tmp_path):
+    torch = pytest.importorskip("torch")
+    opt = adaptlr.adamw(1e-3, state_dtype="float32")
+    params = {"w": torch.linspace(-1, 1, 4, dtype=torch.bfloat16)}
+    _, state = opt.update({"w": torch.full((4,), 0.5, dtype=torch.bfloat16)}, opt.init(params), params)
+    adaptlr.save_state(tmp_path / "s.npz", state, optimizer=opt)
+    for optimizer in (opt, None):  # without optimizer=, the recorded state_dtype is used
+        loaded = adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=optimizer)
+        assert loaded.base.mu["w"].dtype == torch.float32 and torch.equal(loaded.base.nu["w"], state.base.nu["w"])
+    with pytest.raises(ValueError, match="state dtype is float64"):
+        adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=adaptlr.adamw(1e-3, state_dtype="float64"))
