@@ -19,11 +19,11 @@ checkpoint (truncated, corrupted, another kind of file, an unknown format versio
 ``ValueError`` naming the file and what is wrong. Nothing is loaded partially, and nothing is ever
 unpickled.
 
-Saving writes a temporary file next to ``path`` (``.<name>.<pid>.<random>.adaptlr-tmp``, with the
+Saving writes a temporary file next to ``path`` (``.<name>.<pid>@<host>.<random>.adaptlr-tmp``, with the
 permissions the umask gives), ``fsync``\ s it and renames it over ``path``: a reader sees the old file
 or the new one, never a partial one. An error or interrupt during the save removes the temporary
 file; a process killed outright leaves it behind, and the next save of the same ``path`` removes
-temporary files of processes that no longer exist.
+temporary files of processes of this host that no longer exist.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import sys
 import warnings
 import zipfile
@@ -113,7 +114,7 @@ def _write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, ``fsync`` and a rename."""
     directory, name = os.path.split(os.path.abspath(path))
     _remove_orphans(directory, name)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}@{_HOST}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     try:
         # Mode 0o666 filtered by the umask, as open() would make it (mkstemp makes 0600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -130,13 +131,16 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 _TMP_SUFFIX = ".adaptlr-tmp"
+_HOST = socket.gethostname().replace("@", "_") or "localhost"
 
 
 def _remove_orphans(directory: str, name: str) -> None:
-    """Remove temporary files of earlier saves of ``name`` whose process no longer exists."""
+    """Remove temporary files of earlier saves of ``name`` on this host whose process no longer
+    exists (a save in progress elsewhere, or on another host sharing the directory, is kept)."""
     for orphan in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*{_TMP_SUFFIX}")):
-        pid = os.path.basename(orphan)[len(name) + 2:-len(_TMP_SUFFIX)].split(".")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+        owner = os.path.basename(orphan)[len(name) + 2:-len(_TMP_SUFFIX)].rsplit(".", 1)[0]
+        pid, _, host = owner.partition("@")
+        if host == _HOST and pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
             try:
                 os.remove(orphan)
             except OSError:

@@ -365,10 +365,13 @@ def test_a_save_killed_mid_write_leaves_the_old_file_and_the_next_save_cleans_up
     assert len(orphans) == 1 and orphans[0].startswith(".run.npz.")
     assert path.read_bytes() == before
     assert adaptlr.load_state(path, like=params) is not None
-    live = tmp_path / f".run.npz.{os.getpid()}.0000.adaptlr-tmp"  # a save in progress in a live process
+    host = orphans[0].split("@", 1)[1].rsplit(".", 2)[0]
+    live = tmp_path / f".run.npz.{os.getpid()}@{host}.0000.adaptlr-tmp"  # a save in progress in a live process
+    elsewhere = tmp_path / f".run.npz.{orphans[0].split('.')[3].split('@')[0]}@other-host.0000.adaptlr-tmp"
     live.write_bytes(b"")
+    elsewhere.write_bytes(b"")  # same dead pid, another host sharing the directory: not ours to remove
     adaptlr.save_state(path, _make("active").init(params))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, elsewhere.name])
 
 
 def test_state_dtype_state_round_trips_for_low_precision_params(tmp_path):
