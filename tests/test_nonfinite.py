@@ -348,3 +348,15 @@ def test_active_gamma_never_grows_from_a_non_finite_epoch_sum(backend, bad):
     assert np.array_equal(gammas[1], [3.0, 3.0])
     assert np.array_equal(gammas[2], [1.5, 5.0])  # the non-finite element counts as a flip
     assert gammas[3][0] == 0.75  # G_prev is non-finite now: a flip again, never growth
+
+
+def test_active_gamma_never_grows_from_a_non_finite_epoch_sum_under_jit():
+    jax = pytest.importorskip("jax")
+    backend = BACKENDS["jax"]
+    opt = adaptlr.active(adaptlr.sgd(0.1), steps_per_epoch=1, increase=2.0, decrease=0.5)
+    update = jax.jit(opt.update)
+    params = [backend.asarray(np.ones(2))]
+    state = opt.init(params)
+    for g in ([1.0, 1.0], [1.0, 1.0], [np.nan, np.inf]):
+        _, state = update([backend.asarray(np.array(g))], state, params)
+    assert np.array_equal(to_numpy(state.adaptations[0].gamma[0]), [1.5, 1.5])
