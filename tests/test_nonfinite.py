@@ -360,3 +360,21 @@ def test_active_gamma_never_grows_from_a_non_finite_epoch_sum_under_jit():
     for g in ([1.0, 1.0], [1.0, 1.0], [np.nan, np.inf]):
         _, state = update([backend.asarray(np.array(g))], state, params)
     assert np.array_equal(to_numpy(state.adaptations[0].gamma[0]), [1.5, 1.5])
+
+
+@pytest.mark.slow
+def test_torch_compile_lets_the_step_through_past_max_consecutive():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch._inductor")
+    opt = adaptlr.skip_nonfinite(adaptlr.sgd(0.1), max_consecutive=1)
+    params = [torch.ones(2, dtype=torch.float64)]
+    nan = [torch.tensor([1.0, float("nan")], dtype=torch.float64)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        update = torch.compile(opt.update)
+        state = opt.init(params)
+        updates, state = update(nan, state, params)
+        assert torch.equal(updates[0], torch.zeros(2, dtype=torch.float64)) and int(state.count) == 0
+        updates, state = update(nan, state, params)  # the 2nd consecutive: no raise, let through
+    assert torch.isnan(updates[0][1]) and int(state.count) == 1
+    assert int(state.adaptations[-1].skipped) == 1 and int(state.adaptations[-1].consecutive) == 0
