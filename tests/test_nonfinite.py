@@ -265,6 +265,7 @@ def test_torch_compile_skips_like_eager(where):
     pytest.importorskip("torch._inductor")
     from adaptlr.backends.torch import Optimizer
 
+    torch._dynamo.reset()
     params, grads = _problem(4, steps=5)
     grads[2] = _poison(grads[2], np.nan)
     opt = adaptlr.skip_nonfinite(MAKERS["active(adamw)"](), max_consecutive=3)
@@ -366,6 +367,7 @@ def test_active_gamma_never_grows_from_a_non_finite_epoch_sum_under_jit():
 def test_torch_compile_lets_the_step_through_past_max_consecutive():
     torch = pytest.importorskip("torch")
     pytest.importorskip("torch._inductor")
+    torch._dynamo.reset()  # a fresh compile cache: earlier compiled tests would make shapes dynamic
     opt = adaptlr.skip_nonfinite(adaptlr.sgd(0.1), max_consecutive=1)
     params = [torch.ones(2, dtype=torch.float64)]
     nan = [torch.tensor([1.0, float("nan")], dtype=torch.float64)]
