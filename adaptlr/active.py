@@ -178,10 +178,11 @@ def active_sgd(
     min_gamma: float | None = None,
     max_gamma: float | None = None,
     scale_weight_decay: bool = False,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Active SGD: ``active(sgd(...), ...)``; the arguments of :func:`adaptlr.sgd` and :func:`active`."""
-    return active(sgd(learning_rate, momentum, dampening, nesterov, weight_decay), steps_per_epoch, increase,
-                  decrease, min_gamma, max_gamma, scale_weight_decay)
+    base = sgd(learning_rate, momentum, dampening, nesterov, weight_decay, state_dtype=state_dtype)
+    return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)
 
 
 def active_adamw(
@@ -197,10 +198,11 @@ def active_adamw(
     min_gamma: float | None = None,
     max_gamma: float | None = None,
     scale_weight_decay: bool = False,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Active AdamW: ``active(adamw(...), ...)``; the arguments of :func:`adaptlr.adamw` and :func:`active`."""
-    return active(adamw(learning_rate, b1, b2, eps, weight_decay), steps_per_epoch, increase, decrease,
-                  min_gamma, max_gamma, scale_weight_decay)
+    base = adamw(learning_rate, b1, b2, eps, weight_decay, state_dtype=state_dtype)
+    return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)
 
 
 def active_radam(
@@ -217,10 +219,11 @@ def active_radam(
     min_gamma: float | None = None,
     max_gamma: float | None = None,
     scale_weight_decay: bool = False,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Active RAdam: ``active(radam(...), ...)``; the arguments of :func:`adaptlr.radam` and :func:`active`."""
-    return active(radam(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay), steps_per_epoch,
-                  increase, decrease, min_gamma, max_gamma, scale_weight_decay)
+    base = radam(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, state_dtype=state_dtype)
+    return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)
 
 
 def active_adabelief(
@@ -238,8 +241,9 @@ def active_adabelief(
     min_gamma: float | None = None,
     max_gamma: float | None = None,
     scale_weight_decay: bool = False,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Active AdaBelief: ``active(adabelief(...), ...)``; the arguments of :func:`adaptlr.adabelief` and
     :func:`active`."""
-    return active(adabelief(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, rectify),
-                  steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)
+    base = adabelief(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, rectify, state_dtype=state_dtype)
+    return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)

@@ -257,13 +257,11 @@ class AutoDrop(Adaptation):
         prev_xs = layout.leaves(state.previous_params, "state.previous_params")
         prev_ss = layout.leaves(state.previous_displacement, "state.previous_displacement")
         displacements = [x - x_prev for x, x_prev in zip(xs, prev_xs)]
-        dot = sq_norm = None
-        for s, s_prev in zip(displacements, prev_ss):
-            s_acc = xp.astype(s, acc, copy=False)
-            leaf_dot = xp.sum(s_acc * xp.astype(s_prev, acc, copy=False))
-            leaf_sq = xp.sum(s_acc * s_acc)
-            dot = leaf_dot if dot is None else dot + leaf_dot
-            sq_norm = leaf_sq if sq_norm is None else sq_norm + leaf_sq
+        def wide(x: Any) -> Any:
+            return xp.astype(x, acc, copy=False)
+
+        dot = ctx.reduce.total(wide(s) * wide(s_prev) for s, s_prev in zip(displacements, prev_ss))
+        sq_norm = ctx.reduce.total(wide(s) * wide(s) for s in displacements)
         omega, defined = displacement_angle(dot, sq_norm, state.previous_sq_norm, xp)
         defined = xp.logical_and(defined, has_omega)
 

@@ -31,6 +31,7 @@ import optree
 
 from adaptlr import _validation as v
 from adaptlr._precision import counter_dtype, next_count, widest_float
+from adaptlr._reduce import Reducer, leaf_split_axes
 from adaptlr._tree import Layout
 
 __all__ = [
@@ -124,6 +125,8 @@ class StepContext(NamedTuple):
         params: the parameters ``θ_{t-1}`` the gradients were computed at (in the state dtype).
         alpha: the user's learning rate ``α_t`` per leaf (0-D arrays in the leaf's state dtype).
         scalars: 0-D helper arrays on the params' device.
+        reduce: every sum over parameter elements goes through it (:class:`adaptlr._reduce.Reducer`:
+            ``xp.sum``, completed across the shards of a parameter inside ``shard_map``).
     """
 
     xp: Any
@@ -135,6 +138,7 @@ class StepContext(NamedTuple):
     params: list
     alpha: list
     scalars: Scalars
+    reduce: Reducer
 
 
 class Scalars:
@@ -311,14 +315,28 @@ class Optimizer:
         adaptation_states = tuple(a.init(leaves, alpha, layout, xp) for a in self.adaptations)
         return OptimizerState(count, layout.tree(alpha), base_state, adaptation_states)
 
-    def update(self, grads: PyTree, state: OptimizerState, params: PyTree) -> tuple[PyTree, OptimizerState]:
-        """``(updates, new_state)`` for gradients ``grads`` computed at ``params``."""
+    def update(self, grads: PyTree, state: OptimizerState, params: PyTree, *, axis_name: Any = None,
+               partition_specs: PyTree = None) -> tuple[PyTree, OptimizerState]:
+        """``(updates, new_state)`` for gradients ``grads`` computed at ``params``.
+
+        Inside ``jax.shard_map`` with parameters split across devices, ``axis_name`` (a mesh axis
+        name or a tuple of names: every parameter split along its leading dimension) or
+        ``partition_specs`` (a tree like the params of partition specs, as ``shard_map``'s
+        ``in_specs``) completes every sum an algorithm makes over parameters across the shards
+        (``psum``), so that the sharded run computes what the unsharded one does
+        (:mod:`adaptlr._reduce`).
+        """
         layout, param_leaves = Layout.of(params)
         grad_leaves = layout.leaves(grads, "grads")
         xp = v.namespace_of_leaves(param_leaves + grad_leaves, "params and grads", lambda: layout.paths() * 2)
         v.check_like_params(xp, grad_leaves, param_leaves, "grads", layout.paths)
         self._check_state(state, layout, xp, param_leaves)
-        updates, new_state = self.update_leaves(xp, layout, grad_leaves, state, param_leaves)
+        reducer = None
+        if axis_name is not None or partition_specs is not None:
+            specs = None if partition_specs is None else layout.treespec.flatten_up_to(partition_specs)
+            split = leaf_split_axes(axis_name, [p.ndim for p in param_leaves], specs)
+            reducer = Reducer(xp, _collective_sum(param_leaves[0]), split)
+        updates, new_state = self.update_leaves(xp, layout, grad_leaves, state, param_leaves, reducer=reducer)
         return layout.tree(updates), new_state
 
     # -- the step, on leaf lists (the entry point of the framework adapters) --------------------
@@ -333,11 +351,13 @@ class Optimizer:
         *,
         alpha: list | None = None,
         weight_decay: Sequence[float] | None = None,
+        reducer: Reducer | None = None,
     ) -> tuple[list, OptimizerState]:
         """One step on leaf lists, without argument checks.
 
         ``alpha`` (0-D arrays per leaf) and ``weight_decay`` (floats per leaf) override the base's
         learning rate and weight decay: the torch adapter passes its param groups' values here.
+        ``reducer`` completes sums over sharded parameters (default: plain ``xp.sum``).
         """
         base = self.base
         caller_params = params
@@ -360,7 +380,8 @@ class Optimizer:
         objective_grads = [g + lam * p if lam else g for g, p, lam in zip(grads, params, coupled)]
         directions, base_state = base.direction(objective_grads, state.base, scalars, layout)
 
-        ctx = StepContext(xp, layout, count, grads, objective_grads, directions, params, alpha, scalars)
+        ctx = StepContext(xp, layout, count, grads, objective_grads, directions, params, alpha, scalars,
+                          reducer or Reducer(xp))
         size = StepSize.of(alpha)
         adaptation_states = []
         for adaptation, adaptation_state in zip(self.adaptations, state.adaptations):
@@ -414,7 +435,7 @@ class Optimizer:
             value = learning_rate(scalars.t)
             v.check_scheduled_learning_rate(value, scalars.count)
             value = xp.asarray(value, dtype=scalars.wide, device=scalars.device)
-            return [xp.astype(value, leaf.dtype) for leaf in leaves]
+            return [xp.astype(value, leaf.dtype, copy=True) for leaf in leaves]  # a buffer per leaf: donatable
         return [xp.asarray(learning_rate, dtype=leaf.dtype, device=scalars.device) for leaf in leaves]
 
     def _check_state(self, state: Any, layout: Layout, xp: Any, params: list) -> None:
@@ -444,6 +465,18 @@ class Optimizer:
                     f"state does not belong to these params: parameter {layout.paths()[i]} has dtype "
                     f"{p.dtype} (state dtype {expected_dtype}) but the state was made for dtype {a.dtype}"
                 )
+
+
+def _collective_sum(x: Array) -> Callable[[Array, tuple], Array]:
+    """The backend's collective sum over named mesh axes, for params like ``x``."""
+    if v.library_of(x) == "jax":
+        from adaptlr.backends.jax import complete_sum  # a backend import, only where collectives are asked for
+
+        return complete_sum
+    raise NotImplementedError(
+        f"axis_name/partition_specs need collectives over named mesh axes, which adaptlr has for JAX "
+        f"(jax.shard_map); params here are {v.library_of(x)} arrays"
+    )
 
 
 def scalar_device(x: Array) -> Any:

@@ -32,6 +32,7 @@ import array_api_compat
 
 from adaptlr import _validation as v
 from adaptlr._precision import is_half_precision
+from adaptlr._reduce import Reducer
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 from adaptlr.hypergradient import _check_bounds, _check_optimizer
@@ -109,15 +110,15 @@ def leaf_structure(structure: tuple[str, ...] | None, ndim: int) -> tuple[str, .
     return tuple(dict.fromkeys(same[k] for k in structure))
 
 
-def _slice_sum(xp: Any, x: Any, kind: str) -> Any:
-    """``x`` summed over the elements each factor value of ``kind`` covers (keeping its shape)."""
+def _slice_sum(reduce: Reducer, i: int, x: Any, kind: str) -> Any:
+    """Leaf ``i``'s ``x`` summed over the elements each factor value of ``kind`` covers (keeping its shape)."""
     if kind == "element":
         return x
     if kind == "tensor":
-        return xp.sum(x)
+        return reduce.leaf_sum(i, x)
     if kind == "row":
-        return xp.sum(x, axis=tuple(range(1, x.ndim)), keepdims=True)
-    return xp.sum(x, axis=0, keepdims=True)  # col
+        return reduce.leaf_sum(i, x, axis=tuple(range(1, x.ndim)), keepdims=True)
+    return reduce.leaf_sum(i, x, axis=0, keepdims=True)  # col
 
 
 def _factor_shape(shape: tuple, kind: str) -> tuple:
@@ -165,7 +166,7 @@ class DSA(Adaptation):
         prev_steps = layout.leaves(state.prev_step, "state.prev_step")
         all_factors = layout.treespec.flatten_up_to(state.factors)
         new_factors = []
-        for g, p, factors in zip(ctx.objective_grads, prev_steps, all_factors, strict=True):
+        for i, (g, p, factors) in enumerate(zip(ctx.objective_grads, prev_steps, all_factors, strict=True)):
             # In bfloat16/float16, p·p underflows and EPS is 0: the cosines 0/0. Compute them wider.
             work = scalars.wide if is_half_precision(xp, g.dtype) else g.dtype
             g, p = xp.astype(g, work, copy=False), xp.astype(p, work, copy=False)
@@ -175,8 +176,8 @@ class DSA(Adaptation):
             gp, gg, pp = g * p, g * g, p * p
             updated = {}
             for kind, factor in factors.items():
-                dot = _slice_sum(xp, gp, kind)
-                norms = xp.sqrt(_slice_sum(xp, gg, kind)) * xp.sqrt(_slice_sum(xp, pp, kind))
+                dot = _slice_sum(ctx.reduce, i, gp, kind)
+                norms = xp.sqrt(_slice_sum(ctx.reduce, i, gg, kind)) * xp.sqrt(_slice_sum(ctx.reduce, i, pp, kind))
                 cos = xp.minimum(xp.maximum(dot / (norms + eps), -one), one)
                 updated[kind] = factor * xp.astype(xp.exp(beta * cos), factor.dtype, copy=False)
             new_factors.append(updated)

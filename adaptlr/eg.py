@@ -127,15 +127,18 @@ class EGStepSize(Adaptation):
         # s_t = s_{t-1} · exp(clip(γ_s · ⟨v_{t-1}, g_t⟩))
         if self.scale == "global":
             acc = state.scale.dtype
-            alignment = sum(xp.sum(pv * g, dtype=acc) for pv, g in zip(prev_steps, grads, strict=True))
+            alignment = ctx.reduce.total((pv * g for pv, g in zip(prev_steps, grads, strict=True)), acc)
             new_scale = state.scale * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, acc) * alignment))
             by_dtype = {dt: xp.astype(new_scale, dt) for dt in {g.dtype for g in grads}}  # not scalars' cache:
             scales = [by_dtype[g.dtype] for g in grads]  # another EG in the same optimizer has its own s
             scale_state = new_scale
         else:
+            wide_lr = scalars.constant(self.scale_lr, scalars.wide)  # ⟨v, g⟩ and exp in the widest float
             scales = [
-                s * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, g.dtype) * xp.sum(pv * g)))
-                for s, pv, g in zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads, strict=True)
+                s * xp.astype(xp.exp(self._clip(ctx, wide_lr * ctx.reduce.leaf_sum(i, pv * g, dtype=scalars.wide))),
+                              s.dtype)
+                for i, (s, pv, g) in enumerate(zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads,
+                                                   strict=True))
             ]
             scale_state = layout.tree(scales)
 

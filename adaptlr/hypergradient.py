@@ -30,7 +30,7 @@ from adaptlr import _validation as v
 from adaptlr._precision import accumulation_dtype
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
-from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize
+from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize, scalar_device
 from adaptlr.sgd import sgd
 
 __all__ = [
@@ -96,12 +96,12 @@ class Hypergradient(Adaptation):
             )
 
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> HypergradientState:
-        if self.granularity == "global":
-            dtypes = [p.dtype for p in params]
-            dtype = xp.result_type(*dtypes)
-            lr = xp.astype(alpha[dtypes.index(dtype) if dtype in dtypes else 0], dtype)
+        if self.granularity == "global":  # one scalar: kept in the widest float (adaptlr._precision)
+            dtype = accumulation_dtype(xp, [p.dtype for p in params], scalar_device(params[0]))
+            widest = max(alpha, key=lambda a: xp.finfo(a.dtype).bits)  # α least rounded
+            lr = xp.astype(widest, dtype, copy=True)  # its own buffer (donatable)
         elif self.granularity == "tensor":
-            lr = layout.tree([xp.astype(a, p.dtype) for a, p in zip(alpha, params, strict=True)])
+            lr = layout.tree([xp.astype(a, p.dtype, copy=True) for a, p in zip(alpha, params, strict=True)])
         else:
             lr = layout.tree([a * xp.ones_like(p) for a, p in zip(alpha, params, strict=True)])
         return HypergradientState(lr, layout.tree([xp.zeros_like(p) for p in params]))
@@ -117,20 +117,22 @@ class Hypergradient(Adaptation):
         if self.granularity == "global":
             lr = state.lr
             acc = accumulation_dtype(xp, [g.dtype for g in grads], scalars.device)
-            h = _global_sum(xp, [g * d for g, d in zip(grads, d_prev, strict=True)], acc)
+            total = ctx.reduce.total
+            h = total((g * d for g, d in zip(grads, d_prev, strict=True)), acc)
             if multiplicative:
-                norms = _global_sum(xp, [g * g for g in grads], acc), _global_sum(xp, [d * d for d in d_prev], acc)
-                h = _cosine(xp, h, *norms)
+                h = _cosine(xp, h, total((g * g for g in grads), acc), total((d * d for d in d_prev), acc))
             lr = self._adapt(xp, lr, xp.astype(h, lr.dtype), scalars)
             lrs = [xp.astype(lr, g.dtype) for g in grads]
             new_lr = lr
         else:
             lrs = []
-            for a, g, d in zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True):
-                if self.granularity == "tensor":
-                    h = xp.sum(g * d)
+            for i, (a, g, d) in enumerate(zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True)):
+                if self.granularity == "tensor":  # sums in the widest float, then the state dtype
+                    wide, leaf_sum = scalars.wide, ctx.reduce.leaf_sum
+                    h = leaf_sum(i, g * d, dtype=wide)
                     if multiplicative:
-                        h = _cosine(xp, h, xp.sum(g * g), xp.sum(d * d))
+                        h = _cosine(xp, h, leaf_sum(i, g * g, dtype=wide), leaf_sum(i, d * d, dtype=wide))
+                    h = xp.astype(h, a.dtype)
                 else:
                     h = xp.sign(g * d) if multiplicative else g * d
                 lrs.append(self._adapt(xp, a, h, scalars))
@@ -152,15 +154,6 @@ class Hypergradient(Adaptation):
         if self.max_lr is not None:
             a = xp.minimum(a, scalars.constant(self.max_lr, a.dtype))
         return a
-
-
-def _global_sum(xp: Any, terms: list, dtype: Any) -> Any:
-    """``Σ`` over the elements of every array in ``terms``, accumulated in ``dtype``."""
-    total = None
-    for term in terms:
-        s = xp.sum(term, dtype=dtype)
-        total = s if total is None else total + s
-    return total
 
 
 def _cosine(xp: Any, dot: Any, g_sq: Any, d_sq: Any) -> Any:
@@ -232,6 +225,8 @@ def sgd_hd(
     momentum: float = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """SGD-HD: SGD (with optional momentum) and global additive hypergradient descent.
 
@@ -240,7 +235,8 @@ def sgd_hd(
         hyper_lr: ``β`` >= 0 (default 1e-6, the reference code's).
         momentum, dampening, weight_decay: as in :func:`adaptlr.sgd` (weight decay is coupled L2).
     """
-    return hypergradient(sgd(learning_rate, momentum, dampening, False, weight_decay), hyper_lr)
+    base = sgd(learning_rate, momentum, dampening, False, weight_decay, state_dtype=state_dtype)
+    return hypergradient(base, hyper_lr)
 
 
 def sgdn_hd(
@@ -248,6 +244,8 @@ def sgdn_hd(
     hyper_lr: float = 1e-6,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """SGDN-HD: SGD with Nesterov momentum and global additive hypergradient descent.
 
@@ -257,7 +255,7 @@ def sgdn_hd(
         momentum: ``μ`` in (0, 1).
         weight_decay: ``λ`` >= 0, coupled L2.
     """
-    return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay), hyper_lr)
+    return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay, state_dtype=state_dtype), hyper_lr)
 
 
 def adam_hd(
@@ -267,6 +265,8 @@ def adam_hd(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    *,
+    state_dtype: Any = None,
 ) -> Optimizer:
     """Adam-HD: Adam (coupled L2 weight decay) and global additive hypergradient descent.
 
@@ -275,5 +275,5 @@ def adam_hd(
         hyper_lr: ``β`` >= 0 (default 1e-8, the reference code's).
         b1, b2, eps, weight_decay: as in :func:`adaptlr.adam`.
     """
-    return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay), hyper_lr)
+    return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay, state_dtype=state_dtype), hyper_lr)
 

@@ -36,7 +36,7 @@ import optree
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, apply_updates
 
-__all__ = ["FlatOptimizer", "flat_safety", "jit_step", "jit_update", "recommended_options"]
+__all__ = ["FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "recommended_options"]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
 # Bytes of params up to which whole flat buffers pay off on CPU (temporaries below glibc's mmap threshold).
@@ -282,23 +282,38 @@ def _add_into(dst: Any, src: Any) -> None:
         dst += src
 
 
-class _ListLayout(Layout):
-    """The layout of a plain list of leaves, flattened in Python (no optree call per step).
+class ListLayout(Layout):
+    """The layout of a plain list of ``num_leaves`` leaves, flattened in Python (no optree call per step).
 
     Cheaper per call than optree for the blocked loop, and traceable by ``torch.compile`` (whose
-    optree emulation makes tree specs that do not compare equal to real ones).
+    optree emulation makes tree specs that do not compare equal to real ones); the optree tree
+    spec is made only when an algorithm asks for it (DSA's per-parameter factor dicts).
     """
 
-    __slots__ = ()
+    __slots__ = ("_spec",)
 
     def __init__(self, num_leaves: int) -> None:
-        reference = [0] * num_leaves
-        super().__init__(optree.tree_structure(reference), reference)
+        self.num_leaves = num_leaves
+        self._reference = None
+        self._spec = None
+
+    @property
+    def treespec(self) -> Any:
+        if self._spec is None:
+            self._spec = optree.tree_structure([0] * self.num_leaves)
+        return self._spec
+
+    def paths(self) -> list[str]:
+        return [f"[{i}]" for i in range(self.num_leaves)]
 
     def leaves(self, tree: Any, what: str) -> list[Any]:
         if type(tree) is list and len(tree) == self.num_leaves:
             return tree
-        return super().leaves(tree, what)
+        leaves, treespec = optree.tree_flatten(tree)
+        if treespec != self.treespec:
+            raise ValueError(f"{what} and params have different tree structure: params are a list of "
+                             f"{self.num_leaves} arrays, {what} is {treespec}")
+        return leaves
 
     def tree(self, leaves: Sequence[Any]) -> Any:
         return list(leaves)
@@ -317,10 +332,12 @@ class FlatOptimizer:
     """Run an adaptlr optimizer on one contiguous buffer per dtype, device and group, in place.
 
     ``FlatOptimizer(opt, params)`` copies the parameters into flat buffers; :attr:`params` are views
-    into them (in the order of ``params``) and are what the model must use from then on (torch: set
-    ``p.data = view``). :attr:`grads` are views into flat gradient buffers: gradients written there
-    (or passed to :meth:`step` as those very views) need no copy. :meth:`step` runs the pure update
-    on the flat buffers and writes params and state in place, like ``torch.optim``.
+    into them (in the order of ``params``): either the model uses them from then on, or, as the torch
+    adapter does (parameters keep their own storage), the caller copies its parameters in before
+    and the views back out after each step (``torch._foreach_copy_``). :attr:`grads` are views into
+    flat gradient buffers: gradients written there (or passed to :meth:`step` as those very views)
+    need no copy. :meth:`step` runs the pure update on the flat buffers and writes params and state
+    in place, like ``torch.optim``.
 
     Args:
         opt: an adaptlr optimizer.
@@ -420,10 +437,10 @@ class FlatOptimizer:
         self.grads = grad_views
         flat_params = [b.params for b in self._buckets]
         if self.mode == "blocked":
-            self._layout = _ListLayout(1)
+            self._layout = ListLayout(1)
             self.state = [self._own(self.opt.init([p])) for p in flat_params]
         else:
-            self._layout = _ListLayout(len(flat_params))
+            self._layout = ListLayout(len(flat_params))
             self.state = self._own(self.opt.init(flat_params))
 
     def _own(self, state: Any) -> Any:

@@ -14,40 +14,40 @@ How the torch concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
 
 - ``param_groups[i]["lr"]`` is the user's ``α`` and belongs to ``torch.optim.lr_scheduler``; the
   adaptation multiplier ``κ`` (ActiveLR's γ, AutoDrop's κ, ...) lives in the optimizer state and is
-  never written into ``group["lr"]``. Groups may override ``lr`` and ``weight_decay``; the defaults
-  are the wrapped optimizer's ``learning_rate`` and ``weight_decay``. When the wrapped optimizer's
-  learning rate is a schedule ``t ↦ α_t``, ``group["lr"]`` defaults to 1.0 and multiplies it
-  (``α = group["lr"] · α_t``), so torch schedulers still compose with it.
-- The state is adaptlr's functional state: per-parameter fields in ``optimizer.state[p]`` (keyed by
-  their path in the state, ``"base.mu"``, ``"adaptations[0].gamma"``), the fields shared by all
-  parameters (the step counter, AutoDrop's angle) in ``state_dict()["adaptlr"]["global"]``.
+  never written into ``group["lr"]``. Each group also carries the wrapped base optimizer's
+  hyper-parameters under torch's names (``weight_decay``, ``betas``/``eps`` or
+  ``momentum``/``dampening``/``nesterov``; :mod:`adaptlr.backends.torch_groups`): a value changed
+  there takes effect at the next step. When the wrapped optimizer's learning rate is a schedule
+  ``t ↦ α_t``, ``group["lr"]`` defaults to 1.0 and multiplies it (``α = group["lr"] · α_t``).
+- The state is adaptlr's functional state, created for every parameter that requires a gradient
+  when the optimizer is built (and when a group is added; a frozen parameter at its first
+  gradient): per-parameter fields in ``optimizer.state[p]`` (keyed by their path in the state,
+  ``"base.mu"``, ``"adaptations[0].gamma"``), the fields shared by all parameters
+  (the step counter, AutoDrop's angle) in ``state_dict()["adaptlr"]["global"]`` and, under
+  ``"shared.<path>"``, in every parameter's entry of ``state_dict()["state"]`` (so tools that keep
+  only ``"state"`` and ``"param_groups"``, such as ``torch.distributed.checkpoint``, keep them).
   :attr:`Optimizer.functional_state` assembles the :class:`adaptlr.OptimizerState` (over the list of
   parameters in group order) for :func:`adaptlr.learning_rates`, :func:`adaptlr.lr_summary` and
   :func:`adaptlr.save_state`.
-- A parameter whose ``.grad`` is None is skipped for that step: the step runs on the parameters
-  that have gradients, with their slices of every per-parameter field and the shared fields. The
-  step counter ``t`` is global and still advances. For ActiveLR, a skipped parameter adds nothing
-  to its epoch sum ``C`` that step and, if it is skipped at an epoch's last step, misses that epoch
-  boundary (its γ is not adjusted and its ``C`` carries over into the next epoch). For AutoDrop, the
-  angle ω at an epoch start is taken over the parameters that have gradients at that step (and
-  their stored ``x_{e-1}``), so keep the set of trained parameters fixed across epoch starts.
-  Global sums of other adaptations (HD and EG with global granularity) likewise cover only the
-  parameters with gradients.
+- A parameter whose ``.grad`` is None is skipped for that step: it and its per-parameter state are
+  untouched; the step runs on the parameters that have gradients, with their slices of every
+  per-parameter field and the shared fields. The optimizer's step counter ``t`` (the adaptations'
+  epochs) advances at every step; the base's bias correction counts the steps of each parameter
+  (``state[p]["step"]``, as ``torch.optim``; :mod:`adaptlr.backends.torch_steps`).
+  For ActiveLR, a skipped parameter adds nothing to its epoch sum ``C`` that step and, if it is
+  skipped at an epoch's last step, misses that epoch boundary. For AutoDrop, the angle ω at an epoch
+  start is taken over the parameters that have gradients at that step. Global sums of other
+  adaptations (HD and EG with global granularity) likewise cover only the parameters with gradients.
 - Mixed precision: by default the state has each parameter's dtype (as in ``torch.optim``). With
   ``state_dtype=torch.float32``, parameters of another floating dtype (bfloat16, float16) get
   float32 state: their gradient and value are upcast for the update, and ``p.add_(u)`` rounds
-  ``p + u`` once to the parameter's dtype. Updates smaller than the parameter's resolution are then
-  lost, as with any low-precision parameter; keep float32 master weights (autocast) where that
-  matters.
-- Fast path (``fast="auto"``, the default): where :func:`adaptlr.backends.fast.recommended_options`
-  finds one for the algorithm and the parameters (blocks of flat buffers for elementwise algorithms
-  on CPU, whole flat buffers on a GPU; ``fast="compile"`` adds ``torch.compile``), the step runs the
-  same ``update_leaves`` through a :class:`~adaptlr.backends.fast.FlatOptimizer` over the parameters
-  that have gradients. Their ``.data`` then points into one flat buffer per dtype, device and group,
-  their ``.grad`` (after a step) into a flat gradient buffer, and ``optimizer.state[p]`` holds views
-  into the flat state buffers, all updated in place (as ``torch.optim`` does); the values are those
-  of the generic per-tensor path (same elementwise operations; global sums reassociated). A change
-  of the set of parameters with gradients (or of a parameter's ``.data``) rebuilds the flat buffers.
+  ``p + u`` once to the parameter's dtype.
+- Storage: no execution path changes the storage of a parameter or its ``.grad``. The step runs
+  ``opt.update_leaves`` over the lists of per-parameter tensors, writes the new state into the
+  state tensors in place (``copy_``; 0-D fields such as the step counter are replaced) and adds the
+  update with ``p.add_(u)``. ``fast`` chooses how (see :class:`Optimizer`); inside a function that
+  ``torch.compile`` traces, the step always takes the list path, which Dynamo traces into the
+  caller's graph.
 """
 
 from __future__ import annotations
@@ -57,17 +57,19 @@ from typing import Any
 
 import array_api_compat.torch as xp_torch
 import torch
-from torch.autograd.graph import increment_version
 
 from adaptlr import checkpoint as _checkpoint
 from adaptlr import core
 from adaptlr._precision import counter_dtype, widest_float
-from adaptlr._state_tree import Node, dtype_name, field_values, from_slots, rebuild_state, slots, split_state
+from adaptlr._state_tree import Node, dtype_name, field_values, rebuild_state, split_state
 from adaptlr._tree import Layout
+from adaptlr.backends import torch_groups, torch_steps
+from adaptlr.backends.fast import ListLayout
 
 __all__ = ["Optimizer"]
 
 STATE_DICT_FORMAT = 1
+SHARED_PREFIX = "shared."  # per-parameter state_dict keys that hold a copy of a shared field
 _FAST_MODES = ("auto", "flat", "compile")
 
 
@@ -75,35 +77,37 @@ class Optimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs the adaptlr optimizer ``opt``.
 
     Args:
-        params: parameters or param groups, as for any torch optimizer; a group may set ``lr`` and
-            ``weight_decay``.
-        opt: an adaptlr optimizer (``adaptlr.adamw(1e-3)``, ``adaptlr.active(...)``, ...). Its other
-            hyper-parameters apply to every group.
+        params: parameters or param groups, as for any torch optimizer; a group may set ``lr``,
+            ``weight_decay`` and the base's hyper-parameters under torch's names (``betas``,
+            ``eps``, ``momentum``, ``dampening``, ``nesterov``).
+        opt: an adaptlr optimizer (``adaptlr.adamw(1e-3)``, ``adaptlr.active(...)``, ...). Its
+            hyper-parameters are the groups' defaults; the adaptations' apply to every group.
         state_dtype: None (state in each parameter's dtype) or a floating torch dtype for the state
             of parameters of other floating dtypes (mixed precision; see the module docstring).
-        fast: how the step runs (same values in every case; see the module docstring):
+        fast: how the step runs (same values in every case, to rounding; parameters and gradients
+            always keep their own storage):
 
-            - ``"auto"`` (default, also ``True``): through a
-              :class:`~adaptlr.backends.fast.FlatOptimizer` with the options
-              :func:`~adaptlr.backends.fast.recommended_options` gives (CPU: blocks of flat
-              buffers for elementwise algorithms; GPU: whole flat buffers for every flat-safe
-              algorithm), else the generic per-tensor path.
-            - ``"flat"``: whole flat buffers for every flat-safe algorithm (also AutoDrop, HD and
-              EG with global sums on CPU).
-            - ``"compile"``: flat buffers and ``torch.compile`` of the flat step (fastest on CPU
-              and GPU once compiled; the first step compiles, seconds; needs a working Inductor
-              toolchain).
+            - ``"auto"`` (default, also ``True``): where
+              :func:`~adaptlr.backends.fast.recommended_options` finds one (elementwise algorithms
+              on CPU; every flat-safe algorithm on a GPU), the update runs on flat buffers of a
+              :class:`~adaptlr.backends.fast.FlatOptimizer` that hold the state: the parameters
+              and gradients are copied in (one ``torch._foreach_copy_`` each) and the new values
+              copied back; elsewhere the list path.
+            - ``"flat"``: the flat buffers for every flat-safe algorithm.
+            - ``"compile"``: the list path under ``torch.compile`` (Inductor fuses the per-tensor
+              updates horizontally, without shared storage; the first step compiles, seconds to a
+              minute; needs a working Inductor toolchain).
             - a dict: :class:`~adaptlr.backends.fast.FlatOptimizer` options (``{"block_size": 65536}``).
-            - ``False`` / ``None``: always the generic per-tensor path (parameters keep their own
-              storage, state tensors are new tensors each step).
+            - ``False`` / ``None``: the list path, eager.
 
             Algorithms that are not flat-safe (per-tensor reductions: DSA's default factors, HD
-            ``granularity="tensor"``, EG ``scale="tensor"``) and parameters whose state dtype
-            differs from their dtype (``state_dtype``) always take the generic path.
+            ``granularity="tensor"``, EG ``scale="tensor"``), tensor subclasses (DTensor),
+            parameters whose state dtype differs from their dtype and groups with different base
+            hyper-parameters take the list path.
 
     Attributes:
-        fast_path: the path of the last step: ``"blocked"``, ``"flat"``, ``"compiled"`` (a
-            ``FlatOptimizer`` mode) or ``"generic"``; None before the first step.
+        fast_path: the path of the last eager step: ``"blocked"``, ``"flat"`` (flat buffers),
+            ``"compiled"`` or ``"list"``; None before the first step.
     """
 
     def __init__(
@@ -118,30 +122,55 @@ class Optimizer(torch.optim.Optimizer):
         self.opt = opt
         self.state_dtype = state_dtype
         self._flat: _FlatPath | None = None
+        self._compiled: Callable | None = None
         self.fast = fast
         self.fast_path: str | None = None
         self._schedule: Callable[[Any], Any] | None = learning_rate if callable(learning_rate) else None
         self._skeleton: Node | None = None
-        self._per_param_paths: list[str] = []
         self._field_kinds: list[tuple[str, bool]] = []
+        self._hd_fields: list[tuple[str, bool]] = []  # HD's adapted rates (they follow the scheduler)
         self._global: dict[str, torch.Tensor] | None = None
         self._alpha_cache: dict = {}
-        self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a fast step
-        self._ensured: tuple | None = None  # (id, size) of the state and number of parameters when all had state
-        defaults = {
-            "lr": 1.0 if self._schedule is not None else float(learning_rate),
-            "weight_decay": float(opt.base.weight_decay),
-        }
+        # per base hyper-parameters (torch_groups.hyper_key); filled before any traced step
+        self._opts: dict[tuple, core.Optimizer] = {
+            torch_groups.base_key(opt.base): core.Optimizer(torch_steps.PerParameterSteps(opt.base), opt.adaptations)}
+        self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
+        self._built = False
+        defaults = {"lr": 1.0 if self._schedule is not None else float(learning_rate),
+                    **torch_groups.group_defaults(opt.base)}
         super().__init__(params, defaults)
+        self._built = True
+        # The state of trainable parameters exists from the start (as after a first step): DCP's
+        # lr = 0 initialisation step then never runs, and HD's initial rate is each group's lr.
+        self._ensure_state()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the flat buffers and the compiled step (``copy.deepcopy``, pickling);
+        ``torch.optim.Optimizer`` keeps only its own three fields, which would lose the algorithm."""
+        out = dict(self.__dict__)
+        out.update(_flat=None, _compiled=None, _list_signature=None)
+        return out
 
     def __repr__(self) -> str:
         return f"adaptlr.backends.torch.Optimizer({self.opt.name}, {len(self.param_groups)} param groups)"
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, with the group's values checked as torch.optim
+        checks them (ValueError) and its parameters' state created."""
+        super().add_param_group(param_group)
+        try:
+            where = f"param_groups[{len(self.param_groups) - 1}]"
+            torch_groups.check_group(self.param_groups[-1], self.opt.base, where)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+        if self._built:
+            self._ensure_state()
+
     @property
     def fast(self) -> str | dict | None:
         """The ``fast`` setting (``"auto"``, ``"flat"``, ``"compile"``, a dict or None). It may be changed
-        between steps: the state carries over, and the parameters get their own storage back until
-        the next fast step."""
+        between steps: the state carries over."""
         return self._fast
 
     @fast.setter
@@ -151,7 +180,7 @@ class Optimizer(torch.optim.Optimizer):
         if not (fast is None or fast is False or isinstance(fast, dict) or fast in _FAST_MODES):
             raise ValueError(f"fast must be one of {_FAST_MODES}, True, False, None or a dict, got {fast!r}")
         self._fast = dict(fast) if isinstance(fast, dict) else (fast or None)
-        self._generic_signature = None
+        self._list_signature = None
         if self._flat is not None:
             self._drop_flat(())
 
@@ -164,120 +193,276 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active, grads, groups, signature, num_params = [], [], [], [], 0
-        for group in self.param_groups:
-            signature.append(id(group))
-            group_params = group["params"]
-            num_params += len(group_params)
-            for p in group_params:
-                grad = p.grad
-                if grad is not None:
+        active, groups, where = [], [], []
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
                     active.append(p)
-                    grads.append(grad)
                     groups.append(group)
-                    signature.append(id(p))
-        known = (id(self.state), len(self.state), num_params)
-        if known != self._ensured:  # parameters without state (before the first step, new groups)
-            self._ensure_state()
-            self._ensured = (id(self.state), len(self.state), num_params)
+                    where.append((g, i))
         if not active:
             return loss
-        if self.fast is not None and self._flat_step(active, grads, groups, signature):
+        _check_grads(active, groups, where)
+        keys = self._hyper_keys(groups)
+        if any(k != keys[0] for k in keys):
+            _check_no_global_sums(self.opt)  # before any state changes
+        if torch.compiler.is_compiling():  # traced into the caller's graph
+            if any(p not in self.state for p in active):
+                self._ensure_state()
+            self._follow_scheduler(active, groups)
+            self._list_step(active, groups, torch_steps.advance([self.state[p] for p in active]))
+            return loss
+        if any(p not in self.state for p in active):  # unfrozen, or appended to a group's list
+            self._ensure_state()
+        self._follow_scheduler(active, groups)
+        steps = torch_steps.advance([self.state[p] for p in active])
+        if self.fast is not None and self.fast != "compile" and self._flat_step(active, groups, steps):
             self.fast_path = self._flat.fo.mode
             return loss
-        _check_dense(grads)
-        self._ensure_state()
-        self.fast_path = "generic"
-        params = [self._state_view(p) for p in active]
-        grads = [self._state_view(p, p.grad) for p in active]
-        layout, _ = Layout.of(params)
-        state = self._assemble(active, layout)
-        alpha = self._alphas(groups, params, state.count)
-        weight_decay = [float(g["weight_decay"]) for g in groups]
-        updates, new_state = self._update(xp_torch, layout, grads, state, params, alpha, weight_decay)
-        self._scatter(new_state, active, layout)
-        for p, u in zip(active, updates):
-            p.add_(u)
+        if self.fast == "compile":
+            self._compiled_step(active, groups, steps)
+            self.fast_path = "compiled"
+        else:
+            self._list_step(active, groups, steps)
+            self.fast_path = "list"
         return loss
 
-    def _update(
-        self, xp: Any, layout: Layout, grads: list, state: core.OptimizerState, params: list, alpha: list,
-        weight_decay: list,
-    ) -> tuple[list, core.OptimizerState]:
-        """``(updates, new state)`` on leaf lists: the one place the generic path runs the algorithm
-        (the fast path runs the same ``update_leaves`` on flat buffers)."""
-        return self.opt.update_leaves(xp, layout, grads, state, params, alpha=alpha, weight_decay=weight_decay)
+    def _follow_scheduler(self, active: list, groups: list) -> None:
+        """Hypergradient descent: the adapted rate ``a`` follows the scheduler, ``a ← a·(α_t/α_{t-1})``,
+        with ``α_{t-1}`` the group ``lr`` of the last step (``state[p]["learning_rate"]``; no change
+        where it was 0). With a constant ``lr`` the ratio is exactly 1 (spec §4 unchanged). One
+        global ``a`` follows the first parameter's group."""
+        if not self._hd_fields:
+            return
+        params = [self._state_view(p) for p in active]
+        ratios, known = [], []  # known: (α_t, α_{t-1}, ratio), by identity (id() would guard under Dynamo)
+        for p, alpha in zip(active, self._alphas(groups, params, self._global["count"])):
+            previous = self.state[p]["learning_rate"]
+            for a, q, r in known:
+                if a is alpha and q is previous:
+                    ratio = r
+                    break
+            else:
+                positive = previous > 0
+                ratio = torch.where(positive, alpha / torch.where(positive, previous, torch.ones_like(previous)),
+                                    torch.ones_like(previous))
+                known.append((alpha, previous, ratio))
+            ratios.append(ratio)
+        for path, per_param in self._hd_fields:
+            if not per_param:
+                rate = self._global[path]
+                self._global[path] = rate * ratios[0].to(rate.dtype)
+                continue
+            for p, ratio in zip(active, ratios):
+                entry = self.state[p]
+                rate = entry[path]
+                if rate.ndim == 0:
+                    entry[path] = rate * ratio.to(rate.dtype)
+                else:
+                    rate.mul_(ratio.to(rate.dtype))
+        self._flat_stale = True
 
-    # -- the fast path ------------------------------------------------------------------------------
+    def _opt_for(self, keys: list[tuple], steps: Any) -> core.Optimizer:
+        """The adaptlr optimizer with the base hyper-parameters ``keys[0]`` (all equal), its base counting
+        the steps ``steps`` (per parameter; :mod:`adaptlr.backends.torch_steps`)."""
+        key = keys[0]
+        found = self._opts.get(key)
+        if found is None:
+            base = torch_steps.PerParameterSteps(torch_groups.base_for(self.opt.base, key))
+            found = self._opts[key] = core.Optimizer(base, self.opt.adaptations)
+        found.base.steps = steps
+        return found
 
-    def _flat_step(self, active: list, grads: list, groups: list, signature: list) -> bool:
-        """Run this step through the flat buffers; False where it must take the generic path."""
+    def _hyper_keys(self, groups: list[dict]) -> list[tuple]:
+        base, by_group, keys = self.opt.base, {}, []
+        for group in groups:
+            key = by_group.get(id(group))
+            if key is None:
+                key = by_group[id(group)] = torch_groups.hyper_key(group, base)
+            keys.append(key)
+        return keys
+
+    def _list_step(self, active: list, groups: list, steps: list) -> None:
+        """The step over the lists of per-parameter tensors (eager, or traced by ``torch.compile``)."""
+        keys = self._hyper_keys(groups)
+        params = [self._state_view(p) for p in active]
+        alpha = self._alphas(groups, params, self._global["count"])
+        decay = [float(g["weight_decay"]) for g in groups]
+        if all(k == keys[0] for k in keys):
+            self._run(self._opt_for(keys, steps), active, [p.grad for p in active], alpha, decay)
+            return
+        # Groups with different base hyper-parameters: one update per set of values, on one state.
+        state = self._assemble(active)
+        results = []
+        for key in dict.fromkeys(keys):
+            members = [i for i, k in enumerate(keys) if k == key]
+            sub = [active[i] for i in members]
+            opt = self._opt_for([key], [steps[i] for i in members])
+            results.append((members, *self._update(opt, sub, [p.grad for p in sub], self._assemble(sub),
+                                                    [alpha[i] for i in members], [decay[i] for i in members])))
+        new_values = [None] * len(self._field_kinds)
+        for members, _, new_state in results:
+            for k, ((_, per_param), value) in enumerate(zip(self._field_kinds, self._values(new_state))):
+                if not per_param:
+                    new_values[k] = value
+                    continue
+                if new_values[k] is None:
+                    new_values[k] = [None] * len(active)
+                for i, slot in zip(members, value):
+                    new_values[k][i] = slot
+        self._assign_scalars(active, self._write(state, rebuild_state(self._skeleton, new_values), active))
+        for members, updates, _ in results:
+            for i, u in zip(members, updates):
+                active[i].add_(u)
+
+    def _update(self, opt: core.Optimizer, active: list, grads: list, state: core.OptimizerState, alpha: list,
+                decay: list) -> tuple[list, core.OptimizerState]:
+        # Under step's no_grad the parameters themselves (no detach() per tensor: one op each on 500 tensors).
+        params = [self._state_view(p, detach=False) for p in active]
+        grads = [self._state_view(p, g, detach=False) for p, g in zip(active, grads)]
+        return opt.update_leaves(xp_torch, ListLayout(len(params)), grads, state, params, alpha=alpha,
+                                 weight_decay=decay)
+
+    def _run(self, opt: core.Optimizer, active: list, grads: list, alpha: list, decay: list,
+             assign: bool = True) -> list | None:
+        """``update_leaves`` on the lists; the state written in place, ``p.add_(u)``. With ``assign=False``
+        the new 0-D fields are returned instead of assigned (``fast="compile"``: a compiled graph may
+        return an input it was given as a constant, not the tensor passed at this call)."""
+        state = self._assemble(active)
+        updates, new_state = self._update(opt, active, grads, state, alpha, decay)
+        scalars = self._write(state, new_state, active)
+        for p, u in zip(active, updates):
+            p.add_(u)
+        if not assign:
+            return scalars
+        self._assign_scalars(active, scalars)
+        return None
+
+    def _compiled_step(self, active: list, groups: list, steps: list) -> None:
+        """:meth:`_run` through ``torch.compile`` (α computed outside, so a scheduler does not recompile)."""
+        keys = self._hyper_keys(groups)
+        if any(k != keys[0] for k in keys):
+            self._list_step(active, groups, steps)
+            return
+        if self._compiled is None:
+            self._compiled = torch.compile(self._run)
+        params = [self._state_view(p) for p in active]
+        alpha = self._alphas(groups, params, self._global["count"])
+        scalars = self._compiled(self._opt_for(keys, steps), active, [p.grad for p in active], alpha,
+                                 [float(g["weight_decay"]) for g in groups], assign=False)
+        self._assign_scalars(active, scalars)
+
+    def _write(self, state: core.OptimizerState, new_state: core.OptimizerState, active: list) -> list:
+        """Write ``new_state`` into the tensors of ``state`` (of ``active``) where they have elements,
+        in place; return the new 0-D fields (step counter, learning rates, global scalars) in the
+        order :meth:`_assign_scalars` puts them in place of the old ones."""
+        old_values = self._values(state)
+        new_values = self._values(new_state)
+        if not torch.compiler.is_compiling():
+            new_values = _read_before_write(old_values, new_values)
+        scalars = []
+        for (_, per_param), old, new in zip(self._field_kinds, old_values, new_values):
+            if not per_param:
+                scalars.append(new)
+                continue
+            for old_slot, new_slot in zip(old, new):
+                pairs = old_slot.items() if isinstance(old_slot, dict) else [(None, old_slot)]
+                for kind, t in pairs:
+                    value = new_slot if kind is None else new_slot[kind]
+                    if t.ndim == 0:
+                        scalars.append(value)
+                    elif value is not t:
+                        t.copy_(value)
+        return scalars
+
+    def _assign_scalars(self, active: list, scalars: list) -> None:
+        values = iter(scalars)
+        for path, per_param in self._field_kinds:
+            if not per_param:
+                self._global[path] = next(values)
+                continue
+            for p in active:
+                entry = self.state[p]
+                slot = entry[path]
+                if isinstance(slot, dict):
+                    for kind, t in slot.items():
+                        if t.ndim == 0:
+                            slot[kind] = next(values)
+                elif slot.ndim == 0:
+                    entry[path] = next(values)
+        self._flat_stale = True
+
+    def _values(self, state: core.OptimizerState) -> list:
+        return field_values(self._skeleton, state, len(self._field_kinds))
+
+    # -- the flat buffers ---------------------------------------------------------------------------
+
+    def _flat_step(self, active: list, groups: list, steps: list) -> bool:
+        """Run this step on the flat buffers; False where it must take the list path."""
+        signature = [id(g) for g in groups] + [id(p) for p in active]
+        keys = self._hyper_keys(groups)
+        if any(k != keys[0] for k in keys) or any(s is not steps[0] for s in steps):
+            return False  # one set of base values and one step count per flat update
         flat = self._flat
-        if flat is None or flat.signature != signature or [p.data_ptr() for p in active] != flat.data_ptrs:
-            if signature == self._generic_signature:
+        if flat is None or flat.signature != signature:
+            if signature == self._list_signature:
                 return False
-            self._ensure_state()
             options = self._flat_options(active)
             if options is None:
                 self._drop_flat(())
-                self._generic_signature = signature
+                self._list_signature = signature
                 return False
             self._drop_flat({id(p) for p in active})
             flat = self._flat = self._build_flat(active, groups, signature, options)
-            self._generic_signature = None
+            self._list_signature = None
         elif self._flat_stale:
             self._copy_state_into(flat)
-        # Gradients that are not the flat buffer's views are copied into it: check them first.
-        _check_dense([g for g, view in zip(grads, flat.fo.grads) if g is not view])
         self._flat_stale = False
+        fo = flat.fo
+        fo.opt = self._opt_for(keys, steps[0])
         # α and λ per (group, dtype, device) of the step, spread to the parameters.
         t = self._global["count"] + 1 if self._schedule is not None else None
         alphas = [self._alpha(g["lr"], dtype, device, t) for g, dtype, device in flat.kinds]
         decays = [float(g["weight_decay"]) for g, _, _ in flat.kinds]
-        flat.fo.step(grads, alpha=[alphas[k] for k in flat.kind_of], weight_decay=[decays[k] for k in flat.kind_of])
-        # Later backward passes accumulate straight into the flat gradient buffer (``zero_grad()``
-        # sets .grad to None; a fresh gradient is copied in at the next step).
-        for p, grad, view in zip(active, grads, flat.fo.grads):
-            if grad is not view:
-                p.grad = view
-        _bump_versions(active)  # as p.add_ would: autograd sees that the parameters changed in place
+        # (under step's no_grad: the parameters themselves, no detach() per tensor)
+        torch._foreach_copy_(fo.params, active)  # the parameters may have changed since the last step
+        torch._foreach_copy_(fo.grads, [p.grad for p in active])
+        fo.step(None, alpha=[alphas[k] for k in flat.kind_of], weight_decay=[decays[k] for k in flat.kind_of])
+        torch._foreach_copy_(active, fo.params)  # bumps the parameters' versions, as p.add_ would
         return True
 
     def _flat_options(self, params: list[torch.Tensor]) -> dict | None:
-        """The FlatOptimizer options for a step on ``params``, or None (the generic path)."""
+        """The FlatOptimizer options for a step on ``params``, or None (the list path)."""
         from adaptlr.backends.fast import flat_safety, recommended_options
 
         if self.state_dtype is not None and any(p.dtype != self.state_dtype for p in params):
             return None
         if any(type(p.detach()) is not torch.Tensor or p.layout != torch.strided for p in params):
-            return None  # tensor subclasses (DTensor, ...) keep their own storage
+            return None  # tensor subclasses (DTensor, ...)
         if not flat_safety(self.opt)[0]:
             return None
         if self.fast == "auto":
             return recommended_options(self.opt, [p.detach() for p in params])
         if self.fast == "flat":
             return {}
-        if self.fast == "compile":
-            return {"compile": True}
         return dict(self.fast)
 
     def _build_flat(self, active: list, groups: list, signature: list, options: dict) -> _FlatPath:
         from adaptlr.backends.fast import FlatOptimizer
 
         fo = FlatOptimizer(self.opt, [p.detach() for p in active], groups=[id(g) for g in groups], **options)
-        values = field_values(self._skeleton, fo.per_tensor_state(), len(self._field_kinds))
-        treespec = Layout.of(fo.params)[0].treespec
+        values = self._values(fo.per_tensor_state())
         per_param, shared = {}, {}
         for (path, is_per_param), value in zip(self._field_kinds, values):
             if is_per_param:
-                per_param[path] = slots(value, treespec)
+                per_param[path] = list(value)
             else:
                 shared[path] = value
         # Blocked: one state per buffer, each with its own copy of the shared fields (the step counter).
         extra = []
         if fo.mode == "blocked":
             for bucket_state in fo.state[1:]:
-                bucket_values = field_values(self._skeleton, bucket_state, len(self._field_kinds))
+                bucket_values = self._values(bucket_state)
                 extra.append({path: v for (path, is_pp), v in zip(self._field_kinds, bucket_values) if not is_pp})
         flat = _FlatPath(fo, list(active), signature, per_param, shared, extra)
         kinds: dict = {}
@@ -288,9 +473,6 @@ class Optimizer(torch.optim.Optimizer):
                 flat.kinds.append((g, p.dtype, p.device))
             flat.kind_of.append(kinds[key])
         self._copy_state_into(flat)
-        for p, view in zip(active, fo.params):
-            p.data = view
-        flat.data_ptrs = [p.data_ptr() for p in active]
         return flat
 
     def _copy_state_into(self, flat: _FlatPath) -> None:
@@ -313,36 +495,30 @@ class Optimizer(torch.optim.Optimizer):
         self._global = dict(flat.shared)
 
     def _drop_flat(self, keep: set) -> None:
-        """Stop using the flat buffers; parameters not in ``keep`` (ids), and their gradient and
-        state, get storage of their own again (so the old buffers can be freed)."""
+        """Stop using the flat buffers; the state of parameters not in ``keep`` (ids) gets tensors of
+        its own again (so the old buffers can be freed)."""
         flat, self._flat = self._flat, None
         if flat is None:
             return
-        fo = flat.fo
         for i, p in enumerate(flat.params):
-            if id(p) in keep:
-                continue
-            if p.data_ptr() == fo.params[i].data_ptr():
-                p.data = p.data.clone()
-            if p.grad is not None and p.grad is fo.grads[i]:
-                p.grad = p.grad.clone()
             entry = self.state.get(p)
-            if entry is None:
+            if id(p) in keep or entry is None:
                 continue
             for path, views in flat.per_param.items():
                 if entry.get(path) is views[i]:
                     entry[path] = _map_tensors(views[i], torch.clone)
+        if self._global is not None:
+            self._global = {path: t.clone() for path, t in self._global.items()}
 
     # -- the functional state -----------------------------------------------------------------------
 
     @property
     def functional_state(self) -> core.OptimizerState:
         """The :class:`adaptlr.OptimizerState` over the list of all parameters in group order
-        (the live state tensors: later steps may update them in place)."""
-        self._ensure_state()
-        params = self._all_params()
-        layout, _ = Layout.of([self._state_view(p) for p in params])
-        return self._assemble(params, layout)
+        (the live state tensors: later steps update them in place). Parameters that never had a
+        gradient and do not require one get their initial state here."""
+        self._ensure_state(everyone=True)
+        return self._assemble(self._all_params())
 
     def set_functional_state(self, state: core.OptimizerState) -> None:
         """Replace the state by ``state`` (for example from :func:`adaptlr.load_state`), which must
@@ -357,15 +533,21 @@ class Optimizer(torch.optim.Optimizer):
             self._set_skeleton(template, layout)
         device = params[0].device
         state = _map_tensors(state, lambda t: t.to(device=device, copy=True))
-        self._scatter(state, params, layout)
+        self._scatter(state, params)
+        for p in params:
+            self.state[p]["step"] = self._global["count"]
 
     # -- torch's state_dict -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's ``state_dict`` (per-parameter fields under ``"state"``) plus ``"adaptlr"``: the format
-        version, the optimizer's name, ``state_dtype`` and the shared fields. As with ``torch.optim``,
-        the tensors are the live state (``torch.save`` it, or deep-copy it to keep a snapshot)."""
+        """torch's ``state_dict`` plus ``"adaptlr"``: the format version, the optimizer's name,
+        ``state_dtype`` and the shared fields. Each parameter's entry under ``"state"`` holds its
+        per-parameter fields and, under ``"shared.<path>"``, the shared fields (the same tensors),
+        so a copy that keeps only ``"state"`` and ``"param_groups"`` loads too. As with
+        ``torch.optim``, the tensors are the live state (``torch.save`` it, or deep-copy it)."""
         out = super().state_dict()
+        shared = {SHARED_PREFIX + path: t for path, t in (self._global or {}).items()}
+        out["state"] = {i: {**entry, **shared} for i, entry in out["state"].items()}
         out["adaptlr"] = {
             "format_version": STATE_DICT_FORMAT,
             "optimizer": self.opt.name,
@@ -376,50 +558,50 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict`` made by :meth:`state_dict` of an optimizer with the same algorithm,
-        parameter groups and shapes; the state keeps its saved values bit for bit (moved to the
-        parameters' device). A mismatch raises ValueError and leaves this optimizer unchanged."""
+        parameter groups and shapes (also one reduced to ``"state"`` and ``"param_groups"``, as
+        ``torch.distributed.checkpoint`` gives it); the state keeps its saved values bit for bit
+        (moved to the parameters' device). A mismatch raises ValueError and leaves this optimizer
+        unchanged."""
         meta = state_dict.get("adaptlr")
-        if meta is None:
-            raise ValueError("state_dict was not made by adaptlr.backends.torch.Optimizer (no 'adaptlr' entry)")
-        if meta.get("format_version") != STATE_DICT_FORMAT:
-            raise ValueError(
-                f"state_dict has format version {meta.get('format_version')}, expected {STATE_DICT_FORMAT}"
-            )
-        if meta.get("optimizer") != self.opt.name:
-            raise ValueError(f"state_dict holds a state of {meta.get('optimizer')}, not of {self.opt.name}")
-        saved_dtype = meta.get("state_dtype")
-        if saved_dtype != (None if self.state_dtype is None else dtype_name(self.state_dtype)):
-            raise ValueError(
-                f"state_dict was saved with state_dtype={saved_dtype}, this optimizer has {self.state_dtype}"
-            )
+        saved_state = state_dict.get("state", {})
         saved_groups = state_dict["param_groups"]
+        indices = [i for g in saved_groups for i in g["params"]]
+        with_state = [i for i in indices if i in saved_state]  # frozen parameters may have none
+        has_shared = bool(with_state) and any(
+            isinstance(k, str) and k.startswith(SHARED_PREFIX) for k in saved_state[with_state[0]])
+        if meta is None and not has_shared:
+            raise ValueError("state_dict was not made by adaptlr.backends.torch.Optimizer (no 'adaptlr' entry)")
+        if meta is not None:
+            _check_meta(meta, self.opt.name, self.state_dtype)
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
             raise ValueError("state_dict has param groups of other sizes than this optimizer's")
-        indices = [i for g in saved_groups for i in g["params"]]
-        saved_state = state_dict["state"]
+        for k, group in enumerate(saved_groups):
+            torch_groups.check_group({**self.param_groups[k], **group}, self.opt.base, f"saved param_groups[{k}]")
         params = self._all_params()
         new_state = None
-        if saved_state or meta["global"]:
-            missing = [i for i in indices if i not in saved_state]
-            if missing:
-                raise ValueError(f"state_dict has no state for parameter index {missing[0]}")
+        if with_state:
             layout, _ = Layout.of([self._state_view(p) for p in params])
             template = self._init_state(params)
             skeleton, fields = split_state(template, layout.treespec)
+            first = saved_state[with_state[0]]
             values = []
             for f in fields:
-                if f.per_param:
+                if f.per_param:  # a parameter without saved state gets the initial one
                     try:
-                        values.append(from_slots([saved_state[i][f.path] for i in indices], layout.treespec))
+                        values.append([saved_state[i][f.path] if i in saved_state else f.value[k]
+                                       for k, i in enumerate(indices)])
                     except KeyError:
                         raise ValueError(f"state_dict has no state field {f.path}") from None
-                else:
-                    if f.path not in meta["global"]:
-                        raise ValueError(f"state_dict has no shared state field {f.path}")
+                elif meta is not None and f.path in meta["global"]:
                     values.append(meta["global"][f.path])
-            extra = set(saved_state[indices[0]]) - {f.path for f in fields if f.per_param}
+                elif SHARED_PREFIX + f.path in first:
+                    values.append(first[SHARED_PREFIX + f.path])
+                else:
+                    raise ValueError(f"state_dict has no shared state field {f.path}")
+            known = {f.path if f.per_param else SHARED_PREFIX + f.path for f in fields} | {"step"}
+            extra = set(first) - known
             if extra:
                 raise ValueError(f"state_dict has state fields {sorted(extra)} this optimizer does not have")
             new_state = rebuild_state(skeleton, values)
@@ -427,17 +609,39 @@ class Optimizer(torch.optim.Optimizer):
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         self.state.clear()
         self._global = None
+        if self._flat is not None:
+            self._flat = None
         if new_state is not None:
             self.set_functional_state(new_state)
+            for k, i in enumerate(indices):
+                if i not in saved_state:
+                    del self.state[params[k]]  # as saved: no state until its first gradient
+            if all("step" in saved_state[i] for i in with_state):
+                self._load_steps([saved_state[i]["step"] for i in with_state],
+                                 [params[k] for k, i in enumerate(indices) if i in saved_state])
+        else:
+            self._ensure_state()
+
+    def _load_steps(self, saved: list, params: list) -> None:
+        """Per-parameter step counts from a state_dict; equal counts share one tensor (a host sync, once)."""
+        count = self._global["count"]
+        shared: dict[int, torch.Tensor] = {}
+        for p, step in zip(params, saved):
+            value = int(step)
+            if value not in shared:
+                shared[value] = torch.tensor(value, dtype=count.dtype, device=count.device)
+            self.state[p]["step"] = shared[value]
 
     # -- internals ----------------------------------------------------------------------------------
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _state_view(self, p: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
-        """``value`` (default: ``p``) detached, in the state dtype of ``p``."""
-        x = (p if value is None else value).detach()
+    def _state_view(self, p: torch.Tensor, value: torch.Tensor | None = None, detach: bool = True) -> torch.Tensor:
+        """``value`` (default: ``p``) detached (unless ``detach=False``), in the state dtype of ``p``."""
+        x = p if value is None else value
+        if detach:
+            x = x.detach()
         dtype = self._dtype_of(p)
         return x if x.dtype == dtype else x.to(dtype)
 
@@ -466,6 +670,8 @@ class Optimizer(torch.optim.Optimizer):
     def _alpha(self, lr: Any, dtype: torch.dtype, device: torch.device, t: torch.Tensor | None) -> torch.Tensor:
         if isinstance(lr, torch.Tensor):
             base = lr.detach().to(dtype=dtype, device=device)
+        elif torch.compiler.is_compiling():
+            base = torch.tensor(float(lr), dtype=dtype, device=device)
         else:
             key = (float(lr), dtype, device)
             base = self._alpha_cache.get(key)
@@ -482,59 +688,70 @@ class Optimizer(torch.optim.Optimizer):
     def _init_state(self, params: list[torch.Tensor]) -> core.OptimizerState:
         """A fresh state for ``params`` (as ``opt.init`` with each group's ``lr`` as ``α``)."""
         views = [self._state_view(p) for p in params]
-        layout, leaves = Layout.of(views)
-        device = leaves[0].device
+        layout = ListLayout(len(views))
+        device = views[0].device
         count = torch.zeros((), dtype=counter_dtype(xp_torch, device), device=device)
         group_of = self._group_of()
-        alpha = self._alphas([group_of[id(p)] for p in params], leaves, count)
-        base_state = self.opt.base.init(leaves, layout, xp_torch)
-        adaptations = tuple(a.init(leaves, alpha, layout, xp_torch) for a in self.opt.adaptations)
-        return core.OptimizerState(count, layout.tree(alpha), base_state, adaptations)
+        alpha = self._alphas([group_of[id(p)] for p in params], views, count)
+        base_state = self.opt.base.init(views, layout, xp_torch)
+        adaptations = tuple(a.init(views, alpha, layout, xp_torch) for a in self.opt.adaptations)
+        return core.OptimizerState(count, list(alpha), base_state, adaptations)
 
-    def _ensure_state(self) -> None:
-        """Initialise the state of parameters that have none (all of them before the first step)."""
-        fresh = [p for p in self._all_params() if p not in self.state]
-        if not fresh:
-            return
-        layout, _ = Layout.of([self._state_view(p) for p in fresh])
-        state = self._init_state(fresh)
-        if self._skeleton is None:
-            self._set_skeleton(state, layout)
-        keep_global = self._global
-        self._scatter(state, fresh, layout)
-        if keep_global is not None:
-            self._global = keep_global
+    def _ensure_state(self, everyone: bool = False) -> None:
+        """Initialise the state of parameters that have none and require or have a gradient (all of
+        them with ``everyone``). Like ``torch.optim``, frozen parameters cost no state memory."""
+        fresh = [p for p in self._all_params()
+                 if p not in self.state and (everyone or p.requires_grad or p.grad is not None)]
+        for p in fresh:  # library_of caches by type: fill it here, not inside a traced step (a guard)
+            core.scalar_device(p)
+        if fresh:
+            state = self._init_state(fresh)
+            if self._skeleton is None:
+                self._set_skeleton(state, Layout.of([self._state_view(p) for p in fresh])[0])
+            keep_global = self._global
+            self._scatter(state, fresh)
+            if keep_global is not None:
+                self._global = keep_global
+            never = torch.zeros_like(state.count)  # steps that updated the parameter (torch_steps)
+            for p in fresh:
+                self.state[p]["step"] = never
 
     def _set_skeleton(self, state: core.OptimizerState, layout: Layout) -> None:
         skeleton, fields = split_state(state, layout.treespec)
         self._skeleton = skeleton
         self._field_kinds = [(f.path, f.per_param) for f in fields]
+        from adaptlr.hypergradient import Hypergradient
 
-    def _assemble(self, params: list[torch.Tensor], layout: Layout) -> core.OptimizerState:
+        rates = {f"adaptations[{i}].lr" for i, a in enumerate(self.opt.adaptations) if isinstance(a, Hypergradient)}
+        self._hd_fields = [(path, per_param) for path, per_param in self._field_kinds if path in rates]
+
+    def _assemble(self, params: list[torch.Tensor]) -> core.OptimizerState:
         values = []
         for path, per_param in self._field_kinds:
-            if per_param:
-                values.append(from_slots([self.state[p][path] for p in params], layout.treespec))
-            else:
-                values.append(self._global[path])
+            values.append([self.state[p][path] for p in params] if per_param else self._global[path])
         return rebuild_state(self._skeleton, values)
 
-    def _scatter(self, state: core.OptimizerState, params: list[torch.Tensor], layout: Layout) -> None:
-        # The fields by the skeleton found at the first step (split_state per step would format the
-        # whole state into error messages of optree while it probes for per-parameter subtrees).
-        values = field_values(self._skeleton, state, len(self._field_kinds))
-        # The functional update may keep a parameter or gradient itself in its state (HD's d_prev = g
-        # for SGD): copy those, since the parameter is updated in place and the gradient reused.
-        shared = {p.untyped_storage().data_ptr() for p in params}
-        shared |= {p.grad.untyped_storage().data_ptr() for p in params if p.grad is not None}
+    def _scatter(self, state: core.OptimizerState, params: list[torch.Tensor]) -> None:
+        """Make ``state`` (over ``params``) the state of ``params``; every tensor with elements gets its
+        own storage (later steps write into it), none shared with a parameter or gradient."""
+        values = self._values(state)
+        taken = {_storage(p) for p in params} | {_storage(p.grad) for p in params if p.grad is not None}
+        taken.discard(None)
+        seen: set[int] = set()
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            if t.ndim and (id(t) in seen or _storage(t) in taken):
+                t = t.clone()
+            seen.add(id(t))
+            return t
+
         new_global = {}
         for (path, per_param), value in zip(self._field_kinds, values):
             if per_param:
-                for p, slot in zip(params, slots(value, layout.treespec)):
-                    self.state[p][path] = (_unshared(slot, shared) if isinstance(slot, torch.Tensor)
-                                           else _map_tensors(slot, lambda t: _unshared(t, shared)))
+                for p, slot in zip(params, value):
+                    self.state[p][path] = _map_tensors(slot, lambda t, p=p: own(_placed_like(t, p)))
             else:
-                new_global[path] = _unshared(value, shared)
+                new_global[path] = value
         self._global = new_global
         self._flat_stale = True
 
@@ -543,7 +760,7 @@ class _FlatPath:
     """A :class:`~adaptlr.backends.fast.FlatOptimizer` over the parameters that have gradients, with
     the views of its state in the per-parameter layout of ``Optimizer.state``."""
 
-    __slots__ = ("data_ptrs", "extra", "fo", "kind_of", "kinds", "params", "per_param", "shared", "signature")
+    __slots__ = ("extra", "fo", "kind_of", "kinds", "params", "per_param", "shared", "signature")
 
     def __init__(self, fo: Any, params: list, signature: list, per_param: dict, shared: dict, extra: list) -> None:
         self.fo = fo
@@ -552,24 +769,90 @@ class _FlatPath:
         self.per_param = per_param  # path -> one slot (view) per parameter
         self.shared = shared  # path -> the 0-D tensor of a shared field
         self.extra = extra  # blocked: the shared fields of the other buffers' states
-        self.data_ptrs: list[int] = []
         self.kinds: list[tuple] = []  # (group, dtype, device) of the parameters, each once
         self.kind_of: list[int] = []  # per parameter: its index in kinds
 
 
-def _bump_versions(params: list) -> None:
-    """Mark ``params`` modified in place (the flat step writes through the buffer, not through them)."""
-    try:
-        increment_version(params)
-    except TypeError:  # torch < 2.5 takes one tensor
-        for p in params:
-            increment_version(p)
+def _check_grads(active: list, groups: list, where: list) -> None:
+    """Sparse gradients (and other layouts) are rejected, naming the parameter."""
+    for p, group, (g, i) in zip(active, groups, where):
+        grad = p.grad
+        if grad.is_sparse or grad.layout != torch.strided:
+            names = group.get("param_names")
+            name = f"{names[i]!r} " if names is not None and i < len(names) else ""
+            raise RuntimeError(
+                f"parameter {name}(param_groups[{g}]['params'][{i}], shape {tuple(p.shape)}) has a "
+                f"{grad.layout} gradient; adaptlr optimizers support dense (strided) gradients only "
+                "(use a dense embedding, sparse=False)"
+            )
 
 
-def _check_dense(grads: list) -> None:
-    for grad in grads:
-        if grad.is_sparse:
-            raise RuntimeError("adaptlr optimizers do not support sparse gradients")
+def _check_no_global_sums(opt: core.Optimizer) -> None:
+    from adaptlr.backends.fast import flat_safety
+
+    flat, blockwise, reason = flat_safety(opt)
+    if flat and not blockwise:
+        raise ValueError(
+            f"param groups with different base hyper-parameters (betas, eps, momentum, ...) need one update per "
+            f"group, but {opt.name} sums over all parameters ({reason}); give every group the same values"
+        )
+
+
+def _check_meta(meta: dict, name: str, state_dtype: torch.dtype | None) -> None:
+    if meta.get("format_version") != STATE_DICT_FORMAT:
+        raise ValueError(f"state_dict has format version {meta.get('format_version')}, expected {STATE_DICT_FORMAT}")
+    if meta.get("optimizer") != name:
+        raise ValueError(f"state_dict holds a state of {meta.get('optimizer')}, not of {name}")
+    saved_dtype = meta.get("state_dtype")
+    if saved_dtype != (None if state_dtype is None else dtype_name(state_dtype)):
+        raise ValueError(f"state_dict was saved with state_dtype={saved_dtype}, this optimizer has {state_dtype}")
+
+
+def _read_before_write(old_values: list, new_values: list) -> list:
+    """``new_values`` with every tensor that is an old tensor of another field copied (it would be
+    overwritten before it is read)."""
+    import optree
+
+    position = {}
+    for k, old in enumerate(old_values):
+        for t in optree.tree_leaves(old):
+            position[id(t)] = k
+    out = []
+    for k, new in enumerate(new_values):
+        if any(position.get(id(t), k) != k for t in optree.tree_leaves(new)):
+            new = _map_tensors(new, lambda t, k=k: t.clone() if position.get(id(t), k) != k else t)
+        out.append(new)
+    return out
+
+
+def _placed_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A plain state tensor ``t`` of a DTensor parameter ``p`` as a DTensor on ``p``'s mesh: sharded
+    where ``t`` spans ``p``'s sharded axis, else replicated (DSA's row and column factors). State made
+    from ``p`` (``zeros_like``) is a DTensor already; 0-D tensors stay plain (DTensor takes them as
+    replicated scalars)."""
+    if t.ndim == 0 or not _is_dtensor(p) or _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    placements = [placement if isinstance(placement, Shard) and t.ndim == p.ndim
+                  and t.shape[placement.dim] == p.shape[placement.dim] else Replicate()
+                  for placement in p.placements]
+    return distribute_tensor(t, p.device_mesh, placements)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of the storage of a plain tensor (None for tensor subclasses such as DTensor)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
+        return None
+    return t.untyped_storage().data_ptr()
 
 
 def _copy_tree(dst: Any, src: Any) -> None:
@@ -580,10 +863,6 @@ def _copy_tree(dst: Any, src: Any) -> None:
 
     for d, s in zip(optree.tree_leaves(dst), optree.tree_leaves(src)):
         d.copy_(s)
-
-
-def _unshared(t: torch.Tensor, storages: set) -> torch.Tensor:
-    return t.clone() if t.untyped_storage().data_ptr() in storages else t
 
 
 def _map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

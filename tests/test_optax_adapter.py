@@ -127,6 +127,20 @@ _SHARDING_SCRIPT = textwrap.dedent("""
         for leaf in jax.tree_util.tree_leaves(tree):
             assert leaf.sharding.is_equivalent_to(row, leaf.ndim), (leaf.shape, leaf.sharding)
     assert step._cache_size() == 1
+
+    # one compilation for every algorithm, DSA's row and column factors included
+    makers = [lambda: adaptlr.dsa(adaptlr.adam(1e-2)), lambda: adaptlr.autodrop(adaptlr.sgd(0.1), steps_per_epoch=2),
+              lambda: adaptlr.hypergradient(adaptlr.adam(1e-2), hyper_lr=1e-4, granularity="tensor"),
+              lambda: adaptlr.eg_step_size(adaptlr.sgd(1e-2, momentum=0.9), 0.05, 0.05)]
+    for make in makers:
+        tx = to_optax(make())
+        params = {"w": jax.device_put(jnp.ones((8, 3)), row), "b": jax.device_put(jnp.arange(8.0), row)}
+        state = tx.init(params)
+        step = jax.jit(lambda p, s, tx=tx: tx.update(jax.tree_util.tree_map(lambda x: jnp.sin(x) + 0.1, p), s, p))
+        for _ in range(3):
+            updates, state = step(params, state)
+            params = optax.apply_updates(params, updates)
+        assert step._cache_size() == 1, (make().name, step._cache_size())
     print("SHARDING-OK")
 """)
 

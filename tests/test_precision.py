@@ -11,6 +11,7 @@ import functools
 import math
 
 import numpy as np
+import optree
 import pytest
 
 import adaptlr
@@ -196,3 +197,30 @@ def test_rectification_condition_matches_a_finite_difference():
     assert rectification_condition(b2) == pytest.approx(numeric, rel=1e-4)
     assert adaptlr.radam().scalar_condition == rectification_condition(b2)
     assert adaptlr.adabelief(rectify=False).scalar_condition == pytest.approx(0.5 * 0.999 / 0.001)
+
+
+NAMED_FACTORIES = {
+    "sgd": lambda **kw: adaptlr.sgd(0.1, momentum=0.9, **kw),
+    "adam": lambda **kw: adaptlr.adam(**kw),
+    "adamw": lambda **kw: adaptlr.adamw(**kw),
+    "radam": lambda **kw: adaptlr.radam(**kw),
+    "adabelief": lambda **kw: adaptlr.adabelief(**kw),
+    "active_sgd": lambda **kw: adaptlr.active_sgd(0.1, momentum=0.9, steps_per_epoch=2, **kw),
+    "active_adamw": lambda **kw: adaptlr.active_adamw(steps_per_epoch=2, **kw),
+    "active_radam": lambda **kw: adaptlr.active_radam(steps_per_epoch=2, **kw),
+    "active_adabelief": lambda **kw: adaptlr.active_adabelief(steps_per_epoch=2, **kw),
+    "sgd_hd": lambda **kw: adaptlr.sgd_hd(0.1, hyper_lr=1e-3, momentum=0.9, **kw),
+    "sgdn_hd": lambda **kw: adaptlr.sgdn_hd(0.1, hyper_lr=1e-3, **kw),
+    "adam_hd": lambda **kw: adaptlr.adam_hd(hyper_lr=1e-3, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(NAMED_FACTORIES))
+def test_every_factory_takes_state_dtype(name):
+    opt = NAMED_FACTORIES[name](state_dtype="float32")
+    params = [np.ones((2, 3), dtype=np.float16)]
+    state = opt.init(params)
+    floats = [x for x in optree.tree_leaves((adaptlr.learning_rates(state), state.base)) if x.dtype.kind == "f"]
+    assert floats and all(x.dtype == np.float32 for x in floats)
+    updates, state = opt.update([np.full((2, 3), 0.5, dtype=np.float16)], state, params)
+    assert updates[0].dtype == np.float16 and np.all(np.isfinite(updates[0]))

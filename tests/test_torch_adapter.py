@@ -360,8 +360,8 @@ def _fast_cases() -> list:
         ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "auto", "flat"),
         ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "flat", "flat"),
         ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), "flat", "flat"),
-        ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "generic"),  # per-tensor factors
-        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), False, "generic"),
+        ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "list"),  # per-tensor factors
+        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), False, "list"),
     ]
 
 
@@ -400,11 +400,15 @@ def test_fast_path_trajectory_and_state_equal_functional_api(name, make, fast, p
     functional, state = _step_both(torch_opt, torch_params, opt, params, grads, coupling=0.5, after_step=check_path)
     assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
     assert _state_err(torch_opt.functional_state, state) <= 1e-12
-    if path != "generic":
-        # Parameters, gradients and state live in one flat buffer (one group, one dtype).
-        for tensors in ([p.detach() for p in torch_params], [p.grad for p in torch_params],
-                        [torch_opt.state[p]["learning_rate"] for p in torch_params]):
-            assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    _assert_own_storage(torch_params)
+
+
+def _assert_own_storage(params: list) -> None:
+    """Each parameter and gradient has a storage of its own, of its own size (no shared buffer)."""
+    tensors = [p.detach() for p in params] + [p.grad for p in params if p.grad is not None]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
+    for t in tensors:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _masked_run(make, fast, masks, seed=8):
@@ -428,13 +432,15 @@ MASKS = [(1, 1, 1), (1, 1, 1), (1, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1), (1, 1
 
 @pytest.mark.parametrize("name,fast", [("adamw", "auto"), ("active(adamw)", "auto"), ("active(adamw)", "flat"),
                                        ("autodrop(sgdm)", "flat"), ("hypergradient(sgd)", "flat")])
-def test_fast_path_with_parameters_without_grad_matches_generic_path(name, fast):
+def test_fast_path_with_parameters_without_grad_matches_list_path(name, fast):
     make = dict(_optimizers())[name]
-    generic_params, generic_opt, _ = _masked_run(make, False, MASKS)
+    list_params, list_opt, _ = _masked_run(make, False, MASKS)
     fast_params, fast_opt, paths = _masked_run(make, fast, MASKS)
-    assert paths[0] != "generic" and all(p == paths[0] for p in paths)
-    assert max(_rel(a.detach(), b.detach()) for a, b in zip(fast_params, generic_params)) <= 1e-12
-    assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
+    # Flat while every parameter has stepped equally often; a skip splits the per-parameter step counts
+    # (torch_steps), and a flat update needs one count: the list path from there on.
+    assert paths[:2] == [paths[0]] * 2 and paths[0] != "list" and paths[-1] == "list"
+    assert max(_rel(a.detach(), b.detach()) for a, b in zip(fast_params, list_params)) <= 1e-12
+    assert _state_err(fast_opt.functional_state, list_opt.functional_state) <= 1e-12
     assert int(fast_opt.functional_state.count) == len(MASKS)
 
 
@@ -483,21 +489,21 @@ def _model_run(fast, seed=0, steps=6, set_to_none=True):
         x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
         torch_opt.zero_grad(set_to_none=set_to_none)
         ((model(x) - y) ** 2).mean().backward()
-        if t > 0 and not set_to_none and fast:
-            # backward accumulated into the flat gradient buffer the previous step installed
-            assert len({p.grad.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+        grads = [p.grad for p in model.parameters()]
         torch_opt.step()
+        assert all(p.grad is g for p, g in zip(model.parameters(), grads))  # .grad is never replaced
+        _assert_own_storage(list(model.parameters()))
     return model, torch_opt
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_fast_path_with_a_model_and_backward_matches_generic_path(set_to_none):
+def test_fast_path_with_a_model_and_backward_matches_list_path(set_to_none):
     fast_model, fast_opt = _model_run("auto", set_to_none=set_to_none)
-    generic_model, generic_opt = _model_run(False, set_to_none=set_to_none)
-    assert fast_opt.fast_path == "blocked" and generic_opt.fast_path == "generic"
-    for a, b in zip(fast_model.parameters(), generic_model.parameters()):
+    list_model, list_opt = _model_run(False, set_to_none=set_to_none)
+    assert fast_opt.fast_path == "blocked" and list_opt.fast_path == "list"
+    for a, b in zip(fast_model.parameters(), list_model.parameters()):
         assert _rel(a.detach(), b.detach()) <= 1e-12
-    assert _state_err(fast_opt.functional_state, generic_opt.functional_state) <= 1e-12
+    assert _state_err(fast_opt.functional_state, list_opt.functional_state) <= 1e-12
 
 
 def test_fast_path_rebuilds_when_parameter_data_is_replaced():
@@ -555,8 +561,8 @@ def test_fast_path_add_param_group_after_steps():
     a.grad = grads[0][0].clone()
     torch_opt.step()
     torch_opt.add_param_group({"params": [b], "lr": 0.5})
-    # b joins at t = 2: Adam's bias correction follows the optimizer's (global) step count.
-    sb = ref_b.init(fb)._replace(count=torch.tensor(1, dtype=torch.int64))
+    # b joins at t = 2 with a step count of its own (as torch.optim counts): its first step is Adam's first.
+    sb = ref_b.init(fb)
     for step_grads in grads[1:4]:
         updates, sa = ref_a.update([step_grads[0]], sa, fa)
         fa = adaptlr.apply_updates(fa, updates)
@@ -564,10 +570,11 @@ def test_fast_path_add_param_group_after_steps():
         fb = adaptlr.apply_updates(fb, updates)
         a.grad, b.grad = step_grads[0].clone(), step_grads[1].clone()
         torch_opt.step()
-        assert torch_opt.fast_path == "flat"
+        assert torch_opt.fast_path == "list"  # two step counts: a flat update needs one
     assert _rel(a.detach(), fa[0]) <= 1e-12 and _rel(b.detach(), fb[0]) <= 1e-12
     assert torch_opt.state[b]["learning_rate"].item() == 0.5
-    assert int(torch_opt.functional_state.count) == 4
+    assert int(torch_opt.functional_state.count) == 4  # the optimizer's count (epochs) is global
+    assert (int(torch_opt.state[a]["step"]), int(torch_opt.state[b]["step"])) == (4, 3)
 
 
 def test_set_functional_state_reaches_the_fast_path():
@@ -595,7 +602,7 @@ def test_mixed_precision_state_takes_the_generic_path():
     torch_opt = Optimizer([p], adaptlr.adamw(1e-2), state_dtype=torch.float32)
     p.grad = torch.ones(3, dtype=torch.bfloat16)
     torch_opt.step()
-    assert torch_opt.fast_path == "generic"
+    assert torch_opt.fast_path == "list"
     q = torch.nn.Parameter(torch.ones(3))  # float32 parameters with float32 state may run flat
     torch_opt = Optimizer([q], adaptlr.adamw(1e-2), state_dtype=torch.float32)
     q.grad = torch.ones(3)
@@ -663,7 +670,7 @@ def test_fast_setting_can_change_between_steps():
         for p, g in zip(torch_params, step_grads):
             p.grad = g.clone()
         torch_opt.step()
-        assert torch_opt.fast_path == ["blocked", "generic", "flat", "blocked", "blocked", "generic", "generic",
+        assert torch_opt.fast_path == ["blocked", "list", "flat", "blocked", "blocked", "list", "list",
                                        "flat", "blocked"][t]
     assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
     assert _state_err(torch_opt.functional_state, state) <= 1e-12

@@ -1,0 +1,96 @@
+"""Sums over parameter elements, completed across the devices that hold the other shards.
+
+Every reduction an algorithm makes over parameters (AutoDrop's angle, HD's and EG's inner products,
+DSA's slice sums) goes through :class:`Reducer`. Without sharding it is ``xp.sum``. Inside
+``jax.shard_map``, where each device holds one block of a parameter, a local sum covers one block:
+``Optimizer.update(..., axis_name=...)`` then completes it with the backend's collective (``psum``
+for JAX, :func:`adaptlr.backends.jax.complete_sum`) over the mesh axes along which the reduced
+dimensions are split.
+
+Which dimensions are split across which axes comes from ``axis_name``:
+
+- a mesh axis name or a tuple of names: every parameter of ``ndim ≥ 1`` is split along its
+  leading dimension across those axes (``PartitionSpec("d")`` on every parameter: FSDP's layout);
+  0-D parameters are replicated;
+- a tree shaped like the params of partition specs (``jax.sharding.PartitionSpec`` or any tuple
+  with one entry per dimension: an axis name, a tuple of names, or None), as given to
+  ``shard_map``'s ``in_specs``; ``None`` for a replicated parameter.
+
+The torch counterpart (a ``process_group`` for locally sharded parameters without DTensor, as in
+ZeRO-style optimizers) is a completer that calls ``torch.distributed.all_reduce``; it is not
+implemented yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["Reducer", "leaf_split_axes"]
+
+Completer = Callable[[Any, tuple], Any]
+
+
+def _names(entry: Any) -> tuple:
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    return tuple(entry)
+
+
+def leaf_split_axes(axis_name: Any, ndims: Sequence[int], specs: Sequence[Any] | None) -> list[tuple]:
+    """Per leaf, per dimension, the mesh axes it is split across (see the module docstring)."""
+    if specs is None:
+        names = _names(axis_name)
+        return [((names,) + ((),) * (n - 1)) if n else () for n in ndims]
+    out = []
+    for n, spec in zip(ndims, specs, strict=True):
+        entries = [] if spec is None else [_names(e) for e in spec]
+        if len(entries) > n:
+            raise ValueError(f"a partition spec has {len(entries)} entries for a parameter with {n} dimensions")
+        out.append(tuple(entries) + ((),) * (n - len(entries)))
+    return out
+
+
+class Reducer:
+    """``xp.sum`` over parameter elements, completed across shards where ``complete`` is set."""
+
+    __slots__ = ("complete", "split_axes", "xp")
+
+    def __init__(self, xp: Any, complete: Completer | None = None, split_axes: list[tuple] | None = None) -> None:
+        self.xp = xp
+        self.complete = complete
+        self.split_axes = split_axes
+
+    def _axes_of(self, i: int, ndim: int, axis: Any) -> tuple:
+        dims = range(ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+        names: list = []
+        for d in dims:
+            names.extend(n for n in self.split_axes[i][d % ndim] if n not in names)
+        return tuple(names)
+
+    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
+        """``Σ`` of leaf ``i``'s array ``x`` over ``axis`` (all by default), over every shard."""
+        total = self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
+        if self.complete is None:
+            return total
+        names = self._axes_of(i, x.ndim, axis)
+        return self.complete(total, names) if names else total
+
+    def total(self, terms: Sequence[Any], dtype: Any = None) -> Any:
+        """``Σ`` over every element of every leaf's term (``terms[i]`` shaped like leaf ``i``).
+
+        Local sums of the leaves split across the same axes are added first, so there is one
+        collective per distinct set of axes, not one per leaf.
+        """
+        groups: dict[tuple, Any] = {}
+        for i, term in enumerate(terms):
+            names = () if self.complete is None else self._axes_of(i, term.ndim, None)
+            part = self.xp.sum(term, dtype=dtype)
+            groups[names] = part if names not in groups else groups[names] + part
+        total = None
+        for names, part in groups.items():
+            part = self.complete(part, names) if names else part
+            total = part if total is None else total + part
+        return total
