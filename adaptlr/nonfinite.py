@@ -40,7 +40,7 @@ from adaptlr import _validation as v
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, OptimizerState, StepContext, StepSize, scalar_device
 
-__all__ = ["SkipNonfinite", "SkipState", "skip_nonfinite"]
+__all__ = ["SkipNonfinite", "SkipState", "skip_nonfinite", "step_was_skipped"]
 
 
 class SkipState(NamedTuple):
@@ -86,7 +86,7 @@ class SkipNonfinite(Adaptation):
     ) -> tuple[list, OptimizerState]:
         """Undo the step (zero updates, the old state) where a gradient or update is not finite."""
         xp = ctx.xp
-        ok = _all_finite(xp, ctx.grads + updates)
+        ok = _all_finite(ctx, updates)
         own = state.adaptations[index]
         n = own.consecutive
         if self.max_consecutive is None:
@@ -113,13 +113,36 @@ class SkipNonfinite(Adaptation):
         return updates, kept._replace(adaptations=tuple(adaptations))
 
 
-def _all_finite(xp: Any, arrays: list) -> Any:
-    """A 0-D bool: every element of every array is finite (no host sync)."""
-    ok = None
-    for x in arrays:
-        finite = xp.all(xp.isfinite(x))
-        ok = finite if ok is None else xp.logical_and(ok, finite)
-    return ok
+def step_was_skipped(opt: Optimizer, state: OptimizerState, new_state: OptimizerState) -> Any:
+    """A 0-D bool array: whether ``skip_nonfinite`` skipped the step from ``state`` to ``new_state``
+    (None if ``opt`` has no such wrapper). For adapters that keep counters of their own outside the
+    state (the torch adapter's ``state[p]["step"]``): ``where(skipped, old, new)``, no host sync."""
+    for i, adaptation in enumerate(opt.adaptations):
+        if isinstance(adaptation, SkipNonfinite):
+            return new_state.adaptations[i].skipped > state.adaptations[i].skipped
+    return None
+
+
+def _all_finite(ctx: StepContext, updates: list) -> Any:
+    """A 0-D bool: every element of every gradient and update is finite (no host sync).
+
+    Inside ``jax.shard_map`` (``update(..., axis_name=...)``) each device holds one block of a
+    parameter: the non-finite elements are counted and the count completed across the shards
+    (``ctx.reduce``), so that every device takes the same decision.
+    """
+    xp, reduce = ctx.xp, ctx.reduce
+    if reduce.complete is None:
+        ok = None
+        for x in ctx.grads + updates:
+            finite = xp.all(xp.isfinite(x))
+            ok = finite if ok is None else xp.logical_and(ok, finite)
+        return ok
+    bad = None
+    for i, (g, u) in enumerate(zip(ctx.grads, updates)):
+        for x in (g, u):
+            count = reduce.leaf_sum(i, xp.astype(xp.logical_not(xp.isfinite(x)), xp.int32))
+            bad = count if bad is None else bad + count
+    return bad == 0
 
 
 def skip_nonfinite(opt: Optimizer, max_consecutive: int | None = None) -> Optimizer:
