@@ -18,6 +18,7 @@ from adaptlr.core import Optimizer, OptimizerState, apply_updates, learning_rate
 from adaptlr.dsa import dsa
 from adaptlr.eg import eg_step_size
 from adaptlr.hypergradient import adam_hd, hypergradient, sgd_hd, sgdn_hd
+from adaptlr.nonfinite import skip_nonfinite
 from adaptlr.radam import radam
 from adaptlr.sgd import sgd
 from adaptlr.summary import lr_summary
@@ -50,4 +51,5 @@ __all__ = [
     "sgd",
     "sgd_hd",
     "sgdn_hd",
+    "skip_nonfinite",
 ]

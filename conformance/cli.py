@@ -98,9 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(BACKENDS[b].library == "jax" and BACKENDS[b].available for b in backends):
         enable_jax_x64()
 
-    per_pair = sum(1 for b in backends for d in dtypes if not (b.endswith("-device1") and d != "float64"))
-    total = sum(len(runner.selected_problems(ALGORITHMS[n], problems, args.all_problems)) * max(1, per_pair)
-                for n in algorithms) + len(checks)
+    # The rows actually run: unavailable backends are reported as skipped rows, not run.
+    total = runner.planned_runs(algorithms, backends, dtypes, problems, args.all_problems) + len(checks)
     progress = report.Progress(total, enabled=not args.quiet)
     start = time.perf_counter()
     try:
