@@ -146,9 +146,9 @@ def map_fields(state: Any, params_treespec: optree.PyTreeSpec, fn: Callable[[Fie
 
 
 def dtype_name(dtype: Any) -> str:
-    """``"float32"`` for NumPy, torch (``torch.float32``) and JAX dtypes alike."""
+    """``"float32"`` for NumPy, torch (``torch.float32``), JAX and array-api-strict dtypes alike."""
     name = str(dtype)
-    for prefix in ("torch.", "dtype("):
+    for prefix in ("torch.", "array_api_strict.", "dtype("):
         if name.startswith(prefix):
             name = name[len(prefix):]
     return name.strip("')\"")

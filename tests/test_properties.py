@@ -374,7 +374,8 @@ def test_repr_and_errors_name_the_algorithm(name):
     assert opt.name in repr(opt)
     assert all(a.name in opt.name for a in opt.adaptations)
     params = _tree(_host_params())
-    other = adaptlr.adam(0.1) if opt.name != "adam" else adaptlr.sgd(0.1)
+    classes = [type(x) for x in (opt.init(params).base, *opt.init(params).adaptations)]
+    other = next(o for o in (adaptlr.sgd(0.1), adaptlr.adam(0.1)) if [type(o.init(params).base)] != classes)
     with pytest.raises(ValueError, match=re.escape(f"does not belong to {opt.name}")):
         opt.update(params, other.init(params), params)
     with pytest.raises(TypeError, match=re.escape(f"made by {opt.name}.init")):
