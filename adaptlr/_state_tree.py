@@ -85,7 +85,7 @@ def _is_per_param(node: Any, params_treespec: optree.PyTreeSpec) -> bool:
             isinstance(node, (list, tuple, dict)) and len(node) != params_treespec.num_children):
         return False
     try:
-        params_treespec.flatten_up_to(node)
+        params_treespec.flatten_up_to(node)  # pyright: ignore[reportArgumentType] (optree's PyTree type: no list[Any])
     except (ValueError, TypeError):
         return False
     return True
