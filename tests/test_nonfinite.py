@@ -227,18 +227,12 @@ def test_jax_jit_step_with_donated_state():
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
 
 
-# The torch adapter (backends/torch.py) keeps per-parameter step counts state[p]["step"] outside the
-# functional state, as torch.optim does, and advances them before the update: a skipped step still
-# advances them, so Adam's bias correction is one step ahead afterwards. The fix belongs in the
-# adapter: state[p]["step"] = where(adaptlr.nonfinite.step_was_skipped(opt, old, new), old_step, new_step).
-_ADAPTER_STEP = pytest.mark.xfail(strict=True, reason="torch adapter advances state[p]['step'] on a skipped step "
-                                  "(Adam's bias correction then runs one step ahead); needs step_was_skipped there")
+# The torch adapter keeps per-parameter step counts state[p]["step"] outside the functional state,
+# as torch.optim does; a step that skip_nonfinite skips does not advance them either.
 
 
 @pytest.mark.parametrize("fast", [False, "flat", "auto"])
-@pytest.mark.parametrize("name", [pytest.param("adamw", marks=_ADAPTER_STEP),
-                                  pytest.param("active(adamw)", marks=_ADAPTER_STEP),
-                                  "autodrop(sgdm)", "hypergradient(sgd)"])
+@pytest.mark.parametrize("name", ["adamw", "active(adamw)", "autodrop(sgdm)", "hypergradient(sgd)"])
 def test_torch_adapter_skips_like_the_functional_api(name, fast):
     torch = pytest.importorskip("torch")
     from adaptlr.backends.torch import Optimizer
@@ -269,7 +263,7 @@ def test_torch_adapter_skips_like_the_functional_api(name, fast):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", [pytest.param("adapter-compiled", marks=_ADAPTER_STEP), "functional"])
+@pytest.mark.parametrize("where", ["adapter-compiled", "functional"])
 def test_torch_compile_skips_like_eager(where):
     torch = pytest.importorskip("torch")
     pytest.importorskip("torch._inductor")

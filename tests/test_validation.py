@@ -205,3 +205,17 @@ def test_schedule_under_jit_is_not_checked_and_nan_propagates():
     _, state = update(params, state, params)
     updates, state = update(params, state, params)
     assert np.array_equal(np.asarray(updates[0]), [0.0, 0.0]) and int(state.adaptations[-1].skipped) == 1
+
+
+def test_torch_adapter_checks_schedule_values_naming_the_step():
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.torch import Optimizer
+
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = Optimizer([p], adaptlr.sgd(lambda t: 0.1 if float(t) < 3 else float("nan")))
+    for _ in range(2):
+        p.grad = torch.ones(2, dtype=torch.float64)
+        opt.step()
+    p.grad = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="step 3"):
+        opt.step()
