@@ -18,6 +18,7 @@ Per algorithm × installed backend (the ``backend`` fixture of ``conftest.py``):
 - a ``save_state``/``load_state`` round trip mid-epoch continues bit-identically;
 - ``learning_rates`` is finite, structured like the params and broadcastable to each parameter,
   and ``lr_summary``'s learning rates are finite;
+- a tree mixing float32 and float64 leaves, one of them empty, keeps each leaf's dtype;
 - ``skip_nonfinite`` around it leaves params and state untouched on a NaN step.
 
 Per algorithm: ``jax.jit`` of the step compiles once over two epochs and matches eager; the torch
@@ -169,6 +170,23 @@ def test_keeps_library_device_dtype_and_shape(name, backend, dtype):
             assert rate.dtype == p.dtype  # the state dtype, which is the params' here
         params = new_params
         leaves = optree.tree_leaves(params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mixed_dtypes_and_an_empty_parameter(name, backend):
+    """float32 and float64 leaves in one tree, one of them with no elements (torch's harness has
+    size-0 params too): each keeps its dtype; params and learning rates stay finite over two epochs."""
+    opt = _algorithm(name).build()
+    host = [np.ones((2, 3), np.float32), np.zeros((0, 3)), np.linspace(-1, 1, 4), np.asarray(0.5, np.float32)]
+    params = _on(backend, host)
+    state = opt.init(params)
+    for t in range(1, _two_epochs(opt) + 1):
+        updates, state = opt.update(_grads(backend, params, t), state, params)
+        params = adaptlr.apply_updates(params, updates)
+    dtypes = [x.dtype for x in host]
+    assert [x.dtype for x in _to_host(backend, params)] == dtypes
+    assert [x.dtype for x in _to_host(backend, adaptlr.learning_rates(state))] == dtypes
+    assert all(np.all(np.isfinite(x)) for x in _to_host(backend, params) + _rates(backend, state, params))
 
 
 @pytest.mark.xfail(strict=True, reason="bug: on NumPy the 0-D state (count, moments of 0-D params, global "
