@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import array_api_compat
+import numpy as np
 import optree
 
 from adaptlr import _validation as v
@@ -401,6 +402,8 @@ class Optimizer:
                 u = xp.astype(p + u, caller_p.dtype) - caller_p
             updates.append(u if u.ndim else xp.asarray(u))  # NumPy turns 0-D results into scalars
         new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
+        if array_api_compat.is_numpy_namespace(xp):
+            new_state = _arrays_not_scalars(new_state)
         for i, adaptation in enumerate(self.adaptations):
             guard = getattr(adaptation, "guard", None)
             if guard is not None:
@@ -467,6 +470,13 @@ class Optimizer:
                 )
 
 
+def _arrays_not_scalars(tree: PyTree) -> PyTree:
+    """NumPy turns 0-D results into scalars (``np.float64``); the state documents 0-D arrays."""
+    if not any(isinstance(x, np.generic) for x in optree.tree_leaves(tree)):
+        return tree
+    return optree.tree_map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, tree)
+
+
 def _collective_sum(x: Array) -> Callable[[Array, tuple], Array]:
     """The backend's collective sum over named mesh axes, for params like ``x``."""
     if v.library_of(x) == "jax":
@@ -522,4 +532,4 @@ def learning_rates(state: OptimizerState) -> PyTree:
     size = StepSize.of(alpha)
     for adaptation_state in state.adaptations:
         size = adaptation_state.scale_learning_rate(size, layout)
-    return layout.tree(size.effective())
+    return _arrays_not_scalars(layout.tree(size.effective()))

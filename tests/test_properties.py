@@ -189,9 +189,6 @@ def test_mixed_dtypes_and_an_empty_parameter(name, backend):
     assert all(np.all(np.isfinite(x)) for x in _to_host(backend, params) + _rates(backend, state, params))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: on NumPy the 0-D state (count, moments of 0-D params, global "
-                   "scalars) and 0-D learning rates become NumPy scalars after a step; core.update_leaves "
-                   "wraps only the updates")
 def test_numpy_state_holds_arrays():
     """The state documents 0-D arrays: NumPy scalars (np.float64) are not ndarrays (no in-place
     writes, no ``setflags``). One case for the whole registry: this is a property of core."""
