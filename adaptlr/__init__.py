@@ -20,6 +20,7 @@ from adaptlr.dog import dog, dowg
 from adaptlr.dsa import dsa
 from adaptlr.eg import eg_step_size
 from adaptlr.hypergradient import adam_hd, hypergradient, sgd_hd, sgdn_hd
+from adaptlr.nonfinite import skip_nonfinite
 from adaptlr.prodigy import prodigy
 from adaptlr.radam import radam
 from adaptlr.sgd import sgd
@@ -58,4 +59,5 @@ __all__ = [
     "sgd",
     "sgd_hd",
     "sgdn_hd",
+    "skip_nonfinite",
 ]

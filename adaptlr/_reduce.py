@@ -23,7 +23,7 @@ implemented yet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["Reducer", "leaf_split_axes"]
@@ -65,6 +65,7 @@ class Reducer:
 
     def _axes_of(self, i: int, ndim: int, axis: Any) -> tuple:
         dims = range(ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+        assert self.split_axes is not None  # only asked for where there is a completer
         names: list = []
         for d in dims:
             names.extend(n for n in self.split_axes[i][d % ndim] if n not in names)
@@ -78,7 +79,7 @@ class Reducer:
         names = self._axes_of(i, x.ndim, axis)
         return self.complete(total, names) if names else total
 
-    def total(self, terms: Sequence[Any], dtype: Any = None) -> Any:
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
         """``Σ`` over every element of every leaf's term (``terms[i]`` shaped like leaf ``i``).
 
         Local sums of the leaves split across the same axes are added first, so there is one
@@ -91,6 +92,6 @@ class Reducer:
             groups[names] = part if names not in groups else groups[names] + part
         total = None
         for names, part in groups.items():
-            part = self.complete(part, names) if names else part
+            part = self.complete(part, names) if names and self.complete else part
             total = part if total is None else total + part
         return total

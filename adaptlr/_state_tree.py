@@ -85,7 +85,7 @@ def _is_per_param(node: Any, params_treespec: optree.PyTreeSpec) -> bool:
             isinstance(node, (list, tuple, dict)) and len(node) != params_treespec.num_children):
         return False
     try:
-        params_treespec.flatten_up_to(node)
+        params_treespec.flatten_up_to(node)  # pyright: ignore[reportArgumentType] (optree's PyTree type: no list[Any])
     except (ValueError, TypeError):
         return False
     return True
@@ -146,9 +146,9 @@ def map_fields(state: Any, params_treespec: optree.PyTreeSpec, fn: Callable[[Fie
 
 
 def dtype_name(dtype: Any) -> str:
-    """``"float32"`` for NumPy, torch (``torch.float32``) and JAX dtypes alike."""
+    """``"float32"`` for NumPy, torch (``torch.float32``), JAX and array-api-strict dtypes alike."""
     name = str(dtype)
-    for prefix in ("torch.", "dtype("):
+    for prefix in ("torch.", "array_api_strict.", "dtype("):
         if name.startswith(prefix):
             name = name[len(prefix):]
     return name.strip("')\"")

@@ -7,10 +7,12 @@ at metadata (library, shape, dtype, device), so they never force a host sync.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 __all__ = [
     "check_beta",
@@ -19,16 +21,20 @@ __all__ = [
     "check_learning_rate",
     "check_like_params",
     "check_nonnegative",
+    "check_nonnegative_int",
     "check_positive",
     "check_positive_int",
     "check_range",
+    "check_scheduled_learning_rate",
+    "is_traced",
     "library_of",
     "namespace_of_leaves",
 ]
 
 
 def check_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number (Python or NumPy scalar, not a bool), as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -65,9 +71,17 @@ def check_beta(name: str, value: Any) -> float:
 
 
 def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """A positive integer (Python or NumPy, not a bool), as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
+
+
+def check_nonnegative_int(name: str, value: Any) -> int:
+    """An integer >= 0 (Python or NumPy, not a bool), as an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
@@ -76,11 +90,97 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def check_learning_rate(value: Any) -> float | Callable[[Any], Any]:
-    """A learning rate is a finite number >= 0 or a schedule (a callable of the step count)."""
+def check_learning_rate(value: Any) -> Any:
+    """A learning rate: a finite number >= 0 (returned as a float), a 0-D array (returned as is) or
+    a schedule (a callable of the step count).
+
+    A 0-D array of any library is what ``optax.inject_hyperparams`` passes and what differentiating
+    with respect to the learning rate needs; its value is checked unless it is traced (``jax.jit``,
+    ``jax.grad``, ``torch.compile``), where it cannot be read.
+    """
+    if isinstance(value, (numbers.Number, np.generic)):  # NumPy scalars pass as arrays too
+        return check_nonnegative("learning_rate", value)
+    if library_of(value) is not None:
+        if value.ndim != 0:
+            raise ValueError(f"learning_rate must be a number, a 0-D array or a schedule; got an array of shape "
+                             f"{tuple(value.shape)}")
+        if not is_traced(value):
+            host = _host_float(value)
+            if not (math.isfinite(host) and host >= 0):
+                raise ValueError(f"learning_rate must be finite and >= 0, got {host}")
+        return value
     if callable(value):
         return value
     return check_nonnegative("learning_rate", value)
+
+
+def check_scheduled_learning_rate(value: Any, count: Any) -> None:
+    """Check what a learning-rate schedule returned for step ``count`` (eager mode only).
+
+    ``None`` raises ``TypeError``; a NaN, infinite or negative value ``ValueError``, naming the step.
+    The value is read only where that is free (a Python or NumPy number, a CPU array that is not
+    traced): under ``jax.jit`` / ``torch.compile`` and for arrays on an accelerator it is not
+    checked, and a NaN or negative learning rate gives NaN updates or moves the parameters uphill.
+    """
+    if value is None:
+        raise TypeError(f"the learning-rate schedule returned None at step {_step(count)}; it must return a "
+                        "number >= 0 (or a 0-D array)")
+    if isinstance(value, np.generic) or library_of(value) is None:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"the learning-rate schedule returned a {type(value).__name__} at step {_step(count)}; "
+                            "it must return a number >= 0 (or a 0-D array)")
+        host = float(value)
+    elif is_traced(value) or not _on_host(value):
+        return
+    else:
+        if value.ndim != 0:
+            raise ValueError(f"the learning-rate schedule returned an array of shape {tuple(value.shape)} at step "
+                             f"{_step(count)}; it must return a number or a 0-D array")
+        host = _host_float(value)
+    if not (math.isfinite(host) and host >= 0):
+        raise ValueError(f"the learning-rate schedule returned {host} at step {_step(count)}; a learning rate "
+                         "must be finite and >= 0")
+
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is abstract (inside ``jax.jit`` / ``jax.grad`` or ``torch.compile``): its value
+    cannot be read."""
+    library = library_of(x)
+    if library == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if library == "torch":
+        import torch
+
+        return torch.compiler.is_compiling()
+    return False
+
+
+def _on_host(x: Any) -> bool:
+    """Whether reading ``x`` costs no device sync (NumPy, array-api-strict, CPU torch / JAX arrays)."""
+    library = library_of(x)
+    if library in ("numpy", "array_api_strict"):
+        return True
+    if library == "torch":
+        return x.device.type == "cpu"
+    if library == "jax":
+        return all(d.platform == "cpu" for d in x.sharding.device_set)
+    return False
+
+
+def _host_float(x: Any) -> float:
+    if library_of(x) == "array_api_strict":
+        import array_api_strict
+
+        x = array_api_strict.asarray(x, device=array_api_strict.Device("CPU_DEVICE"))
+    if library_of(x) == "torch":
+        x = x.detach()
+    return float(x)
+
+
+def _step(count: Any) -> Any:
+    return count if isinstance(count, int) or is_traced(count) else int(_host_float(count))
 
 
 def check_state_dtype(value: Any) -> str | None:

@@ -9,7 +9,8 @@ flipped (a zero product counts as a flip). With ``S`` = steps per epoch, at step
     u_t = -(α·γ) ⊙ d_t - α·λ·θ_{t-1}                   (κ_t = γ from before this step's adjustment;
                                                         the decay term is ·γ only if scale_weight_decay)
     if t mod S = 0 and t ≥ 2S:
-        γ ← where(G_prev·C ≤ 0, ℓ·γ, γ + h)
+        γ ← where(G_prev·C ≤ 0, ℓ·γ, γ + h)                (a NaN or infinite G_prev or C counts as
+                                                        a flip: γ never grows from a non-finite sum)
         γ ← clip(γ, min_gamma, max_gamma)              (where given; an adaptlr extension)
     if t mod S = 0:
         G_prev ← C,  C ← 0
@@ -90,8 +91,10 @@ class ActiveLR(Adaptation):
         new_gammas, new_sums, new_prev_sums = [], [], []
         for g, gamma, epoch_sum, prev_sum in zip(ctx.grads, gammas, sums, prev_sums):
             epoch_sum = epoch_sum + g
-            flipped = prev_sum * epoch_sum <= 0
-            adjusted = xp.where(flipped, self.decrease * gamma, gamma + self.increase)
+            # A non-finite sum counts as a flip (NaN·x ≤ 0 is False, so test "kept" instead).
+            kept = xp.logical_and(prev_sum * epoch_sum > 0,
+                                  xp.logical_and(xp.isfinite(prev_sum), xp.isfinite(epoch_sum)))
+            adjusted = xp.where(kept, gamma + self.increase, self.decrease * gamma)
             if self.min_gamma is not None:
                 adjusted = xp.maximum(adjusted, scalars.constant(self.min_gamma, gamma.dtype))
             if self.max_gamma is not None:

@@ -92,7 +92,7 @@ class DetectorOptions(NamedTuple):
     grow_theta: bool
 
 
-def displacement_angle(dot: Any, sq_norm: Any, prev_sq_norm: Any, xp: Any | None = None) -> tuple[Any, Any]:
+def displacement_angle(dot: Any, sq_norm: Any, prev_sq_norm: Any, xp: Any = None) -> tuple[Any, Any]:
     """``(ω in degrees, defined)`` from ``⟨s_e, s_{e-1}⟩``, ``‖s_e‖²`` and ``‖s_{e-1}‖²`` (0-D arrays).
 
     ω is ``degrees(arccos(clip(dot / (‖s_e‖·‖s_{e-1}‖), -1, 1)))``; where a norm is zero it is
@@ -118,7 +118,7 @@ def autodrop_detector(
     state: DetectorState,
     options: DetectorOptions,
     min_kappa: Any | None = None,
-    xp: Any | None = None,
+    xp: Any = None,
 ) -> DetectorState:
     """One epoch of the AutoDrop detector (spec §3, steps 1 and 2): the state after seeing ``ω_e``.
 

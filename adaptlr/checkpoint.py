@@ -1,4 +1,4 @@
-"""Portable checkpoints of an optimizer state: one ``.npz`` file with a versioned JSON manifest.
+r"""Portable checkpoints of an optimizer state: one ``.npz`` file with a versioned JSON manifest.
 
 A state saved from a run on one array library (PyTorch, JAX, NumPy, CuPy) loads into a run on any
 other, on the device and in the dtypes of the parameters it is loaded for::
@@ -7,24 +7,41 @@ other, on the device and in the dtypes of the parameters it is loaded for::
     state = adaptlr.load_state("opt.npz", like=params)     # params: the tree the run optimizes
 
 The file holds every array of the state (bfloat16 as its bit pattern) and a manifest naming the
-format version, the adaptlr version, the optimizer (when given to ``save_state``), the state classes
-and, for each field, its path in the state, whether it is per-parameter, and the shapes and dtypes.
-Loading checks the file against ``like`` (number of parameters, their paths, the dtypes the state
-was made for, shapes) and, with ``optimizer=``, against a fresh ``optimizer.init(like)`` (exact
-structure, shapes and dtypes, and the optimizer's name); any mismatch raises ``ValueError`` naming
-what differs. Nothing is loaded partially.
+format version, the adaptlr version, the optimizer and its hyper-parameters (when given to
+``save_state``), the state classes, the parameters' paths, shapes and dtypes and, for each field, its
+path in the state, whether it is per-parameter, and the shapes and dtypes.
+
+Loading checks the file against ``like`` (number of parameters, their paths, shapes and the dtypes
+the state was made for) and, with ``optimizer=``, against a fresh ``optimizer.init(like)`` (exact
+structure, shapes and dtypes, and the optimizer's name) and its hyper-parameters (a difference
+warns, or raises with ``strict=True``). Any mismatch, and any file that is not a complete adaptlr
+checkpoint (truncated, corrupted, another kind of file, an unknown format version), raises
+``ValueError`` naming the file and what is wrong. Nothing is loaded partially, and nothing is ever
+unpickled.
+
+Saving writes a temporary file next to ``path`` (``.<name>.<pid>@<host>.<random>.adaptlr-tmp``, with the
+permissions the umask gives), ``fsync``\ s it and renames it over ``path``: a reader sees the old file
+or the new one, never a partial one. An error or interrupt during the save removes the temporary
+file; a process killed outright leaves it behind, and the next save of the same ``path`` removes
+temporary files of processes of this host that no longer exist.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import glob
 import importlib
 import io
 import json
 import math
 import os
+import secrets
+import socket
 import sys
-import tempfile
+import warnings
+import zipfile
+import zlib
 from typing import Any
 
 import array_api_compat
@@ -36,7 +53,7 @@ from adaptlr._state_tree import Node, dtype_name, from_slots, rebuild_state, slo
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState
 
-__all__ = ["FORMAT_VERSION", "load_state", "save_state"]
+__all__ = ["FORMAT_VERSION", "HyperparameterWarning", "hyperparameters", "load_state", "save_state"]
 
 FORMAT = "adaptlr-optimizer-state"
 FORMAT_VERSION = 1
@@ -49,8 +66,8 @@ def save_state(path: str | os.PathLike, state: OptimizerState, *, optimizer: Opt
     Args:
         path: the file to write (any suffix; ``.npz`` is customary).
         state: an :class:`adaptlr.OptimizerState` of any array library and device.
-        optimizer: the optimizer that made ``state``; when given, its name is recorded and checked
-            on load, and ``state`` must belong to it.
+        optimizer: the optimizer that made ``state``; when given, its name and hyper-parameters
+            are recorded and checked on load, and ``state`` must belong to it.
     """
     if not isinstance(state, OptimizerState):
         raise TypeError(f"state must be an adaptlr OptimizerState, got {type(state).__name__}")
@@ -81,24 +98,78 @@ def save_state(path: str | os.PathLike, state: OptimizerState, *, optimizer: Opt
         "format_version": FORMAT_VERSION,
         "adaptlr_version": adaptlr.__version__,
         "optimizer": None if optimizer is None else optimizer.name,
+        "hyperparameters": None if optimizer is None else hyperparameters(optimizer),
         "state_classes": [_class_name(c) for c in _state_classes(state)],
-        "params": {"paths": layout.paths(), "dtypes": [dtype_name(a.dtype) for a in alpha]},
+        "params": {"paths": layout.paths(), "dtypes": [dtype_name(a.dtype) for a in alpha],
+                   "shapes": _param_shapes(fields, layout)},
         "skeleton": _encode(skeleton),
         "fields": field_records,
     }
     arrays[_MANIFEST_KEY] = np.asarray(json.dumps(manifest))
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".adaptlr-", suffix=".tmp")
+    _write_atomically(os.fspath(path), buffer.getvalue())
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, ``fsync`` and a rename."""
+    directory, name = os.path.split(os.path.abspath(path))
+    _remove_orphans(directory, name)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}@{_HOST}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     try:
+        # Mode 0o666 filtered by the umask, as open() would make it (mkstemp makes 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_directory(directory)
+
+
+_TMP_SUFFIX = ".adaptlr-tmp"
+_HOST = socket.gethostname().replace("@", "_") or "localhost"
+
+
+def _remove_orphans(directory: str, name: str) -> None:
+    """Remove temporary files of earlier saves of ``name`` on this host whose process no longer
+    exists (a save in progress elsewhere, or on another host sharing the directory, is kept)."""
+    for orphan in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*{_TMP_SUFFIX}")):
+        owner = os.path.basename(orphan)[len(name) + 2:-len(_TMP_SUFFIX)].rsplit(".", 1)[0]
+        pid, _, host = owner.partition("@")
+        if host == _HOST and pid.isdigit() and int(pid) != os.getpid() and not _process_exists(int(pid)):
+            try:
+                os.remove(orphan)
+            except OSError:
+                pass
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists but is not ours, or this platform cannot tell: keep the file
+    return True
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_state(
@@ -107,6 +178,7 @@ def load_state(
     *,
     optimizer: Optimizer | None = None,
     match: str = "paths",
+    strict: bool = False,
 ) -> OptimizerState:
     """The state saved in ``path``, as arrays of ``like``'s library, on its device(s).
 
@@ -120,24 +192,76 @@ def load_state(
         match: ``"paths"`` (default): the parameters' tree paths must equal those recorded;
             ``"order"``: parameters are matched by position only (for example a torch adapter's
             state, saved for a list of tensors, loaded for a dict of JAX arrays).
+        strict: with ``optimizer``, raise instead of warning when its hyper-parameters differ
+            from the recorded ones.
+
+    Returns:
+        the state. With ``optimizer`` (and a constant learning rate), its ``learning_rate`` is the
+        optimizer's (the user's α belongs to the optimizer, as after ``optimizer.init``); the rest
+        is the file's.
 
     Raises:
-        ValueError: the file does not fit ``like`` or ``optimizer`` (structure, shapes, dtypes,
-            algorithm, format version); the message names the first difference.
+        ValueError: the file is not a complete adaptlr checkpoint (truncated, corrupted, another
+            kind of file, an unknown format version), or does not fit ``like`` or ``optimizer``
+            (structure, shapes, dtypes, algorithm; hyper-parameters with ``strict=True``); the
+            message names the file and the first difference.
+
+    Warns:
+        HyperparameterWarning: ``optimizer`` has other hyper-parameters than the recorded ones.
     """
     v.check_choice("match", match, ("paths", "order"))
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be an adaptlr Optimizer, got {type(optimizer).__name__}")
     layout, params = Layout.of(like)
     xp = v.namespace_of_leaves(params, "like", layout.paths)
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        if _MANIFEST_KEY not in data:
-            raise ValueError(f"{path} is not an adaptlr optimizer state file (no manifest)")
-        manifest = json.loads(str(data[_MANIFEST_KEY][()]))
-        arrays = {key: data[key] for key in data.files if key != _MANIFEST_KEY}
-    _check_manifest(manifest, path)
-    version_note = f" (file written by adaptlr {manifest['adaptlr_version']})"
+    manifest, arrays = _read(path)
+    version_note = f" (file written by adaptlr {manifest.get('adaptlr_version')})"
+    try:
+        state = _state_from(manifest, arrays, path, xp, layout, params, optimizer, match, strict, version_note)
+    except (KeyError, IndexError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} has a malformed manifest ({type(error).__name__}: {error}){version_note}") from None
+    if optimizer is not None:
+        template = optimizer.init(like)
+        _check_against(state, template, layout, path, version_note)
+        if not callable(optimizer.base.learning_rate):  # a schedule's α_t is recomputed each step anyway
+            state = state._replace(learning_rate=template.learning_rate)
+    return state
 
+
+def _read(path: Any) -> tuple[dict, dict]:
+    """The manifest and the arrays of the checkpoint ``path`` (``ValueError`` if it is not one)."""
+    try:
+        with open(os.fspath(path), "rb") as f:
+            magic = f.read(4)
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not an adaptlr checkpoint") from None
+    if magic != b"PK\x03\x04":
+        what = "an empty file" if not magic else ("a .npy array" if magic == b"\x93NUM" else "not a zip archive")
+        raise ValueError(f"{path} is not an adaptlr checkpoint ({what}; save_state writes an .npz archive)")
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            if _MANIFEST_KEY not in data.files:
+                raise ValueError(f"{path} is not an adaptlr checkpoint (an .npz archive without an adaptlr manifest)")
+            manifest_text = str(data[_MANIFEST_KEY][()])
+            arrays = {key: data[key] for key in data.files if key != _MANIFEST_KEY}
+    except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as error:
+        raise ValueError(f"{path} is truncated or corrupted ({type(error).__name__}: {error})") from None
+    except ValueError as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ValueError(f"{path} is corrupted ({error})") from None
+    try:
+        manifest = json.loads(manifest_text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupted: its manifest is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is corrupted: its manifest is not a JSON object")
+    _check_manifest(manifest, path)
+    return manifest, arrays
+
+
+def _state_from(manifest: dict, arrays: dict, path: Any, xp: Any, layout: Layout, params: list,
+                optimizer: Optimizer | None, match: str, strict: bool, version_note: str) -> OptimizerState:
     saved = manifest["params"]
     if len(saved["paths"]) != len(params):
         raise ValueError(
@@ -150,14 +274,28 @@ def load_state(
             f"{path} was saved for parameter {saved['paths'][i]} where like has {names[i]}; "
             "pass match='order' to match parameters by position"
         )
+    # With state_dtype= (given by the optimizer, else as recorded) the state is in that dtype.
+    recorded = (manifest.get("hyperparameters") or [{}])[0]
+    state_dtype = getattr(optimizer, "state_dtype", None) if optimizer is not None else recorded.get("state_dtype")
     for i, (name, p) in enumerate(zip(saved["dtypes"], params)):
-        if name != dtype_name(p.dtype):
+        if name != (state_dtype or dtype_name(p.dtype)):
             raise ValueError(
                 f"{path} holds a state made for {name} at parameter {layout.paths()[i]}, but like "
-                f"has {dtype_name(p.dtype)} there; pass params in the dtype the state was made for"
+                f"has {dtype_name(p.dtype)} there"
+                + (f" and the state dtype is {state_dtype}" if state_dtype else "")
+                + "; pass params in the dtype the state was made for"
             )
+    if "shapes" in saved:  # files from adaptlr 0.1.0 do not record them: the fields' shapes are checked
+        for i, (shape, p) in enumerate(zip(saved["shapes"], params)):
+            if shape is not None and tuple(shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{path} holds a state for parameter {layout.paths()[i]} of shape {tuple(shape)}, but "
+                    f"like has shape {tuple(p.shape)} there"
+                )
     if optimizer is not None and manifest["optimizer"] not in (None, optimizer.name):
         raise ValueError(f"{path} holds a state of {manifest['optimizer']}, not of {optimizer.name}")
+    if optimizer is not None and manifest.get("hyperparameters") is not None:
+        _compare_hyperparameters(manifest["hyperparameters"], hyperparameters(optimizer), path, strict)
 
     skeleton = _decode(manifest["skeleton"], version_note)
     dtypes = {dtype_name(p.dtype): p.dtype for p in params}
@@ -171,12 +309,11 @@ def load_state(
             values.append(from_slots(field_slots, layout.treespec))
         else:
             shape, dtype = tuple(record["shape"]), record["dtype"]
-            values.append(_make(xp, arrays[f"{i}"], dtype, dtypes, params[0], shape, record["path"]))
+            values.append(_make(xp, _array(arrays, f"{i}", path), dtype, dtypes, params[0], shape,
+                                f"{path}: state field {record['path']}"))
     state = rebuild_state(skeleton, values)
     if not isinstance(state, OptimizerState):
         raise ValueError(f"{path} does not hold an OptimizerState{version_note}")
-    if optimizer is not None:
-        _check_against(state, optimizer.init(like), layout, path, version_note)
     return state
 
 
@@ -185,7 +322,7 @@ def load_state(
 
 def _check_manifest(manifest: dict, path: Any) -> None:
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an adaptlr optimizer state file (format {manifest.get('format')!r})")
+        raise ValueError(f"{path} is not an adaptlr checkpoint (format {manifest.get('format')!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -245,13 +382,14 @@ def _optimizer_classes(optimizer: Optimizer) -> list:
 
 
 def _fits(shape: tuple, param_shape: tuple) -> bool:
-    """A per-parameter state array has the parameter's shape, broadcasts to it, or holds every k-th
-    element of the flattened parameter (Prodigy's ``slice_p``: shape ``(ceil(n/k),)``)."""
+    """A per-parameter state array is 0-D (a per-tensor value), has the parameter's rank and, in
+    each dimension, the parameter's size or 1 (a broadcast factor), or holds every k-th element of
+    the flattened parameter (Prodigy's ``slice_p``: shape ``(ceil(n/k),)``)."""
+    if not shape:
+        return True
     if len(shape) == 1 and _is_strided_sample(shape[0], math.prod(param_shape)):
         return True
-    if len(shape) > len(param_shape):
-        return False
-    return all(a in (1, b) for a, b in zip(reversed(shape), reversed(param_shape)))
+    return len(shape) == len(param_shape) and all(a in (1, b) for a, b in zip(shape, param_shape))
 
 
 def _is_strided_sample(length: int, size: int) -> bool:
@@ -261,6 +399,89 @@ def _is_strided_sample(length: int, size: int) -> bool:
         return False
     stride = -(-size // length)
     return -(-size // stride) == length
+
+
+# -- hyper-parameters ---------------------------------------------------------------------------
+
+
+class HyperparameterWarning(UserWarning):
+    """:func:`load_state` was given an optimizer whose hyper-parameters differ from the recorded ones."""
+
+
+def hyperparameters(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """The hyper-parameters of ``optimizer`` as JSON: one dict per part (the base, then each
+    adaptation, innermost first), each with the part's ``name``. A schedule is recorded as
+    ``"<schedule>"`` (it cannot be compared), a traced array as ``"<array>"``."""
+    parts = [optimizer.base, *optimizer.adaptations]
+    out = [{"name": part.name, **{k: _plain(x) for k, x in sorted(vars(part).items()) if not k.startswith("_")}}
+           for part in parts]
+    if getattr(optimizer, "state_dtype", None) is not None:
+        out[0]["state_dtype"] = _plain(optimizer.state_dtype)
+    return out
+
+
+def _plain(x: Any) -> Any:
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, np.generic):
+        return x.item()
+    if hasattr(type(x), "_fields"):
+        return {k: _plain(y) for k, y in zip(type(x)._fields, x)}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, (list, tuple)):
+        return [_plain(y) for y in x]
+    if isinstance(x, dict):
+        return {str(k): _plain(y) for k, y in x.items()}
+    if v.library_of(x) is not None:
+        return "<array>" if v.is_traced(x) or x.ndim else float(to_numpy(x))
+    if callable(x):
+        return "<schedule>"
+    return f"<{type(x).__name__}>"
+
+
+def _compare_hyperparameters(saved: list, given: list, path: Any, strict: bool) -> None:
+    saved_flat, given_flat = _flatten_parts(saved), _flatten_parts(given)
+    differences = [f"{key}: saved {saved_flat.get(key, '<absent>')!r}, given {given_flat.get(key, '<absent>')!r}"
+                   for key in {**saved_flat, **given_flat} if saved_flat.get(key) != given_flat.get(key)]
+    if not differences:
+        return
+    message = (f"{path} was saved by an optimizer with other hyper-parameters than the one given: "
+               + "; ".join(differences))
+    if strict:
+        raise ValueError(message)
+    warnings.warn(message + " (pass strict=True to make this an error)", HyperparameterWarning, stacklevel=4)
+
+
+def _flatten_parts(parts: list) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, x: Any) -> None:
+        if isinstance(x, dict):
+            for k, y in x.items():
+                walk(f"{prefix}.{k}", y)
+        else:
+            out[prefix] = x
+
+    for i, part in enumerate(parts):
+        name = part.get("name", "?") if isinstance(part, dict) else "?"
+        walk(f"{name}[{i}]" if i else name, {k: y for k, y in part.items() if k != "name"})
+    return out
+
+
+def _param_shapes(fields: list, layout: Layout) -> list:
+    """Each parameter's shape, from the per-parameter fields that are one array per parameter (the
+    moments, γ, ...: the parameter's shape, or 0-D for a per-tensor value); None where there is
+    none but 0-D ones (the state does not depend on the shape). Small trees per parameter (DSA's
+    broadcast factors) are not used."""
+    shapes: list = [None] * layout.num_leaves
+    for field in fields:
+        if not field.per_param:
+            continue
+        for j, slot in enumerate(slots(field.value, layout.treespec)):
+            if v.library_of(slot) is not None and slot.ndim and (shapes[j] is None or slot.ndim > len(shapes[j])):
+                shapes[j] = list(slot.shape)
+    return shapes
 
 
 # -- arrays -------------------------------------------------------------------------------------
@@ -276,17 +497,24 @@ def _load_leaf(
             f"{path}: state field {record['path']} of parameter {name} has shape {shape}, which does "
             f"not fit the parameter's shape {tuple(param.shape)}"
         )
-    return _make(xp, arrays[f"{i}/{k}"], dtype, dtypes, param, shape, record["path"])
+    return _make(xp, _array(arrays, f"{i}/{k}", path), dtype, dtypes, param, shape,
+                 f"{path}: state field {record['path']} of parameter {name}")
+
+
+def _array(arrays: dict, key: str, path: Any) -> np.ndarray:
+    if key not in arrays:
+        raise ValueError(f"{path} is corrupted: its manifest names array {key!r}, which the file does not hold")
+    return arrays[key]
 
 
 def _make(xp: Any, host: np.ndarray, dtype: str, dtypes: dict, param: Any, shape: tuple, what: str) -> Any:
     if tuple(host.shape) != shape:
-        raise ValueError(f"state field {what}: the file's array has shape {host.shape}, its manifest {shape}")
+        raise ValueError(f"{what}: the file's array has shape {host.shape}, its manifest {shape} (corrupted)")
     target = dtypes.get(dtype)
     if target is None:
         target = getattr(xp, dtype, None)
     if target is None:
-        raise ValueError(f"state field {what} has dtype {dtype}, which {xp.__name__} does not have")
+        raise ValueError(f"{what} has dtype {dtype}, which {xp.__name__} does not have")
     device = _placement(param, shape)
     if dtype == "bfloat16":
         bits = xp.asarray(host.view(np.int16), device=device)
@@ -295,7 +523,7 @@ def _make(xp: Any, host: np.ndarray, dtype: str, dtypes: dict, param: Any, shape
         out = xp.asarray(host, dtype=target, device=device)
     if dtype_name(out.dtype) != dtype:
         raise ValueError(
-            f"state field {what} has dtype {dtype} but {xp.__name__} made {dtype_name(out.dtype)} "
+            f"{what} has dtype {dtype} but {xp.__name__} made {dtype_name(out.dtype)} "
             "(for JAX float64, enable jax_enable_x64)"
         )
     return out

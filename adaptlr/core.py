@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import array_api_compat
+import numpy as np
 import optree
 
 from adaptlr import _validation as v
@@ -273,6 +274,10 @@ class Adaptation(abc.ABC):
     def step(self, ctx: StepContext, size: StepSize, state: NamedTuple) -> tuple[StepSize, NamedTuple]:
         """The step size of this step and the new state."""
 
+    # An adaptation may also define ``guard(ctx, state, new_state, updates, index)`` returning
+    # ``(updates, new_state)``: called once the whole step is computed, with the old and new
+    # :class:`OptimizerState` and its own position in ``adaptations`` (adaptlr.nonfinite uses it).
+
 
 class Optimizer:
     """An adaptlr optimizer: a base direction and the adaptations wrapped around it.
@@ -381,7 +386,8 @@ class Optimizer:
         count = next_count(xp, state.count)
         scalars = Scalars(xp, count, device)
         if alpha is None:
-            if callable(base.learning_rate):
+            # A schedule, or a 0-D array that may change between steps (optax.inject_hyperparams).
+            if not isinstance(base.learning_rate, float):
                 alpha = self._alpha(xp, scalars, params)
             else:
                 alpha = layout.leaves(state.learning_rate, "state.learning_rate")
@@ -413,6 +419,12 @@ class Optimizer:
                 u = xp.astype(p + u, caller_p.dtype) - caller_p
             updates.append(u if u.ndim else xp.asarray(u))  # NumPy turns 0-D results into scalars
         new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
+        if array_api_compat.is_numpy_namespace(xp):
+            new_state = _arrays_not_scalars(new_state)
+        for i, adaptation in enumerate(self.adaptations):
+            guard = getattr(adaptation, "guard", None)
+            if guard is not None:
+                updates, new_state = guard(ctx, state, new_state, updates, i)
         return updates, new_state
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -440,7 +452,9 @@ class Optimizer:
         """
         learning_rate = self.base.learning_rate
         if callable(learning_rate):
-            value = xp.asarray(learning_rate(scalars.t), dtype=scalars.wide, device=scalars.device)
+            value = learning_rate(scalars.t)
+            v.check_scheduled_learning_rate(value, scalars.count)
+            value = xp.asarray(value, dtype=scalars.wide, device=scalars.device)
             return [xp.astype(value, leaf.dtype, copy=True) for leaf in leaves]  # a buffer per leaf: donatable
         return [xp.asarray(learning_rate, dtype=leaf.dtype, device=scalars.device) for leaf in leaves]
 
@@ -471,6 +485,13 @@ class Optimizer:
                     f"state does not belong to these params: parameter {layout.paths()[i]} has dtype "
                     f"{p.dtype} (state dtype {expected_dtype}) but the state was made for dtype {a.dtype}"
                 )
+
+
+def _arrays_not_scalars(tree: PyTree) -> PyTree:
+    """NumPy turns 0-D results into scalars (``np.float64``); the state documents 0-D arrays."""
+    if not any(isinstance(x, np.generic) for x in optree.tree_leaves(tree)):
+        return tree
+    return optree.tree_map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, tree)
 
 
 def _collective_sum(x: Array) -> Callable[[Array, tuple], Array]:
@@ -530,4 +551,4 @@ def learning_rates(state: OptimizerState) -> PyTree:
         size = state.base.scale_learning_rate(size, layout)
     for adaptation_state in state.adaptations:
         size = adaptation_state.scale_learning_rate(size, layout)
-    return layout.tree(size.effective())
+    return _arrays_not_scalars(layout.tree(size.effective()))

@@ -63,7 +63,7 @@ class DSAState(NamedTuple):
         """``Π_φ φ`` per parameter (broadcastable to it)."""
         out = []
         for factors in layout.treespec.flatten_up_to(self.factors):
-            product = None
+            product: Any = None
             for factor in factors.values():
                 product = factor if product is None else product * factor
             out.append(product)
@@ -101,6 +101,7 @@ def leaf_structure(structure: tuple[str, ...] | None, ndim: int) -> tuple[str, .
     """
     if structure is None:
         structure = ("tensor", "row", "col") if ndim >= 2 else ("tensor", "element")
+    same: dict[str, str]
     if ndim == 0:
         same = dict.fromkeys(KINDS, "tensor")
     elif ndim == 1:

@@ -37,7 +37,8 @@ def lr_summary(
 
     Returns:
         ``"learning_rate"`` (:func:`adaptlr.learning_rates`, spec §0.1) and each signal of each
-        adaptation (``gamma`` for ActiveLR; ``omega``, ``theta``, ``kappa`` ... for AutoDrop): a
+        adaptation (``gamma`` for ActiveLR; ``omega``, ``theta``, ``kappa`` ... for AutoDrop;
+        ``skipped_steps``, ``consecutive_skips`` for :func:`adaptlr.skip_nonfinite`): a
         signal shaped like the params becomes per-tensor statistics, a 0-D array a float, any other
         array its min / median / max. A name used by two adaptations gets the suffix ``#i`` (their
         position, innermost first). Values are Python floats.

@@ -66,7 +66,8 @@ def to_optax(opt: core.Optimizer, *, axis_name: Any = None,
         state = jax.jit(opt.init)(leaves)
         return _place(state, leaves)
 
-    def update(updates: Any, state: core.OptimizerState, params: Any = None, **extra_args: Any) -> tuple:
+    def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, core.OptimizerState]:
+        # state: the OptimizerState of init (typed as optax's OptState, which update_fn must accept)
         del extra_args
         if params is None:
             raise ValueError(f"{opt.name} needs the params: call update(grads, state, params)")

@@ -58,13 +58,14 @@ from typing import Any
 import array_api_compat.torch as xp_torch
 import torch
 
+from adaptlr import _validation, core
 from adaptlr import checkpoint as _checkpoint
-from adaptlr import core
 from adaptlr._precision import counter_dtype, widest_float
 from adaptlr._state_tree import Node, dtype_name, field_values, rebuild_state, split_state
 from adaptlr._tree import Layout
 from adaptlr.backends import torch_groups, torch_steps
 from adaptlr.backends.fast import ListLayout
+from adaptlr.nonfinite import SkipNonfinite
 
 __all__ = ["Optimizer"]
 
@@ -221,17 +222,38 @@ class Optimizer(torch.optim.Optimizer):
         if any(p not in self.state for p in active):  # unfrozen, or appended to a group's list
             self._ensure_state()
         self._follow_scheduler(active, groups)
+        old_steps = [self.state[p]["step"] for p in active]
+        skipped_before = self._skip_count()
         steps = torch_steps.advance([self.state[p] for p in active])
         if self.fast is not None and self.fast != "compile" and self._flat_step(active, groups, steps):
             self.fast_path = self._flat.fo.mode
-            return loss
-        if self.fast == "compile":
+        elif self.fast == "compile":
             self._compiled_step(active, groups, steps)
             self.fast_path = "compiled"
         else:
             self._list_step(active, groups, steps)
             self.fast_path = "list"
+        self._undo_skipped_steps(active, old_steps, skipped_before)
         return loss
+
+    def _skip_count(self) -> torch.Tensor | None:
+        """``skip_nonfinite``'s count of skipped steps (None without that wrapper)."""
+        for i, adaptation in enumerate(self.opt.adaptations):
+            if isinstance(adaptation, SkipNonfinite):  # a copy: on the flat path it is a view updated in place
+                return self._global[f"adaptations[{i}].skipped"].clone()
+        return None
+
+    def _undo_skipped_steps(self, active: list, old_steps: list, skipped_before: torch.Tensor | None) -> None:
+        """A step that ``skip_nonfinite`` skipped does not count in ``state[p]["step"]`` either (no host sync)."""
+        if skipped_before is None:
+            return
+        skipped = self._skip_count() > skipped_before
+        entries = [self.state[p] for p in active]
+        # parameters that shared a count tensor keep sharing one (torch_steps: the base runs once per count)
+        for new, members in torch_steps.by_identity([e["step"] for e in entries]):
+            kept = torch.where(skipped, old_steps[members[0]], new)
+            for i in members:
+                entries[i]["step"] = kept
 
     def _follow_scheduler(self, active: list, groups: list) -> None:
         """Hypergradient descent: the adapted rate ``a`` follows the scheduler, ``a ← a·(α_t/α_{t-1})``,
@@ -688,7 +710,10 @@ class Optimizer(torch.optim.Optimizer):
         if self._schedule is None:
             return base
         wide = widest_float(xp_torch, device)  # schedules see t in the widest float (adaptlr._precision)
-        scheduled = xp_torch.astype(xp_torch.asarray(self._schedule(xp_torch.astype(t, wide)), device=device), dtype)
+        value = self._schedule(xp_torch.astype(t, wide))
+        if not torch.compiler.is_compiling():
+            _validation.check_scheduled_learning_rate(value, t)  # eager CPU values only: no device sync
+        scheduled = xp_torch.astype(xp_torch.asarray(value, device=device), dtype)
         return scheduled if (not isinstance(lr, torch.Tensor) and float(lr) == 1.0) else scheduled * base
 
     def _init_state(self, params: list[torch.Tensor]) -> core.OptimizerState:

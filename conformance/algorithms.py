@@ -79,6 +79,9 @@ class Algorithm:
         condition: a factor (≥ 1) by which the algorithm's dynamics amplify rounding errors; it
             multiplies the tolerance (see :mod:`adaptlr.conformance.tolerances`). The condition of
             its step scalars comes from the optimizer itself (:meth:`scalar_condition`).
+        still_at_zero_lr: whether the parameters stay put when the base's learning rate is 0 (False
+            where the algorithm adapts the rate away from 0, as additive HD does); checked by the
+            property harness, ``tests/test_properties.py``.
     """
 
     name: str
@@ -87,6 +90,7 @@ class Algorithm:
     requires: tuple[str, ...] = ()
     decisions: Decisions | None = None
     condition: float = 1.0
+    still_at_zero_lr: bool = True
 
     def missing(self) -> list[str]:
         """The required ``adaptlr`` names that do not exist (yet)."""
@@ -116,6 +120,7 @@ def register_algorithm(
     decisions: Decisions | None = None,
     takes_module: bool = False,
     condition: float = 1.0,
+    still_at_zero_lr: bool = True,
 ) -> Algorithm:
     """Add an optimizer to the registry (replacing an entry of the same name).
 
@@ -131,6 +136,7 @@ def register_algorithm(
             describing discrete decisions to compare exactly, or None.
         takes_module: see ``factory``.
         condition: a factor (≥ 1) multiplying the tolerance where the rule amplifies rounding errors.
+        still_at_zero_lr: False where the parameters move even with a base learning rate of 0.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
@@ -142,7 +148,8 @@ def register_algorithm(
     if unknown or not problems:
         raise ValueError(f"problems {list(unknown) or '[]'} not registered; valid: {', '.join(PROBLEMS)}")
     call = factory if takes_module else (lambda _module: factory())
-    algorithm = Algorithm(name, call, tuple(problems), tuple(requires), decisions, float(condition))
+    algorithm = Algorithm(name, call, tuple(problems), tuple(requires), decisions, float(condition),
+                          bool(still_at_zero_lr))
     ALGORITHMS[name] = algorithm
     return algorithm
 
@@ -205,11 +212,14 @@ def _register_defaults() -> None:
 
                 register_algorithm(f"hd-{mode[:4]}-{granularity}({base})", make, ("sign_pattern", "noisy_quadratic"),
                                    requires=("hypergradient", base), decisions=HypergradientSigns(granularity),
-                                   takes_module=True)
+                                   takes_module=True, still_at_zero_lr=mode == "multiplicative")
+    # (additive HD: a ← a + β·H moves the rate away from 0; a multiplicative one stays at 0)
     register_algorithm("sgd_hd", lambda a: a.sgd_hd(0.05, hyper_lr=2e-3), ("sign_pattern", "noisy_quadratic"),
-                       requires=("sgd_hd",), decisions=HypergradientSigns("global"), takes_module=True)
+                       requires=("sgd_hd",), decisions=HypergradientSigns("global"), takes_module=True,
+                       still_at_zero_lr=False)
     register_algorithm("adam_hd", lambda a: a.adam_hd(0.02, hyper_lr=1e-3), ("sign_pattern", "noisy_quadratic"),
-                       requires=("adam_hd",), decisions=HypergradientSigns("global"), takes_module=True)
+                       requires=("adam_hd",), decisions=HypergradientSigns("global"), takes_module=True,
+                       still_at_zero_lr=False)
 
     # DSA: the default structure (tensor, row, col / tensor, element), and one factor per element.
     for base, make_base in (("sgd", lambda a: a.sgd(0.05)), ("adam", lambda a: a.adam(0.02))):

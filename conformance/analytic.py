@@ -132,6 +132,10 @@ def _vector_row(label: str, section: str, make: Callable, h: float, x0: float, l
             row.reason = f"{column} {np.array2string(got, precision=10)} vs spec {list(trace)}"
     row.tolerance = allowed  # the loosest per-value allowance (see _printed)
     row.status = "pass" if ok else "fail"
+    if lr_trace is not None and traj.lrs and b.name == "numpy" and label.startswith("active"):
+        row.extra["plot"] = {"title": f"{label}, spec {section}: the learning rate α·γ per step",
+                             "series": {"adaptlr": [float(lr[0][0]) for lr in traj.lrs],
+                                        "spec": [float(x) for x in lr_trace]}}
     return row
 
 
@@ -311,6 +315,8 @@ def _angle_rows(backends: Sequence[Backend], steps: int) -> list[Row]:
     row.max_rel_err_params = abs(mean - expected) / expected
     row.max_rel_err_lr = max(abs(a - b_) for a, b_ in zip(omegas, own)) / expected  # state ω vs ω from params
     row.reason = f"mean ω {mean:.2f}° (epochs 5-{epochs}), arccos(-(1-r)/2) = {expected:.2f}°"
+    row.extra["plot"] = {"title": "AutoDrop: ω per epoch on the noisy quadratic (degrees)",
+                         "series": {"ω (state)": omegas, "arccos(-(1-r)/2)": [expected] * len(omegas)}}
     row.status = "pass" if row.max_rel_err_params <= row.tolerance and row.max_rel_err_lr <= 1e-9 else "fail"
     return [row]
 

@@ -1,7 +1,8 @@
 """``adaptlr conformance``: run the conformance suite and print (and optionally save) the report.
 
     adaptlr conformance [--backends ...] [--dtypes ...] [--algorithms ...] [--problems ...] [--all-problems] [--steps N]
-                        [--checks ...] [--no-checks] [--json PATH] [--markdown PATH] [--quiet]
+                        [--checks ...] [--no-checks] [--json PATH] [--markdown PATH] [--html PATH] [--quiet]
+                        [--full] [--width N]
 
 Exit status 0 when no row fails, 1 when one does, 2 on bad arguments.
 """
@@ -33,6 +34,19 @@ def _check(kind: str, given: list[str] | None, valid: Sequence[str]) -> list[str
     return given
 
 
+def _versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in ("adaptlr", "numpy", "array-api-compat", "array-api-strict", "torch", "jax", "optax", "cupy",
+                 "adabelief-pytorch"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adaptlr conformance",
                                 description="Cross-backend agreement and analytic checks of adaptlr's algorithms.")
@@ -48,12 +62,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write one record per row as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the summary line")
+    p.add_argument("--full", action="store_true",
+                   help="print every row in one wide table (default: the algorithm × backend matrix, the checks, "
+                        "and the failing rows in full)")
+    p.add_argument("--width", type=int, default=100, help="width of the terminal summary (default 100)")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report (heatmap, plots)")
     p.add_argument("--list", action="store_true", help="list backends, algorithms, problems and checks")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from adaptlr.conformance import analytic, report, runner
+    from adaptlr.conformance import analytic, report, runner, views
     from adaptlr.conformance.algorithms import ALGORITHMS
     from adaptlr.conformance.backends import BACKENDS, enable_jax_x64
     from adaptlr.conformance.problems import PROBLEMS
@@ -79,9 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(BACKENDS[b].library == "jax" and BACKENDS[b].available for b in backends):
         enable_jax_x64()
 
-    per_pair = sum(1 for b in backends for d in dtypes if not (b.endswith("-device1") and d != "float64"))
-    total = sum(len(runner.selected_problems(ALGORITHMS[n], problems, args.all_problems)) * max(1, per_pair)
-                for n in algorithms) + len(checks)
+    # The rows actually run: unavailable backends are reported as skipped rows, not run.
+    total = runner.planned_runs(algorithms, backends, dtypes, problems, args.all_problems) + len(checks)
     progress = report.Progress(total, enabled=not args.quiet)
     start = time.perf_counter()
     try:
@@ -97,16 +115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": round(seconds, 1), "steps": args.steps,
             "tolerance": "100·sqrt(K)·eps(dtype)·c_problem·c_algorithm + 4·eps(float64)·κ_scalars·c_problem "
                          "(adaptlr.conformance.tolerances)"}
+    meta["versions"] = _versions()
     if args.quiet:
         print(report.summary(rows))
     else:
-        print(report.table(rows))
+        print(report.table(rows) if args.full else views.terminal_summary(rows, width=args.width))
         print(f"{len(rows)} rows in {seconds:.1f} s; tolerance = {meta['tolerance']}")
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(views.html_report(rows, meta))
     if args.json:
         report.write_json(rows, args.json, meta)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(report.markdown(rows))
+            f.write(report.markdown(rows, header=views.markdown_matrix(rows)))
     return 1 if any(r.status == "fail" for r in rows) else 0
 
 

@@ -29,7 +29,8 @@ from adaptlr.conformance.backends import BACKENDS, Backend
 from adaptlr.conformance.problems import PROBLEMS, Problem
 from adaptlr.conformance.tolerances import eps, tolerance
 
-__all__ = ["DTYPES", "Row", "Trajectory", "max_rel_err", "run_agreement", "run_trajectory", "tolerance"]
+__all__ = ["DTYPES", "Row", "Trajectory", "agreement_pairs", "max_rel_err", "planned_runs", "run_agreement",
+           "run_trajectory", "tolerance"]
 
 DTYPES = ("float64", "float32")
 
@@ -298,6 +299,20 @@ def selected_problems(algorithm: Algorithm, problems: Sequence[str] | None, all_
     return list(algorithm.problems if all_problems else algorithm.problems[:1])
 
 
+def agreement_pairs(backends: Sequence[str], dtypes: Sequence[str]) -> list[tuple[Backend, str]]:
+    """The (backend, dtype) runs of one algorithm and problem: available backends only, and only
+    float64 on the non-default devices (which are there to catch device leaks)."""
+    return [(BACKENDS[name], dtype) for name in backends if BACKENDS[name].unavailable_reason() is None
+            for dtype in dtypes if not (name.endswith("-device1") and dtype != "float64")]
+
+
+def planned_runs(algorithms: Sequence[str], backends: Sequence[str], dtypes: Sequence[str],
+                 problems: Sequence[str] | None = None, all_problems: bool = False) -> int:
+    """How many times :func:`run_agreement` calls ``progress`` (one per backend and dtype run)."""
+    per_problem = len(agreement_pairs(backends, dtypes))
+    return sum(len(selected_problems(ALGORITHMS[n], problems, all_problems)) for n in algorithms) * per_problem
+
+
 def run_agreement(
     algorithms: Sequence[str],
     backends: Sequence[str],
@@ -312,12 +327,12 @@ def run_agreement(
     Args:
         algorithms, backends, dtypes: registry names.
         steps: K, the number of steps of every run.
-        progress: called with a label after each run.
+        progress: called with a label after each backend and dtype run (also for the runs a
+            missing algorithm or a failed reference run skips): :func:`planned_runs` times.
         problems: only these of each algorithm's problems.
         all_problems: every problem of each algorithm (default: only its first, primary one).
     """
     rows: list[Row] = []
-    usable = []
     for name in backends:
         b = BACKENDS[name]
         reason = b.unavailable_reason()
@@ -325,8 +340,7 @@ def run_agreement(
             for dtype in dtypes:
                 rows.append(Row("backend", "*", "*", name, b.device_name, dtype, steps, status="skipped",
                                 reason=reason))
-        else:
-            usable.append(b)
+    pairs = agreement_pairs(backends, dtypes)
     reference = BACKENDS["numpy"]
     for alg_name in algorithms:
         algorithm: Algorithm = ALGORITHMS[alg_name]
@@ -336,21 +350,20 @@ def run_agreement(
             if missing:
                 rows.append(Row("agreement", alg_name, prob_name, "*", "*", "*", steps, status="skipped",
                                 reason=f"not available: adaptlr.{', adaptlr.'.join(missing)}"))
-                progress(f"{alg_name}/{prob_name}")
+                for _ in pairs:
+                    progress(f"{alg_name}/{prob_name}")
                 continue
             try:
                 ref = run_trajectory(algorithm.build(), problem, reference, "float64", steps)
             except Exception as error:  # the factory or the reference run itself is broken
                 rows.append(Row("agreement", alg_name, prob_name, "numpy", "cpu", "float64", steps, status="fail",
                                 reason=f"reference run raised {type(error).__name__}: {error}"))
-                progress(f"{alg_name}/{prob_name}")
+                for _ in pairs:
+                    progress(f"{alg_name}/{prob_name}")
                 continue
-            for b in usable:
-                for dtype in dtypes:
-                    if b.name.endswith("-device1") and dtype != "float64":
-                        continue  # the non-default device catches device leaks; one dtype suffices
-                    rows.append(_agreement_row(algorithm, problem, b, dtype, steps, ref))
-                    progress(f"{alg_name}/{prob_name}/{b.name}/{dtype}")
+            for b, dtype in pairs:
+                rows.append(_agreement_row(algorithm, problem, b, dtype, steps, ref))
+                progress(f"{alg_name}/{prob_name}/{b.name}/{dtype}")
     return rows
 
 

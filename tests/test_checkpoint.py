@@ -1,13 +1,21 @@
-"""adaptlr.save_state / load_state: portable across array libraries, strict on mismatches."""
+"""adaptlr.save_state / load_state: portable across array libraries, strict on mismatches, loud on
+malformed files (each a ValueError naming the file), atomic and durable writes."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
 
 import adaptlr
+from adaptlr.checkpoint import HyperparameterWarning
 from adaptlr.conformance.backends import BACKENDS
 from tests.conftest import max_rel_err
 
@@ -159,3 +167,221 @@ def test_manifest_records_what_it_promises(tmp_path):
     assert manifest["state_classes"] == ["adaptlr.adam:AdamState"]
     assert manifest["params"]["paths"] == ["['b']", "['w']"]
     assert [f["path"] for f in manifest["fields"]] == ["count", "learning_rate", "base.mu", "base.nu"]
+
+
+# -- malformed files ------------------------------------------------------------------------------------
+
+
+def _valid_file(tmp_path, name="valid.npz"):
+    opt = _make("active")
+    params = _start()
+    path = tmp_path / name
+    adaptlr.save_state(path, _run(BACKENDS["numpy"], opt, params, opt.init(params), range(3))[1], optimizer=opt)
+    return path, params
+
+
+def _rewrite_manifest(path, target, change):
+    with np.load(path) as data:
+        arrays = dict(data)
+    manifest = json.loads(str(arrays["__manifest__"][()]))
+    arrays["__manifest__"] = np.asarray(change(manifest))
+    np.savez(target, **arrays)
+
+
+def _truncated(path, target):
+    data = path.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+
+
+def _corrupted(path, target):
+    data = bytearray(path.read_bytes())
+    with np.load(path) as npz:
+        offset = data.find(npz["0"].tobytes())  # the step counter's bytes inside the archive
+    data[offset] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def _npy(target):
+    with open(target, "wb") as f:
+        np.save(f, np.ones(3))
+
+
+def _missing_array(path, target):
+    with np.load(path) as data:
+        arrays = {k: x for k, x in data.items() if k != "2/0"}
+    np.savez(target, **arrays)
+
+
+MALFORMED = {
+    "empty": (lambda p, t: t.write_bytes(b""), r"is not an adaptlr checkpoint \(an empty file"),
+    "text": (lambda p, t: t.write_text("epoch 3, loss 0.25\n"), r"is not an adaptlr checkpoint \(not a zip archive"),
+    "npy": (lambda p, t: _npy(t), r"is not an adaptlr checkpoint \(a .npy array"),
+    "other npz": (lambda p, t: np.savez(t, weights=np.ones(3)), "without an adaptlr manifest"),
+    "truncated": (_truncated, "is truncated or corrupted"),
+    "corrupted": (_corrupted, r"is truncated or corrupted \(BadZipFile: Bad CRC-32"),
+    "manifest not json": (lambda p, t: _rewrite_manifest(p, t, lambda m: "{not json"), "manifest is not valid JSON"),
+    "other format": (lambda p, t: _rewrite_manifest(p, t, lambda m: json.dumps({**m, "format": "x"})),
+                     r"is not an adaptlr checkpoint \(format 'x'\)"),
+    "future version": (lambda p, t: _rewrite_manifest(p, t, lambda m: json.dumps({**m, "format_version": 7})),
+                       "has checkpoint format version 7"),
+    "manifest without fields": (lambda p, t: _rewrite_manifest(p, t, lambda m: json.dumps(
+        {k: x for k, x in m.items() if k != "fields"})), "has a malformed manifest"),
+    "missing array": (_missing_array, "is corrupted: its manifest names array '2/0'"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_malformed_file_is_a_value_error_naming_the_file(tmp_path, kind):
+    path, params = _valid_file(tmp_path)
+    make, message = MALFORMED[kind]
+    target = tmp_path / f"{kind.replace(' ', '_')}.npz"
+    make(path, target)
+    with pytest.raises(ValueError, match=message) as error:
+        adaptlr.load_state(target, like=params)
+    assert str(target) in str(error.value)
+    with pytest.raises(ValueError, match=message):
+        adaptlr.load_state(target, like=params, optimizer=_make("active"))
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        adaptlr.load_state(tmp_path, like=_start())
+
+
+# -- shapes ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_optimizer", [False, True], ids=["like-only", "optimizer"])
+@pytest.mark.parametrize("saved,loaded", [((3,), (2, 3)), ((1,), (5,)), ((3, 4), (3, 1)), ((2,), (3,))])
+def test_params_of_another_shape_are_refused(tmp_path, saved, loaded, with_optimizer):
+    opt = _make("active")
+    path = tmp_path / "s.npz"
+    adaptlr.save_state(path, opt.init({"w": np.ones(saved)}), optimizer=opt)
+    with pytest.raises(ValueError, match=rf"parameter \['w'\] of shape {re.escape(str(saved))}, but like has "
+                                         rf"shape {re.escape(str(loaded))}"):
+        adaptlr.load_state(path, like={"w": np.ones(loaded)}, optimizer=opt if with_optimizer else None)
+
+
+def test_dsa_factors_keep_their_broadcast_shapes(tmp_path):
+    opt = adaptlr.dsa(adaptlr.sgd(0.1), structure=("row", "col"))
+    params = {"w": np.ones((3, 4))}
+    adaptlr.save_state(tmp_path / "d.npz", opt.init(params), optimizer=opt)
+    state = adaptlr.load_state(tmp_path / "d.npz", like=params, optimizer=opt)
+    assert {k: x.shape for k, x in state.adaptations[0].factors["w"].items()} == {"row": (3, 1), "col": (1, 4)}
+    with pytest.raises(ValueError, match=r"shape \(3, 4\), but like has shape \(3, 5\)"):
+        adaptlr.load_state(tmp_path / "d.npz", like={"w": np.ones((3, 5))})
+
+
+# -- hyper-parameters -----------------------------------------------------------------------------------
+
+
+def test_manifest_records_hyperparameters(tmp_path):
+    opt = adaptlr.active(adaptlr.adamw(1e-2, b1=np.float32(0.5)), steps_per_epoch=np.int64(3))
+    adaptlr.save_state(tmp_path / "s.npz", opt.init(_start()), optimizer=opt)
+    with np.load(tmp_path / "s.npz") as data:
+        recorded = json.loads(str(data["__manifest__"][()]))["hyperparameters"]
+    assert recorded[0]["name"] == "adamw" and recorded[0]["learning_rate"] == 1e-2
+    assert recorded[0]["weight_decay"] == 1e-2 and recorded[0]["b1"] == 0.5
+    assert recorded[1] == {"name": "active", "steps_per_epoch": 3, "increase": 0.2, "decrease": 0.5,
+                           "min_gamma": None, "max_gamma": None, "scale_weight_decay": False}
+
+
+def test_other_hyperparameters_warn_or_raise_with_strict(tmp_path):
+    params = _start()
+    saved = adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2)
+    adaptlr.save_state(tmp_path / "s.npz", saved.init(params), optimizer=saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same hyper-parameters: no warning
+        adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=saved, strict=True)
+    other = adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=5)
+    expected = r"adamw.learning_rate: saved 0.01, given 0.001; active\[1\].steps_per_epoch: saved 2, given 5"
+    with pytest.warns(HyperparameterWarning, match=expected):
+        state = adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=other)
+    # The run continues with the given learning rate (α belongs to the optimizer).
+    assert adaptlr.learning_rates(state)["w"][0, 0] == 1e-3
+    with pytest.raises(ValueError, match=expected):
+        adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=other, strict=True)
+
+
+def test_schedule_is_recorded_but_not_compared(tmp_path):
+    params = _start()
+    opt = adaptlr.sgd(lambda t: 0.1 / t)
+    adaptlr.save_state(tmp_path / "s.npz", opt.init(params), optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=adaptlr.sgd(lambda t: 0.2 / t))
+
+
+# -- writing: atomic, durable, normal permissions -------------------------------------------------------
+
+
+def test_failed_save_removes_its_temporary_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path, _ = _valid_file(tmp_path)
+    before = path.read_bytes()
+
+    def failing_fsync(fd):
+        raise KeyboardInterrupt  # as an interrupt in the middle of a save
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    opt = _make("adamw")
+    with pytest.raises(KeyboardInterrupt):
+        adaptlr.save_state(path, opt.init(_start()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert path.read_bytes() == before
+
+
+def test_fsync_before_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    adaptlr.save_state(tmp_path / "s.npz", _make("adamw").init(_start()))
+    assert calls[:2] == ["fsync", "replace"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_file_mode_follows_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        adaptlr.save_state(tmp_path / "s.npz", _make("adamw").init(_start()))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "s.npz").st_mode) == mode
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs os.kill(pid, 0) to tell a dead process")
+def test_a_save_killed_mid_write_leaves_the_old_file_and_the_next_save_cleans_up(tmp_path):
+    path, params = _valid_file(tmp_path, "run.npz")
+    before = path.read_bytes()
+    script = (
+        "import os, numpy as np, adaptlr\n"
+        "os.fsync = lambda fd: os._exit(9)  # killed after writing, before the rename\n"
+        f"opt = adaptlr.adamw(1e-2); params = {{'b': np.ones(3), 'w': np.ones((3, 4))}}\n"
+        f"adaptlr.save_state({str(path)!r}, opt.init(params))\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    orphans = [p.name for p in tmp_path.iterdir() if p.name.endswith(".adaptlr-tmp")]
+    assert len(orphans) == 1 and orphans[0].startswith(".run.npz.")
+    assert path.read_bytes() == before
+    assert adaptlr.load_state(path, like=params) is not None
+    host = orphans[0].split("@", 1)[1].rsplit(".", 2)[0]
+    live = tmp_path / f".run.npz.{os.getpid()}@{host}.0000.adaptlr-tmp"  # a save in progress in a live process
+    elsewhere = tmp_path / f".run.npz.{orphans[0].split('.')[3].split('@')[0]}@other-host.0000.adaptlr-tmp"
+    live.write_bytes(b"")
+    elsewhere.write_bytes(b"")  # same dead pid, another host sharing the directory: not ours to remove
+    adaptlr.save_state(path, _make("active").init(params))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, elsewhere.name])
+
+
+def test_state_dtype_state_round_trips_for_low_precision_params(tmp_path):
+    torch = pytest.importorskip("torch")
+    opt = adaptlr.adamw(1e-3, state_dtype="float32")
+    params = {"w": torch.linspace(-1, 1, 4, dtype=torch.bfloat16)}
+    _, state = opt.update({"w": torch.full((4,), 0.5, dtype=torch.bfloat16)}, opt.init(params), params)
+    adaptlr.save_state(tmp_path / "s.npz", state, optimizer=opt)
+    for optimizer in (opt, None):  # without optimizer=, the recorded state_dtype is used
+        loaded = adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=optimizer)
+        assert loaded.base.mu["w"].dtype == torch.float32 and torch.equal(loaded.base.nu["w"], state.base.nu["w"])
+    with pytest.raises(ValueError, match="state dtype is float64"):
+        adaptlr.load_state(tmp_path / "s.npz", like=params, optimizer=adaptlr.adamw(1e-3, state_dtype="float64"))

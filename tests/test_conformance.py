@@ -21,6 +21,7 @@ from adaptlr.conformance import (
     cli,
     register_algorithm,
     register_problem,
+    report,
     runner,
 )
 from adaptlr.conformance.backends import BACKENDS
@@ -166,3 +167,47 @@ def test_cli_fails_on_a_failing_row(tmp_path) -> None:
         assert code == 1
     finally:
         ALGORITHMS.pop("test_broken")
+
+
+_BARS: list = []
+
+
+class _CountingProgress:
+    """Stands in for report.Progress: records the total it was made with and the calls."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.done = total, 0
+        _BARS.append(self)
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("argv", [
+    # cupy / torch-cuda / jax-gpu are not installed or have no device on CPU machines: they must
+    # not count (the bar was created with 606 and ended at 366); where they run they count.
+    ["--algorithms", "sgd", "adamw", "--backends", "numpy", "torch", "cupy", "torch-cuda", "jax-gpu",
+     "array_api_strict-device1", "--steps", "5", "--no-checks"],
+    ["--algorithms", "sgd", "--backends", "numpy", "--steps", "5", "--checks", "closed-form"],
+], ids=["agreement", "with-a-check"])
+def test_progress_total_equals_the_runs_made(monkeypatch, capsys, argv) -> None:
+    _BARS.clear()
+    monkeypatch.setattr(report, "Progress", _CountingProgress)
+    cli.main(argv)
+    (bar,) = _BARS
+    assert bar.done == bar.total > 0
+
+
+def test_progress_counts_the_runs_of_a_missing_algorithm() -> None:
+    register_algorithm("test_missing_progress", lambda a: a.not_written_yet(a.sgd(0.1)), takes_module=True,
+                       requires=("not_written_yet",))
+    try:
+        calls = []
+        runner.run_agreement(["test_missing_progress"], ["numpy", "cupy"], ["float64", "float32"], 5, calls.append)
+        planned = runner.planned_runs(["test_missing_progress"], ["numpy", "cupy"], ["float64", "float32"])
+        assert len(calls) == planned == (4 if BACKENDS["cupy"].available else 2)
+    finally:
+        ALGORITHMS.pop("test_missing_progress")

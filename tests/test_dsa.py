@@ -227,7 +227,7 @@ def test_float32_keeps_dtype(backend):
         assert all(f.dtype == np.float32 for fs in factors.values() for f in fs.values())
 
 
-@pytest.mark.parametrize("structure", [None, ("tensor", "row", "col", "element")])
+@pytest.mark.parametrize("structure", [("tensor", "row", "col", "element")])  # default: tests/test_properties.py
 def test_jax_jit_matches_eager(structure):
     if not BACKENDS["jax"].available:
         pytest.skip("jax is not installed")

@@ -306,28 +306,6 @@ def test_mixed_dtypes_global():
     assert float(adaptlr.learning_rates(state)["b"]) == pytest.approx(0.1 + 0.1 * 4, rel=1e-14)  # g_2 = g_1 = 1
 
 
-@pytest.mark.parametrize("mode,granularity", CASES)
-def test_jax_jit_matches_eager(mode, granularity):
-    if not BACKENDS["jax"].available:
-        pytest.skip("jax is not installed")
-    import jax
-
-    backend = BACKENDS["jax"]
-    opt = adaptlr.sgdn_hd(0.05, hyper_lr=0.01) if granularity == "global" and mode == "additive" else \
-        adaptlr.hypergradient(adaptlr.sgd(0.05, momentum=0.9, nesterov=True), 0.01, mode, granularity)
-    params = {k: backend.asarray(v) for k, v in X0.items()}
-    curvature = {k: backend.asarray(v) for k, v in H.items()}
-    update = jax.jit(opt.update)
-    results = []
-    for step in (opt.update, update):
-        p, state = params, opt.init(params)
-        for _ in range(4):
-            updates, state = step({k: curvature[k] * p[k] for k in p}, state, p)
-            p = adaptlr.apply_updates(p, updates)
-        results.append([np.asarray(p[k]) for k in X0])
-    assert max_rel_err(results[1], results[0]) <= 1e-13
-
-
 # -- input errors ---------------------------------------------------------------------------------
 
 

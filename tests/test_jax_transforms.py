@@ -75,3 +75,48 @@ def test_fresh_state_can_be_donated_and_the_step_compiles_once(name):
     assert step._cache_size() == 1
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
+
+
+def test_flax_nnx_optimizer_under_nnx_jit_eval_shape_and_donation():
+    nnx = pytest.importorskip("flax.nnx", reason="flax is not installed")
+    tx = to_optax(adaptlr.hypergradient(adaptlr.adam(1e-2), hyper_lr=1e-4))
+
+    @nnx.jit
+    def create():
+        model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    model, optimizer = create()  # init under nnx.jit
+    abstract = nnx.eval_shape(lambda: nnx.Optimizer(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), tx, wrt=nnx.Param))
+    assert _shapes(nnx.state(abstract)) == _shapes(nnx.state(optimizer))
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model, optimizer, x):
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+
+    x = jnp.ones((4, 3))
+    for _ in range(3):
+        train_step(model, optimizer, x)
+    assert int(optimizer.opt_state.count) == 3
+
+
+def test_linen_train_state_created_under_jit_and_donated():
+    pytest.importorskip("flax.linen", reason="flax is not installed")
+    import flax.linen as nn
+    from flax.training import train_state
+
+    model = nn.Dense(2)
+    x = jnp.ones((4, 3))
+    tx = to_optax(adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2))
+    state = jax.jit(lambda key: train_state.TrainState.create(
+        apply_fn=model.apply, params=model.init(key, x)["params"], tx=tx))(jax.random.key(0))
+
+    @jax.jit
+    def loss_grad(state):
+        return jax.grad(lambda p: jnp.sum(state.apply_fn({"params": p}, x) ** 2))(state.params)
+
+    step = jax.jit(lambda state: state.apply_gradients(grads=loss_grad(state)), donate_argnums=0)
+    for _ in range(3):
+        state = step(state)
+    assert int(state.step) == 3 and step._cache_size() == 1

@@ -107,4 +107,5 @@ print("SHARD-MAP-OK")
 def test_shard_map_equals_unsharded_run_for_every_algorithm():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    print(result.stdout)  # the agreement table (pytest -s shows it)
     assert "SHARD-MAP-OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]

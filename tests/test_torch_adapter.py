@@ -79,19 +79,8 @@ def _step_both(torch_opt, torch_params, opt, params, grads, coupling=0.0, after_
     return functional, state
 
 
-@pytest.mark.parametrize("name,make", _optimizers(), ids=[n for n, _ in _optimizers()])
-def test_trajectory_equals_functional_api(name, make):
-    opt = make()
-    params, grads = _problem()
-    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
-    torch_opt = Optimizer(torch_params, opt)
-    functional, state = _step_both(torch_opt, torch_params, opt, params, grads, coupling=0.5)
-    worst = max(_rel(p.detach(), f) for p, f in zip(torch_params, functional))
-    assert worst <= 1e-12, worst
-    # The default fast path sums global reductions over one flat buffer (reassociated), so the
-    # learning rates of AutoDrop/HD/EG agree to rounding; elementwise algorithms agree exactly.
-    for a, b in zip(adaptlr.learning_rates(torch_opt.functional_state), adaptlr.learning_rates(state)):
-        torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-12, atol=0)
+# The adapter's trajectory against the functional API, for every registered algorithm on the list
+# and the default fast path: tests/test_properties.py::test_torch_adapter_matches_functional.
 
 
 def test_param_groups_override_lr_and_weight_decay():

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 __all__ = ["Digits", "load", "minibatches", "permuted_stream", "require"]
 
 
-def require(module: str, purpose: str) -> object:
+def require(module: str, purpose: str) -> Any:
     """Import an optional dependency of the ``reproduce`` extra, or raise a clear ImportError."""
     import importlib
 

@@ -122,7 +122,7 @@ class RunLog:
         return self.epoch_train_loss[-1]
 
 
-def flat(params: dict, backend: Any) -> np.ndarray:
+def flat(params: Any, backend: Any) -> np.ndarray:
     """All parameters as one float64 NumPy vector (for ω)."""
     import optree
 
@@ -137,7 +137,7 @@ def angle_degrees(a: np.ndarray, b: np.ndarray) -> float:
     return math.degrees(math.acos(float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))))
 
 
-def mean_learning_rate(state: Any, params: dict, backend: Any) -> float:
+def mean_learning_rate(state: Any, params: Any, backend: Any) -> float:
     """``adaptlr.learning_rates(state)`` averaged over every parameter element."""
     import optree
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from adaptlr.reproduce.data import require
 
@@ -50,7 +51,7 @@ def fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if abs(x) < 10 else f"{x:.{max(digits - 2, 1)}f}"
 
 
-def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+def mean_std(values: ArrayLike, scale: float = 1.0, digits: int = 1) -> str:
     """'mean ± std' over seeds (std with ddof=1; just the mean for one seed)."""
     arr = np.asarray(values, dtype=float) * scale
     if np.any(~np.isfinite(arr)):
@@ -84,7 +85,7 @@ def save(fig: Any, out: Path, name: str) -> Path:
     return path
 
 
-def smooth(values: Sequence[float], window: int) -> np.ndarray:
+def smooth(values: ArrayLike, window: int) -> np.ndarray:
     """A trailing moving average (shorter at the start), for noisy per-step curves."""
     arr = np.asarray(values, dtype=float)
     if window <= 1 or len(arr) == 0:
