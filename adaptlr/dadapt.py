@@ -80,7 +80,7 @@ class DAdaptAdamState(NamedTuple):
 
 class DAdaptSGDState(NamedTuple):
     """State of D-Adapt SGD: ``s`` and ``x0`` (trees like the params); ``d``, ``numerator`` (``r``),
-    ``g0_norm`` (``‖g_1‖``, 0 before the first step) and ``lr_scale`` (``d/‖g_1‖``), 0-D in the
+    ``g0_norm`` (``‖g_1‖``, 0 until the first nonzero gradient) and ``lr_scale`` (``d/‖g_1‖``), 0-D in the
     widest float."""
 
     s: Any
@@ -218,10 +218,12 @@ class DAdaptSGDDirection(BaseDirection):
         wide, mu, d = scalars.wide, self.momentum, state.d
         grads, params = ctx.objective_grads, ctx.params
 
-        # ‖g_1‖ of the raw gradient (DAdaptSGD's decay there is not in place), fixed after step 1.
-        first_norm = xp.sqrt(reduce.total([g * g for g in ctx.grads], wide))
-        g0_norm = xp.where(scalars.count == 1, first_norm, state.g0_norm)
-        dlr = d * largest(xp, ctx.alpha, wide) / g0_norm
+        # ‖g_1‖ of the raw gradient (DAdaptSGD's decay there is not in place), fixed once nonzero
+        # (upstream divides by zero after an all-zero first gradient; here nothing moves until then).
+        g0_norm = xp.where(state.g0_norm > 0, state.g0_norm, xp.sqrt(reduce.total([g * g for g in ctx.grads], wide)))
+        known = g0_norm > 0
+        safe_g0 = xp.where(known, g0_norm, xp.ones_like(g0_norm))
+        dlr = xp.where(known, d * largest(xp, ctx.alpha, wide) / safe_g0, xp.zeros_like(d))
 
         numerator = state.numerator + dlr * reduce.total(
             [g * s for g, s in zip(grads, layout.leaves(state.s, "state.s"))], wide)
@@ -240,7 +242,7 @@ class DAdaptSGDDirection(BaseDirection):
             directions.append(p - new)
         size = _unit_step(xp, size, moved, xp.zeros_like(d), grads)
         new_state = DAdaptSGDState(layout.tree(ss), state.x0, d_new, xp.asarray(numerator), g0_norm,
-                                   xp.asarray(d_new / g0_norm))
+                                   xp.where(known, d_new / safe_g0, xp.zeros_like(d_new)))
         return directions, size, new_state
 
 

@@ -113,8 +113,9 @@ class ProdigyDirection(BaseDirection):
         self.flat_safe, self.blockwise = self.slice_p == 1, False
 
     def _sliced(self, xp: Any, x: Any) -> Any:
-        """Every ``slice_p``-th element of ``x`` flattened (``x`` itself for ``slice_p = 1``)."""
-        return x if self.slice_p == 1 else xp.reshape(x, (-1,))[:: self.slice_p]
+        """Every ``slice_p``-th element of ``x`` flattened (``x`` itself for ``slice_p = 1`` and for a
+        0-D ``x``, whose one element is its slice: state shapes stay those of the parameter)."""
+        return x if self.slice_p == 1 or x.ndim == 0 else xp.reshape(x, (-1,))[:: self.slice_p]
 
     def _bias_correction(self, t: Any) -> Any:
         if not self.use_bias_correction:
