@@ -97,18 +97,22 @@ class DAdaptSGDState(NamedTuple):
         return {"d": self.d}
 
 
-def _check_common(base: BaseDirection, learning_rate: Any, weight_decay: float, d0: float,
-                  growth_rate: float) -> None:
-    base.flat_safe, base.blockwise = True, False  # global sums: the same on one flat buffer, not on blocks
-    base.learning_rate = v.check_learning_rate(learning_rate)
-    if not callable(base.learning_rate) and base.learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0 (D-Adaptation estimates d only while it is), got {learning_rate}")
-    base.weight_decay = v.check_nonnegative("weight_decay", weight_decay)
-    base.d0 = v.check_positive("d0", d0)
-    growth_rate = float(growth_rate)
-    if not growth_rate >= 1.0:  # also NaN
-        raise ValueError(f"growth_rate must be >= 1 (inf: unbounded), got {growth_rate}")
-    base.growth_rate = growth_rate
+class _DAdaptDirection(BaseDirection):
+    """What D-Adapt Adam and SGD share: α > 0, λ >= 0, ``d0`` > 0, ``growth_rate`` >= 1."""
+
+    flat_safe, blockwise = True, False  # global sums: the same on one flat buffer, not on blocks
+
+    def __init__(self, learning_rate: Any, weight_decay: float, d0: float, growth_rate: float) -> None:
+        self.learning_rate = v.check_learning_rate(learning_rate)
+        if not callable(self.learning_rate) and self.learning_rate <= 0:
+            raise ValueError(
+                f"learning_rate must be > 0 (D-Adaptation estimates d only while it is), got {learning_rate}")
+        self.weight_decay = v.check_nonnegative("weight_decay", weight_decay)
+        self.d0 = v.check_positive("d0", d0)
+        growth_rate = float(growth_rate)
+        if not growth_rate >= 1.0:  # also NaN
+            raise ValueError(f"growth_rate must be >= 1 (inf: unbounded), got {growth_rate}")
+        self.growth_rate = growth_rate
 
 
 def _unit_step(xp: Any, size: StepSize, moved: Any, decay_scale: Any, like: list) -> StepSize:
@@ -119,14 +123,14 @@ def _unit_step(xp: Any, size: StepSize, moved: Any, decay_scale: Any, like: list
     return size._replace(alpha=tuple(cast_like(xp, one, like)), decay_kappa=tuple(cast_like(xp, decay, like)))
 
 
-class DAdaptAdamDirection(BaseDirection):
+class DAdaptAdamDirection(_DAdaptDirection):
     """D-Adapt Adam's base (build it with :func:`dadapt_adam`)."""
 
     state_class = DAdaptAdamState
 
     def __init__(self, learning_rate: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
                  decouple: bool, use_bias_correction: bool, d0: float, growth_rate: float) -> None:
-        _check_common(self, learning_rate, weight_decay, d0, growth_rate)
+        super().__init__(learning_rate, weight_decay, d0, growth_rate)
         self.b1 = v.check_beta("b1", b1)
         self.b2 = v.check_beta("b2", b2)
         self.eps = v.check_positive("eps", eps)
@@ -194,7 +198,7 @@ class DAdaptAdamDirection(BaseDirection):
         return directions, size, new_state
 
 
-class DAdaptSGDDirection(BaseDirection):
+class DAdaptSGDDirection(_DAdaptDirection):
     """D-Adapt SGD's base (build it with :func:`dadapt_sgd`)."""
 
     name = "dadapt_sgd"
@@ -203,7 +207,7 @@ class DAdaptSGDDirection(BaseDirection):
 
     def __init__(self, learning_rate: float | Schedule, momentum: float, weight_decay: float, d0: float,
                  growth_rate: float) -> None:
-        _check_common(self, learning_rate, weight_decay, d0, growth_rate)
+        super().__init__(learning_rate, weight_decay, d0, growth_rate)
         self.momentum = v.check_beta("momentum", momentum)
 
     def init(self, params: list, layout: Layout, xp: Any) -> DAdaptSGDState:

@@ -55,9 +55,10 @@ def lr_summary(
             raise ValueError(f"names has {len(names)} entries but the state has {layout.num_leaves} parameters")
 
     out: dict[str, Any] = {"learning_rate": _per_tensor(layout.leaves(learning_rates(state), "learning rates"), names)}
-    signals: list[tuple[int, str, Any]] = []
-    if hasattr(state.base, "signals"):  # a learning-rate-free base's estimate (Prodigy's d)
-        signals.extend(("base", key, value) for key, value in state.base.signals(layout).items())
+    signals: list[tuple[int | str, str, Any]] = []
+    base_signals = getattr(state.base, "signals", None)
+    if base_signals is not None:  # a learning-rate-free base's estimate (Prodigy's d)
+        signals.extend(("base", key, value) for key, value in base_signals(layout).items())
     for i, adaptation_state in enumerate(state.adaptations):
         for key, value in adaptation_state.signals(layout).items():
             signals.append((i, key, value))
