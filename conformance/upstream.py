@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -135,8 +136,12 @@ def _torch_run(make: Callable[[list], Any], estimate: Callable[[Any], Any], init
     import torch
 
     params = [torch.tensor(p, dtype=torch.float64) for p in init]
-    with contextlib.redirect_stdout(io.StringIO()):  # "Using decoupled weight decay"
-        opt = make(params)
+    logging.disable(logging.WARNING)  # dog-optimizer logs a warning for any lr != 1
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # "Using decoupled weight decay"
+            opt = make(params)
+    finally:
+        logging.disable(logging.NOTSET)
     trajectory, estimates = [], []
     for t in range(steps):
         for p, g in zip(params, grad([p.numpy() for p in params], t)):
@@ -284,14 +289,14 @@ def run(opt: Any, backend: Backend, init: list, grad: Callable, steps: int = STE
     return trajectory, state
 
 
-def _final_estimate(state: Any) -> np.ndarray:
+def _final_estimate(state: Any, backend: Backend) -> np.ndarray:
     """The estimate after the last step as the upstream reports it: DoG's step size ``α·η`` per
-    tensor (:func:`adaptlr.learning_rates`), else ``d``."""
+    tensor (:func:`adaptlr.learning_rates`), else ``d`` (copied to the host by ``backend``)."""
     import adaptlr
 
     if hasattr(state.base, "eta"):
-        return np.array([float(np.asarray(x)) for x in adaptlr.learning_rates(state)])
-    return np.array([float(np.asarray(state.base.d))])
+        return np.array([float(backend.to_numpy(x)) for x in adaptlr.learning_rates(state)])
+    return np.array([float(backend.to_numpy(state.base.d))])
 
 
 def _estimate_error(final: np.ndarray, upstream: Any) -> float:
@@ -325,7 +330,7 @@ def upstream_rows(backends: Sequence[Backend], steps: int, cases: Sequence[Upstr
             trajectory, state = run(case.build(), backend, init, grad, steps)
             row.max_rel_err_params = max_rel_err(trajectory, expected)
             if estimates[-1] is not None:
-                row.max_rel_err_lr = _estimate_error(_final_estimate(state), estimates[-1])
+                row.max_rel_err_lr = _estimate_error(_final_estimate(state, backend), estimates[-1])
             worst = max(row.max_rel_err_params, row.max_rel_err_lr or 0.0)
             row.status = "pass" if math.isfinite(worst) and worst <= TOLERANCE else "fail"
             row.seconds = time.perf_counter() - start
