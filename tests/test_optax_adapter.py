@@ -141,6 +141,26 @@ _SHARDING_SCRIPT = textwrap.dedent("""
             updates, state = step(params, state)
             params = optax.apply_updates(params, updates)
         assert step._cache_size() == 1, (make().name, step._cache_size())
+
+    # the learning-rate-free bases' global sums under NamedSharding equal the unsharded run (float32:
+    # XLA may reassociate the sums, so within the tolerance rule for 10 float32 steps)
+    from adaptlr.conformance.tolerances import tolerance
+    for make in [lambda: adaptlr.prodigy(), lambda: adaptlr.dog(), lambda: adaptlr.dowg(),
+                 lambda: adaptlr.dadapt_adam(), lambda: adaptlr.dadapt_sgd(momentum=0.9)]:
+        runs = []
+        for place in (lambda x: jax.device_put(x, row), lambda x: x):
+            tx = to_optax(make())
+            params = {"w": place(jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)), "b": place(jnp.arange(8.0) / 8)}
+            state = tx.init(params)
+            step = jax.jit(lambda p, s, tx=tx: tx.update(jax.tree_util.tree_map(lambda x: jnp.sin(3 * x) + 0.1, p),
+                                                         s, p))
+            for _ in range(10):
+                updates, state = step(params, state)
+                params = optax.apply_updates(params, updates)
+            runs.append(params)
+        for a, b in zip(jax.tree_util.tree_leaves(runs[0]), jax.tree_util.tree_leaves(runs[1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tolerance("float32", 10), atol=0)
+        assert runs[0]["w"].sharding.is_equivalent_to(row, 2)
     print("SHARDING-OK")
 """)
 
