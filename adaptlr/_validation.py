@@ -149,7 +149,7 @@ def is_traced(x: Any) -> bool:
     if library == "jax":
         import jax
 
-        return isinstance(x, jax.core.Tracer)
+        return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]
     if library == "torch":
         import torch
 

@@ -107,7 +107,7 @@ def save_state(path: str | os.PathLike, state: OptimizerState, *, optimizer: Opt
     }
     arrays[_MANIFEST_KEY] = np.asarray(json.dumps(manifest))
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # pyright: ignore[reportArgumentType] (keys are field paths, not savez's options)
     _write_atomically(os.fspath(path), buffer.getvalue())
 
 
@@ -434,7 +434,7 @@ def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _plain(y) for k, y in x.items()}
     if v.library_of(x) is not None:
-        return "<array>" if v.is_traced(x) or x.ndim else float(to_numpy(x))
+        return "<array>" if v.is_traced(x) or x.ndim else float(to_numpy(x))  # pyright: ignore[reportAttributeAccessIssue]
     if callable(x):
         return "<schedule>"
     return f"<{type(x).__name__}>"

@@ -408,10 +408,11 @@ class Optimizer:
 
         updates = []
         for i, (d, p, caller_p) in enumerate(zip(directions, params, caller_params)):
-            lr = _times(size.alpha[i], size.kappa[i])
+            lr: Array = _times(size.alpha[i], size.kappa[i])  # alpha is never None: neither is lr
             u = d * (-lr)
             if decoupled[i]:
-                decay = _times(alpha[i], size.decay_kappa[i]) * decoupled[i]
+                decay: Array = _times(alpha[i], size.decay_kappa[i])
+                decay = decay * decoupled[i]
                 u = u - decay * p
             if size.shift[i] is not None:
                 u = u + size.shift[i]
@@ -497,7 +498,8 @@ def _arrays_not_scalars(tree: PyTree) -> PyTree:
 def _collective_sum(x: Array) -> Callable[[Array, tuple], Array]:
     """The backend's collective sum over named mesh axes, for params like ``x``."""
     if v.library_of(x) == "jax":
-        from adaptlr.backends.jax import complete_sum  # a backend import, only where collectives are asked for
+        # a backend import, only where collectives are asked for
+        from adaptlr.backends.jax import complete_sum  # pyright: ignore[reportMissingImports]
 
         return complete_sum
     raise NotImplementedError(
@@ -547,8 +549,9 @@ def learning_rates(state: OptimizerState) -> PyTree:
     alpha, treespec = optree.tree_flatten(state.learning_rate)
     layout = Layout(treespec, state.learning_rate)
     size = StepSize.of(alpha)
-    if hasattr(state.base, "scale_learning_rate"):  # a learning-rate-free base's own estimate
-        size = state.base.scale_learning_rate(size, layout)
+    scale_base = getattr(state.base, "scale_learning_rate", None)  # a learning-rate-free base's own estimate
+    if scale_base is not None:
+        size = scale_base(size, layout)
     for adaptation_state in state.adaptations:
         size = adaptation_state.scale_learning_rate(size, layout)
     return _arrays_not_scalars(layout.tree(size.effective()))

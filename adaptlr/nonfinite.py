@@ -32,7 +32,7 @@ With ``max_consecutive=k``, the (k+1)-th consecutive non-finite step:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optree
 
@@ -104,7 +104,7 @@ class SkipNonfinite(Adaptation):
             skip = xp.logical_and(xp.logical_not(ok), xp.logical_not(at_limit))
 
         updates = [xp.where(skip, ctx.scalars.constant(0.0, u.dtype), u) for u in updates]
-        kept = optree.tree_map(lambda old, new: xp.where(skip, old, new), state, new_state)
+        kept: Any = optree.tree_map(lambda old, new: xp.where(skip, old, new), cast(Any, state), cast(Any, new_state))
         one = xp.asarray(1, dtype=n.dtype, device=scalar_device(n))
         zero = xp.zeros_like(one)
         counted = SkipState(xp.where(skip, own.skipped + one, own.skipped), xp.where(skip, n + one, zero))
