@@ -1,12 +1,12 @@
 """``axis_name`` / ``partition_specs`` inside ``jax.shard_map``: a sharded run equals the unsharded one.
 
-Runs in a subprocess with 8 host devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``),
-so the rest of the suite keeps its single device. Every algorithm that reduces over parameters
-(AutoDrop's angle, HD and EG global/tensor, DSA's tensor/row/column factors) on a 1×8 mesh with
-``axis_name="d"`` and on a 2×4 mesh with per-parameter partition specs (a 2-D weight split on both
-axes, a bias on one, a replicated scalar), against the plain jitted run: ≤ 1e-12 (float64) for
-params and learning rates, AutoDrop's drop counts equal. Without ``axis_name`` shard_map refuses
-the step (``check_vma``) or, with ``check_vma=False``, computes from one shard.
+Runs ``tests/shard_map_check.py adaptations`` in a subprocess with 8 host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), so the rest of the suite keeps its single
+device. Every algorithm that reduces over parameters (AutoDrop's angle, HD and EG global/tensor, DSA's
+tensor/row/column factors) on a 1×8 mesh with ``axis_name="d"`` and on a 2×4 mesh with per-parameter
+partition specs, against the plain jitted run: ≤ 1e-12 (float64) for params and learning rates,
+AutoDrop's drop counts equal. Without ``axis_name`` shard_map refuses the step (``check_vma``) or, with
+``check_vma=False``, computes from one shard.
 """
 
 from __future__ import annotations
@@ -20,92 +20,18 @@ import pytest
 pytest.importorskip("jax", reason="JAX is not installed")
 pytest.importorskip("optax", reason="optax is not installed")
 
-SCRIPT = r'''
-import jax, jax.numpy as jnp, numpy as np, optax, adaptlr
-jax.config.update("jax_enable_x64", True)
-from jax.sharding import Mesh, PartitionSpec as P
-from adaptlr.backends.jax import state_partition_specs, to_optax
-assert len(jax.devices()) == 8, jax.devices()
-S = 4
-MAKERS = {
-    "adamw": lambda: adaptlr.adamw(0.05, weight_decay=0.01),
-    "active(adamw)": lambda: adaptlr.active(adaptlr.adamw(0.05), steps_per_epoch=S),
-    "autodrop(sgdm)": lambda: adaptlr.autodrop(adaptlr.sgd(0.05, momentum=0.5), steps_per_epoch=S, theta=20.0,
-                                               theta_max=40.0, patience_epochs=1, drop_factor=0.5),
-    "hd-global(adam)": lambda: adaptlr.hypergradient(adaptlr.adam(0.02), hyper_lr=1e-3),
-    "hd-mult-global(sgd)": lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=0.02, mode="multiplicative"),
-    "hd-tensor(sgd)": lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=2e-3, granularity="tensor"),
-    "hd-mult-tensor(adam)": lambda: adaptlr.hypergradient(adaptlr.adam(0.02), hyper_lr=0.02, mode="multiplicative",
-                                                          granularity="tensor"),
-    "eg-global(sgdm)": lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05, momentum=0.9), 0.05, 0.05),
-    "eg-tensor(adam)": lambda: adaptlr.eg_step_size(adaptlr.adam(0.02), 0.05, 0.05, scale="tensor"),
-    "dsa(adam)": lambda: adaptlr.dsa(adaptlr.adam(0.02), hyper_lr=0.02),
-    "dsa(sgd)": lambda: adaptlr.dsa(adaptlr.sgd(0.05), hyper_lr=0.02, structure=("tensor", "row", "col")),
-}
-rng = np.random.default_rng(0)
-W16, B8, C = rng.normal(size=(16, 6)), rng.normal(size=8), np.float64(0.7)
-W88 = rng.normal(size=(8, 8))
-MESHES = {
-    "1x8 axis_name='d'": (Mesh(np.array(jax.devices()), ("d",)), {"w": W16, "b": B8},
-                          {"axis_name": "d"}, {"w": P("d"), "b": P("d")}),
-    "2x4 partition_specs": (Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b")), {"w": W88, "b": B8, "c": C},
-                            "specs", {"w": P("a", "b"), "b": P("b"), "c": P()}),
-}
-STEPS = 24
+SCRIPT = os.path.join(os.path.dirname(__file__), "shard_map_check.py")
 
 
-def grads_of(params, t):
-    return jax.tree_util.tree_map(lambda p: jnp.sin(3 * p + 0.1 * t) + 0.05 * p, params)
-
-
-worst = {}
-for mesh_name, (mesh, init, kwargs, pspecs) in MESHES.items():
-    if kwargs == "specs":
-        kwargs = {"partition_specs": pspecs}
-    for name, make in MAKERS.items():
-        opt = make()
-        params0 = jax.tree_util.tree_map(jnp.asarray, init)
-        plain = to_optax(opt)
-        sharded = to_optax(opt, **kwargs)
-
-        def plain_step(params, state, t):
-            updates, state = plain.update(grads_of(params, t), state, params)
-            return optax.apply_updates(params, updates), state
-
-        def local_step(params, state, t, sharded=sharded):
-            updates, state = sharded.update(grads_of(params, t), state, params)
-            return optax.apply_updates(params, updates), state
-
-        state0 = plain.init(params0)
-        sspecs = state_partition_specs(state0, params0, pspecs)
-        sm = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(pspecs, sspecs, P()), out_specs=(pspecs, sspecs)))
-        jp = jax.jit(plain_step)
-        pa, sa, pb, sb = params0, state0, params0, state0
-        err = 0.0
-        for t in range(STEPS):
-            pa, sa = jp(pa, sa, jnp.asarray(float(t)))
-            pb, sb = sm(pb, sb, jnp.asarray(float(t)))
-            for x, y in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
-                x, y = np.asarray(x), np.asarray(y)
-                err = max(err, float(np.max(np.abs(x - y)) / np.max(np.abs(x))))
-        lr_a = jax.tree_util.tree_leaves(adaptlr.learning_rates(sa))
-        lr_b = jax.tree_util.tree_leaves(adaptlr.learning_rates(sb))
-        for x, y in zip(lr_a, lr_b):
-            err = max(err, float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(x)))))
-        extra = ""
-        if name.startswith("autodrop"):
-            da, db = int(sa.adaptations[0].drop_count), int(sb.adaptations[0].drop_count)
-            assert da == db and da > 0, (da, db)
-            extra = f" drops={da}"
-        worst[(mesh_name, name)] = err
-        print(f"| {name} | {mesh_name} | {err:.1e} |{extra}")
-assert all(e <= 1e-12 for e in worst.values()), worst
-print("SHARD-MAP-OK")
-'''
+def run_check(algorithm_set: str) -> str:
+    """Run the check for ``algorithm_set`` on 8 host devices; its stdout (the agreement table)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, SCRIPT, algorithm_set], env=env, capture_output=True, text=True,
+                            timeout=300)
+    print(result.stdout)  # the agreement table (pytest -s shows it)
+    assert "SHARD-MAP-OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def test_shard_map_equals_unsharded_run_for_every_algorithm():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    print(result.stdout)  # the agreement table (pytest -s shows it)
-    assert "SHARD-MAP-OK" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    run_check("adaptations")
