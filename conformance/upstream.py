@@ -26,7 +26,8 @@ import numpy as np
 from adaptlr.conformance.backends import Backend
 from adaptlr.conformance.runner import Row, max_rel_err
 
-__all__ = ["CASES", "SHAPES", "STEPS", "TOLERANCE", "UpstreamCase", "problem", "reference", "run", "upstream_rows"]
+__all__ = ["CASES", "SHAPES", "STEPS", "TOLERANCE", "UpstreamCase", "optax_run", "problem", "reference", "run",
+           "upstream_rows"]
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
 STEPS = 200
@@ -152,8 +153,10 @@ def _torch_run(make: Callable[[list], Any], estimate: Callable[[Any], Any], init
     return trajectory, estimates
 
 
-def _optax_run(transform: Any, estimate: Callable[[Any], Any], init: list, grad: Callable,
-               steps: int) -> tuple[list, list]:
+def optax_run(transform: Any, estimate: Callable[[Any], Any], init: list, grad: Callable,
+              steps: int) -> tuple[list, list]:
+    """``(trajectory, estimates)`` of the optax ``transform`` under ``jax.jit`` in float64 (host NumPy
+    copies of the params after each step, and ``estimate(state)``)."""
     import jax
     import optax
 
@@ -194,7 +197,7 @@ def _optax_prodigy(kw: dict, init: list, grad: Callable, steps: int) -> tuple[li
                                       eps=kw.get("eps", 1e-8), estim_lr0=kw.get("d0", 1e-6),
                                       estim_lr_coef=kw.get("d_coef", 1.0), weight_decay=kw.get("weight_decay", 0.0),
                                       safeguard_warmup=kw.get("safeguard_warmup", False))
-    return _optax_run(transform, lambda s: float(s.estim_lr), init, grad, steps)
+    return optax_run(transform, lambda s: float(s.estim_lr), init, grad, steps)
 
 
 def _dog_optimizer(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
@@ -213,7 +216,7 @@ def _optax_dog(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, 
                  else ("heuristic", kw.get("reps_rel", 1e-6)))
     transform = optax.contrib.dog(kw.get("learning_rate", 1.0), init_step=init_step, eps=kw.get("eps", 1e-8),
                                   weight_decay=kw.get("weight_decay"))
-    return _optax_run(transform, lambda s: None, init, grad, steps)
+    return optax_run(transform, lambda s: None, init, grad, steps)
 
 
 def _optax_dowg(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
@@ -221,7 +224,7 @@ def _optax_dowg(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list,
 
     transform = optax.contrib.dowg(kw.get("learning_rate", 1.0), init_estim_sq_dist=kw.get("init_estim_sq_dist"),
                                    eps=kw.get("eps", 1e-4), weight_decay=kw.get("weight_decay"))
-    return _optax_run(transform, lambda s: None, init, grad, steps)
+    return optax_run(transform, lambda s: None, init, grad, steps)
 
 
 def _dadaptation(cls_name: str) -> Callable:
@@ -243,7 +246,7 @@ def _optax_dadapt_adamw(kw: dict, init: list, grad: Callable, steps: int) -> tup
 
     transform = optax.contrib.dadapt_adamw(kw.get("learning_rate", 1.0), betas=_betas(kw), eps=kw.get("eps", 1e-8),
                                            estim_lr0=kw.get("d0", 1e-6), weight_decay=kw.get("weight_decay", 0.0))
-    return _optax_run(transform, lambda s: float(s.estim_lr), init, grad, steps)
+    return optax_run(transform, lambda s: float(s.estim_lr), init, grad, steps)
 
 
 # upstream -> (the modules it needs, its run: (adaptlr kwargs, init, grad, steps) -> (trajectory, estimates))

@@ -16,6 +16,7 @@ from lr_free_problem import STEPS
 from lr_free_problem import problem as _problem
 
 import adaptlr
+from adaptlr.conformance import upstream
 
 TOL = 1e-12
 
@@ -123,22 +124,12 @@ OPTAX_CASES = {
 
 def _optax_reference(kwargs: dict, init, grad):
     """``optax.contrib.dadapt_adamw`` with adaptlr's ``kwargs`` (``estim_lr0`` = ``d0``)."""
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     ref = optax.contrib.dadapt_adamw(kwargs.get("learning_rate", 1.0), betas=(kwargs.get("b1", 0.9),
                                      kwargs.get("b2", 0.999)), eps=kwargs.get("eps", 1e-8),
                                      estim_lr0=kwargs.get("d0", 1e-6), weight_decay=kwargs.get("weight_decay", 0.0))
-    params = [jax.numpy.asarray(p, dtype=jax.numpy.float64) for p in init]
-    state = ref.init(params)
-    step = jax.jit(ref.update)
-    trajectory, ds = [], []
-    for t in range(STEPS):
-        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params], t)]
-        updates, state = step(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        trajectory.append([np.asarray(p) for p in params])
-        ds.append(float(state.estim_lr))
-    return trajectory, ds
+    return upstream.optax_run(ref, lambda state: float(state.estim_lr), init, grad, STEPS)
 
 
 @pytest.mark.parametrize("case", list(OPTAX_CASES))

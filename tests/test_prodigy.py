@@ -16,6 +16,7 @@ from lr_free_problem import STEPS
 from lr_free_problem import problem as _problem
 
 import adaptlr
+from adaptlr.conformance import upstream
 
 torch = pytest.importorskip("torch", reason="the reference is prodigyopt (PyTorch)")
 prodigyopt = pytest.importorskip("prodigyopt", reason="prodigyopt==1.1.2 is the reference (pip install prodigyopt)")
@@ -111,7 +112,7 @@ OPTAX_CASES = {
 
 def _optax_reference(kwargs: dict, init, grad):
     """``optax.contrib.prodigy`` with adaptlr's ``kwargs`` (its names: ``estim_lr0`` = ``d0``, ...)."""
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     ref = optax.contrib.prodigy(kwargs.get("learning_rate", 1.0),
                                 betas=(kwargs.get("b1", 0.9), kwargs.get("b2", 0.999)), beta3=kwargs.get("beta3"),
@@ -119,17 +120,7 @@ def _optax_reference(kwargs: dict, init, grad):
                                 estim_lr0=kwargs.get("d0", 1e-6), estim_lr_coef=kwargs.get("d_coef", 1.0),
                                 weight_decay=kwargs.get("weight_decay", 0.0),
                                 safeguard_warmup=kwargs.get("safeguard_warmup", False))
-    params = [jax.numpy.asarray(p, dtype=jax.numpy.float64) for p in init]
-    state = ref.init(params)
-    step = jax.jit(ref.update)
-    trajectory, ds = [], []
-    for t in range(STEPS):
-        grads = [jax.numpy.asarray(g) for g in grad([np.asarray(p) for p in params], t)]
-        updates, state = step(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        trajectory.append([np.asarray(p) for p in params])
-        ds.append(float(state.estim_lr))
-    return trajectory, ds
+    return upstream.optax_run(ref, lambda state: float(state.estim_lr), init, grad, STEPS)
 
 
 @pytest.mark.parametrize("case", list(OPTAX_CASES))
