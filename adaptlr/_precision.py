@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["INT32_MAX", "accumulation_dtype", "cast_like", "counter_dtype", "is_half_precision", "largest",
+__all__ = ["INT32_MAX", "cast_like", "counter_dtype", "is_half_precision", "largest",
            "next_count", "widest_float"]
 
 INT32_MAX = 2**31 - 1
@@ -48,12 +48,6 @@ def widest_float(xp: Any, device: Any) -> Any:
 def is_half_precision(xp: Any, dtype: Any) -> bool:
     """bfloat16 and float16 (any real float narrower than float32): values that underflow easily."""
     return dtype not in (xp.float32, getattr(xp, "float64", None))
-
-
-def accumulation_dtype(xp: Any, dtypes: Sequence[Any], device: Any) -> Any:
-    """The dtype of global sums over parameters of ``dtypes``: the widest float on ``device``."""
-    del dtypes  # the widest float is at least as wide as any parameter dtype
-    return widest_float(xp, device)
 
 
 def counter_dtype(xp: Any, device: Any) -> Any:

@@ -17,7 +17,15 @@ from adaptlr import _validation as v
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
-__all__ = ["AdamDirection", "AdamState", "adam", "adamw", "bias_correction_condition"]
+__all__ = ["AdamDirection", "AdamState", "adam", "adamw", "bias_correction_condition", "step_size_bias_correction"]
+
+
+def step_size_bias_correction(t: Any, b1: float, b2: float, enabled: bool = True) -> Any:
+    """``c_t = sqrt(1-β2^t) / (1-β1^t)``: Adam's two bias corrections folded into the step size (1 when
+    not ``enabled``), as the learning-rate-free methods (Prodigy, D-Adapt Adam) apply them."""
+    if not enabled:
+        return t * 0.0 + 1.0
+    return (1.0 - b2**t) ** 0.5 / (1.0 - b1**t)
 
 
 def bias_correction_condition(b1: float, b2: float) -> float:

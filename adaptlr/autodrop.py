@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import accumulation_dtype
+from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 
@@ -226,7 +226,7 @@ class AutoDrop(Adaptation):
 
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> AutoDropState:
         device = scalar_device(params[0])
-        acc = accumulation_dtype(xp, [p.dtype for p in params], device)
+        acc = widest_float(xp, device)
 
         def scalar(value: Any, dtype: Any) -> Any:
             return xp.asarray(value, dtype=dtype, device=device)

@@ -48,6 +48,7 @@ import array_api_compat
 from adaptlr import _validation as v
 from adaptlr._precision import cast_like, largest, widest_float
 from adaptlr._tree import Layout
+from adaptlr.adam import step_size_bias_correction
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
 
 __all__ = ["DAdaptAdamDirection", "DAdaptAdamState", "DAdaptSGDDirection", "DAdaptSGDState", "dadapt_adam",
@@ -139,9 +140,7 @@ class DAdaptAdamDirection(_DAdaptDirection):
         self.name = "dadapt_adamw" if self.decoupled else "dadapt_adam"
 
     def _bias_correction(self, t: Any) -> Any:
-        if not self.use_bias_correction:
-            return t * 0.0 + 1.0
-        return (1.0 - self.b2**t) ** 0.5 / (1.0 - self.b1**t)
+        return step_size_bias_correction(t, self.b1, self.b2, self.use_bias_correction)
 
     def init(self, params: list, layout: Layout, xp: Any) -> DAdaptAdamState:
         device = scalar_device(params[0])

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import accumulation_dtype
+from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 
@@ -101,7 +101,7 @@ class EGStepSize(Adaptation):
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> EGState:
         device = scalar_device(params[0])
         if self.scale == "global":
-            scale = xp.asarray(1.0, dtype=accumulation_dtype(xp, [p.dtype for p in params], device), device=device)
+            scale = xp.asarray(1.0, dtype=widest_float(xp, device), device=device)
         else:
             scale = layout.tree([xp.asarray(1.0, dtype=p.dtype, device=device) for p in params])
         return EGState(

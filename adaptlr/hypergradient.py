@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import accumulation_dtype
+from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
 from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize, scalar_device
@@ -97,7 +97,7 @@ class Hypergradient(Adaptation):
 
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> HypergradientState:
         if self.granularity == "global":  # one scalar: kept in the widest float (adaptlr._precision)
-            dtype = accumulation_dtype(xp, [p.dtype for p in params], scalar_device(params[0]))
+            dtype = widest_float(xp, scalar_device(params[0]))
             widest = max(alpha, key=lambda a: xp.finfo(a.dtype).bits)  # α least rounded
             lr = xp.astype(widest, dtype, copy=True)  # its own buffer (donatable)
         elif self.granularity == "tensor":
@@ -116,7 +116,7 @@ class Hypergradient(Adaptation):
 
         if self.granularity == "global":
             lr = state.lr
-            acc = accumulation_dtype(xp, [g.dtype for g in grads], scalars.device)
+            acc = scalars.wide
             total = ctx.reduce.total
             h = total((g * d for g, d in zip(grads, d_prev, strict=True)), acc)
             if multiplicative:

@@ -41,6 +41,7 @@ import array_api_compat
 from adaptlr import _validation as v
 from adaptlr._precision import largest, widest_float
 from adaptlr._tree import Layout
+from adaptlr.adam import step_size_bias_correction
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
 
 __all__ = ["ProdigyDirection", "ProdigyState", "prodigy"]
@@ -118,9 +119,7 @@ class ProdigyDirection(BaseDirection):
         return x if self.slice_p == 1 or x.ndim == 0 else xp.reshape(x, (-1,))[:: self.slice_p]
 
     def _bias_correction(self, t: Any) -> Any:
-        if not self.use_bias_correction:
-            return t * 0.0 + 1.0
-        return (1.0 - self.b2**t) ** 0.5 / (1.0 - self.b1**t)
+        return step_size_bias_correction(t, self.b1, self.b2, self.use_bias_correction)
 
     def init(self, params: list, layout: Layout, xp: Any) -> ProdigyState:
         device = scalar_device(params[0])

@@ -276,8 +276,11 @@ def reference(case: UpstreamCase, init: list, grad: Callable, steps: int = STEPS
 
 
 def run(opt: Any, backend: Backend, init: list, grad: Callable, steps: int = STEPS,
-        step: Callable | None = None) -> tuple[list, Any]:
-    """adaptlr's run of ``opt`` on ``backend``: parameters after each step (NumPy), and the final state."""
+        step: Callable | None = None, on_step: Callable[[Any], None] | None = None) -> tuple[list, Any]:
+    """adaptlr's run of ``opt`` on ``backend``: parameters after each step (NumPy), and the final state.
+
+    ``step`` replaces ``opt.update`` (e.g. ``jax.jit(opt.update)``); ``on_step(state)`` runs after each
+    step (the tests record the estimates with it)."""
     import adaptlr
 
     params = [backend.asarray(p) for p in init]
@@ -289,6 +292,8 @@ def run(opt: Any, backend: Backend, init: list, grad: Callable, steps: int = STE
         updates, state = step(grads, state, params)
         params = adaptlr.apply_updates(params, updates)
         trajectory.append([backend.to_numpy(p) for p in params])
+        if on_step is not None:
+            on_step(state)
     return trajectory, state
 
 

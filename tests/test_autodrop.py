@@ -12,7 +12,7 @@ import pytest
 from conftest import max_rel_err
 
 import adaptlr
-from adaptlr._precision import accumulation_dtype
+from adaptlr._precision import widest_float
 from adaptlr.autodrop import (
     AutoDropState,
     DetectorOptions,
@@ -260,7 +260,7 @@ def test_float32_params_accumulate_in_float64():
     assert float(states[-1].omega) == 90.0
 
 
-def test_accumulation_dtype_falls_back_without_float64():
+def test_widest_float_falls_back_without_float64():
     class NoFloat64:  # a namespace like JAX without x64: float64 requests give float32
         float64 = np.float64
         float32 = np.float32
@@ -276,10 +276,9 @@ def test_accumulation_dtype_falls_back_without_float64():
         def asarray(x, dtype=None, device=None):
             raise TypeError("Cannot convert a MPS Tensor to float64 dtype")
 
-    dtypes = [np.float32, np.float16]
-    assert accumulation_dtype(NoFloat64, dtypes, "cpu") == np.float32
-    assert accumulation_dtype(RaisesOnFloat64, dtypes, "cpu") == np.float32
-    assert accumulation_dtype(np, dtypes, "cpu") == np.float64
+    assert widest_float(NoFloat64, "cpu") == np.float32
+    assert widest_float(RaisesOnFloat64, "cpu") == np.float32
+    assert widest_float(np, "cpu") == np.float64
 
 
 # -- the noisy quadratic ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 from conftest import max_rel_err
-from lr_free_problem import STEPS
+from lr_free_problem import STEPS, max_err_over_steps, run
 from lr_free_problem import problem as _problem
 
 import adaptlr
@@ -22,21 +22,8 @@ TOL = 1e-12
 
 
 def _run(opt, backend, init, grad, step=None):
-    params = [backend.asarray(p) for p in init]
-    state = opt.init(params)
-    step = step or opt.update
-    trajectory, ds = [], []
-    for t in range(STEPS):
-        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params], t)]
-        updates, state = step(grads, state, params)
-        params = adaptlr.apply_updates(params, updates)
-        trajectory.append([backend.to_numpy(p) for p in params])
-        ds.append(float(backend.to_numpy(state.base.d)))
-    return trajectory, ds, state
-
-
-def _worst(trajectory, expected) -> float:
-    return max(max_rel_err(a, e) for a, e in zip(trajectory, expected))
+    """``(trajectory, d after each step, final state)``."""
+    return run(opt, backend, init, grad, lambda state: float(backend.to_numpy(state.base.d)), step)
 
 
 ADAM_CASES = {
@@ -78,7 +65,7 @@ def _dadapt_reference(name: str, kwargs: dict, init, grad):
 
 
 def _check(case, backend, trajectory, ds, expected, expected_d, d0):
-    worst, worst_d = _worst(trajectory, expected), max_rel_err(ds, expected_d)
+    worst, worst_d = max_err_over_steps(trajectory, expected), max_rel_err(ds, expected_d)
     assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
     assert worst_d <= TOL, f"{case} on {backend.name}: d max relative error {worst_d:.3e}"
     assert expected_d[-1] > 10 * d0, "the problem must make d grow"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import max_rel_err
-from lr_free_problem import STEPS
+from lr_free_problem import STEPS, max_err_over_steps, run
 from lr_free_problem import problem as _problem
 
 import adaptlr
@@ -18,21 +18,9 @@ TOL = 1e-12
 
 
 def _run(opt, backend, init, grad, step=None):
-    params = [backend.asarray(p) for p in init]
-    state = opt.init(params)
-    step = step or opt.update
-    trajectory, etas = [], []
-    for t in range(STEPS):
-        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params], t)]
-        updates, state = step(grads, state, params)
-        params = adaptlr.apply_updates(params, updates)
-        trajectory.append([backend.to_numpy(p) for p in params])
-        etas.append([float(backend.to_numpy(r)) for r in adaptlr.learning_rates(state)])
-    return trajectory, etas, state
-
-
-def _worst(trajectory, expected) -> float:
-    return max(max_rel_err(a, e) for a, e in zip(trajectory, expected))
+    """``(trajectory, the per-tensor step sizes α·η after each step, final state)``."""
+    return run(opt, backend, init, grad,
+               lambda state: [float(backend.to_numpy(r)) for r in adaptlr.learning_rates(state)], step)
 
 
 # -- DoG / LDoG vs dog_optimizer ------------------------------------------------------------------
@@ -70,7 +58,7 @@ def test_dog_matches_dog_optimizer(case, backend):
     init, grad = _problem()
     expected, expected_eta = _dog_reference(DOG_CASES[case], init, grad)
     trajectory, etas, _ = _run(adaptlr.dog(**DOG_CASES[case]), backend, init, grad)
-    worst, worst_eta = _worst(trajectory, expected), _worst(etas, expected_eta)
+    worst, worst_eta = max_err_over_steps(trajectory, expected), max_err_over_steps(etas, expected_eta)
     assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
     assert worst_eta <= TOL, f"{case} on {backend.name}: eta max relative error {worst_eta:.3e}"
     assert max(expected_eta[-1]) > 100 * max(expected_eta[1]), "the problem must make η grow"
@@ -86,7 +74,7 @@ def test_dog_jit(backend):
     expected, _ = _dog_reference(kwargs, init, grad)
     opt = adaptlr.dog(**kwargs)
     trajectory, _, _ = _run(opt, backend, init, grad, step=jax.jit(opt.update))
-    assert _worst(trajectory, expected) <= TOL
+    assert max_err_over_steps(trajectory, expected) <= TOL
 
 
 # -- vs optax.contrib ------------------------------------------------------------------------------
@@ -125,7 +113,7 @@ def test_dog_matches_optax(case, backend):
     init, grad = _problem()
     expected = _optax_reference(optax.contrib.dog(**theirs), init, grad)
     trajectory, _, _ = _run(adaptlr.dog(**ours), backend, init, grad)
-    worst = _worst(trajectory, expected)
+    worst = max_err_over_steps(trajectory, expected)
     assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
 
 
@@ -136,7 +124,7 @@ def test_dowg_matches_optax(case, backend):
     init, grad = _problem()
     expected = _optax_reference(optax.contrib.dowg(**theirs), init, grad)
     trajectory, etas, _ = _run(adaptlr.dowg(**ours), backend, init, grad)
-    worst = _worst(trajectory, expected)
+    worst = max_err_over_steps(trajectory, expected)
     assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
     assert etas[-1][0] > 100 * etas[0][0], "the problem must make η grow"
 
@@ -152,7 +140,7 @@ def test_dowg_jit(backend):
     expected = _optax_reference(optax.contrib.dowg(**theirs), init, grad)
     opt = adaptlr.dowg(**ours)
     trajectory, _, _ = _run(opt, backend, init, grad, step=jax.jit(opt.update))
-    assert _worst(trajectory, expected) <= TOL
+    assert max_err_over_steps(trajectory, expected) <= TOL
 
 
 # -- adapters, reporting, errors -------------------------------------------------------------------

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 from conftest import max_rel_err
-from lr_free_problem import STEPS
+from lr_free_problem import STEPS, max_err_over_steps, run
 from lr_free_problem import problem as _problem
 
 import adaptlr
@@ -61,21 +61,8 @@ def _reference(kwargs: dict, init, grad):
 
 
 def _run(opt, backend, init, grad, step=None):
-    params = [backend.asarray(p) for p in init]
-    state = opt.init(params)
-    step = step or opt.update
-    trajectory, ds = [], []
-    for t in range(STEPS):
-        grads = [backend.asarray(g) for g in grad([backend.to_numpy(p) for p in params], t)]
-        updates, state = step(grads, state, params)
-        params = adaptlr.apply_updates(params, updates)
-        trajectory.append([backend.to_numpy(p) for p in params])
-        ds.append(float(backend.to_numpy(state.base.d)))
-    return trajectory, ds, state
-
-
-def _worst(trajectory, expected) -> float:
-    return max(max_rel_err(a, e) for a, e in zip(trajectory, expected))
+    """``(trajectory, d after each step, final state)``."""
+    return run(opt, backend, init, grad, lambda state: float(backend.to_numpy(state.base.d)), step)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -83,7 +70,7 @@ def test_matches_prodigyopt(case, backend):
     init, grad = _problem()
     expected, expected_d = _reference(CASES[case], init, grad)
     trajectory, ds, _ = _run(adaptlr.prodigy(**CASES[case]), backend, init, grad)
-    worst = _worst(trajectory, expected)
+    worst = max_err_over_steps(trajectory, expected)
     worst_d = max_rel_err(ds, expected_d)
     assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
     assert worst_d <= TOL, f"{case} on {backend.name}: d max relative error {worst_d:.3e}"
@@ -100,7 +87,7 @@ def test_jit_matches_prodigyopt(backend):
     expected, expected_d = _reference(kwargs, init, grad)
     opt = adaptlr.prodigy(**kwargs)
     trajectory, ds, _ = _run(opt, backend, init, grad, step=jax.jit(opt.update))
-    assert _worst(trajectory, expected) <= TOL
+    assert max_err_over_steps(trajectory, expected) <= TOL
     assert max_rel_err(ds, expected_d) <= TOL
 
 
@@ -131,7 +118,7 @@ def test_matches_optax_contrib_prodigy(case, backend):
     expected, expected_d = _optax_reference(kwargs, init, grad)
     opt = adaptlr.prodigy(use_bias_correction=True, **kwargs)
     trajectory, ds, _ = _run(opt, backend, init, grad)
-    worst, worst_d = _worst(trajectory, expected), max_rel_err(ds, expected_d)
+    worst, worst_d = max_err_over_steps(trajectory, expected), max_rel_err(ds, expected_d)
     assert worst <= TOL, f"{case} on {backend.name}: params max relative error {worst:.3e}"
     assert worst_d <= TOL, f"{case} on {backend.name}: d max relative error {worst_d:.3e}"
 
