@@ -90,7 +90,8 @@ def adam(
 
     Args:
         learning_rate: ``α``, a float >= 0 or a schedule ``t ↦ α_t`` (t = 1 on the first step).
-        b1, b2: ``β1, β2`` in [0, 1), the decay rates of the first and second moments.
+        b1: ``β1`` in [0, 1), the decay rate of the first moment ``m``.
+        b2: ``β2`` in [0, 1), the decay rate of the second moment ``v``.
         eps: ``ε`` >= 0 added to the bias-corrected ``sqrt(v)``.
         weight_decay: ``λ`` >= 0.
         state_dtype: the dtype of ``m`` and ``v`` and of the step's arithmetic (None: each

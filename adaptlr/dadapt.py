@@ -266,7 +266,8 @@ def dadapt_adam(
 
     Args:
         learning_rate: ``α`` > 0 (1, or a schedule with 1 as its peak).
-        b1, b2: ``β1, β2`` in [0, 1) (``DAdaptAdam``'s ``betas``).
+        b1: ``β1`` in [0, 1) (``DAdaptAdam``'s ``betas[0]``).
+        b2: ``β2`` in [0, 1) (``DAdaptAdam``'s ``betas[1]``).
         eps: ``ε`` > 0 added to ``sqrt(v)``.
         weight_decay: ``λ`` >= 0.
         decouple: True: AdamW-style decay ``-α·d·c_t·λ·θ``; False: coupled L2 (``g ← g + λθ``).

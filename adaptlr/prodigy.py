@@ -220,7 +220,8 @@ def prodigy(
 
     Args:
         learning_rate: ``α`` > 0, or a schedule ``t ↦ α_t``.
-        b1, b2: ``β1, β2`` in [0, 1) (``prodigyopt``'s ``betas``).
+        b1: ``β1`` in [0, 1) (``prodigyopt``'s ``betas[0]``).
+        b2: ``β2`` in [0, 1) (``prodigyopt``'s ``betas[1]``).
         beta3: ``β3`` in [0, 1) for the estimate's sums (None: ``sqrt(β2)``).
         eps: ``ε`` > 0, added to ``sqrt(v)`` times ``d``.
         weight_decay: ``λ`` >= 0.
