@@ -1,0 +1,107 @@
+"""The documentation site (mkdocs.yml) documents every public name.
+
+The API page of ``adaptlr`` is generated at build time from ``adaptlr.__all__`` by
+``docs/hooks/api_reference.py``; these tests check, without building the site (CI builds it with
+``mkdocs build --strict``, which needs the ``docs`` extra), that every public name has a docstring
+and an entry in that page, and that each framework module has its page.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import adaptlr
+
+ROOT = Path(__file__).resolve().parent.parent
+# module -> its page in the API reference (besides adaptlr's generated one)
+MODULE_PAGES = {
+    "adaptlr.backends.torch": "api/torch.md",
+    "adaptlr.backends.jax": "api/jax.md",
+    "adaptlr.backends.keras": "api/keras.md",
+    "adaptlr.backends.fast": "api/fast.md",
+    "adaptlr.conformance": "api/conformance.md",
+}
+
+
+def _hook():
+    spec = importlib.util.spec_from_file_location("api_reference", ROOT / "docs" / "hooks" / "api_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _nav_pages() -> set[str]:
+    """The pages named in mkdocs.yml's nav (``Title: path.md`` lines)."""
+    text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    nav = text[text.index("\nnav:"):]
+    return set(re.findall(r":\s+(\S+\.md)\s*$", nav, re.M))
+
+
+@pytest.mark.parametrize("name", adaptlr.__all__)
+def test_public_name_has_a_docstring(name):
+    doc = inspect.getdoc(getattr(adaptlr, name))
+    assert doc and doc.strip(), f"adaptlr.{name} has no docstring"
+
+
+def test_every_public_name_has_an_entry_in_the_reference():
+    hook = _hook()
+    markdown = hook.reference_markdown()
+    entries = re.findall(r'^::: (\S+)\n    options:\n      heading: "adaptlr\.(\w+)"', markdown, re.M)
+    assert sorted(name for _, name in entries) == sorted(adaptlr.__all__)
+    for path, name in entries:  # each entry points at the object adaptlr.<name> is
+        module, _, qualname = path.rpartition(".")
+        assert getattr(importlib.import_module(module), qualname) is getattr(adaptlr, name), path
+    page = (ROOT / "docs" / hook.PAGE).read_text(encoding="utf-8")
+    assert hook.MARKER in page
+    assert hook.PAGE in _nav_pages()
+
+
+def test_reference_groups_names_by_module_with_the_core_first():
+    groups = list(_hook().public_names())
+    assert groups[0] == "adaptlr.core"
+    assert sorted(groups) == sorted({getattr(adaptlr, n).__module__ for n in adaptlr.__all__})
+
+
+def test_the_hook_refuses_a_page_without_its_marker():
+    hook = _hook()
+
+    class Page:
+        class file:
+            src_uri = hook.PAGE
+
+    with pytest.raises(ValueError, match="marker"):
+        hook.on_page_markdown("# adaptlr\n", page=Page)
+    assert hook.on_page_markdown("text", page=type("P", (), {"file": type("F", (), {"src_uri": "x.md"})})) == "text"
+
+
+def _public_docstrings(module_name: str) -> dict[str, str | None]:
+    """``{name: docstring}`` of a module's ``__all__``, read from the source (no framework imported)."""
+    if module_name == "adaptlr.conformance":  # re-exports from its submodules; needs only NumPy
+        module = importlib.import_module(module_name)
+        return {n: inspect.getdoc(getattr(module, n)) for n in module.__all__
+                if not isinstance(getattr(module, n), dict)}  # the registries are data, described in the module
+    tree = ast.parse((ROOT / "backends" / f"{module_name.rpartition('.')[2]}.py").read_text(encoding="utf-8"))
+    defined = {node.name: ast.get_docstring(node) for node in tree.body
+               if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+    names = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(target, ast.Name) and target.id == "__all__" for target in node.targets))
+    return {n: defined.get(n) for n in names if n in defined}  # constants have no docstring of their own
+
+
+@pytest.mark.parametrize("module_name", list(MODULE_PAGES))
+def test_framework_module_has_a_page_and_docstrings(module_name):
+    page = MODULE_PAGES[module_name]
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    assert re.search(rf"^::: {re.escape(module_name)}$", text, re.M), f"{page} does not document {module_name}"
+    assert page in _nav_pages()
+    docstrings = _public_docstrings(module_name)
+    assert docstrings, f"{module_name}: no public functions or classes found"
+    undocumented = [n for n, doc in docstrings.items() if not (doc or "").strip()]
+    assert not undocumented, f"{module_name}: no docstring for {undocumented}"
