@@ -275,6 +275,10 @@ def dadapt_adam(
         d0: the initial estimate ``d_0`` > 0.
         growth_rate: ``d`` grows at most by this factor per step (>= 1; inf: unbounded).
         state_dtype: the dtype of the moments and of the step's arithmetic (None: each parameter's).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(DAdaptAdamDirection(learning_rate, b1, b2, eps, weight_decay, decouple, use_bias_correction,
                                          d0, growth_rate), state_dtype=state_dtype)
@@ -298,6 +302,10 @@ def dadapt_sgd(
         d0: the initial estimate ``d_0`` > 0.
         growth_rate: ``d`` grows at most by this factor per step (>= 1; inf: unbounded).
         state_dtype: the dtype of ``s`` and ``x_0`` and of the step's arithmetic (None: each parameter's).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(DAdaptSGDDirection(learning_rate, momentum, weight_decay, d0, growth_rate),
                      state_dtype=state_dtype)

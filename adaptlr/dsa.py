@@ -211,6 +211,10 @@ def dsa(
         max_lr: an optional upper bound on ``A = α·κ`` of every element.
         scale_weight_decay: also multiply decoupled weight decay by ``κ``.
 
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
+
     Example:
         >>> import numpy as np, adaptlr
         >>> opt = adaptlr.dsa(adaptlr.sgd(0.1), hyper_lr=0.1, structure=("element",))

@@ -201,6 +201,10 @@ def hypergradient(
         min_lr: an optional lower bound on ``a`` (an extension; ``a`` may go negative without one).
         max_lr: an optional upper bound on ``a`` (an extension).
 
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
+
     Example:
         >>> import numpy as np, adaptlr
         >>> opt = adaptlr.hypergradient(adaptlr.sgd(0.1), hyper_lr=0.1)
@@ -237,6 +241,11 @@ def sgd_hd(
         momentum: as in :func:`adaptlr.sgd`.
         dampening: as in :func:`adaptlr.sgd`.
         weight_decay: as in :func:`adaptlr.sgd` (coupled L2).
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     base = sgd(learning_rate, momentum, dampening, False, weight_decay, state_dtype=state_dtype)
     return hypergradient(base, hyper_lr)
@@ -257,6 +266,11 @@ def sgdn_hd(
         hyper_lr: ``β`` >= 0 (default 1e-6, the reference code's).
         momentum: ``μ`` in (0, 1).
         weight_decay: ``λ`` >= 0, coupled L2.
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay, state_dtype=state_dtype), hyper_lr)
 
@@ -280,6 +294,11 @@ def adam_hd(
         b2: ``β2``, as in :func:`adaptlr.adam`.
         eps: ``ε``, as in :func:`adaptlr.adam`.
         weight_decay: ``λ``, as in :func:`adaptlr.adam`.
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay, state_dtype=state_dtype), hyper_lr)
 

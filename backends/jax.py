@@ -38,7 +38,15 @@ __all__ = ["complete_sum", "state_partition_specs", "to_optax"]
 
 
 def complete_sum(partial: Any, axis_names: tuple) -> Any:
-    """The sum of ``partial`` over the devices of the mesh axes ``axis_names`` (inside ``shard_map``)."""
+    """The sum of ``partial`` over the devices of the mesh axes ``axis_names`` (inside ``shard_map``).
+
+    Args:
+        partial: this device's partial sum (an array or a tree of arrays).
+        axis_names: the mesh axes the parameters are split over.
+
+    Returns:
+        ``jax.lax.psum(partial, axis_names)``: the complete sum, on every device.
+    """
     return jax.lax.psum(partial, axis_names)
 
 

@@ -9,6 +9,7 @@ and an entry in that page, and that each framework module has its page.
 from __future__ import annotations
 
 import ast
+import doctest
 import importlib
 import importlib.util
 import inspect
@@ -105,3 +106,22 @@ def test_framework_module_has_a_page_and_docstrings(module_name):
     assert docstrings, f"{module_name}: no public functions or classes found"
     undocumented = [n for n, doc in docstrings.items() if not (doc or "").strip()]
     assert not undocumented, f"{module_name}: no docstring for {undocumented}"
+
+
+def _examples() -> list[tuple[str, doctest.DocTest]]:
+    finder = doctest.DocTestFinder(recurse=True, exclude_empty=True)
+    found = []
+    for name in adaptlr.__all__:
+        for test in finder.find(getattr(adaptlr, name), f"adaptlr.{name}", globs={}):
+            if test.examples:
+                found.append((test.name, test))
+    return found
+
+
+@pytest.mark.parametrize("test", [t for _, t in _examples()], ids=[n for n, _ in _examples()])
+def test_docstring_examples_run(test):
+    """The ``>>>`` examples of the public docstrings (shown in the API reference) give what they show."""
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    output: list[str] = []
+    runner.run(test, out=output.append)
+    assert runner.failures == 0, "".join(output)

@@ -42,22 +42,24 @@ def public_names() -> dict[str, list[tuple[str, str]]]:
     return dict(sorted(groups.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
 
 
-def _module_summary(module: str) -> tuple[str, str]:
-    """``(title, first line)`` of a module's docstring: the title is the part before ``:`` or ``(``."""
+def _module_title(module: str) -> str:
+    """The start of a module's docstring up to ``:`` or `` (`` (``"ActiveLR"``), else the module's name."""
     doc = inspect.getdoc(importlib.import_module(module)) or ""
-    first = doc.split("\n\n")[0].replace("\n", " ").strip()
-    title = first.split(":")[0].split(" (")[0].strip().rstrip(".")
-    if not title or title.startswith("`") or len(title) > 60:
-        title = module
-    return title, first
+    title = doc.split("\n")[0].split(":")[0].split(" (")[0].strip().rstrip(".")
+    return module if not title or title.startswith("`") or len(title) > 60 else title
 
 
 def reference_markdown() -> str:
-    """The Markdown that replaces :data:`MARKER`: a section per module, a mkdocstrings block per name."""
+    """The Markdown that replaces :data:`MARKER`: a section per module (its docstring: the update rule
+    and the paper), then a mkdocstrings block per name."""
     parts = []
     for module, names in public_names().items():
-        title, first = _module_summary(module)
-        parts.append(f"## {title}\n\nModule `{module}`. {first}\n")
+        parts.append(f"## {_module_title(module)}\n\nModule `{module}`:\n\n"
+                     f"::: {module}\n"
+                     f"    options:\n"
+                     f"      members: false\n"
+                     f"      show_root_heading: false\n"
+                     f"      show_root_toc_entry: false\n")
         for name, path in names:
             parts.append(f"::: {path}\n"
                          f"    options:\n"
