@@ -31,8 +31,8 @@ MODULE_PAGES = {
 }
 
 
-def _hook():
-    spec = importlib.util.spec_from_file_location("api_reference", ROOT / "docs" / "hooks" / "api_reference.py")
+def _hook(name: str = "api_reference"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "hooks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,6 +49,25 @@ def _nav_pages() -> set[str]:
 def test_public_name_has_a_docstring(name):
     doc = inspect.getdoc(getattr(adaptlr, name))
     assert doc and doc.strip(), f"adaptlr.{name} has no docstring"
+
+
+_ARGS_SECTION = re.compile(r"^(?:Args|Arguments|Parameters):\n((?:[ \t]+.*\n?|\n)+)", re.M)
+_ARG_ENTRY = re.compile(r"^    (\S[^:]*?)(?: \([^)]*\))?:(?:\s|$)", re.M)
+
+
+@pytest.mark.parametrize("name", adaptlr.__all__)
+def test_documented_arguments_are_parameters(name):
+    """What Griffe (mkdocstrings) warns about: an ``Args:`` entry that is not one parameter name."""
+    obj = getattr(adaptlr, name)
+    doc = inspect.getdoc(obj) or ""
+    section = _ARGS_SECTION.search(doc)
+    if section is None or not callable(obj):
+        return
+    parameters = set(inspect.signature(obj).parameters)
+    entries = [m.group(1).lstrip("*") for m in _ARG_ENTRY.finditer(section.group(1))]
+    assert entries, f"adaptlr.{name}: an empty Args section"
+    wrong = [e for e in entries if e not in parameters]
+    assert not wrong, f"adaptlr.{name}: Args entries {wrong} are not parameters {sorted(parameters)} (one name each)"
 
 
 def test_every_public_name_has_an_entry_in_the_reference():
@@ -125,3 +144,24 @@ def test_docstring_examples_run(test):
     output: list[str] = []
     runner.run(test, out=output.append)
     assert runner.failures == 0, "".join(output)
+
+
+def test_every_page_is_in_the_navigation():
+    """Each page is in mkdocs.yml's nav, or in a folder whose new pages docs/hooks/nav_sections.py adds."""
+    folders = set(_hook("nav_sections").SECTIONS.values())
+    docs = ROOT / "docs"
+    pages = {p.relative_to(docs).as_posix() for p in docs.rglob("*.md")
+             if p.relative_to(docs).parts[0] not in ("hooks", "scripts")}
+    orphans = sorted(p for p in pages - _nav_pages() if p.split("/")[0] not in folders)
+    assert not orphans, f"pages missing from the nav of mkdocs.yml: {orphans}"
+
+
+def test_nav_hook_appends_new_pages_to_their_section(tmp_path):
+    hook = _hook("nav_sections")
+    (tmp_path / "algorithms").mkdir()
+    (tmp_path / "algorithms" / "base.md").write_text("# Base optimizers (spec §1)\n")
+    (tmp_path / "algorithms" / "new.md").write_text("Intro.\n\n# New rule (spec §9, reconstruction)\n## Update\n")
+    nav = [{"Home": "index.md"}, {"Algorithms": [{"Base": "algorithms/base.md"}]}, {"Reproductions": "r.md"}]
+    config = hook.on_config({"nav": nav, "docs_dir": str(tmp_path)})
+    assert config["nav"][1] == {"Algorithms": [{"Base": "algorithms/base.md"}, {"New rule": "algorithms/new.md"}]}
+    assert config["nav"][2] == {"Reproductions": "r.md"}  # no folder, nothing to add
