@@ -74,9 +74,10 @@ def save_state(path: str | os.PathLike, state: OptimizerState, *, optimizer: Opt
         >>> opt = adaptlr.adamw(1e-3)
         >>> params = {"w": np.ones(3)}
         >>> state = opt.init(params)
-        >>> path = os.path.join(tempfile.mkdtemp(), "opt.npz")
-        >>> adaptlr.save_state(path, state, optimizer=opt)
-        >>> restored = adaptlr.load_state(path, params, optimizer=opt)   # or like= torch / JAX params
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "opt.npz")
+        ...     adaptlr.save_state(path, state, optimizer=opt)
+        ...     restored = adaptlr.load_state(path, params, optimizer=opt)   # or torch / JAX params
         >>> int(restored.count), restored.base.mu["w"].shape
         (0, (3,))
     """
