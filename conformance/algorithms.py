@@ -194,11 +194,8 @@ def _register_defaults() -> None:
         def make(a: Any, make_base: Callable = make_base) -> Any:
             return a.autodrop(make_base(a), steps_per_epoch=S, **drops)
 
-        # Adam's normalised steps barely contract rounding errors here while the iterates shrink by the
-        # drop factor after each drop, so its normwise relative error grows (measured 1.45x the base tol).
         register_algorithm(f"autodrop({base})", make, ("rotating_target",), requires=("autodrop", _BASE_NAMES[base]),
-                           decisions=AngleDrops(S, **drops), takes_module=True,
-                           condition=3.0 if base == "adam" else 1.0)
+                           decisions=AngleDrops(S, **drops), takes_module=True)
 
     # Hypergradient descent: both modes, all granularities, on SGD and Adam.
     hyper_lr = {("additive", "sgd"): 2e-3, ("multiplicative", "sgd"): 0.02,
@@ -249,10 +246,8 @@ def _register_defaults() -> None:
         "dowg": lambda a: a.dowg(),
     }
     for name, make in lr_free.items():
-        # D-Adapt Adam on the separable logistic problem: its d keeps growing and the normalised steps
-        # with it, which amplifies rounding errors (measured 3.1x the base tolerance, float64 and float32).
         register_algorithm(name, make, ("noisy_quadratic", "logistic"), requires=("dog" if name == "ldog" else name,),
-                           takes_module=True, condition=4.0 if name == "dadapt_adam" else 1.0)
+                           takes_module=True)
 
     # A composition: AutoDrop around ActiveLR around AdamW.
     register_algorithm(

@@ -10,7 +10,7 @@ error (``‖x - x_ref‖∞ / ‖x_ref‖∞``, per step and tensor) of a K-step
    over K steps they accumulate like a random walk (``sqrt(K)``); each step adds a few dozen
    roundings and float32 runs start from inputs rounded to float32 (the factor 100). ``c_problem``
    is > 1 where the problem amplifies a perturbation (Rosenbrock's curved valley: 100) and
-   ``c_algorithm`` where the optimizer's dynamics do (AutoDrop around Adam: 3).
+   ``c_algorithm`` where the optimizer's dynamics do (1 for every built-in entry).
 2. Step scalars. Bias corrections and RAdam's rectification are computed in the widest float of
    the device (float64; see :mod:`adaptlr._precision`) from ``β^t``, and two correct
    implementations of ``pow``/``exp`` may differ by an ulp or two (NumPy's AVX-512 ``pow`` differs

@@ -77,6 +77,14 @@ def test_max_rel_err_is_normwise() -> None:
     assert runner.max_rel_err([[np.array([np.nan, 0.0])]], ref) == np.inf
 
 
+def test_max_rel_err_scales_by_the_largest_magnitude_so_far() -> None:
+    """An iterate passing near zero is measured against the magnitude it came from."""
+    ref = [[np.array([2.0])], [np.array([1e-3])], [np.array([4.0])]]
+    run = [[np.array([2.0])], [np.array([1e-3 + 2e-16])], [np.array([4.0 + 4e-15])]]
+    assert runner.max_rel_err(run, ref) == pytest.approx(1e-15)
+    assert runner.max_rel_err(run[1:2], ref[1:2]) == pytest.approx(2e-13)
+
+
 def _traj(lrs: list[float], grads: list[float]) -> runner.Trajectory:
     return runner.Trajectory([[np.zeros(1)]] * (len(lrs) + 1), [[np.array([g])] for g in grads],
                              [[np.array([lr])] for lr in lrs])
