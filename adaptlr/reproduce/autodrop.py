@@ -33,7 +33,7 @@ def config(settings: Settings) -> dict:
         if settings.quick:
             return {"epochs": 8, "patience": 1, "seeds": settings.seed_count(5, 1), "model": [40, 32, 10],
                     "batch": 128}
-        return {"epochs": 40, "patience": 3, "seeds": settings.seed_count(5, 1), "model": CNN1d(channels=(16, 16, 16)),
+        return {"epochs": 30, "patience": 3, "seeds": settings.seed_count(5, 1), "model": CNN1d(channels=(16, 16, 16)),
                 "batch": 128}
     if settings.quick:
         return {"epochs": 12, "patience": 2, "seeds": settings.seed_count(5, 1), "model": [64, 32, 10], "batch": 32}

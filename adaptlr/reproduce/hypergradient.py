@@ -34,7 +34,7 @@ def config(settings: Settings) -> dict:
     if settings.dataset == "mnist1d":
         if settings.quick:
             return {"models": {"logreg": [40, 10]}, "epochs": 3, "seeds": settings.seed_count(5, 1), "batch": 64}
-        return {"models": {"logreg": [40, 10], "cnn": CNN1d(channels=(16, 16, 16))}, "epochs": 15,
+        return {"models": {"logreg": [40, 10], "cnn": CNN1d(channels=(16, 16, 16))}, "epochs": 12,
                 "seeds": settings.seed_count(5, 1), "batch": 64}
     if settings.quick:
         return {"models": {"logreg": [64, 10]}, "epochs": 4, "seeds": settings.seed_count(5, 1), "batch": 32}
