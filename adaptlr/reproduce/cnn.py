@@ -45,8 +45,7 @@ def gather_matrix(length: int, kernel: int, stride: int, padding: int) -> np.nda
             i = stride * o + j - padding
             if 0 <= i < length:
                 g[o * kernel + j, i] = 1.0
-    g.setflags(write=False)
-    return g
+    return g  # cached and shared: callers must not write to it
 
 
 @dataclass(frozen=True)
