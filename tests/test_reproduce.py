@@ -396,3 +396,15 @@ def test_cli_stops_before_training_when_a_dependency_is_missing(tmp_path, monkey
     err = capsys.readouterr().err
     assert "mnist1d not installed" in err and "Nothing was run" in err
     assert cli.main(["eg", "--dataset", "nosuch", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_quick_run_on_mnist1d_writes_its_own_files(tmp_path, capsys):
+    pytest.importorskip("mnist1d")
+    status = cli.main(["eg", "--dataset", "mnist1d", "--quick", "--no-progress", "--out", str(tmp_path)])
+    if status == 1:
+        pytest.skip("adaptlr.eg_step_size is not available yet")
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "MNIST-1D (4000 train / 1000 test)" in out and "| verdict |" in out
+    assert (tmp_path / "eg_mnist1d.md").exists() and (tmp_path / "eg_shift_stream_mnist1d.png").exists()
+    assert not (tmp_path / "eg.md").exists()
