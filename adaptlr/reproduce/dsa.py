@@ -10,7 +10,8 @@ tensor·element for biases).
 
 Measures: the final full-batch training loss; "keeps decreasing": how many of the last half's
 epochs lowered the full-batch training loss, and its fall over the last half; "steadiness": the
-standard deviation of the per-step minibatch loss over the last 5 epochs; test accuracy.
+standard deviation of the per-step minibatch loss over the last 5 epochs; test accuracy (a diverged
+run counts at chance accuracy, its loss claims are inconclusive by the verdict rule).
 
 Computed verdicts (:mod:`.verdict`, paired by seed), per base: DSA's final training loss is lower than
 HD's, its minibatch loss steadier than HD's, and its final test accuracy higher than HD's and than the
@@ -75,10 +76,11 @@ def run(settings: Settings) -> Result:
         rows.append([base, kind, mean_std([lg.final_train_loss for lg in group], digits=4),
                      f"{np.mean(decreasing):.1f} / {cfg['epochs'] - half}", f"{np.mean(fall):.2f}×",
                      mean_std(jitter, digits=4), mean_std([lg.final_test_acc for lg in group], 100, 2),
-                     f"{np.mean([lg.epoch_lr[-1] for lg in group]):.3g}"])
+                     f"{np.mean([lg.epoch_lr[-1] for lg in group]):.3g}",
+                     f"{sum(lg.diverged for lg in group)} / {len(group)}"])
     table = markdown_table(["base", "adaptation", "final train loss", "epochs lowering the loss (2nd half)",
                             "loss fall over 2nd half", "minibatch-loss std (last 5 epochs)", "test acc %",
-                            "final mean lr"], rows)
+                            "final mean lr", "diverged runs"], rows)
     findings, checks = [], []
     for base in BASES:
         d, h, b = per_seed[(base, "DSA")], per_seed[(base, "HD")], per_seed[(base, "base")]
