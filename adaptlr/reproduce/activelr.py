@@ -110,7 +110,7 @@ def run(settings: Settings) -> Result:
              f"({steps} steps per epoch), {cfg['epochs']} epochs, no schedule, weight decay 0, "
              f"increase={INCREASE:g}, decrease={DECREASE:g}; final test accuracy %, mean ± std over "
              f"{cfg['seeds']} seed(s); backend {settings.backend.name}.")
-    return Result(settings.tag("activelr"), f"ActiveLR: accuracy across learning rates (spec §2), {data.name}", setup,
+    return Result(settings.tag("activelr"), f"ActiveLR: accuracy across learning rates — {data.title} (spec §2)", setup,
                   table, findings, [plot], {"means": means, "spread": spread}, checks)
 
 

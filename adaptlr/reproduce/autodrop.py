@@ -133,5 +133,5 @@ def run(settings: Settings) -> Result:
              f"weight decay {WEIGHT_DECAY:g}, batch {batch} ({steps} steps per epoch), {cfg['epochs']} epochs; "
              f"AutoDrop ρ={DROP:g}, patience {cfg['patience']} epochs, min_lr 1e-4; mean ± std over "
              f"{cfg['seeds']} seed(s); backend {settings.backend.name}.")
-    return Result(settings.tag("autodrop"), f"AutoDrop vs a multi-step schedule (spec §3), {data.name}", setup, table,
+    return Result(settings.tag("autodrop"), f"AutoDrop vs a multi-step schedule — {data.title} (spec §3)", setup, table,
                   findings, [plot], {"logs": logs}, checks)

@@ -75,9 +75,12 @@ class Dataset:
     def features(self) -> int:
         return self.x_train.shape[1]
 
+    @property
+    def title(self) -> str:
+        return {"digits": "digits", "mnist1d": "MNIST-1D"}.get(self.name, self.name)
+
     def describe(self) -> str:
-        title = {"digits": "digits", "mnist1d": "MNIST-1D"}.get(self.name, self.name)
-        return f"{title} ({len(self.y_train)} train / {len(self.y_test)} test)"
+        return f"{self.title} ({len(self.y_train)} train / {len(self.y_test)} test)"
 
 
 Digits = Dataset  # the name before MNIST-1D joined

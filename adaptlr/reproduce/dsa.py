@@ -131,5 +131,5 @@ def run(settings: Settings) -> Result:
              f"{cfg['epochs']} epochs; HD β = 1e-3 (SGDM) / 1e-7 (Adam), DSA hyper_lr 0.01 with the default "
              f"structure; mean ± std over {cfg['seeds']} seed(s); backend {settings.backend.name}. DSA is "
              "adaptlr's reconstruction (spec §5), not the paper's exact rule.")
-    return Result(settings.tag("dsa"), f"DSA vs HD vs base (spec §5, reconstruction), {data.name}", setup, table,
+    return Result(settings.tag("dsa"), f"DSA vs HD vs base — {data.title} (spec §5, reconstruction)", setup, table,
                   findings, [plot], {"stats": stats}, checks)

@@ -151,5 +151,5 @@ def run(settings: Settings) -> Result:
              f"batch 32, {as_model(cfg['sizes']).describe()} trained online (loss measured before each step); "
              "averages over "
              f"the {tasks - 1} shifts and {cfg['seeds']} seed(s); backend {settings.backend.name}.")
-    return Result(settings.tag("eg"), f"EG step-size adaptation under distribution shift (spec §6), {data.name}",
+    return Result(settings.tag("eg"), f"EG step-size adaptation under distribution shift — {data.title} (spec §6)",
                   setup, table, findings, [plot], {"runs": runs}, checks)

@@ -137,5 +137,5 @@ def run(settings: Settings) -> Result:
              f"batch {batch} ({steps} steps per epoch), {cfg['epochs']} epochs, β = 1e-3 (SGD, SGDN μ=0.9) and "
              f"1e-7 (Adam), additive global HD; mean ± std over {cfg['seeds']} seed(s); backend "
              f"{settings.backend.name}.")
-    return Result(settings.tag("hypergradient"), f"Hypergradient descent (spec §4), {data.name}", setup, table,
+    return Result(settings.tag("hypergradient"), f"Hypergradient descent — {data.title} (spec §4)", setup, table,
                   findings, plots, {"logs": logs}, checks)

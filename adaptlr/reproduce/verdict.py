@@ -120,8 +120,9 @@ def check(claim: str, a_label: str, a: ArrayLike, b_label: str, b: ArrayLike | f
 
     Args:
         claim: the claim in words, for the report.
-        a_label, b_label: names of the two sides.
+        a_label: the name of ``a``.
         a: one value per seed.
+        b_label: the name of ``b``.
         b: one value per seed (same order as ``a``) or one fixed reference number.
         higher: the claimed direction.
         margin: tolerated shortfall (non-inferiority); 0 for a strict claim.
