@@ -408,3 +408,13 @@ def test_cli_quick_run_on_mnist1d_writes_its_own_files(tmp_path, capsys):
     assert "MNIST-1D (4000 train / 1000 test)" in out and "| verdict |" in out
     assert (tmp_path / "eg_mnist1d.md").exists() and (tmp_path / "eg_shift_stream_mnist1d.png").exists()
     assert not (tmp_path / "eg.md").exists()
+
+
+def test_cli_refuses_a_dataset_an_experiment_does_not_declare(tmp_path, monkeypatch, capsys):
+    from adaptlr.reproduce import eg
+
+    assert all("mnist1d" in cli.supported(name) for name in EXPERIMENTS)
+    monkeypatch.setattr(eg, "DATASETS", ("digits",))
+    monkeypatch.setattr(cli, "run_experiment", lambda *a, **k: pytest.fail("training started"))
+    assert cli.main(["eg", "--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
+    assert "eg cannot run on --dataset mnist1d" in capsys.readouterr().err

@@ -20,6 +20,8 @@ from adaptlr.reproduce.harness import Progress, Settings, algorithm, as_model, t
 from adaptlr.reproduce.report import Result, markdown_table, mean_std, pyplot, save
 from adaptlr.reproduce.verdict import check
 
+DATASETS = ("digits", "mnist1d")  # the --dataset values this experiment runs on (see cli.supported)
+
 INCREASE, DECREASE = 2.0, 0.5
 PARITY_MARGIN = 1.0  # points of accuracy: "parity at the best learning rate"
 BASES = {

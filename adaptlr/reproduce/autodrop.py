@@ -25,6 +25,8 @@ from adaptlr.reproduce.harness import Progress, Settings, algorithm, as_model, t
 from adaptlr.reproduce.report import Result, markdown_table, mean_std, pyplot, save
 from adaptlr.reproduce.verdict import check
 
+DATASETS = ("digits", "mnist1d")  # the --dataset values this experiment runs on (see cli.supported)
+
 LR, MOMENTUM, WEIGHT_DECAY, DROP = 0.05, 0.9, 5e-4, 0.2
 
 

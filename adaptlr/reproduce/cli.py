@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def supported(name: str) -> tuple[str, ...]:
+    """The datasets experiment ``name`` runs on: its module's ``DATASETS`` (digits alone when it has none)."""
+    return tuple(getattr(importlib.import_module(f"adaptlr.reproduce.{name}"), "DATASETS", ("digits",)))
+
+
 def run_experiment(name: str, settings: Settings):  # -> report.Result
     """Run experiment ``name`` with ``settings``, write its files, and return its Result."""
     module = importlib.import_module(f"adaptlr.reproduce.{name}")
@@ -71,10 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adaptlr reproduce: {', '.join(missing)} not installed (needed for --dataset {args.dataset} and the "
               "plots); install them with `pip install adaptlr[reproduce]`. Nothing was run.", file=sys.stderr)
         return 1
+    names = EXPERIMENTS if args.name == "all" else (args.name,)
+    unsupported = [n for n in names if args.dataset not in supported(n)]
+    if unsupported:
+        print(f"adaptlr reproduce: {', '.join(unsupported)} cannot run on --dataset {args.dataset} (only on "
+              f"{', '.join(supported(unsupported[0]))}). Nothing was run.", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     settings = Settings(args.quick, backend, args.seeds, args.out, progress=not args.no_progress,
                         dataset=args.dataset)
-    names = EXPERIMENTS if args.name == "all" else (args.name,)
     status = 0
     for name in names:
         start = time.perf_counter()

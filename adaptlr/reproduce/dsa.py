@@ -28,6 +28,8 @@ from adaptlr.reproduce.harness import Progress, Settings, algorithm, as_model, t
 from adaptlr.reproduce.report import Result, markdown_table, mean_std, pyplot, save
 from adaptlr.reproduce.verdict import check
 
+DATASETS = ("digits", "mnist1d")  # the --dataset values this experiment runs on (see cli.supported)
+
 BASES = {
     "SGDM α=0.01": (lambda: adaptlr.sgd(0.01, momentum=0.9), 1e-3),
     "Adam α=1e-3": (lambda: adaptlr.adam(1e-3), 1e-7),

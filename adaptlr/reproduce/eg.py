@@ -26,6 +26,8 @@ from adaptlr.reproduce.harness import Progress, Settings, algorithm, as_model
 from adaptlr.reproduce.report import Result, markdown_table, mean_std, pyplot, save, smooth
 from adaptlr.reproduce.verdict import check
 
+DATASETS = ("digits", "mnist1d")  # the --dataset values this experiment runs on (see cli.supported)
+
 WINDOW, EARLY = 20, 100
 
 

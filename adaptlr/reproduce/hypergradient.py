@@ -21,6 +21,8 @@ from adaptlr.reproduce.harness import Progress, Settings, algorithm, as_model, t
 from adaptlr.reproduce.report import Result, markdown_table, mean_std, pyplot, save
 from adaptlr.reproduce.verdict import check
 
+DATASETS = ("digits", "mnist1d")  # the --dataset values this experiment runs on (see cli.supported)
+
 BASES = {
     "SGD": (lambda lr: adaptlr.sgd(lr), 1e-3),
     "SGDN": (lambda lr: adaptlr.sgd(lr, momentum=0.9, nesterov=True), 1e-3),
