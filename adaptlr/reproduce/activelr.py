@@ -3,7 +3,12 @@
 Claim (Wadi et al. 2023; spec §7 table): with ``increase=2, decrease=0.5`` and no schedule, the
 Active variant's final accuracy varies much less across learning rates than its base's, and is far
 better at the smallest learning rates (parity at the best one, slightly worse at large ones).
-Setup here: an MLP 64-64-10 on digits, batch 32, weight decay 0, learning rates 1e-5 … 1e-1.
+Setup here: an MLP 64-64-10 on digits (batch 32) or 40-100-100-10 on MNIST-1D (batch 128), weight
+decay 0, learning rates 1e-5 … 1e-1.
+
+Computed verdicts per base (:mod:`.verdict`, paired by seed): the spread of the final accuracy across
+the learning rates (max − min over them, per seed) is smaller with Active; Active is better at the
+smallest learning rate; at the base's best learning rate Active is not worse by more than 1 point.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 import adaptlr
-from adaptlr.reproduce.data import load
-from adaptlr.reproduce.harness import Progress, Settings, algorithm, train
+from adaptlr.reproduce.harness import Progress, Settings, algorithm, as_model, train
 from adaptlr.reproduce.report import Result, markdown_table, mean_std, pyplot, save
+from adaptlr.reproduce.verdict import check
+
+DATASETS = ("digits", "mnist1d")  # the --dataset values this experiment runs on (see cli.supported)
 
 INCREASE, DECREASE = 2.0, 0.5
+PARITY_MARGIN = 1.0  # points of accuracy: "parity at the best learning rate"
 BASES = {
     "AdamW": (lambda lr: adaptlr.adamw(lr, weight_decay=0.0), "active_adamw"),
     "RAdam": (lambda lr: adaptlr.radam(lr), "active_radam"),
@@ -25,17 +33,24 @@ BASES = {
 
 
 def config(settings: Settings) -> dict:
+    if settings.dataset == "mnist1d":
+        if settings.quick:
+            return {"lrs": [1e-5, 1e-3, 1e-1], "epochs": 4, "seeds": settings.seed_count(5, 1), "model": [40, 32, 10],
+                    "batch": 128}
+        return {"lrs": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], "epochs": 20, "seeds": settings.seed_count(5, 1),
+                "model": [40, 100, 100, 10], "batch": 128}
     if settings.quick:
-        return {"lrs": [1e-5, 1e-3, 1e-1], "epochs": 6, "seeds": settings.seed_count(3, 1), "sizes": [64, 32, 10]}
-    return {"lrs": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], "epochs": 30, "seeds": settings.seed_count(3, 1),
-            "sizes": [64, 64, 10]}
+        return {"lrs": [1e-5, 1e-3, 1e-1], "epochs": 6, "seeds": settings.seed_count(5, 1), "model": [64, 32, 10],
+                "batch": 32}
+    return {"lrs": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], "epochs": 30, "seeds": settings.seed_count(5, 1),
+            "model": [64, 64, 10], "batch": 32}
 
 
 def run(settings: Settings) -> Result:
     cfg = config(settings)
     active = algorithm("active")
-    data = load()
-    batch = 32
+    data = settings.load()
+    batch = cfg["batch"]
     steps = data.x_train.shape[0] // batch
     names = [n for base in BASES for n in (base, f"Active {base}")]
     total = len(names) * len(cfg["lrs"]) * cfg["seeds"] * cfg["epochs"] * steps
@@ -46,7 +61,7 @@ def run(settings: Settings) -> Result:
             for seed in range(cfg["seeds"]):
                 for name, opt in ((base, make(lr)),
                                   (f"Active {base}", active(make(lr), steps, increase=INCREASE, decrease=DECREASE))):
-                    log = train(opt, data, cfg["sizes"], backend=settings.backend, seed=seed, epochs=cfg["epochs"],
+                    log = train(opt, data, cfg["model"], backend=settings.backend, seed=seed, epochs=cfg["epochs"],
                                 batch_size=batch, progress=progress)
                     acc.setdefault((name, lr), []).append(log.final_test_acc)
     progress.close()
@@ -57,9 +72,21 @@ def run(settings: Settings) -> Result:
     rows.append(["spread (max − min)", *(f"{spread[n]:.1f}" for n in names)])
     table = markdown_table(["base lr", *names], rows)
 
-    findings, smallest = [], cfg["lrs"][0]
+    findings, checks, smallest = [], [], cfg["lrs"][0]
     for base in BASES:
         act = f"Active {base}"
+        per_seed = {n: np.asarray([acc[(n, lr)] for lr in cfg["lrs"]]) * 100 for n in (base, act)}  # (lrs, seeds)
+        best = max(cfg["lrs"], key=lambda lr: means[(base, lr)])
+        checks += [
+            check(f"{base}: Active's accuracy varies less across the learning rates (spread, points)",
+                  act, per_seed[act].max(0) - per_seed[act].min(0), base,
+                  per_seed[base].max(0) - per_seed[base].min(0), higher=False, digits=1),
+            check(f"{base}: Active is better at lr {smallest:g} (test acc %)", act, per_seed[act][0], base,
+                  per_seed[base][0], higher=True, digits=1),
+            check(f"{base}: Active at parity at the base's best lr {best:g} (test acc %, margin "
+                  f"{PARITY_MARGIN:g})", act, np.asarray(acc[(act, best)]) * 100, base,
+                  np.asarray(acc[(base, best)]) * 100, higher=True, margin=PARITY_MARGIN, digits=1),
+        ]
         gain = means[(act, smallest)] - means[(base, smallest)]
         findings.append(
             f"{base}: spread across learning rates {spread[base]:.1f} points, Active {spread[act]:.1f} "
@@ -79,14 +106,14 @@ def run(settings: Settings) -> Result:
         ax.set_title(base)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("final test accuracy %")
-    plot = save(fig, settings.out, "activelr_accuracy_vs_lr")
+    plot = save(fig, settings.out, settings.tag("activelr_accuracy_vs_lr"))
 
-    setup = (f"MLP {'-'.join(map(str, cfg['sizes']))} on digits (1347 train / 450 test), batch {batch} "
+    setup = (f"{as_model(cfg['model']).describe()} on {data.describe()}, batch {batch} "
              f"({steps} steps per epoch), {cfg['epochs']} epochs, no schedule, weight decay 0, "
              f"increase={INCREASE:g}, decrease={DECREASE:g}; final test accuracy %, mean ± std over "
              f"{cfg['seeds']} seed(s); backend {settings.backend.name}.")
-    return Result("activelr", "ActiveLR: accuracy across learning rates (spec §2)", setup, table, findings, [plot],
-                  {"means": means, "spread": spread})
+    return Result(settings.tag("activelr"), f"ActiveLR: accuracy across learning rates — {data.title} (spec §2)", setup,
+                  table, findings, [plot], {"means": means, "spread": spread}, checks)
 
 
 def _at_best(means: dict, base: str, act: str, lrs: list[float]) -> float:

@@ -1,20 +1,35 @@
-"""The digits data (scikit-learn's bundled 8x8 images; nothing is downloaded) and the permuted stream.
+"""The datasets of the reproductions (nothing is downloaded) and the permuted stream.
 
-``load(seed)`` gives a fixed, stratified train/test split with pixels scaled to [0, 1] and then
-standardised with the training set's mean and standard deviation. ``permuted_stream`` yields
-minibatches whose pixels are shuffled by a new fixed permutation every ``shift_every`` steps (the
-abrupt distribution shift of the EG experiment, spec §6).
+``digits``: scikit-learn's bundled 8x8 images; ``load(seed)`` gives a fixed, stratified train/test
+split with pixels scaled to [0, 1] and then standardised with the training set's mean and standard
+deviation. ``mnist1d``: MNIST-1D (Greydanus 2020, "Scaling down deep learning"), 4000 train / 1000 test
+sequences of length 40, generated locally by the ``mnist1d`` package with its default arguments and the
+fixed seed :data:`MNIST1D_SEED` (never its ``get_dataset``, which downloads a file). ``load_dataset(name)``
+gives either; ``missing_modules(name)`` lists the optional packages a dataset needs that are not
+installed, so that the command can stop before any training. ``permuted_stream`` yields minibatches
+whose features are shuffled by a new fixed permutation every ``shift_every`` steps (the abrupt
+distribution shift of the EG experiment, spec §6).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Digits", "load", "minibatches", "permuted_stream", "require"]
+__all__ = ["DATASETS", "MNIST1D_SEED", "Dataset", "Digits", "load", "load_dataset", "load_mnist1d", "minibatches",
+           "missing_modules", "permuted_stream", "require"]
+
+MNIST1D_SEED = 42
+"""The seed of the generated MNIST-1D (the package's default, so it is the paper's data set)."""
+
+DATASETS = {"digits": ("sklearn",), "mnist1d": ("mnist1d",)}
+"""Each dataset and the optional modules it needs (besides matplotlib, which every experiment needs)."""
 
 
 def require(module: str, purpose: str) -> Any:
@@ -26,27 +41,49 @@ def require(module: str, purpose: str) -> Any:
     except ImportError:
         raise ImportError(
             f"adaptlr reproduce needs {module.split('.')[0]} for {purpose}; "
-            "install it with `pip install adaptlr[reproduce]` (scikit-learn, matplotlib)"
+            "install it with `pip install adaptlr[reproduce]` (scikit-learn, matplotlib, mnist1d)"
         ) from None
 
 
+def missing_modules(dataset: str, plots: bool = True) -> list[str]:
+    """The optional modules that ``dataset`` (and the plots) need and that cannot be imported."""
+    needed = [*DATASETS[dataset], *(("matplotlib",) if plots else ())]
+    return [m for m in needed if importlib.util.find_spec(m) is None]
+
+
 @dataclass(frozen=True)
-class Digits:
-    """A train/test split of the digits (NumPy arrays).
+class Dataset:
+    """A train/test split (NumPy arrays).
 
     Attributes:
-        x_train, x_test: float64 images, shape (n, 64), standardised with the training statistics.
+        x_train, x_test: float64 inputs, shape (n, features), standardised.
         y_train, y_test: int64 labels 0..9.
+        name: ``digits`` or ``mnist1d``.
     """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    name: str = "digits"
 
     @property
     def classes(self) -> int:
         return 10
+
+    @property
+    def features(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def title(self) -> str:
+        return {"digits": "digits", "mnist1d": "MNIST-1D"}.get(self.name, self.name)
+
+    def describe(self) -> str:
+        return f"{self.title} ({len(self.y_train)} train / {len(self.y_test)} test)"
+
+
+Digits = Dataset  # the name before MNIST-1D joined
 
 
 def load(test_fraction: float = 0.25, split_seed: int = 0) -> Digits:
@@ -66,7 +103,36 @@ def load(test_fraction: float = 0.25, split_seed: int = 0) -> Digits:
     x_train, x_test = x[~test_mask], x[test_mask]
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0) + 0.1  # constant border pixels would otherwise divide by 0
-    return Digits((x_train - mean) / std, y[~test_mask], (x_test - mean) / std, y[test_mask])
+    return Dataset((x_train - mean) / std, y[~test_mask], (x_test - mean) / std, y[test_mask], "digits")
+
+
+@functools.lru_cache(maxsize=2)
+def load_mnist1d(seed: int = MNIST1D_SEED) -> Dataset:
+    """MNIST-1D generated locally with the package's default arguments and ``seed`` (≈ 3 s, cached).
+
+    ``mnist1d.data.make_dataset`` seeds NumPy's and Python's global generators; their states are
+    restored afterwards, so loading the data does not change a caller's random streams.
+    """
+    generator = require("mnist1d.data", "the MNIST-1D data")
+    args = generator.get_dataset_args()
+    args.seed = seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        raw = generator.make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return Dataset(np.asarray(raw["x"], np.float64), np.asarray(raw["y"], np.int64),
+                   np.asarray(raw["x_test"], np.float64), np.asarray(raw["y_test"], np.int64), "mnist1d")
+
+
+def load_dataset(name: str) -> Dataset:
+    """``digits`` (:func:`load`) or ``mnist1d`` (:func:`load_mnist1d`)."""
+    if name == "digits":
+        return load()
+    if name == "mnist1d":
+        return load_mnist1d()
+    raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
 
 
 def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -78,7 +144,7 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.nd
 def permuted_stream(
     x: np.ndarray, y: np.ndarray, batch_size: int, steps: int, shift_every: int, seed: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """``steps`` minibatches ``(x, y, task)``; the pixel permutation changes every ``shift_every`` steps.
+    """``steps`` minibatches ``(x, y, task)``; the feature permutation changes every ``shift_every`` steps.
 
     Task 0 uses the identity permutation; each later task a fresh random one (fixed by ``seed``).
     """

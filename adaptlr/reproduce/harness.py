@@ -21,9 +21,10 @@ import numpy as np
 
 import adaptlr
 from adaptlr.reproduce import models
-from adaptlr.reproduce.data import Digits, minibatches
+from adaptlr.reproduce.data import Dataset, load_dataset, minibatches
 
-__all__ = ["AlgorithmMissing", "Progress", "RunLog", "Settings", "algorithm", "angle_degrees", "flat", "train"]
+__all__ = ["AlgorithmMissing", "Progress", "RunLog", "Settings", "algorithm", "angle_degrees", "as_model", "flat",
+           "train"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Settings:
         seeds: the number of seeds (None: the experiment's default).
         out: the folder for the table and the plots.
         progress: show a progress bar on stderr.
+        dataset: ``digits`` (the default) or ``mnist1d`` (:data:`adaptlr.reproduce.data.DATASETS`).
     """
 
     quick: bool
@@ -43,9 +45,17 @@ class Settings:
     seeds: int | None
     out: Path
     progress: bool = True
+    dataset: str = "digits"
 
     def seed_count(self, full: int, quick: int = 1) -> int:
         return self.seeds if self.seeds is not None else (quick if self.quick else full)
+
+    def tag(self, name: str) -> str:
+        """A file name for this dataset: ``name`` on digits (the names before MNIST-1D), else ``name_<dataset>``."""
+        return name if self.dataset == "digits" else f"{name}_{self.dataset}"
+
+    def load(self) -> Dataset:
+        return load_dataset(self.dataset)
 
 
 class AlgorithmMissing(RuntimeError):
@@ -147,10 +157,15 @@ def mean_learning_rate(state: Any, params: Any, backend: Any) -> float:
     return total / sum(math.prod(p.shape) for p in leaves)
 
 
+def as_model(model: Any) -> Any:
+    """A model object (:class:`models.MLP`, :class:`adaptlr.reproduce.cnn.CNN1d`); a list of sizes is an MLP."""
+    return models.MLP(tuple(model)) if isinstance(model, (list, tuple)) else model
+
+
 def train(
     opt: adaptlr.Optimizer,
-    data: Digits,
-    sizes: list[int],
+    data: Dataset,
+    model: Any,
     *,
     backend: Any,
     seed: int,
@@ -160,19 +175,19 @@ def train(
     log_lr: bool = False,
     dtype: str = "float64",
 ) -> RunLog:
-    """Train an MLP of layer ``sizes`` on ``data`` with ``opt``; ``seed`` fixes the init and batches.
+    """Train ``model`` (or an MLP of layer sizes ``model``) on ``data`` with ``opt``; ``seed`` fixes init and batches.
 
     Per-step learning rates are logged only with ``log_lr`` (one host copy per step); the learning
     rate at each epoch's end always is. A run whose loss stops being finite stops there and is
     marked ``diverged``; its remaining epochs are filled with chance accuracy and NaN losses.
     """
     with np.errstate(all="ignore"):  # a diverging run overflows on NumPy; it is reported, not warned about
-        return _train(opt, data, sizes, backend, seed, epochs, batch_size, progress, log_lr, dtype)
+        return _train(opt, data, as_model(model), backend, seed, epochs, batch_size, progress, log_lr, dtype)
 
 
-def _train(opt, data, sizes, backend, seed, epochs, batch_size, progress, log_lr, dtype) -> RunLog:
+def _train(opt, data, model, backend, seed, epochs, batch_size, progress, log_lr, dtype) -> RunLog:
     xp = backend.xp
-    params = models.init_mlp(sizes, seed, backend, dtype)
+    params = model.init(seed, backend, dtype)
     x_train, x_test = backend.asarray(data.x_train, dtype), backend.asarray(data.x_test, dtype)
     y_train = models.one_hot(data.y_train, data.classes, backend, dtype)
     y_test = models.one_hot(data.y_test, data.classes, backend, dtype)
@@ -187,7 +202,7 @@ def _train(opt, data, sizes, backend, seed, epochs, batch_size, progress, log_lr
         for idx in minibatches(n, batch_size, rng):
             index = backend.asarray(idx, "int64")
             xb, yb = xp.take(x_train, index, axis=0), xp.take(y_train, index, axis=0)
-            loss, grads = models.loss_and_grad(params, xb, yb, xp)
+            loss, grads = model.loss_and_grad(params, xb, yb, xp)
             updates, state = opt.update(grads, state, params)
             params = adaptlr.apply_updates(params, updates)
             log.step_loss.append(float(backend.to_numpy(loss)))
@@ -195,7 +210,7 @@ def _train(opt, data, sizes, backend, seed, epochs, batch_size, progress, log_lr
                 log.step_lr.append(mean_learning_rate(state, params, backend))
         if progress is not None:
             progress.update(steps_per_epoch)
-        train_loss = float(backend.to_numpy(models.loss_value(params, x_train, y_train, xp)))
+        train_loss = float(backend.to_numpy(model.loss_value(params, x_train, y_train, xp)))
         if not math.isfinite(train_loss):
             log.diverged = True
             if progress is not None:
@@ -208,8 +223,8 @@ def _train(opt, data, sizes, backend, seed, epochs, batch_size, progress, log_lr
                 log.epoch_lr.append(math.nan)
             return log
         log.epoch_train_loss.append(train_loss)
-        log.epoch_test_loss.append(float(backend.to_numpy(models.loss_value(params, x_test, y_test, xp))))
-        log.epoch_test_acc.append(models.accuracy(params, x_test, data.y_test, xp, backend))
+        log.epoch_test_loss.append(float(backend.to_numpy(model.loss_value(params, x_test, y_test, xp))))
+        log.epoch_test_acc.append(models.accuracy(params, x_test, data.y_test, xp, backend, model))
         log.epoch_lr.append(mean_learning_rate(state, params, backend))
         snapshots.append(flat(params, backend))
         moves.append(snapshots[-1] - snapshots[-2])

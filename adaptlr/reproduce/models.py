@@ -1,4 +1,4 @@
-"""Softmax regression and small MLPs with a hand-written array-API forward and backward pass.
+"""Softmax regression, small MLPs and a small 1-D CNN with a hand-written array-API forward and backward pass.
 
 Params are a dict ``{"layer0": {"w": (out, in), "b": (out,)}, ...}`` of arrays of any array-API
 backend; rows of ``w`` are output units (the ``row`` factor of DSA, spec §5). Hidden layers use ReLU;
@@ -8,16 +8,21 @@ the loss is the mean softmax cross-entropy::
     loss = mean_i( logsumexp(logits_i) - logits_i[y_i] )
 
 and the backward pass is the chain rule in reverse (``∂loss/∂logits = (softmax - onehot)/n``).
+
+:class:`MLP` wraps those functions; :class:`CNN1d` (in :mod:`.cnn`) is the 1-D convolutional network of
+the MNIST-1D experiments. Both offer ``init``, ``loss_and_grad``, ``loss_value``, ``logits`` and
+``describe``, which is all the training loop uses.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy", "init_mlp", "logits", "loss_and_grad", "loss_value", "one_hot"]
+__all__ = ["MLP", "accuracy", "init_mlp", "log_softmax", "logits", "loss_and_grad", "loss_value", "one_hot"]
 
 
 def init_mlp(sizes: list[int], seed: int, backend: Any, dtype: str = "float64") -> dict:
@@ -62,14 +67,14 @@ def logits(params: dict, x: Any, xp: Any) -> Any:
     return _forward(params, x, xp)[0]
 
 
-def _log_softmax(z: Any, xp: Any) -> Any:
+def log_softmax(z: Any, xp: Any) -> Any:
     shifted = z - xp.max(z, axis=1, keepdims=True)
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
 
 
 def loss_value(params: dict, x: Any, y_onehot: Any, xp: Any) -> Any:
     """The mean cross-entropy, a 0-D array."""
-    logp = _log_softmax(logits(params, x, xp), xp)
+    logp = log_softmax(logits(params, x, xp), xp)
     return -xp.sum(logp * y_onehot) / logp.shape[0]
 
 
@@ -77,7 +82,7 @@ def loss_and_grad(params: dict, x: Any, y_onehot: Any, xp: Any) -> tuple[Any, di
     """``(loss, grads)``: the mean cross-entropy and its gradient, a tree shaped like ``params``."""
     z, inputs = _forward(params, x, xp)
     n = z.shape[0]
-    logp = _log_softmax(z, xp)
+    logp = log_softmax(z, xp)
     loss = -xp.sum(logp * y_onehot) / n
     delta = (xp.exp(logp) - y_onehot) / n  # ∂loss/∂z_L
     layers = _layers(params)
@@ -91,7 +96,30 @@ def loss_and_grad(params: dict, x: Any, y_onehot: Any, xp: Any) -> tuple[Any, di
     return loss, {f"layer{k}": grads[f"layer{k}"] for k in range(len(layers))}
 
 
-def accuracy(params: dict, x: Any, y: np.ndarray, xp: Any, backend: Any) -> float:
-    """The fraction of ``x`` classified as ``y`` (``y``: NumPy labels)."""
-    predicted = np.argmax(backend.to_numpy(logits(params, x, xp)), axis=1)
+def accuracy(params: dict, x: Any, y: np.ndarray, xp: Any, backend: Any, model: Any = None) -> float:
+    """The fraction of ``x`` classified as ``y`` (``y``: NumPy labels) by ``model`` (default: the MLP)."""
+    out = logits(params, x, xp) if model is None else model.logits(params, x, xp)
+    predicted = np.argmax(backend.to_numpy(out), axis=1)
     return float(np.mean(predicted == y))
+
+
+@dataclass(frozen=True)
+class MLP:
+    """A ReLU MLP of layer sizes ``[in, hidden..., out]`` (``[in, out]``: softmax regression)."""
+
+    sizes: tuple[int, ...]
+
+    def init(self, seed: int, backend: Any, dtype: str = "float64") -> dict:
+        return init_mlp(list(self.sizes), seed, backend, dtype)
+
+    def loss_and_grad(self, params: dict, x: Any, y_onehot: Any, xp: Any) -> tuple[Any, dict]:
+        return loss_and_grad(params, x, y_onehot, xp)
+
+    def loss_value(self, params: dict, x: Any, y_onehot: Any, xp: Any) -> Any:
+        return loss_value(params, x, y_onehot, xp)
+
+    def logits(self, params: dict, x: Any, xp: Any) -> Any:
+        return logits(params, x, xp)
+
+    def describe(self) -> str:
+        return ("softmax regression " if len(self.sizes) == 2 else "MLP ") + "-".join(map(str, self.sizes))

@@ -18,7 +18,7 @@ __all__ = ["Result", "fmt", "markdown_table", "mean_std", "pyplot", "save", "smo
 
 @dataclass
 class Result:
-    """One experiment's output: a title, the table, findings (one line per claim) and the plot files."""
+    """One experiment's output: a title, the table, computed claim checks, findings and the plot files."""
 
     name: str
     title: str
@@ -27,11 +27,18 @@ class Result:
     findings: list[str] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    checks: list[Any] = field(default_factory=list)  # verdict.Check
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", "", self.setup, "", self.table, ""]
+        if self.checks:
+            from adaptlr.reproduce.verdict import checks_table
+
+            lines += ["Verdicts (paired over seeds; 95 % percentile-bootstrap interval of the mean difference; "
+                      "`agrees` when it lies wholly on the claimed side, `differs` when wholly on the other, "
+                      "else `inconclusive` — adaptlr/reproduce/verdict.py):", "", checks_table(self.checks), ""]
         if self.findings:
-            lines += ["Claim checks (computed from the runs above):", ""]
+            lines += ["Measurements (computed from the runs above):", ""]
             lines += [f"- {f}" for f in self.findings] + [""]
         lines += [f"![{p.stem}]({p.name})" for p in self.plots]
         return "\n".join(lines) + "\n"
