@@ -23,6 +23,13 @@ from adaptlr.hypergradient import adam_hd, hypergradient, sgd_hd, sgdn_hd
 from adaptlr.nonfinite import skip_nonfinite
 from adaptlr.prodigy import prodigy
 from adaptlr.radam import radam
+from adaptlr.schedule_free import (
+    schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+    schedule_free_train_params,
+)
 from adaptlr.sgd import sgd
 from adaptlr.summary import lr_summary
 
@@ -56,6 +63,11 @@ __all__ = [
     "prodigy",
     "radam",
     "save_state",
+    "schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "schedule_free_sgd",
+    "schedule_free_train_params",
     "sgd",
     "sgd_hd",
     "sgdn_hd",
