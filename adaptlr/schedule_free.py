@@ -37,6 +37,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import array_api_compat
+import optree
 
 from adaptlr import _validation as v
 from adaptlr._precision import widest_float
@@ -227,8 +228,12 @@ def _own_state(state: Any, what: str) -> ScheduleFreeState:
 
 
 def _combine(params: Any, z: Any, b1: Any, fn: Any, what: str) -> Any:
+    """``fn(param, z, β1)`` leaf by leaf; ``z``'s leaves match the params' in order (a state made for a
+    list of leaves, as ``to_optax`` and the torch adapter make it, serves a tree of the same leaves)."""
     layout, leaves = Layout.of(params)
-    zs = layout.leaves(z, what)
+    zs = optree.tree_leaves(z)
+    if len(zs) != len(leaves):
+        raise ValueError(f"{what} has {len(zs)} arrays but params have {len(leaves)}: not the state of these params")
     xp = v.namespace_of_leaves(leaves, "params", layout.paths)
     out = []
     for p, zi in zip(leaves, zs):
