@@ -20,6 +20,7 @@ from adaptlr.dog import dog, dowg
 from adaptlr.dsa import dsa
 from adaptlr.eg import eg_step_size
 from adaptlr.hypergradient import adam_hd, hypergradient, sgd_hd, sgdn_hd
+from adaptlr.mechanic import mechanic
 from adaptlr.nonfinite import skip_nonfinite
 from adaptlr.prodigy import prodigy
 from adaptlr.radam import radam
@@ -60,6 +61,7 @@ __all__ = [
     "learning_rates",
     "load_state",
     "lr_summary",
+    "mechanic",
     "prodigy",
     "radam",
     "save_state",

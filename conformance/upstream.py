@@ -4,7 +4,7 @@ Each :class:`UpstreamCase` runs one adaptlr configuration and the upstream optim
 (``prodigyopt.Prodigy`` 1.1.2, ``dadaptation.DAdaptAdam``/``DAdaptSGD`` 3.2,
 ``dog_optimizer.DoG``/``LDoG`` 1.0.3, ``optax.contrib.prodigy``/``dadapt_adamw``/``dog``/``dowg``,
 ``schedulefree.SGDScheduleFree``/``AdamWScheduleFree`` (and ``*Reference``) 1.4.1,
-``optax.contrib.schedule_free_sgd``/``schedule_free_adamw``)
+``optax.contrib.schedule_free_sgd``/``schedule_free_adamw``, ``mechanic_pytorch.mechanize`` 0.0.1)
 on :func:`problem` for at least :data:`STEPS` steps in float64, and reports the maximum normwise
 relative error of the parameters (over steps and tensors) on each backend, and that of the
 estimate (``d`` or ``η``, where the upstream exposes it; Schedule-Free: the evaluation parameters
@@ -74,10 +74,15 @@ class UpstreamCase:
     upstream: str
     settings: str
     kwargs: dict = field(default_factory=dict)
+    noise: float = 0.3
 
     def build(self) -> Any:
         import adaptlr
 
+        if self.algorithm == "mechanic":  # mechanic(inner optimizer, ...): kwargs["inner"] = (factory, kwargs)
+            kwargs = dict(self.kwargs)
+            name, inner = kwargs.pop("inner")
+            return adaptlr.mechanic(getattr(adaptlr, name)(**inner), **kwargs)
         return getattr(adaptlr, self.algorithm)(**self.kwargs)
 
 
@@ -151,6 +156,18 @@ def _cases() -> list[UpstreamCase]:
                             {"learning_rate": 0.02, "b1": 0.95, "b2": 0.99, "eps": 1e-6, "weight_lr_power": 1.0}))
     out.append(UpstreamCase("schedule_free_sgd", "optax.contrib.schedule_free_sgd", "momentum-wd",
                             {"learning_rate": 0.1, "momentum": 0.8, "weight_decay": 0.05}))
+    # Mechanic's scale amplifies rounding on the noise-0.3 problem (a 1-ulp change of x_0 moves the run by
+    # 1e-10..1e-9 after 200 steps): its rows use noise 3, where the run contracts (docs/algorithms/lr_free.md)
+    for settings, kw in {
+        "sgd": {"inner": ("sgd", {"learning_rate": 0.1})},
+        "sgd-momentum-wd-store-delta": {"inner": ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.05}),
+                                        "store_delta": True},
+        "adamw": {"inner": ("adamw", {"learning_rate": 0.01})},
+        "adamw-wd-s_decay-betas": {"inner": ("adamw", {"learning_rate": 0.001, "weight_decay": 0.1}),
+                                   "s_decay": 0.1, "s_init": 1e-6, "betas": (0.9, 0.999), "eps": 1e-7},
+        "adamw-store-delta": {"inner": ("adamw", {"learning_rate": 0.01, "b1": 0.8}), "store_delta": True},
+    }.items():
+        out.append(UpstreamCase("mechanic", "mechanic_pytorch.mechanize", settings, kw, noise=3.0))
     return out
 
 
@@ -332,6 +349,31 @@ def _optax_schedule_free(name: str) -> Callable:
     return run_it
 
 
+def _mechanize(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    """``mechanic_pytorch.mechanize(torch.optim.SGD / AdamW)``; the estimate is the scale ``Σ s``.
+
+    Its scalar state is made with torch's default dtype: float64 for this run."""
+    import mechanic_pytorch
+    import torch
+
+    kwargs = dict(kw)
+    name, inner = kwargs.pop("inner")
+    inner = dict(inner)
+    lr = inner.pop("learning_rate")
+    if name == "adamw":
+        cls, inner = torch.optim.AdamW, {"betas": (inner.pop("b1", 0.9), inner.pop("b2", 0.999)), **inner}
+        inner.setdefault("weight_decay", 1e-2)
+    else:
+        cls = torch.optim.SGD
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return _torch_run(lambda p: mechanic_pytorch.mechanize(cls, **kwargs)(p, lr=lr, **inner),
+                          lambda opt: float(opt.state["_mechanic"]["s"].sum()), init, grad, steps)
+    finally:
+        torch.set_default_dtype(default)
+
+
 # upstream -> (the modules it needs, its run: (adaptlr kwargs, init, grad, steps) -> (trajectory, estimates))
 _REFERENCES: dict[str, tuple[tuple[str, ...], Callable]] = {
     "prodigyopt.Prodigy": (("torch", "prodigyopt"), _prodigyopt),
@@ -349,6 +391,7 @@ _REFERENCES: dict[str, tuple[tuple[str, ...], Callable]] = {
     "schedulefree.SGDScheduleFreeReference": (("torch", "schedulefree"), _schedulefree("SGDScheduleFreeReference")),
     "optax.contrib.schedule_free_adamw": (("jax", "optax"), _optax_schedule_free("schedule_free_adamw")),
     "optax.contrib.schedule_free_sgd": (("jax", "optax"), _optax_schedule_free("schedule_free_sgd")),
+    "mechanic_pytorch.mechanize": (("torch", "mechanic_pytorch"), _mechanize),
 }
 
 
@@ -391,8 +434,12 @@ def _final_estimate(state: Any, backend: Backend, params: list) -> np.ndarray:
     """The estimate after the last step as the upstream reports it: DoG's step size ``α·η`` per
     tensor (:func:`adaptlr.learning_rates`), else ``d`` (copied to the host by ``backend``)."""
     import adaptlr
+    from adaptlr.mechanic import MechanicState
     from adaptlr.schedule_free import ScheduleFreeState
 
+    mechanic = [s for s in state.adaptations if isinstance(s, MechanicState)]
+    if mechanic:  # the scale Σ s
+        return np.array([float(backend.to_numpy(mechanic[0].total()))])
     schedule_free = [s for s in state.adaptations if isinstance(s, ScheduleFreeState)]
     if schedule_free:  # the evaluation parameters x = (y - (1-β1)·z)/β1, from the last step's y
         own = schedule_free[0]
@@ -415,9 +462,9 @@ def upstream_rows(backends: Sequence[Backend], steps: int, cases: Sequence[Upstr
     against the upstream run (``max_rel_err_params``) and that of the final estimate
     (``max_rel_err_lr``, where the upstream exposes it)."""
     steps = max(steps, STEPS)
-    init, grad = problem()
     rows = []
     for case in cases or CASES:
+        init, grad = problem(noise=case.noise)
         name = f"{case.algorithm} vs {case.upstream}"
         missing = missing_modules(case)
         if missing:
