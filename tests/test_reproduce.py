@@ -159,6 +159,7 @@ TINY = {
     "hypergradient": {"models": {"logreg": [64, 10]}, "epochs": 1, "seeds": 1},
     "dsa": {"epochs": 2, "seeds": 1, "sizes": [64, 10]},
     "eg": {"shift_every": 100, "tasks": 2, "seeds": 1, "sizes": [64, 10]},
+    "schedulefree": {"lengths": [30, 60], "grid": [1e-2], "seeds": 1, "sizes": [64, 10]},
 }
 
 
@@ -215,3 +216,13 @@ def test_cli_quick_run_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| logreg | SGD-HD | 0.001 |" in out
     assert (tmp_path / "hypergradient.md").exists() and (tmp_path / "hypergradient_logreg.png").exists()
+
+
+def test_schedulefree_cosine_schedule_and_eval_points():
+    """The baseline's schedule warms up linearly and ends at 0 at T; Schedule-Free's table evaluates x."""
+    from adaptlr.reproduce import schedulefree
+
+    schedule = schedulefree.warmup_cosine(0.1, 100)
+    values = [float(schedule(np.asarray(float(t)))) for t in (1, 5, 52.5, 100)]
+    assert values[0] == pytest.approx(0.02) and values[1] == pytest.approx(0.1)
+    assert values[2] == pytest.approx(0.05, rel=1e-12) and values[3] == pytest.approx(0.0, abs=1e-15)

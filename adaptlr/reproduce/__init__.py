@@ -7,6 +7,6 @@ experiment runs on every backend of :mod:`adaptlr.conformance.backends`. One mod
 matplotlib are optional (the ``reproduce`` extra) and imported only when an experiment runs.
 """
 
-EXPERIMENTS = ("activelr", "autodrop", "hypergradient", "dsa", "eg")
+EXPERIMENTS = ("activelr", "autodrop", "hypergradient", "dsa", "eg", "schedulefree")
 
 __all__ = ["EXPERIMENTS"]

@@ -1,5 +1,6 @@
-"""Print the Schedule-Free tables of docs/algorithms/lr_free.md: adaptlr vs the upstreams, and the
-upstreams against each other (PyTorch ``schedulefree`` vs ``optax.contrib`` vs Keras 3).
+"""Print the Schedule-Free and Mechanic tables of docs/algorithms/lr_free.md: adaptlr vs the upstreams,
+and the upstreams against each other (PyTorch ``schedulefree`` vs ``optax.contrib`` vs Keras 3;
+``mechanic_pytorch.mechanize`` vs ``optax.contrib.mechanize``).
 
 Same problem as the other upstream rows (:mod:`adaptlr.conformance.upstream`: float64, 200 steps,
 shapes (3, 4), (5,), (2, 3, 2), (), (7,), noisy gradients). Errors are the maximum over steps and
@@ -9,7 +10,8 @@ the evaluation parameters ``x`` after the last step (upstream PyTorch: ``y.lerp(
 has no eval view: ``(y - (1-β1)·z)/β1`` from its ``z`` variables).
 
 Usage: ``python docs/scripts/schedule_free_table.py`` (needs torch, jax, optax, keras,
-array-api-strict, schedulefree==1.4.1: ``pip install -e ".[test,all]"``).
+array-api-strict, schedulefree==1.4.1, mechanic-pytorch==0.0.1: ``pip install -e ".[test,all]"``). Mechanic's
+rows use the problem with gradient noise 3 (as its upstream rows).
 """
 
 import os
@@ -21,7 +23,7 @@ import numpy as np
 
 from adaptlr.conformance.backends import BACKENDS, enable_jax_x64
 from adaptlr.conformance.runner import max_rel_err
-from adaptlr.conformance.upstream import CASES, STEPS, UpstreamCase, problem, reference, run
+from adaptlr.conformance.upstream import CASES, STEPS, UpstreamCase, optax_run, problem, reference, run
 
 BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "jax"]
 COLUMNS = [*BACKEND_NAMES, "jax (jit)"]
@@ -88,6 +90,35 @@ PAIRS = [
 ]
 
 
+def _optax_mechanize(inner: str, lr: float, **kw) -> tuple[list, list]:
+    import optax
+
+    base = optax.sgd(lr) if inner == "sgd" else optax.adamw(lr, weight_decay=0.01)
+    init, grad = problem(noise=3.0)
+    return optax_run(optax.contrib.mechanize(base, **kw), lambda st: float(np.sum(st.s)), init, grad, STEPS)
+
+
+def _torch_mechanize(inner: str, lr: float, **kw) -> tuple[list, list]:
+    init, grad = problem(noise=3.0)
+    return reference(UpstreamCase("mechanic", "mechanic_pytorch.mechanize", "",
+                                  {"inner": (inner, {"learning_rate": lr}), **kw}), init, grad)
+
+
+# (PyTorch call, its run, optax call, its run, the formula difference)
+MECHANIC_PAIRS = [
+    ("mechanize(SGD)(lr=0.1)", lambda: _torch_mechanize("sgd", 0.1),
+     "mechanize(sgd(0.1))", lambda: _optax_mechanize("sgd", 0.1),
+     "own defaults: s_init 1e-8 vs 1e-6, and the variant differences below"),
+    ("mechanize(SGD)(lr=0.1)", lambda: _torch_mechanize("sgd", 0.1),
+     "mechanize(sgd(0.1), s_init=1e-8)", lambda: _optax_mechanize("sgd", 0.1, s_init=1e-8),
+     "optax: s starts at s_init (torch: 0), m at 0 with m = max(β·m, |h| + ε) (torch: 1e-6, |h|), h clipped to "
+     "[-m, m], decay term at x_{t-1} (torch: after the inner step), no max(Σs, 0)"),
+    ("mechanize(AdamW)(lr=0.01)", lambda: _torch_mechanize("adamw", 0.01),
+     "mechanize(adamw(0.01, weight_decay=0.01), s_init=1e-8)",
+     lambda: _optax_mechanize("adamw", 0.01, s_init=1e-8), "as above"),
+]
+
+
 def _adaptlr_errors(case: UpstreamCase, init, grad, expected) -> list[float]:
     errors = []
     for name in COLUMNS:
@@ -101,17 +132,19 @@ def _adaptlr_errors(case: UpstreamCase, init, grad, expected) -> list[float]:
 def main() -> None:
     enable_jax_x64()
     init, grad = problem()
-    print("### Schedule-Free: adaptlr vs the upstream packages (training parameters y)\n")
+    print("### Schedule-Free and Mechanic: adaptlr vs the upstream packages (training parameters y)\n")
     print("| algorithm | upstream | settings | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 3) + "|")
     for case in CASES:
-        if not case.algorithm.startswith("schedule_free"):
+        if not case.algorithm.startswith(("schedule_free", "mechanic")):
             continue
+        init, grad = problem(noise=case.noise)
         expected = reference(case, init, grad)[0]
         errors = _adaptlr_errors(case, init, grad, expected)
         print(f"| {case.algorithm} | {case.upstream} | {case.settings} | "
               + " | ".join(f"{e:.1e}" for e in errors) + " |")
 
+    init, grad = problem()
     print("\n### Schedule-Free: PyTorch vs optax vs Keras\n")
     print("| one | other | y error | final x error | cause |")
     print("|---|---|---|---|---|")
@@ -120,6 +153,15 @@ def main() -> None:
         y2, x2 = _side(other, init, grad)
         x_err = float(np.linalg.norm(x1 - x2) / np.linalg.norm(x2))
         print(f"| `{one.settings}` | `{other.settings}` | {max_rel_err(y1, y2):.1e} | {x_err:.1e} | {why} |")
+
+
+    print("\n### Mechanic: PyTorch vs optax\n")
+    print("| mechanic_pytorch | optax.contrib | params error | final scale Σs: torch / optax | cause |")
+    print("|---|---|---|---|---|")
+    for torch_call, torch_side, optax_call, optax_side, why in MECHANIC_PAIRS:
+        y1, s1 = torch_side()
+        y2, s2 = optax_side()
+        print(f"| `{torch_call}` | `{optax_call}` | {max_rel_err(y1, y2):.1e} | {s1[-1]:.3g} / {s2[-1]:.3g} | {why} |")
 
 
 if __name__ == "__main__":
