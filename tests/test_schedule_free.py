@@ -54,15 +54,16 @@ def _flat_err(a: list, b: list) -> float:
     return max(float(np.linalg.norm(x - y) / np.linalg.norm(y)) for x, y in zip(a, b))
 
 
-# every case on NumPy; these on every backend too (the conformance suite's upstream rows run all on all)
+# these on every backend (the conformance suite's upstream rows run every case on NumPy in the tests and on
+# every backend in `adaptlr conformance --checks upstream`)
 EVERY_BACKEND = ("schedulefree.AdamWScheduleFree-r-betas-eps-power", "schedulefree.SGDScheduleFree-wd-warmup-r",
                  "optax.contrib.schedule_free_adamw-lr-wd")
 
 
-@pytest.mark.parametrize("key", list(CASES))
+@pytest.mark.parametrize("key", EVERY_BACKEND)
 def test_matches_upstream(key, backend):
-    if backend.name != "numpy" and key not in EVERY_BACKEND:
-        pytest.skip("on NumPy only here (adaptlr conformance --checks upstream runs it on every backend)")
+    """Every case runs on NumPy in tests/test_conformance_upstream.py (y, final x); these on every backend
+    with x after every step."""
     expected, expected_x = _reference(key)
     opt = CASES[key].build()
     trajectory, xs, state = _run(opt, backend)

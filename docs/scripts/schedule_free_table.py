@@ -111,7 +111,7 @@ MECHANIC_PAIRS = [
      "own defaults: s_init 1e-8 vs 1e-6, and the variant differences below"),
     ("mechanize(SGD)(lr=0.1)", lambda: _torch_mechanize("sgd", 0.1),
      "mechanize(sgd(0.1), s_init=1e-8)", lambda: _optax_mechanize("sgd", 0.1, s_init=1e-8),
-     "optax: s starts at s_init (torch: 0), m at 0 with m = max(β·m, |h| + ε) (torch: 1e-6, |h|), h clipped to "
+     "optax: s starts at s_init (torch: 0), m at 0 with m = max(β·m, \\|h\\| + ε) (torch: 1e-6, \\|h\\|), h clipped to "
      "[-m, m], decay term at x_{t-1} (torch: after the inner step), no max(Σs, 0)"),
     ("mechanize(AdamW)(lr=0.01)", lambda: _torch_mechanize("adamw", 0.01),
      "mechanize(adamw(0.01, weight_decay=0.01), s_init=1e-8)",
@@ -156,12 +156,15 @@ def main() -> None:
 
 
     print("\n### Mechanic: PyTorch vs optax\n")
-    print("| mechanic_pytorch | optax.contrib | params error | final scale Σs: torch / optax | cause |")
-    print("|---|---|---|---|---|")
+    print("| mechanic_pytorch | optax.contrib | params error (max over steps) | after the last step "
+          "| final scale Σs: torch / optax | cause |")
+    print("|---|---|---|---|---|---|")
     for torch_call, torch_side, optax_call, optax_side, why in MECHANIC_PAIRS:
         y1, s1 = torch_side()
         y2, s2 = optax_side()
-        print(f"| `{torch_call}` | `{optax_call}` | {max_rel_err(y1, y2):.1e} | {s1[-1]:.3g} / {s2[-1]:.3g} | {why} |")
+        last = max_rel_err([y1[-1]], [y2[-1]])
+        print(f"| `{torch_call}` | `{optax_call}` | {max_rel_err(y1, y2):.1e} | {last:.1e} | "
+              f"{s1[-1]:.3g} / {s2[-1]:.3g} | {why} |")
 
 
 if __name__ == "__main__":
