@@ -49,10 +49,11 @@ class MechanicState(NamedTuple):
     Attributes:
         ref: ``x_ref``, the initial parameters (tree like the params).
         delta: ``Δ`` (tree like the params) with ``store_delta``; None otherwise (recomputed).
-        s: ``s_j`` per beta (1-D, widest float).
-        m: ``m_j``, the running maximum of ``|h|``.
-        v: ``v_j``, the discounted sum of ``h²``.
-        r: ``r_j``, the reward.
+        s: ``s_j`` per beta (a tuple of 0-D arrays in the widest float: 0-D values mix with the
+            replicated 0-D sums of DTensor parameters under FSDP2, a 1-D array would not).
+        m: ``m_j``, the running maximum of ``|h|`` (as ``s``).
+        v: ``v_j``, the discounted sum of ``h²`` (as ``s``).
+        r: ``r_j``, the reward (as ``s``).
     """
 
     ref: Any
@@ -63,16 +64,25 @@ class MechanicState(NamedTuple):
     r: Any
 
     def total(self) -> Any:
-        xp = array_api_compat.array_namespace(self.s)
-        return xp.maximum(xp.sum(self.s), xp.zeros_like(self.s[0]))
+        """``max(Σ_j s_j, 0)``, the scale of the last step (0-D)."""
+        xp = array_api_compat.array_namespace(self.s[0])
+        return xp.maximum(_sum(self.s), xp.zeros_like(self.s[0]))
 
     def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
-        xp = array_api_compat.array_namespace(self.s)
+        xp = array_api_compat.array_namespace(self.s[0])
         total = self.total()
         return size.scaled([xp.astype(total, a.dtype) for a in size.alpha], weight_decay_too=True)
 
     def signals(self, layout: Layout) -> dict[str, Any]:
-        return {"s": self.total(), "s_per_beta": self.s}
+        xp = array_api_compat.array_namespace(self.s[0])
+        return {"s": self.total(), "s_per_beta": xp.stack(list(self.s))}
+
+
+def _sum(values: tuple) -> Any:
+    total = values[0]
+    for x in values[1:]:
+        total = total + x
+    return total
 
 
 class Mechanic(UpdateWrapper):
@@ -100,17 +110,19 @@ class Mechanic(UpdateWrapper):
         n = len(self.betas)
         ref = layout.tree([xp.asarray(p, copy=True) for p in params])
         delta = layout.tree([xp.zeros_like(p) for p in params]) if self.store_delta else None
-        zeros = xp.zeros((n,), dtype=wide, device=device)
-        return MechanicState(ref, delta, zeros, xp.full((n,), 1e-6, dtype=wide, device=device),
-                             xp.zeros((n,), dtype=wide, device=device), xp.zeros((n,), dtype=wide, device=device))
+
+        def values(value: float) -> tuple:
+            return tuple(xp.asarray(value, dtype=wide, device=device) for _ in range(n))
+
+        return MechanicState(ref, delta, values(0.0), values(1e-6), values(0.0), values(0.0))
 
     def wrap(self, ctx: StepContext, size: StepSize, updates: list,
              state: MechanicState) -> tuple[list, MechanicState]:
         xp, layout, reduce, scalars = ctx.xp, ctx.layout, ctx.reduce, ctx.scalars
-        wide, device = scalars.wide, scalars.device
+        wide = scalars.wide
         eps = self.eps
         refs = layout.leaves(state.ref, "state.ref")
-        s_sum = xp.sum(state.s)
+        s_sum = _sum(state.s)
 
         casts: dict = {}
 
@@ -131,15 +143,21 @@ class Mechanic(UpdateWrapper):
         h = reduce.total([d * (g + cast("decay", decay, x) * x) for d, g, x in zip(deltas, ctx.grads, moved)], wide)
         new_deltas = [d + u for d, u in zip(deltas, updates)]
 
-        betas = xp.asarray(self.betas, dtype=wide, device=device)
-        m = xp.maximum(betas * state.m, xp.abs(h))
-        v_ = betas * betas * state.v + h * h
-        r = xp.maximum(betas * state.r - state.s * h, xp.zeros_like(state.r))
-        s = (m * (self.s_init / len(self.betas)) + r) / (xp.sqrt(v_) + eps)
-        scale = xp.maximum(xp.sum(s), xp.zeros_like(s_sum))
+        n = len(self.betas)
+        m, v_, r, s = [], [], [], []
+        for beta, m_j, v_j, r_j, s_j in zip(self.betas, state.m, state.v, state.r, state.s):
+            m_j = xp.maximum(beta * m_j, xp.abs(h))
+            v_j = beta * beta * v_j + h * h
+            r_j = xp.maximum(beta * r_j - s_j * h, xp.zeros_like(r_j))
+            s.append((m_j * (self.s_init / n) + r_j) / (xp.sqrt(v_j) + eps))
+            m.append(m_j)
+            v_.append(v_j)
+            r.append(r_j)
+        scale = xp.maximum(_sum(tuple(s)), xp.zeros_like(s_sum))
 
         new_updates = [ref + d * cast("scale", scale, d) - p for ref, d, p in zip(refs, new_deltas, ctx.params)]
-        new_state = MechanicState(state.ref, layout.tree(new_deltas) if self.store_delta else None, s, m, v_, r)
+        new_state = MechanicState(state.ref, layout.tree(new_deltas) if self.store_delta else None, tuple(s),
+                                  tuple(m), tuple(v_), tuple(r))
         return new_updates, new_state
 
 
