@@ -20,9 +20,17 @@ from adaptlr.dog import dog, dowg
 from adaptlr.dsa import dsa
 from adaptlr.eg import eg_step_size
 from adaptlr.hypergradient import adam_hd, hypergradient, sgd_hd, sgdn_hd
+from adaptlr.mechanic import mechanic
 from adaptlr.nonfinite import skip_nonfinite
 from adaptlr.prodigy import prodigy
 from adaptlr.radam import radam
+from adaptlr.schedule_free import (
+    schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+    schedule_free_train_params,
+)
 from adaptlr.sgd import sgd
 from adaptlr.summary import lr_summary
 
@@ -53,9 +61,15 @@ __all__ = [
     "learning_rates",
     "load_state",
     "lr_summary",
+    "mechanic",
     "prodigy",
     "radam",
     "save_state",
+    "schedule_free",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+    "schedule_free_sgd",
+    "schedule_free_train_params",
     "sgd",
     "sgd_hd",
     "sgdn_hd",

@@ -12,6 +12,10 @@ decoupled weight decay (scaled by ``κ`` only where an adaptation or the base's 
 ``shift_t`` an additive parameter shift that only AutoDrop's averaging uses. Coupled (L2) decay is
 part of ``d_t`` (``g ← g + λθ``).
 
+An :class:`UpdateWrapper` (Schedule-Free, Mechanic) wraps a whole optimizer: it sees the update
+``u_t`` above (and the step size that made it) and returns the update actually applied,
+``u'_t = W(u_t, θ_{t-1}, state)``; wrappers apply innermost first, after every adaptation.
+
 The public surface is optax-like::
 
     state = opt.init(params)
@@ -45,6 +49,7 @@ __all__ = [
     "Scalars",
     "StepContext",
     "StepSize",
+    "UpdateWrapper",
     "apply_updates",
     "learning_rates",
     "scalar_device",
@@ -278,6 +283,42 @@ class Adaptation(abc.ABC):
     # ``(updates, new_state)``: called once the whole step is computed, with the old and new
     # :class:`OptimizerState` and its own position in ``adaptations`` (adaptlr.nonfinite uses it).
 
+    #: False for an adaptation that never changes the step size (a guard such as skip_nonfinite):
+    #: only such adaptations and other :class:`UpdateWrapper` s may wrap an :class:`UpdateWrapper`.
+    shapes_step_size: bool = True
+
+
+class UpdateWrapper(Adaptation):
+    """An optimizer-level wrapper: turns the optimizer it wraps into another (Optimizer → Optimizer).
+
+    Schedule-Free (:mod:`adaptlr.schedule_free`) and Mechanic (:mod:`adaptlr.mechanic`) do not change
+    the inner optimizer's step size; they change what is done with its update. The contract:
+
+    1. :meth:`step` (as an :class:`Adaptation`'s) may scale the step size of the optimizer it wraps
+       (Schedule-Free's warm-up multiplies ``α``); the default leaves it unchanged.
+    2. Once every adaptation has decided the step size, the core computes the inner optimizer's
+       update ``u_t = shift - (α·κ) ⊙ d_t - α·λ·κ^decay ⊙ θ_{t-1}`` (spec §0.1, in the state dtype).
+    3. :meth:`wrap` gets that update, the :class:`StepSize` that made it and the
+       :class:`StepContext` (``ctx.params`` is ``θ_{t-1}``, ``ctx.reduce`` makes global sums that
+       stay correct under ``shard_map``), and returns the update to apply and its new state.
+       Wrappers apply innermost first; guards (:func:`adaptlr.skip_nonfinite`) run after all of them.
+
+    The user's learning rate stays the user's (``state.learning_rate``); the wrapper's own scale is
+    reported through its state's ``scale_learning_rate`` (:func:`learning_rates`: Mechanic multiplies
+    by its ``s``) and ``signals`` (:func:`adaptlr.lr_summary`: Schedule-Free's averaging weight
+    ``c_t``). A step-size adaptation (ActiveLR, AutoDrop, ...) cannot wrap an ``UpdateWrapper`` (it
+    would scale the innermost update, not the wrapped one): wrap the inner optimizer instead,
+    ``schedule_free(active(adamw(...)))``.
+    """
+
+    def step(self, ctx: StepContext, size: StepSize, state: NamedTuple) -> tuple[StepSize, NamedTuple]:
+        return size, state
+
+    @abc.abstractmethod
+    def wrap(self, ctx: StepContext, size: StepSize, updates: list,
+             state: NamedTuple) -> tuple[list, NamedTuple]:
+        """``(updates to apply, new state)`` from the inner optimizer's ``updates`` (leaf list)."""
+
 
 class Optimizer:
     """An adaptlr optimizer: a base direction and the adaptations wrapped around it.
@@ -322,6 +363,15 @@ class Optimizer:
         self.state_dtype = v.check_state_dtype(state_dtype)
         for adaptation in self.adaptations:
             adaptation.check_base(base)
+        wrapper = None
+        for adaptation in self.adaptations:
+            if isinstance(adaptation, UpdateWrapper):
+                wrapper = wrapper or adaptation
+            elif wrapper is not None and adaptation.shapes_step_size:
+                raise ValueError(
+                    f"{adaptation.name} cannot wrap {wrapper.name}, which transforms the whole update of the "
+                    f"optimizer inside it: wrap the inner optimizer instead ({wrapper.name}({adaptation.name}(...)))"
+                )
 
     @property
     def name(self) -> str:
@@ -430,7 +480,7 @@ class Optimizer:
             adaptation_states.append(adaptation_state)
 
         updates = []
-        for i, (d, p, caller_p) in enumerate(zip(directions, params, caller_params)):
+        for i, (d, p) in enumerate(zip(directions, params)):
             lr: Array = _times(size.alpha[i], size.kappa[i])  # alpha is never None: neither is lr
             u = d * (-lr)
             if decoupled[i]:
@@ -439,9 +489,15 @@ class Optimizer:
                 u = u - decay * p
             if size.shift[i] is not None:
                 u = u + size.shift[i]
+            updates.append(u)
+        for i, adaptation in enumerate(self.adaptations):
+            if isinstance(adaptation, UpdateWrapper):
+                updates, adaptation_states[i] = adaptation.wrap(ctx, size, updates, adaptation_states[i])
+        for i, (p, caller_p) in enumerate(zip(params, caller_params)):
+            u = updates[i]
             if p.dtype != caller_p.dtype:  # so that apply_updates rounds θ + u once
                 u = xp.astype(p + u, caller_p.dtype) - caller_p
-            updates.append(u if u.ndim else xp.asarray(u))  # NumPy turns 0-D results into scalars
+            updates[i] = u if u.ndim else xp.asarray(u)  # NumPy turns 0-D results into scalars
         new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
         if array_api_compat.is_numpy_namespace(xp):
             new_state = _arrays_not_scalars(new_state)

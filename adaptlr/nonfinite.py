@@ -70,6 +70,7 @@ class SkipNonfinite(Adaptation):
     # One global "all finite" decision: the same on flat buffers, not block by block.
     flat_safe = True
     blockwise = False
+    shapes_step_size = False
 
     def __init__(self, max_consecutive: int | None) -> None:
         self.max_consecutive = max_consecutive

@@ -48,6 +48,18 @@ How the torch concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
   update with ``p.add_(u)``. ``fast`` chooses how (see :class:`Optimizer`); inside a function that
   ``torch.compile`` traces, the step always takes the list path, which Dynamo traces into the
   caller's graph.
+- Schedule-Free (:func:`adaptlr.schedule_free`): as with ``schedulefree``'s optimizers, the model
+  holds the training parameters ``y`` in train mode and the evaluation parameters ``x`` after
+  :meth:`Optimizer.eval` (``x = y.lerp(z, 1 - 1/β1)``); :meth:`Optimizer.train` puts ``y`` back
+  (``x.lerp(z, 1 - β1)``, exact to rounding). Unlike ``schedulefree`` the optimizer starts in train
+  mode (``x = y = z`` before the first step); ``step()`` in eval mode raises. The switch reaches the
+  Schedule-Free state through any wrapper around it (``skip_nonfinite``). ``state_dict()`` holds
+  ``z`` (``"adaptations[i].z"``) and the other fields, and records the mode
+  (``state_dict()["adaptlr"]["schedule_free_eval_mode"]``); the model's own ``state_dict`` holds
+  whichever view the model is in: call ``eval()`` before saving weights for inference, and save the
+  checkpoint to resume in either mode (``load_state_dict`` restores the mode, so ``train()`` after
+  loading an eval-mode checkpoint gives back ``y``). For any other algorithm ``train()``/``eval()``
+  do nothing.
 """
 
 from __future__ import annotations
@@ -142,6 +154,7 @@ class Optimizer(torch.optim.Optimizer):
         self._opts: dict[tuple, core.Optimizer] = {
             torch_groups.base_key(opt.base): core.Optimizer(torch_steps.PerParameterSteps(opt.base), opt.adaptations)}
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
+        self._eval_mode = False  # Schedule-Free: the model holds x (eval) instead of y (train)
         self._built = False
         defaults = {"lr": 1.0 if self._schedule is not None else float(learning_rate),
                     **torch_groups.group_defaults(opt.base)}
@@ -193,9 +206,40 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the step -----------------------------------------------------------------------------------
 
+    # -- Schedule-Free's two views ------------------------------------------------------------------
+
+    def eval(self) -> None:
+        """Schedule-Free: replace the parameters by the evaluation parameters ``x`` (no-op otherwise)."""
+        self._switch_view(to_eval=True)
+
+    def train(self) -> None:
+        """Schedule-Free: put the training parameters ``y`` back after :meth:`eval` (no-op otherwise)."""
+        self._switch_view(to_eval=False)
+
+    def _switch_view(self, to_eval: bool) -> None:
+        from adaptlr.schedule_free import ScheduleFree
+
+        index = next((i for i, a in enumerate(self.opt.adaptations) if isinstance(a, ScheduleFree)), None)
+        if index is None or self._eval_mode == to_eval:
+            self._eval_mode = to_eval and index is not None
+            return
+        b1 = self.opt.adaptations[index].b1
+        weight = 1.0 - 1.0 / b1 if to_eval else 1.0 - b1
+        zs = self.functional_state.adaptations[index].z
+        with torch.no_grad():
+            for p, z in zip(self._all_params(), zs):
+                if p.dtype == z.dtype:
+                    p.lerp_(z.to(p.device), weight)
+                else:  # mixed precision: in the state dtype, rounded once
+                    p.copy_(torch.lerp(p.to(z.dtype), z.to(p.device), weight))
+        self._eval_mode = to_eval
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient; returns ``closure()`` if given."""
+        if self._eval_mode:
+            raise RuntimeError("the optimizer is in eval mode (Schedule-Free: the model holds the evaluation "
+                               "parameters x); call optimizer.train() before training steps")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -581,6 +625,7 @@ class Optimizer(torch.optim.Optimizer):
             "optimizer": self.opt.name,
             "state_dtype": None if self.state_dtype is None else dtype_name(self.state_dtype),
             "global": dict(self._global) if self._global is not None else {},
+            "schedule_free_eval_mode": self._eval_mode,
         }
         return out
 
@@ -601,6 +646,7 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("state_dict was not made by adaptlr.backends.torch.Optimizer (no 'adaptlr' entry)")
         if meta is not None:
             _check_meta(meta, self.opt.name, self.state_dtype)
+            eval_mode = bool(meta.get("schedule_free_eval_mode", False))
         if len(saved_groups) != len(self.param_groups) or any(
             len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)
         ):
@@ -649,6 +695,8 @@ class Optimizer(torch.optim.Optimizer):
                                  [params[k] for k, i in enumerate(indices) if i in saved_state])
         else:
             self._ensure_state()
+        if meta is not None:
+            self._eval_mode = eval_mode  # the view the saved model holds
 
     def _load_steps(self, saved: list, params: list) -> None:
         """Per-parameter step counts from a state_dict; equal counts share one tensor (a host sync, once)."""

@@ -249,6 +249,13 @@ def _register_defaults() -> None:
         register_algorithm(name, make, ("noisy_quadratic", "logistic"), requires=("dog" if name == "ldog" else name,),
                            takes_module=True)
 
+    # Wrappers of a whole optimizer (issue 19); against their upstream packages: the "upstream" check.
+    register_algorithm("schedule_free_adamw",
+                       lambda a: a.schedule_free_adamw(0.05, warmup_steps=3, weight_decay=0.01, r=0.5),
+                       ("noisy_quadratic", "logistic"), requires=("schedule_free_adamw",), takes_module=True)
+    register_algorithm("mechanic(sgdm)", lambda a: a.mechanic(a.sgd(0.05, momentum=0.5), s_init=1e-2),
+                       ("noisy_quadratic", "logistic"), requires=("mechanic", "sgd"), takes_module=True)
+
     # A composition: AutoDrop around ActiveLR around AdamW.
     register_algorithm(
         "autodrop(active(adamw))",

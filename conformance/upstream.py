@@ -2,10 +2,13 @@
 
 Each :class:`UpstreamCase` runs one adaptlr configuration and the upstream optimizer it reproduces
 (``prodigyopt.Prodigy`` 1.1.2, ``dadaptation.DAdaptAdam``/``DAdaptSGD`` 3.2,
-``dog_optimizer.DoG``/``LDoG`` 1.0.3, ``optax.contrib.prodigy``/``dadapt_adamw``/``dog``/``dowg``)
+``dog_optimizer.DoG``/``LDoG`` 1.0.3, ``optax.contrib.prodigy``/``dadapt_adamw``/``dog``/``dowg``,
+``schedulefree.SGDScheduleFree``/``AdamWScheduleFree`` (and ``*Reference``) 1.4.1,
+``optax.contrib.schedule_free_sgd``/``schedule_free_adamw``, ``mechanic_pytorch.mechanize`` 0.0.1)
 on :func:`problem` for at least :data:`STEPS` steps in float64, and reports the maximum normwise
 relative error of the parameters (over steps and tensors) on each backend, and that of the
-estimate (``d`` or ``η``, where the upstream exposes it). A row passes at ≤ :data:`TOLERANCE`; an
+estimate (``d`` or ``η``, where the upstream exposes it; Schedule-Free: the evaluation parameters
+``x`` after the last step). A row passes at ≤ :data:`TOLERANCE`; an
 upstream package that is not installed makes its rows "skipped". ``adaptlr conformance --checks
 upstream`` prints them; docs/algorithms/lr_free.md publishes them (docs/scripts/lr_free_table.py).
 """
@@ -71,10 +74,15 @@ class UpstreamCase:
     upstream: str
     settings: str
     kwargs: dict = field(default_factory=dict)
+    noise: float = 0.3
 
     def build(self) -> Any:
         import adaptlr
 
+        if self.algorithm == "mechanic":  # mechanic(inner optimizer, ...): kwargs["inner"] = (factory, kwargs)
+            kwargs = dict(self.kwargs)
+            name, inner = kwargs.pop("inner")
+            return adaptlr.mechanic(getattr(adaptlr, name)(**inner), **kwargs)
         return getattr(adaptlr, self.algorithm)(**self.kwargs)
 
 
@@ -124,6 +132,42 @@ def _cases() -> list[UpstreamCase]:
                          "momentum-wd": {"momentum": 0.9, "weight_decay": 0.05, "d0": 1e-3},
                          "growth-lr": {"learning_rate": 0.5, "growth_rate": 1.05, "momentum": 0.5, "d0": 1e-3}}.items():
         out.append(UpstreamCase("dadapt_sgd", "dadaptation.DAdaptSGD", settings, kw))
+    adamw_settings = {
+        "default": {},
+        "lr-wd-warmup": {"learning_rate": 0.01, "weight_decay": 0.1, "warmup_steps": 20},
+        "r-betas-eps-power": {"learning_rate": 0.02, "b1": 0.95, "b2": 0.99, "eps": 1e-6, "r": 1.0,
+                              "weight_lr_power": 1.0, "warmup_steps": 5},
+    }
+    sgd_settings = {
+        "lr-0.1": {"learning_rate": 0.1},
+        "wd-warmup-r": {"learning_rate": 0.1, "momentum": 0.8, "weight_decay": 0.05, "warmup_steps": 10, "r": 0.5},
+    }
+    for upstream in ("schedulefree.AdamWScheduleFree", "schedulefree.AdamWScheduleFreeReference"):
+        for settings, kw in adamw_settings.items():
+            out.append(UpstreamCase("schedule_free_adamw", upstream, settings, kw))
+    for upstream in ("schedulefree.SGDScheduleFree", "schedulefree.SGDScheduleFreeReference"):
+        for settings, kw in sgd_settings.items():
+            out.append(UpstreamCase("schedule_free_sgd", upstream, settings, kw))
+    # optax has no r (it is r = 0), and its warm-up is not schedulefree's: the inner optimizer's schedule
+    # counts from 0, the averaging weight's from 1 (docs/algorithms/lr_free.md measures the difference)
+    out.append(UpstreamCase("schedule_free_adamw", "optax.contrib.schedule_free_adamw", "lr-wd",
+                            {"learning_rate": 0.01, "weight_decay": 0.1}))
+    out.append(UpstreamCase("schedule_free_adamw", "optax.contrib.schedule_free_adamw", "betas-eps-power",
+                            {"learning_rate": 0.02, "b1": 0.95, "b2": 0.99, "eps": 1e-6, "weight_lr_power": 1.0}))
+    out.append(UpstreamCase("schedule_free_sgd", "optax.contrib.schedule_free_sgd", "momentum-wd",
+                            {"learning_rate": 0.1, "momentum": 0.8, "weight_decay": 0.05}))
+    # Mechanic's scale amplifies rounding on the noise-0.3 problem (a 1-ulp change of x_0 moves the run by
+    # 1e-10..1e-9 after 200 steps): its rows use noise 3, where the run contracts (docs/algorithms/lr_free.md)
+    for settings, kw in {
+        "sgd": {"inner": ("sgd", {"learning_rate": 0.1})},
+        "sgd-momentum-wd-store-delta": {"inner": ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "weight_decay": 0.05}),
+                                        "store_delta": True},
+        "adamw": {"inner": ("adamw", {"learning_rate": 0.01})},
+        "adamw-wd-s_decay-betas": {"inner": ("adamw", {"learning_rate": 0.001, "weight_decay": 0.1}),
+                                   "s_decay": 0.1, "s_init": 1e-6, "betas": (0.9, 0.999), "eps": 1e-7},
+        "adamw-store-delta": {"inner": ("adamw", {"learning_rate": 0.01, "b1": 0.8}), "store_delta": True},
+    }.items():
+        out.append(UpstreamCase("mechanic", "mechanic_pytorch.mechanize", settings, kw, noise=3.0))
     return out
 
 
@@ -153,10 +197,11 @@ def _torch_run(make: Callable[[list], Any], estimate: Callable[[Any], Any], init
     return trajectory, estimates
 
 
-def optax_run(transform: Any, estimate: Callable[[Any], Any], init: list, grad: Callable,
-              steps: int) -> tuple[list, list]:
+def optax_run(transform: Any, estimate: Callable[..., Any], init: list, grad: Callable,
+              steps: int, *, with_params: bool = False) -> tuple[list, list]:
     """``(trajectory, estimates)`` of the optax ``transform`` under ``jax.jit`` in float64 (host NumPy
-    copies of the params after each step, and ``estimate(state)``)."""
+    copies of the params after each step, and ``estimate(state)``, or ``estimate(state, params)``
+    with ``with_params``)."""
     import jax
     import optax
 
@@ -174,7 +219,7 @@ def optax_run(transform: Any, estimate: Callable[[Any], Any], init: list, grad: 
         updates, state = step(grads, state, params)
         params = optax.apply_updates(params, updates)
         trajectory.append([np.asarray(p) for p in params])
-        estimates.append(estimate(state))
+        estimates.append(estimate(state, params) if with_params else estimate(state))
     return trajectory, estimates
 
 
@@ -249,6 +294,86 @@ def _optax_dadapt_adamw(kw: dict, init: list, grad: Callable, steps: int) -> tup
     return optax_run(transform, lambda s: float(s.estim_lr), init, grad, steps)
 
 
+def _flat(arrays: Sequence[Any]) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(a)) for a in arrays])
+
+
+def _schedulefree(cls_name: str) -> Callable:
+    """``schedulefree``'s optimizer ``cls_name`` (train mode); the estimate is ``x`` after each step:
+    the reference versions' ``state["x"]``, else what ``eval()`` computes, ``y.lerp(z, 1 - 1/β1)``,
+    without touching the parameters."""
+
+    def run_it(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+        import schedulefree
+
+        names = {k: v for k, v in kw.items() if k not in ("learning_rate", "b1", "b2")}
+        if "AdamW" in cls_name:
+            names["betas"] = _betas(kw)
+
+        def make(params: list) -> Any:
+            opt = getattr(schedulefree, cls_name)(params, lr=kw.get("learning_rate", 0.0025 if "AdamW" in cls_name
+                                                                     else 1.0), **names)
+            opt.train()
+            return opt
+
+        def estimate(opt: Any) -> np.ndarray:
+            group = opt.param_groups[0]
+            b1 = group["betas"][0] if "betas" in group else group["momentum"]
+            params = group["params"]
+            if "x" in opt.state[params[0]]:
+                return _flat([opt.state[p]["x"].numpy() for p in params])
+            return _flat([p.lerp(opt.state[p]["z"], 1 - 1 / b1).numpy() for p in params])
+
+        return _torch_run(make, estimate, init, grad, steps)
+
+    return run_it
+
+
+def _optax_schedule_free(name: str) -> Callable:
+    def run_it(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+        import optax
+
+        warmup = kw.get("warmup_steps") or None
+        common = {"warmup_steps": warmup, "weight_lr_power": kw.get("weight_lr_power", 2.0)}
+        if name == "schedule_free_adamw":
+            transform = optax.contrib.schedule_free_adamw(
+                kw.get("learning_rate", 0.0025), b1=kw.get("b1", 0.9), b2=kw.get("b2", 0.999),
+                eps=kw.get("eps", 1e-8), weight_decay=kw.get("weight_decay", 0.0), **common)
+        else:
+            transform = optax.contrib.schedule_free_sgd(
+                kw.get("learning_rate", 1.0), b1=kw.get("momentum", 0.9), weight_decay=kw.get("weight_decay"),
+                **common)
+        return optax_run(transform, lambda s, p: _flat(optax.contrib.schedule_free_eval_params(s, p)),
+                         init, grad, steps, with_params=True)
+
+    return run_it
+
+
+def _mechanize(kw: dict, init: list, grad: Callable, steps: int) -> tuple[list, list]:
+    """``mechanic_pytorch.mechanize(torch.optim.SGD / AdamW)``; the estimate is the scale ``Σ s``.
+
+    Its scalar state is made with torch's default dtype: float64 for this run."""
+    import mechanic_pytorch
+    import torch
+
+    kwargs = dict(kw)
+    name, inner = kwargs.pop("inner")
+    inner = dict(inner)
+    lr = inner.pop("learning_rate")
+    if name == "adamw":
+        cls, inner = torch.optim.AdamW, {"betas": (inner.pop("b1", 0.9), inner.pop("b2", 0.999)), **inner}
+        inner.setdefault("weight_decay", 1e-2)
+    else:
+        cls = torch.optim.SGD
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return _torch_run(lambda p: mechanic_pytorch.mechanize(cls, **kwargs)(p, lr=lr, **inner),
+                          lambda opt: float(opt.state["_mechanic"]["s"].sum()), init, grad, steps)
+    finally:
+        torch.set_default_dtype(default)
+
+
 # upstream -> (the modules it needs, its run: (adaptlr kwargs, init, grad, steps) -> (trajectory, estimates))
 _REFERENCES: dict[str, tuple[tuple[str, ...], Callable]] = {
     "prodigyopt.Prodigy": (("torch", "prodigyopt"), _prodigyopt),
@@ -259,6 +384,14 @@ _REFERENCES: dict[str, tuple[tuple[str, ...], Callable]] = {
     "dadaptation.DAdaptAdam": (("torch", "dadaptation"), _dadaptation("DAdaptAdam")),
     "dadaptation.DAdaptSGD": (("torch", "dadaptation"), _dadaptation("DAdaptSGD")),
     "optax.contrib.dadapt_adamw": (("jax", "optax"), _optax_dadapt_adamw),
+    "schedulefree.AdamWScheduleFree": (("torch", "schedulefree"), _schedulefree("AdamWScheduleFree")),
+    "schedulefree.AdamWScheduleFreeReference": (("torch", "schedulefree"),
+                                                _schedulefree("AdamWScheduleFreeReference")),
+    "schedulefree.SGDScheduleFree": (("torch", "schedulefree"), _schedulefree("SGDScheduleFree")),
+    "schedulefree.SGDScheduleFreeReference": (("torch", "schedulefree"), _schedulefree("SGDScheduleFreeReference")),
+    "optax.contrib.schedule_free_adamw": (("jax", "optax"), _optax_schedule_free("schedule_free_adamw")),
+    "optax.contrib.schedule_free_sgd": (("jax", "optax"), _optax_schedule_free("schedule_free_sgd")),
+    "mechanic_pytorch.mechanize": (("torch", "mechanic_pytorch"), _mechanize),
 }
 
 
@@ -297,11 +430,23 @@ def run(opt: Any, backend: Backend, init: list, grad: Callable, steps: int = STE
     return trajectory, state
 
 
-def _final_estimate(state: Any, backend: Backend) -> np.ndarray:
+def _final_estimate(state: Any, backend: Backend, params: list) -> np.ndarray:
     """The estimate after the last step as the upstream reports it: DoG's step size ``α·η`` per
     tensor (:func:`adaptlr.learning_rates`), else ``d`` (copied to the host by ``backend``)."""
     import adaptlr
+    from adaptlr.mechanic import MechanicState
+    from adaptlr.schedule_free import ScheduleFreeState
 
+    mechanic = [s for s in state.adaptations if isinstance(s, MechanicState)]
+    if mechanic:  # the scale Σ s
+        return np.array([float(backend.to_numpy(mechanic[0].total()))])
+    schedule_free = [s for s in state.adaptations if isinstance(s, ScheduleFreeState)]
+    if schedule_free:  # the evaluation parameters x = (y - (1-β1)·z)/β1, from the last step's y
+        own = schedule_free[0]
+        b1 = float(backend.to_numpy(own.b1))
+        y = _flat(params)  # host copies already
+        z = _flat([backend.to_numpy(p) for p in own.z])
+        return (y - (1.0 - b1) * z) / b1
     if hasattr(state.base, "eta"):
         return np.array([float(backend.to_numpy(x)) for x in adaptlr.learning_rates(state)])
     return np.array([float(backend.to_numpy(state.base.d))])
@@ -317,9 +462,9 @@ def upstream_rows(backends: Sequence[Backend], steps: int, cases: Sequence[Upstr
     against the upstream run (``max_rel_err_params``) and that of the final estimate
     (``max_rel_err_lr``, where the upstream exposes it)."""
     steps = max(steps, STEPS)
-    init, grad = problem()
     rows = []
     for case in cases or CASES:
+        init, grad = problem(noise=case.noise)
         name = f"{case.algorithm} vs {case.upstream}"
         missing = missing_modules(case)
         if missing:
@@ -338,7 +483,7 @@ def upstream_rows(backends: Sequence[Backend], steps: int, cases: Sequence[Upstr
             trajectory, state = run(case.build(), backend, init, grad, steps)
             row.max_rel_err_params = max_rel_err(trajectory, expected)
             if estimates[-1] is not None:
-                row.max_rel_err_lr = _estimate_error(_final_estimate(state, backend), estimates[-1])
+                row.max_rel_err_lr = _estimate_error(_final_estimate(state, backend, trajectory[-1]), estimates[-1])
             worst = max(row.max_rel_err_params, row.max_rel_err_lr or 0.0)
             row.status = "pass" if math.isfinite(worst) and worst <= TOLERANCE else "fail"
             row.seconds = time.perf_counter() - start

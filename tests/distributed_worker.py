@@ -43,6 +43,8 @@ def algorithms() -> dict:
         "dowg": lambda: adaptlr.dowg(init_estim_sq_dist=1e-3),
         "dadapt_adam": lambda: adaptlr.dadapt_adam(d0=1e-2, weight_decay=0.01, decouple=True),
         "dadapt_sgd": lambda: adaptlr.dadapt_sgd(d0=1e-2, momentum=0.5),
+        "mechanic": lambda: adaptlr.mechanic(adaptlr.adamw(1e-2, weight_decay=0.01), s_decay=0.1, s_init=1e-2),
+        "schedule_free": lambda: adaptlr.schedule_free_adamw(1e-2, warmup_steps=2, weight_decay=0.01),
     }
 
 

@@ -45,6 +45,8 @@ def optimizers() -> dict:
                                           theta=20.0, theta_max=90.0, patience_epochs=1, average=True),
         "hypergradient(adam)": adaptlr.hypergradient(adaptlr.adam(1e-2), hyper_lr=1e-4),
         "adamw(schedule)": adaptlr.adamw(lambda t: 1e-2 / (1.0 + 0.1 * t)),
+        "schedule_free_adamw": adaptlr.schedule_free_adamw(1e-2, warmup_steps=3, weight_decay=1e-2),
+        "mechanic(adamw)": adaptlr.mechanic(adaptlr.adamw(1e-2), s_init=1e-2),
     }
 
 

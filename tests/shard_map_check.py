@@ -47,6 +47,10 @@ LR_FREE = {
     "dowg": lambda: adaptlr.dowg(init_estim_sq_dist=1e-3),
     "dadapt_adam": lambda: adaptlr.dadapt_adam(d0=1e-2, weight_decay=0.01, decouple=True, use_bias_correction=True),
     "dadapt_sgd": lambda: adaptlr.dadapt_sgd(d0=1e-2, momentum=0.5, weight_decay=0.01),
+    "mechanic(adamw)": lambda: adaptlr.mechanic(adaptlr.adamw(0.05, weight_decay=0.01), s_decay=0.1, s_init=10.0),
+    "mechanic(sgdm)-store-delta": lambda: adaptlr.mechanic(adaptlr.sgd(0.05, momentum=0.5), store_delta=True,
+                                                           s_init=10.0),
+    "schedule_free_adamw": lambda: adaptlr.schedule_free_adamw(0.05, warmup_steps=2, weight_decay=0.01),
 }
 MAKERS = {"adaptations": ADAPTATIONS, "lr_free": LR_FREE}[sys.argv[1]]
 rng = np.random.default_rng(0)

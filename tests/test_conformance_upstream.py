@@ -22,7 +22,8 @@ def test_upstream_is_a_conformance_check(capsys):
 
 
 def test_every_upstream_row_passes_on_numpy():
-    missing = [m for m in ("torch", "jax", "optax", "prodigyopt", "dadaptation", "dog")
+    missing = [m for m in ("torch", "jax", "optax", "prodigyopt", "dadaptation", "dog", "schedulefree",
+                                        "mechanic_pytorch")
                if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"the upstream packages are not installed: {missing}")
@@ -33,7 +34,10 @@ def test_every_upstream_row_passes_on_numpy():
     assert len(rows) == len(upstream.CASES)
     assert {r.algorithm.split(" vs ")[1] for r in rows} == {
         "prodigyopt.Prodigy", "optax.contrib.prodigy", "dog_optimizer.DoG", "optax.contrib.dog", "optax.contrib.dowg",
-        "dadaptation.DAdaptAdam", "dadaptation.DAdaptSGD", "optax.contrib.dadapt_adamw"}
+        "dadaptation.DAdaptAdam", "dadaptation.DAdaptSGD", "optax.contrib.dadapt_adamw",
+        "schedulefree.AdamWScheduleFree", "schedulefree.AdamWScheduleFreeReference", "schedulefree.SGDScheduleFree",
+        "schedulefree.SGDScheduleFreeReference", "optax.contrib.schedule_free_adamw", "optax.contrib.schedule_free_sgd",
+        "mechanic_pytorch.mechanize"}
     failed = [(r.algorithm, r.problem, r.max_rel_err_params, r.max_rel_err_lr) for r in rows if r.status != "pass"]
     assert not failed
     assert all(r.steps == upstream.STEPS and r.max_rel_err_params <= upstream.TOLERANCE for r in rows)

@@ -23,6 +23,8 @@ MAKERS = {
     "dowg": lambda: adaptlr.dowg(),
     "dadapt_adam": lambda: adaptlr.dadapt_adam(d0=1e-3, weight_decay=0.01, decouple=True),
     "dadapt_sgd": lambda: adaptlr.dadapt_sgd(d0=1e-3, momentum=0.5),
+    "schedule_free_adamw": lambda: adaptlr.schedule_free_adamw(0.01, warmup_steps=5, weight_decay=0.01, r=0.5),
+    "mechanic(adamw)-store-delta": lambda: adaptlr.mechanic(adaptlr.adamw(0.01), store_delta=True),
 }
 
 

@@ -22,6 +22,8 @@ MAKERS = {
     "dowg": lambda: adaptlr.dowg(),
     "dadapt_adam": lambda: adaptlr.dadapt_adam(d0=1e-2, weight_decay=0.01, decouple=True),
     "dadapt_sgd": lambda: adaptlr.dadapt_sgd(d0=1e-2, momentum=0.5),
+    "schedule_free_adamw": lambda: adaptlr.schedule_free_adamw(0.01, warmup_steps=3, weight_decay=0.01),
+    "mechanic(sgdm)": lambda: adaptlr.mechanic(adaptlr.sgd(0.05, momentum=0.5), s_init=1e-2),
 }
 
 

@@ -160,6 +160,7 @@ TINY = {
     "hypergradient": {"models": {"logreg": [64, 10]}, "epochs": 1, "seeds": 1, "batch": 32},
     "dsa": {"epochs": 2, "seeds": 2, "model": [64, 10], "batch": 32},
     "eg": {"shift_every": 100, "tasks": 2, "seeds": 1, "sizes": [64, 10], "threshold": 0.5},
+    "schedulefree": {"lengths": [30, 60], "grid": [1e-2], "seeds": 1, "model": [64, 10], "batch": 32},
 }
 TINY_CNN = CNN1d(channels=(4, 4), kernels=(5, 3), strides=(2, 2), paddings=(1, 1))
 TINY_MNIST1D = {
@@ -168,6 +169,7 @@ TINY_MNIST1D = {
     "hypergradient": {"models": {"logreg": [40, 10], "cnn": TINY_CNN}, "epochs": 1, "seeds": 1, "batch": 500},
     "dsa": {"epochs": 2, "seeds": 2, "model": TINY_CNN, "batch": 500},
     "eg": {"shift_every": 100, "tasks": 2, "seeds": 1, "sizes": [40, 10], "threshold": 1.5},
+    "schedulefree": {"lengths": [30, 60], "grid": [1e-2], "seeds": 2, "model": [40, 10], "batch": 128},
 }
 
 
@@ -418,3 +420,13 @@ def test_cli_refuses_a_dataset_an_experiment_does_not_declare(tmp_path, monkeypa
     monkeypatch.setattr(cli, "run_experiment", lambda *a, **k: pytest.fail("training started"))
     assert cli.main(["eg", "--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
     assert "eg cannot run on --dataset mnist1d" in capsys.readouterr().err
+
+
+def test_schedulefree_cosine_schedule_and_eval_points():
+    """The baseline's schedule warms up linearly and ends at 0 at T; Schedule-Free's table evaluates x."""
+    from adaptlr.reproduce import schedulefree
+
+    schedule = schedulefree.warmup_cosine(0.1, 100)
+    values = [float(schedule(np.asarray(float(t)))) for t in (1, 5, 52.5, 100)]
+    assert values[0] == pytest.approx(0.02) and values[1] == pytest.approx(0.1)
+    assert values[2] == pytest.approx(0.05, rel=1e-12) and values[3] == pytest.approx(0.0, abs=1e-15)

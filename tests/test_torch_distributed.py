@@ -30,7 +30,7 @@ def results(tmp_path_factory) -> list[dict]:
 
 
 NAMES = ["sgdm", "adamw", "active", "autodrop", "hd_global", "hd_tensor", "eg_global", "dsa",
-         "prodigy", "dog", "ldog", "dowg", "dadapt_adam", "dadapt_sgd"]
+         "prodigy", "dog", "ldog", "dowg", "dadapt_adam", "dadapt_sgd", "mechanic", "schedule_free"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -9,6 +9,6 @@ claims as computed checks (:mod:`.verdict`). scikit-learn, matplotlib and mnist1
 ``reproduce`` extra) and imported only when an experiment runs.
 """
 
-EXPERIMENTS = ("activelr", "autodrop", "hypergradient", "dsa", "eg")
+EXPERIMENTS = ("activelr", "autodrop", "hypergradient", "dsa", "eg", "schedulefree")
 
 __all__ = ["EXPERIMENTS"]
