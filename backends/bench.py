@@ -6,9 +6,9 @@ interleaved rounds (one step of each runner per round, in a shuffled order), so 
 on a shared machine hit all runners alike; the median step time is reported.
 
 Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``); ``adapter``,
-``adapter-foreach`` and ``adapter-compiled`` (torch: ``adaptlr.backends.torch.Optimizer`` with its
-default ``fast="auto"``, with ``fast="foreach"`` (what ``"auto"`` takes on a GPU) and with
-``fast="compile"``); ``flat`` / ``blocked`` / ``compiled``
+``adapter-foreach``, ``adapter-list`` and ``adapter-compiled`` (torch:
+``adaptlr.backends.torch.Optimizer`` with its default ``fast="auto"``, with ``fast="foreach"``
+(what ``"auto"`` takes on a GPU), ``fast=False`` and ``fast="compile"``); ``flat`` / ``blocked`` / ``compiled``
 (:class:`adaptlr.backends.fast.FlatOptimizer`); ``jit`` / ``jit-donate`` (JAX,
 :func:`adaptlr.backends.fast.jit_step`). Native: ``torch.optim.AdamW`` (``foreach=True``,
 ``fused=True``), ``optax.adamw`` under ``jax.jit`` (params and state donated); for the learning-rate-free
@@ -333,13 +333,16 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                 adapter = TorchAdapter(tparams, opt)
                 adapter.step()  # the first step builds the flat buffers
                 runners.append(runner(name, "adapter", "adaptlr", adapter.step, adapter.fast_path))
-                if flat and adapter.fast_path != "foreach":  # the GPU default, on this device
+                others = [("adapter-foreach", "foreach")] if flat and adapter.fast_path != "foreach" else []
+                if adapter.fast_path != "list":
+                    others.append(("adapter-list", False))
+                for path, fast in others:  # the GPU default ("foreach"), the per-tensor list path
                     tparams = params_copy(True)
                     for p, g in zip(tparams, grads):
                         p.grad = g.clone()
-                    adapter = TorchAdapter(tparams, opt, fast="foreach")
+                    adapter = TorchAdapter(tparams, opt, fast=fast)
                     adapter.step()
-                    runners.append(runner(name, "adapter-foreach", "adaptlr", adapter.step, adapter.fast_path))
+                    runners.append(runner(name, path, "adaptlr", adapter.step, adapter.fast_path))
                 if name in compile_algorithms and flat:
                     tparams = params_copy(True)
                     for p, g in zip(tparams, grads):

@@ -54,9 +54,18 @@ def test_counter_counts_each_dispatched_operation():
     assert _ops_after_first_step(fused) <= 5  # the fused kernel plus its step-count update
 
 
+ALGORITHMS = {
+    "adamw": lambda: adaptlr.adamw(1e-3, weight_decay=1e-2),
+    # between epoch boundaries (adaptlr._boundary): a few ops more than AdamW
+    "active(adamw)": lambda: adaptlr.active(adaptlr.adamw(1e-3, weight_decay=1e-2), steps_per_epoch=100),
+    "autodrop(adamw)": lambda: adaptlr.autodrop(adaptlr.adamw(1e-3, weight_decay=1e-2), steps_per_epoch=100),
+}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
 @pytest.mark.parametrize("set_name", list(SETS))
-def test_gpu_default_path_dispatches_no_more_ops_than_torch_foreach(set_name, foreach_adamw_ops):
-    opt = adaptlr.adamw(1e-3, weight_decay=1e-2)
+def test_gpu_default_path_dispatches_no_more_ops_than_torch_foreach(set_name, name, foreach_adamw_ops):
+    opt = ALGORITHMS[name]()
     adapter = Optimizer(_params(SETS[set_name]), opt, fast="foreach")
     ops = _ops_after_first_step(adapter)
     assert adapter.fast_path == "foreach"
@@ -113,3 +122,13 @@ def test_learning_rate_free_default_path_dispatches_no_more_ops_than_upstream(na
     ops = _ops_after_first_step(adapter)
     assert adapter.fast_path == "foreach"
     assert ops <= upstream, (ops, upstream)
+
+
+def test_cpu_default_for_global_sums_on_a_large_model_is_the_foreach_path():
+    """Above 16 MiB of parameters no flat buffers are recommended on the CPU for algorithms with global
+    sums (AutoDrop, the learning-rate-free bases): ``"auto"`` takes the foreach path, not the list path."""
+    params = _params([(2100, 2048), (7,)])  # 17.2 MB of float32
+    adapter = Optimizer(params, adaptlr.prodigy())
+    ops = _ops_after_first_step(adapter)
+    assert adapter.fast_path == "foreach"
+    assert ops == _ops_after_first_step(Optimizer(_params([(3, 2), (7,)]), adaptlr.prodigy(), fast="foreach"))
