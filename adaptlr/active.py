@@ -189,7 +189,13 @@ def active_sgd(
     scale_weight_decay: bool = False,
     state_dtype: Any = None,
 ) -> Optimizer:
-    """Active SGD: ``active(sgd(...), ...)``; the arguments of :func:`adaptlr.sgd` and :func:`active`."""
+    """Active SGD: ``active(sgd(...), ...)``; the arguments of :func:`adaptlr.sgd` and, keyword-only,
+    those of :func:`adaptlr.active` (``steps_per_epoch`` is required).
+
+    Returns:
+        ``active(base, steps_per_epoch, ...)``: an :class:`adaptlr.Optimizer` whose state holds the
+        per-element γ (``adaptlr.lr_summary(state)["gamma"]``).
+    """
     base = sgd(learning_rate, momentum, dampening, nesterov, weight_decay, state_dtype=state_dtype)
     return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)
 
@@ -209,7 +215,13 @@ def active_adamw(
     scale_weight_decay: bool = False,
     state_dtype: Any = None,
 ) -> Optimizer:
-    """Active AdamW: ``active(adamw(...), ...)``; the arguments of :func:`adaptlr.adamw` and :func:`active`."""
+    """Active AdamW: ``active(adamw(...), ...)``; the arguments of :func:`adaptlr.adamw` and, keyword-only,
+    those of :func:`adaptlr.active` (``steps_per_epoch`` is required).
+
+    Returns:
+        ``active(base, steps_per_epoch, ...)``: an :class:`adaptlr.Optimizer` whose state holds the
+        per-element γ (``adaptlr.lr_summary(state)["gamma"]``).
+    """
     base = adamw(learning_rate, b1, b2, eps, weight_decay, state_dtype=state_dtype)
     return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)
 
@@ -230,7 +242,13 @@ def active_radam(
     scale_weight_decay: bool = False,
     state_dtype: Any = None,
 ) -> Optimizer:
-    """Active RAdam: ``active(radam(...), ...)``; the arguments of :func:`adaptlr.radam` and :func:`active`."""
+    """Active RAdam: ``active(radam(...), ...)``; the arguments of :func:`adaptlr.radam` and, keyword-only,
+    those of :func:`adaptlr.active` (``steps_per_epoch`` is required).
+
+    Returns:
+        ``active(base, steps_per_epoch, ...)``: an :class:`adaptlr.Optimizer` whose state holds the
+        per-element γ (``adaptlr.lr_summary(state)["gamma"]``).
+    """
     base = radam(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, state_dtype=state_dtype)
     return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)
 
@@ -252,7 +270,12 @@ def active_adabelief(
     scale_weight_decay: bool = False,
     state_dtype: Any = None,
 ) -> Optimizer:
-    """Active AdaBelief: ``active(adabelief(...), ...)``; the arguments of :func:`adaptlr.adabelief` and
-    :func:`active`."""
+    """Active AdaBelief: ``active(adabelief(...), ...)``; the arguments of :func:`adaptlr.adabelief`
+    and, keyword-only, those of :func:`adaptlr.active` (``steps_per_epoch`` is required).
+
+    Returns:
+        ``active(base, steps_per_epoch, ...)``: an :class:`adaptlr.Optimizer` whose state holds the
+        per-element γ (``adaptlr.lr_summary(state)["gamma"]``).
+    """
     base = adabelief(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, rectify, state_dtype=state_dtype)
     return active(base, steps_per_epoch, increase, decrease, min_gamma, max_gamma, scale_weight_decay)

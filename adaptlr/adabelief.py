@@ -95,11 +95,18 @@ def adabelief(
 
     Args:
         learning_rate: ``α``, a float >= 0 or a schedule ``t ↦ α_t`` (t = 1 on the first step).
-        b1, b2: ``β1, β2`` in [0, 1).
+        b1: ``β1`` in [0, 1), the decay rate of the first moment ``m``.
+        b2: ``β2`` in [0, 1), the decay rate of ``s``, the moment of ``(g - m)²``.
         eps: ``ε`` >= 0; added to ``s`` every step and to ``sqrt(s)``.
         weight_decay: ``λ`` >= 0; decoupled ``-α·λ·θ`` unless ``decoupled_weight_decay=False`` (L2).
+        decoupled_weight_decay: True: ``u ← u - α·λ·θ`` (AdamW-style, the default); False: coupled
+            L2, ``g ← g + λθ``.
         rectify: use the RAdam rectification (SGD-with-momentum steps while ``ρ_t < 5``).
         state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(AdaBeliefDirection(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay, rectify),
                      state_dtype=state_dtype)

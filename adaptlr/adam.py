@@ -90,11 +90,16 @@ def adam(
 
     Args:
         learning_rate: ``α``, a float >= 0 or a schedule ``t ↦ α_t`` (t = 1 on the first step).
-        b1, b2: ``β1, β2`` in [0, 1), the decay rates of the first and second moments.
+        b1: ``β1`` in [0, 1), the decay rate of the first moment ``m``.
+        b2: ``β2`` in [0, 1), the decay rate of the second moment ``v``.
         eps: ``ε`` >= 0 added to the bias-corrected ``sqrt(v)``.
         weight_decay: ``λ`` >= 0.
         state_dtype: the dtype of ``m`` and ``v`` and of the step's arithmetic (None: each
             parameter's dtype, as ``torch.optim``; ``"float32"`` for bfloat16/float16 params).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=False), state_dtype=state_dtype)
 
@@ -110,7 +115,18 @@ def adamw(
 ) -> Optimizer:
     """AdamW, matching ``torch.optim.AdamW``: Adam with decoupled weight decay ``-α·λ·θ``.
 
-    Args as :func:`adam`; ``weight_decay`` is decoupled and not scaled by an adaptation's κ unless
-    that adaptation is created with ``scale_weight_decay=True``.
+    ``weight_decay`` is decoupled and not scaled by an adaptation's κ unless that adaptation is
+    created with ``scale_weight_decay=True``. The update rule is in the module docstring.
+
+    Args:
+        learning_rate: ``α``, a float >= 0 or a schedule ``t ↦ α_t`` (t = 1 on the first step).
+        b1: ``β1`` in [0, 1), the decay rate of the first moment ``m``.
+        b2: ``β2`` in [0, 1), the decay rate of the second moment ``v``.
+        eps: ``ε`` >= 0 added to the bias-corrected ``sqrt(v)``.
+        weight_decay: ``λ`` >= 0, decoupled: ``u ← u - α·λ·θ``.
+        state_dtype: the dtype of ``m`` and ``v`` and of the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`; wrap it in an adaptation (:func:`adaptlr.active`, ...) or use it as is.
     """
     return Optimizer(AdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled=True), state_dtype=state_dtype)

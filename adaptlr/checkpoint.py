@@ -68,6 +68,18 @@ def save_state(path: str | os.PathLike, state: OptimizerState, *, optimizer: Opt
         state: an :class:`adaptlr.OptimizerState` of any array library and device.
         optimizer: the optimizer that made ``state``; when given, its name and hyper-parameters
             are recorded and checked on load, and ``state`` must belong to it.
+
+    Example:
+        >>> import os, tempfile, numpy as np, adaptlr
+        >>> opt = adaptlr.adamw(1e-3)
+        >>> params = {"w": np.ones(3)}
+        >>> state = opt.init(params)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = os.path.join(folder, "opt.npz")
+        ...     adaptlr.save_state(path, state, optimizer=opt)
+        ...     restored = adaptlr.load_state(path, params, optimizer=opt)   # or torch / JAX params
+        >>> int(restored.count), restored.base.mu["w"].shape
+        (0, (3,))
     """
     if not isinstance(state, OptimizerState):
         raise TypeError(f"state must be an adaptlr OptimizerState, got {type(state).__name__}")

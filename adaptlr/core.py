@@ -290,6 +290,29 @@ class Optimizer:
     parameter's dtype, as ``torch.optim`` does. With bfloat16/float16 params and
     ``state_dtype="float32"`` the gradients and params are upcast for the step and the update is
     ``round(θ + u) - θ`` in the parameter dtype, so that :func:`apply_updates` rounds ``θ + u`` once.
+
+    Every step computes (spec §0.1)::
+
+        u_t = -(α_t·κ_t) ⊙ d_t - α_t·λ·κ^decay_t ⊙ θ_{t-1}
+
+    with ``d_t`` the base's direction, ``α_t`` the user's learning rate and ``κ_t`` the product of
+    the adaptations' multipliers.
+
+    Args:
+        base: the base direction (``SGDDirection``, ``AdamDirection``, ...; what a base factory
+            such as :func:`adaptlr.sgd` builds).
+        adaptations: the adaptations wrapped around the base, innermost first.
+        state_dtype: the dtype of the state and of the step's arithmetic (see above).
+
+    Example:
+        >>> import numpy as np, adaptlr
+        >>> opt = adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=10)
+        >>> opt.name
+        'active(adamw)'
+        >>> state = opt.init({"w": np.zeros(3)})
+        >>> updates, state = opt.update({"w": np.ones(3)}, state, {"w": np.zeros(3)})
+        >>> int(state.count)
+        1
     """
 
     def __init__(self, base: BaseDirection, adaptations: Sequence[Adaptation] = (), *,
@@ -528,7 +551,21 @@ def scalar_device(x: Array) -> Any:
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
-    """``params + updates``, leaf by leaf, keeping each parameter's dtype."""
+    """``params + updates``, leaf by leaf, keeping each parameter's dtype.
+
+    Args:
+        params: a tree of arrays of one array library.
+        updates: a tree of the same structure, as ``opt.update`` returns it.
+
+    Returns:
+        The new parameters: a tree like ``params`` whose leaves are ``θ + u`` in each parameter's
+        dtype, in its library and on its device.
+
+    Example:
+        >>> import numpy as np, adaptlr
+        >>> adaptlr.apply_updates({"w": np.ones(2), "b": np.zeros(())}, {"w": np.full(2, 0.5), "b": np.ones(())})
+        {'w': array([1.5, 1.5]), 'b': array(1.)}
+    """
     layout, param_leaves = Layout.of(params)
     update_leaves = layout.leaves(updates, "updates")
     xp = v.namespace_of_leaves(param_leaves + update_leaves, "params and updates", lambda: layout.paths() * 2)
@@ -543,6 +580,23 @@ def learning_rates(state: OptimizerState) -> PyTree:
     Leaves are arrays broadcastable to each parameter's shape (0-D where the rate is one number per
     tensor). This is the most recently decided rate (spec §0.1): for ActiveLR the γ after the last
     epoch-boundary adjustment, for the other adaptations the rate the last step used.
+
+    Args:
+        state: an :class:`adaptlr.OptimizerState` (for the torch adapter, ``optimizer.functional_state``).
+
+    Returns:
+        A tree shaped like the params, of arrays in the state's library and on its device.
+
+    Example:
+        >>> import numpy as np, adaptlr
+        >>> opt = adaptlr.hypergradient(adaptlr.sgd(0.1), hyper_lr=0.01)
+        >>> params = {"w": np.array([1.0, -1.0])}
+        >>> state = opt.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = opt.update(params, state, params)   # f = ‖w‖²/2, gradient w
+        ...     params = adaptlr.apply_updates(params, updates)
+        >>> float(adaptlr.learning_rates(state)["w"])   # α rose: successive gradients agreed
+        0.11...
     """
     if not isinstance(state, OptimizerState):
         raise TypeError(f"learning_rates needs an adaptlr OptimizerState, got {type(state).__name__}")

@@ -266,7 +266,8 @@ def dadapt_adam(
 
     Args:
         learning_rate: ``α`` > 0 (1, or a schedule with 1 as its peak).
-        b1, b2: ``β1, β2`` in [0, 1) (``DAdaptAdam``'s ``betas``).
+        b1: ``β1`` in [0, 1) (``DAdaptAdam``'s ``betas[0]``).
+        b2: ``β2`` in [0, 1) (``DAdaptAdam``'s ``betas[1]``).
         eps: ``ε`` > 0 added to ``sqrt(v)``.
         weight_decay: ``λ`` >= 0.
         decouple: True: AdamW-style decay ``-α·d·c_t·λ·θ``; False: coupled L2 (``g ← g + λθ``).
@@ -274,6 +275,10 @@ def dadapt_adam(
         d0: the initial estimate ``d_0`` > 0.
         growth_rate: ``d`` grows at most by this factor per step (>= 1; inf: unbounded).
         state_dtype: the dtype of the moments and of the step's arithmetic (None: each parameter's).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(DAdaptAdamDirection(learning_rate, b1, b2, eps, weight_decay, decouple, use_bias_correction,
                                          d0, growth_rate), state_dtype=state_dtype)
@@ -297,6 +302,10 @@ def dadapt_sgd(
         d0: the initial estimate ``d_0`` > 0.
         growth_rate: ``d`` grows at most by this factor per step (>= 1; inf: unbounded).
         state_dtype: the dtype of ``s`` and ``x_0`` and of the step's arithmetic (None: each parameter's).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(DAdaptSGDDirection(learning_rate, momentum, weight_decay, d0, growth_rate),
                      state_dtype=state_dtype)

@@ -233,6 +233,10 @@ def dog(
         state_dtype: the dtype of ``x_0`` and of the step's arithmetic (None: each parameter's).
 
     The authors recommend iterate averaging (polynomial decay) on top; it is not part of the step.
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(DoGDirection(learning_rate, reps_rel, eps, weight_decay, init_eta, layerwise),
                      state_dtype=state_dtype)
@@ -255,5 +259,9 @@ def dowg(
         eps: ``ε`` > 0 in the denominator of ``η``.
         weight_decay: ``λ`` >= 0, coupled L2 (``g ← g + λθ``, as optax's ``add_decayed_weights`` first).
         state_dtype: the dtype of ``x_0`` and of the step's arithmetic (None: each parameter's).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(DoWGDirection(learning_rate, init_estim_sq_dist, eps, weight_decay), state_dtype=state_dtype)

@@ -206,9 +206,14 @@ def dsa(
             used for every parameter; None: ``("tensor", "row", "col")`` for ndim >= 2 and
             ``("tensor", "element")`` for ndim <= 1. On parameters with ndim <= 1 "row" acts as
             "element" and "col" as "tensor" (see :func:`leaf_structure`).
-        min_lr, max_lr: optional bounds on the effective rate ``A = α·κ`` of every element (the
+        min_lr: an optional lower bound on the effective rate ``A = α·κ`` of every element (the
             factors themselves are not clipped).
+        max_lr: an optional upper bound on ``A = α·κ`` of every element.
         scale_weight_decay: also multiply decoupled weight decay by ``κ``.
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
 
     Example:
         >>> import numpy as np, adaptlr

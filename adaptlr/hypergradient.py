@@ -198,7 +198,12 @@ def hypergradient(
             (``a ← a·(1 + β·cos)``, scale-free).
         granularity: ``"global"`` (one rate for the model, sums over every tensor), ``"tensor"``
             (one per parameter tensor) or ``"element"`` (one per parameter element).
-        min_lr, max_lr: optional bounds on ``a`` (an extension; ``a`` may go negative without one).
+        min_lr: an optional lower bound on ``a`` (an extension; ``a`` may go negative without one).
+        max_lr: an optional upper bound on ``a`` (an extension).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
 
     Example:
         >>> import numpy as np, adaptlr
@@ -233,7 +238,14 @@ def sgd_hd(
     Args:
         learning_rate: the initial learning rate ``α`` >= 0 (a float).
         hyper_lr: ``β`` >= 0 (default 1e-6, the reference code's).
-        momentum, dampening, weight_decay: as in :func:`adaptlr.sgd` (weight decay is coupled L2).
+        momentum: as in :func:`adaptlr.sgd`.
+        dampening: as in :func:`adaptlr.sgd`.
+        weight_decay: as in :func:`adaptlr.sgd` (coupled L2).
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     base = sgd(learning_rate, momentum, dampening, False, weight_decay, state_dtype=state_dtype)
     return hypergradient(base, hyper_lr)
@@ -254,6 +266,11 @@ def sgdn_hd(
         hyper_lr: ``β`` >= 0 (default 1e-6, the reference code's).
         momentum: ``μ`` in (0, 1).
         weight_decay: ``λ`` >= 0, coupled L2.
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return hypergradient(sgd(learning_rate, momentum, 0.0, True, weight_decay, state_dtype=state_dtype), hyper_lr)
 
@@ -273,7 +290,15 @@ def adam_hd(
     Args:
         learning_rate: the initial learning rate ``α`` >= 0 (a float).
         hyper_lr: ``β`` >= 0 (default 1e-8, the reference code's).
-        b1, b2, eps, weight_decay: as in :func:`adaptlr.adam`.
+        b1: ``β1``, as in :func:`adaptlr.adam`.
+        b2: ``β2``, as in :func:`adaptlr.adam`.
+        eps: ``ε``, as in :func:`adaptlr.adam`.
+        weight_decay: ``λ``, as in :func:`adaptlr.adam`.
+        state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return hypergradient(adam(learning_rate, b1, b2, eps, weight_decay, state_dtype=state_dtype), hyper_lr)
 

@@ -220,7 +220,8 @@ def prodigy(
 
     Args:
         learning_rate: ``α`` > 0, or a schedule ``t ↦ α_t``.
-        b1, b2: ``β1, β2`` in [0, 1) (``prodigyopt``'s ``betas``).
+        b1: ``β1`` in [0, 1) (``prodigyopt``'s ``betas[0]``).
+        b2: ``β2`` in [0, 1) (``prodigyopt``'s ``betas[1]``).
         beta3: ``β3`` in [0, 1) for the estimate's sums (None: ``sqrt(β2)``).
         eps: ``ε`` > 0, added to ``sqrt(v)`` times ``d``.
         weight_decay: ``λ`` >= 0.
@@ -233,13 +234,19 @@ def prodigy(
         slice_p: estimate ``d`` from every ``slice_p``-th element of each tensor (>= 1; saves memory).
         state_dtype: the dtype of the moments and of the step's arithmetic (None: each parameter's).
 
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
+
     Example:
         >>> import numpy as np, adaptlr
         >>> opt = adaptlr.prodigy()
         >>> params = {"w": np.array([1.0, -2.0])}
         >>> state = opt.init(params)
-        >>> updates, state = opt.update(params, state, params)   # f = ‖w‖²/2
-        >>> float(state.base.d) > 1e-6
+        >>> for _ in range(3):                                      # f = ‖w‖²/2
+        ...     updates, state = opt.update(params, state, params)
+        ...     params = adaptlr.apply_updates(params, updates)
+        >>> float(state.base.d) > 1e-6   # d_0 = 1e-6; the first step moves x away from x_0, then d grows
         True
     """
     base = ProdigyDirection(learning_rate, b1, b2, beta3, eps, weight_decay, decouple, use_bias_correction,

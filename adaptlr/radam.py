@@ -75,10 +75,17 @@ def radam(
 
     Args:
         learning_rate: ``α``, a float >= 0 or a schedule ``t ↦ α_t`` (t = 1 on the first step).
-        b1, b2: ``β1, β2`` in [0, 1).
+        b1: ``β1`` in [0, 1), the decay rate of the first moment.
+        b2: ``β2`` in [0, 1), the decay rate of the second moment.
         eps: ``ε`` >= 0.
         weight_decay: ``λ`` >= 0; coupled (L2) unless ``decoupled_weight_decay`` (then ``-α·λ·θ``).
+        decoupled_weight_decay: apply ``weight_decay`` as ``u ← u - α·λ·θ`` (AdamW-style) instead of
+            ``g ← g + λθ``.
         state_dtype: the dtype of the state and the step's arithmetic (see :func:`adaptlr.adam`).
+
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
     """
     return Optimizer(RAdamDirection(learning_rate, b1, b2, eps, weight_decay, decoupled_weight_decay),
                      state_dtype=state_dtype)

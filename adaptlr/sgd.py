@@ -81,6 +81,10 @@ def sgd(
         weight_decay: ``λ`` >= 0, coupled (L2): ``g ← g + λθ``.
         state_dtype: the dtype of the momentum buffer and the step's arithmetic (see :func:`adaptlr.adam`).
 
+    Returns:
+        An :class:`adaptlr.Optimizer`: ``state = opt.init(params)``, then
+        ``updates, state = opt.update(grads, state, params)`` every step.
+
     Example:
         >>> import numpy as np, adaptlr
         >>> opt = adaptlr.sgd(0.1, momentum=0.9)

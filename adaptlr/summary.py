@@ -42,6 +42,15 @@ def lr_summary(
         signal shaped like the params becomes per-tensor statistics, a 0-D array a float, any other
         array its min / median / max. A name used by two adaptations gets the suffix ``#i`` (their
         position, innermost first). Values are Python floats.
+
+    Example:
+        >>> import numpy as np, adaptlr
+        >>> opt = adaptlr.active(adaptlr.sgd(0.1), steps_per_epoch=2)
+        >>> state = opt.init({"w": np.array([1.0, -2.0, 3.0])})
+        >>> adaptlr.lr_summary(state)["gamma"]
+        {"['w']": {'min': 1.0, 'median': 1.0, 'max': 1.0}}
+        >>> adaptlr.lr_summary(state, flat=True)["learning_rate/['w']/max"]
+        0.1
     """
     if not isinstance(state, OptimizerState):
         raise TypeError(f"lr_summary needs an adaptlr OptimizerState, got {type(state).__name__}")

@@ -82,6 +82,9 @@ def _adaptation_safety(adaptation: Any) -> tuple[bool, bool, str]:
 def flat_safety(opt: Optimizer) -> tuple[bool, bool, str]:
     """Whether ``opt`` gives the same result on flat buffers, and block by block.
 
+    Args:
+        opt: an adaptlr optimizer.
+
     Returns:
         ``(flat_safe, blockwise, reason)``: ``flat_safe`` when the update only has elementwise
         operations and global sums; ``blockwise`` when it has no sums at all and every state field

@@ -38,7 +38,15 @@ __all__ = ["complete_sum", "cond", "state_partition_specs", "to_optax"]
 
 
 def complete_sum(partial: Any, axis_names: tuple) -> Any:
-    """The sum of ``partial`` over the devices of the mesh axes ``axis_names`` (inside ``shard_map``)."""
+    """The sum of ``partial`` over the devices of the mesh axes ``axis_names`` (inside ``shard_map``).
+
+    Args:
+        partial: this device's partial sum (an array or a tree of arrays).
+        axis_names: the mesh axes the parameters are split over.
+
+    Returns:
+        ``jax.lax.psum(partial, axis_names)``: the complete sum, on every device.
+    """
     return jax.lax.psum(partial, axis_names)
 
 
@@ -53,9 +61,11 @@ def to_optax(opt: core.Optimizer, *, axis_name: Any = None,
 
     Args:
         opt: an adaptlr optimizer (``adaptlr.adamw(1e-3)``, ``adaptlr.autodrop(...)``, ...).
-        axis_name, partition_specs: inside ``jax.shard_map`` with split parameters, complete the
-            algorithm's sums over parameters across the shards (see
-            :meth:`adaptlr.Optimizer.update`); ``partition_specs`` is a tree like the params.
+        axis_name: inside ``jax.shard_map`` with split parameters, the mesh axis (or axes) over
+            which the algorithm's sums over parameters are completed across the shards (see
+            :meth:`adaptlr.Optimizer.update`).
+        partition_specs: with ``axis_name``, the partition specs of the parameters (a tree like
+            the params).
     """
     if not isinstance(opt, core.Optimizer):
         raise TypeError(f"opt must be an adaptlr Optimizer (adaptlr.adamw(...), ...), got {type(opt).__name__}")

@@ -204,6 +204,12 @@ def custom_objects(opt: core.Optimizer) -> dict:
 
     The saved config holds the Keras options and ``opt.name`` (checked on load); the optimizer's
     state is restored from the saved variables.
+
+    Args:
+        opt: the adaptlr optimizer the model was compiled with (same algorithm and hyper-parameters).
+
+    Returns:
+        ``{"Optimizer": ...}``, to pass as ``keras.saving.load_model(path, custom_objects=...)``.
     """
     if not isinstance(opt, core.Optimizer):
         raise TypeError(f"opt must be an adaptlr Optimizer (adaptlr.adamw(...), ...), got {type(opt).__name__}")

@@ -51,7 +51,14 @@ PROBLEMS: dict[str, Problem] = {}
 
 
 def register_problem(problem: Problem) -> Problem:
-    """Add ``problem`` to the registry (replacing one of the same name) and return it."""
+    """Add ``problem`` to the registry (replacing one of the same name) and return it.
+
+    Args:
+        problem: a :class:`Problem` (its ``grad`` written against the array API, ``xp``).
+
+    Returns:
+        ``problem``, so that ``register_problem(Problem(...))`` can be assigned.
+    """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be a conformance Problem, got {type(problem).__name__}")
     PROBLEMS[problem.name] = problem
