@@ -94,9 +94,9 @@ class Optimizer(torch.optim.Optimizer):
               finds one (elementwise algorithms; flat-safe ones up to 16 MiB of parameters), the
               update runs on flat buffers of a :class:`~adaptlr.backends.fast.FlatOptimizer` that
               hold the state: the parameters and gradients are copied in (one
-              ``torch._foreach_copy_`` each) and the new values copied back; elsewhere
-              ``"foreach"`` for flat-safe algorithms (global sums on large models: AutoDrop, HD/EG
-              global, the learning-rate-free bases), else the list path.
+              ``torch._foreach_copy_`` each) and the new values copied back; elsewhere the list
+              path (on the CPU, torch's ``_foreach`` ops measured slower than the list path:
+              docs/performance.md).
             - ``"foreach"``: the list path with one ``torch._foreach_*`` op per operation of the
               algorithm over the lists of parameters, gradients and state of a param group
               (:mod:`adaptlr.backends.foreach`; about 40 aten ops per AdamW step whatever the
@@ -240,8 +240,6 @@ class Optimizer(torch.optim.Optimizer):
             self.fast_path = "foreach"
         elif fast not in (None, "compile", "foreach") and self._flat_step(active, groups, steps):
             self.fast_path = self._flat.fo.mode
-        elif fast == "auto" and self._foreach_step(active, groups, steps):  # no flat buffers recommended
-            self.fast_path = "foreach"
         elif self.fast == "compile":
             self._compiled_step(active, groups, steps)
             self.fast_path = "compiled"

@@ -123,12 +123,3 @@ def test_learning_rate_free_default_path_dispatches_no_more_ops_than_upstream(na
     assert adapter.fast_path == "foreach"
     assert ops <= upstream, (ops, upstream)
 
-
-def test_cpu_default_for_global_sums_on_a_large_model_is_the_foreach_path():
-    """Above 16 MiB of parameters no flat buffers are recommended on the CPU for algorithms with global
-    sums (AutoDrop, the learning-rate-free bases): ``"auto"`` takes the foreach path, not the list path."""
-    params = _params([(2100, 2048), (7,)])  # 17.2 MB of float32
-    adapter = Optimizer(params, adaptlr.prodigy())
-    ops = _ops_after_first_step(adapter)
-    assert adapter.fast_path == "foreach"
-    assert ops == _ops_after_first_step(Optimizer(_params([(3, 2), (7,)]), adaptlr.prodigy(), fast="foreach"))
