@@ -52,9 +52,9 @@ def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], ordinary: Call
 
 
 def _is_traced(x: Any) -> bool:
-    import jax  # the array is a JAX array: jax is imported
+    from jax.core import Tracer  # the array is a JAX array: jax is imported
 
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, Tracer)
 
 
 def _host_value(pred: Any, library: str | None) -> bool | None:
