@@ -95,7 +95,8 @@ class ForeachArray:
         return self._binary(other, torch._foreach_div, torch.div)
 
     def __rtruediv__(self, other: Any) -> ForeachArray:
-        return ForeachArray(torch._foreach_reciprocal(self.tensors))._binary(other, torch._foreach_mul, torch.mul)
+        # per tensor: c · (1/x) would round differently from c / x
+        return ForeachArray([torch.div(other, t) for t in self.tensors])
 
     def __pow__(self, other: Any) -> ForeachArray:
         if _is_number(other):
