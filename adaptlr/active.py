@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
+from adaptlr._boundary import at_boundary
 from adaptlr._tree import Layout
 from adaptlr.adabelief import adabelief
 from adaptlr.adam import adamw
@@ -86,22 +87,30 @@ class ActiveLR(Adaptation):
         adjust = xp.logical_and(epoch_end, (t // S) >= 2)  # t ≥ 2S, without forming 2S in int32
 
         gammas = layout.leaves(state.gamma, "state.gamma")
-        sums = layout.leaves(state.epoch_grad_sum, "state.epoch_grad_sum")
+        sums = [c + g for c, g in zip(layout.leaves(state.epoch_grad_sum, "state.epoch_grad_sum"), ctx.grads)]
         prev_sums = layout.leaves(state.prev_epoch_grad_sum, "state.prev_epoch_grad_sum")
-        new_gammas, new_sums, new_prev_sums = [], [], []
-        for g, gamma, epoch_sum, prev_sum in zip(ctx.grads, gammas, sums, prev_sums):
-            epoch_sum = epoch_sum + g
-            # A non-finite sum counts as a flip (NaN·x ≤ 0 is False, so test "kept" instead).
-            kept = xp.logical_and(prev_sum * epoch_sum > 0,
-                                  xp.logical_and(xp.isfinite(prev_sum), xp.isfinite(epoch_sum)))
-            adjusted = xp.where(kept, gamma + self.increase, self.decrease * gamma)
-            if self.min_gamma is not None:
-                adjusted = xp.maximum(adjusted, scalars.constant(self.min_gamma, gamma.dtype))
-            if self.max_gamma is not None:
-                adjusted = xp.minimum(adjusted, scalars.constant(self.max_gamma, gamma.dtype))
-            new_gammas.append(xp.where(adjust, adjusted, gamma))
-            new_prev_sums.append(xp.where(epoch_end, epoch_sum, prev_sum))
-            new_sums.append(xp.where(epoch_end, scalars.constant(0.0, epoch_sum.dtype), epoch_sum))
+
+        def boundary(gammas: list, sums: list, prev_sums: list) -> tuple[list, list, list]:
+            """The epoch's last step: γ adjusted (from the third epoch), G_prev ← C, C ← 0."""
+            new_gammas = []
+            for gamma, epoch_sum, prev_sum in zip(gammas, sums, prev_sums):
+                # A non-finite sum counts as a flip (NaN·x ≤ 0 is False, so test "kept" instead).
+                kept = xp.logical_and(prev_sum * epoch_sum > 0,
+                                      xp.logical_and(xp.isfinite(prev_sum), xp.isfinite(epoch_sum)))
+                adjusted = xp.where(kept, gamma + self.increase, self.decrease * gamma)
+                if self.min_gamma is not None:
+                    adjusted = xp.maximum(adjusted, scalars.constant(self.min_gamma, gamma.dtype))
+                if self.max_gamma is not None:
+                    adjusted = xp.minimum(adjusted, scalars.constant(self.max_gamma, gamma.dtype))
+                new_gammas.append(xp.where(adjust, adjusted, gamma))
+            return new_gammas, [xp.zeros_like(c) for c in sums], sums
+
+        def ordinary(gammas: list, sums: list, prev_sums: list) -> tuple[list, list, list]:
+            return gammas, sums, prev_sums
+
+        # Only at the boundary (a Python branch on the host-side count, lax.cond under JAX; _boundary).
+        new_gammas, new_sums, new_prev_sums = at_boundary(xp, epoch_end, boundary, ordinary,
+                                                          (gammas, sums, prev_sums))
 
         # This step uses the γ from before the adjustment above.
         size = size.scaled(gammas, weight_decay_too=self.scale_weight_decay)

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._boundary import at_boundary
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -252,28 +253,39 @@ class AutoDrop(Adaptation):
         epoch_start = (t - 1) % S == 0
         has_omega = (t - 1) // S >= 2  # epoch e ≥ 3, without forming (e-1)·S in int32
 
-        # s_e = x_e - x_{e-1} and the global sums ⟨s_e, s_{e-1}⟩, ‖s_e‖² (used only at epoch starts).
         xs = ctx.params
-        prev_xs = layout.leaves(state.previous_params, "state.previous_params")
-        prev_ss = layout.leaves(state.previous_displacement, "state.previous_displacement")
-        displacements = [x - x_prev for x, x_prev in zip(xs, prev_xs)]
+        old = state.detector
+
         def wide(x: Any) -> Any:
             return xp.astype(x, acc, copy=False)
 
-        dot = ctx.reduce.total(wide(s) * wide(s_prev) for s, s_prev in zip(displacements, prev_ss))
-        sq_norm = ctx.reduce.total(wide(s) * wide(s) for s in displacements)
-        omega, defined = displacement_angle(dot, sq_norm, state.previous_sq_norm, xp)
-        defined = xp.logical_and(defined, has_omega)
+        def boundary(prev_xs: list, prev_ss: list, prev_sq_norm: Any, old: DetectorState) -> tuple:
+            """An epoch start: s_e = x_e - x_{e-1}, the angle ω from the global sums ⟨s_e, s_{e-1}⟩ and
+            ‖s_e‖², the detector's new state; x_e and s_e kept for the next epoch start."""
+            displacements = [x - x_prev for x, x_prev in zip(xs, prev_xs)]
+            dot = ctx.reduce.total(wide(s) * wide(s_prev) for s, s_prev in zip(displacements, prev_ss))
+            sq_norm = ctx.reduce.total(wide(s) * wide(s) for s in displacements)
+            omega, defined = displacement_angle(dot, sq_norm, prev_sq_norm, xp)
+            defined = xp.logical_and(defined, has_omega)
+            min_kappa = None
+            if self.min_lr is not None:
+                alpha = xp.astype(ctx.alpha[0], acc)
+                positive = alpha > 0
+                min_kappa = xp.where(positive, self.min_lr / xp.where(positive, alpha, xp.ones_like(alpha)),
+                                     xp.zeros_like(alpha))
+            new = autodrop_detector(omega, defined, old, self.options, min_kappa, xp)
+            detector = DetectorState(*(xp.where(epoch_start, n, o) for n, o in zip(new, old)))
+            snapshot = [xp.asarray(x, copy=True) for x in xs]  # not the caller's array (it may change in place)
+            return snapshot, displacements, xp.where(epoch_start, sq_norm, prev_sq_norm), detector
 
-        min_kappa = None
-        if self.min_lr is not None:
-            alpha = xp.astype(ctx.alpha[0], acc)
-            positive = alpha > 0
-            min_kappa = xp.where(positive, self.min_lr / xp.where(positive, alpha, xp.ones_like(alpha)),
-                                 xp.zeros_like(alpha))
-        old = state.detector
-        new = autodrop_detector(omega, defined, old, self.options, min_kappa, xp)
-        detector = DetectorState(*(xp.where(epoch_start, n, o) for n, o in zip(new, old)))
+        def ordinary(prev_xs: list, prev_ss: list, prev_sq_norm: Any, old: DetectorState) -> tuple:
+            return prev_xs, prev_ss, prev_sq_norm, old
+
+        # Only at an epoch start (a Python branch on the host-side count, lax.cond under JAX; _boundary).
+        previous_params, previous_displacement, previous_sq_norm, detector = at_boundary(
+            xp, epoch_start, boundary, ordinary,
+            (layout.leaves(state.previous_params, "state.previous_params"),
+             layout.leaves(state.previous_displacement, "state.previous_displacement"), state.previous_sq_norm, old))
         dropped = detector.drop_count != old.drop_count
 
         shift = size.shift
@@ -299,10 +311,9 @@ class AutoDrop(Adaptation):
             weighted_sum = layout.tree(sums)
 
         new_state = AutoDropState(
-            previous_params=layout.tree([xp.where(epoch_start, x, x_prev) for x, x_prev in zip(xs, prev_xs)]),
-            previous_displacement=layout.tree(
-                [xp.where(epoch_start, s, s_prev) for s, s_prev in zip(displacements, prev_ss)]),
-            previous_sq_norm=xp.where(epoch_start, sq_norm, state.previous_sq_norm),
+            previous_params=layout.tree(previous_params),
+            previous_displacement=layout.tree(previous_displacement),
+            previous_sq_norm=previous_sq_norm,
             weighted_param_sum=weighted_sum,
             **detector._asdict(),
         )

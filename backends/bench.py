@@ -5,9 +5,10 @@ execution path, a native optimizer, a memory copy) is built, warmed up, and then
 interleaved rounds (one step of each runner per round, in a shuffled order), so that load changes
 on a shared machine hit all runners alike; the median step time is reported.
 
-Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``); ``adapter`` and
-``adapter-compiled`` (torch: ``adaptlr.backends.torch.Optimizer`` with its default ``fast="auto"``,
-and with ``fast="compile"``); ``flat`` / ``blocked`` / ``compiled``
+Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``); ``adapter``,
+``adapter-foreach``, ``adapter-list`` and ``adapter-compiled`` (torch:
+``adaptlr.backends.torch.Optimizer`` with its default ``fast="auto"``, with ``fast="foreach"``
+(what ``"auto"`` takes on a GPU), ``fast=False`` and ``fast="compile"``); ``flat`` / ``blocked`` / ``compiled``
 (:class:`adaptlr.backends.fast.FlatOptimizer`); ``jit`` / ``jit-donate`` (JAX,
 :func:`adaptlr.backends.fast.jit_step`). Native: ``torch.optim.AdamW`` (``foreach=True``,
 ``fused=True``), ``optax.adamw`` under ``jax.jit`` (params and state donated); for the learning-rate-free
@@ -15,6 +16,10 @@ algorithms, their upstream PyTorch optimizer (``prodigyopt.Prodigy``, ``dadaptat
 ``DAdaptSGD``, ``dog_optimizer.DoG``, default settings; column "× upstream"). Bound: a copy of
 ``3.5·P`` words (7 words per parameter are what an AdamW step must move: read params, grads, m, v;
 write params, m, v), timed like a step.
+
+Aten ops (torch): the operations one step dispatches (:func:`count_aten_ops`, a
+``TorchDispatchMode`` counter): deterministic, and on a GPU the kernel launches of the step. Not
+counted for compiled steps (a dispatch mode would run the graph eagerly).
 
 Peak extra memory of one step (beyond params, grads and state): NumPy via ``tracemalloc`` (NumPy
 reports its buffers to it); torch on CPU via the profiler's allocation events (``profile_memory``),
@@ -45,7 +50,7 @@ import numpy as np
 
 import adaptlr
 
-__all__ = ["RESNET18_SHAPES", "SMALL_SHAPES", "main", "resnet18_shapes"]
+__all__ = ["RESNET18_SHAPES", "SMALL_SHAPES", "count_aten_ops", "main", "resnet18_shapes"]
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:
@@ -131,6 +136,7 @@ class Runner:
     step: Callable[[], None]
     memory: Callable[[], int | None] = field(default=lambda: None)
     note: str = ""
+    ops: Callable[[], int | None] = field(default=lambda: None)
     times: list = field(default_factory=list)
 
 
@@ -211,6 +217,32 @@ def _torch_memory(torch: Any, step: Callable[[], None], device: str) -> int | No
     return mode.peak
 
 
+def count_aten_ops(step: Callable[[], Any]) -> int:
+    """The number of aten operations ``step()`` dispatches (a ``TorchDispatchMode`` counter).
+
+    Deterministic and machine-independent: on a GPU each is (at least) one kernel launch, so it is
+    the launch count of an optimizer step; views and 0-D scalar arithmetic count too. Profiler
+    markers (``profiler.*``, which ``torch.optim`` emits around its step) are not operations and
+    are left out.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if not str(func).startswith("profiler."):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = OpCounter()
+    with counter:
+        step()
+    return counter.count
+
+
 def _torch_peak_mode(torch: Any) -> Any:
     """A dispatch mode that adds up the storages each op creates, minus those freed since.
 
@@ -272,7 +304,7 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
             sync()
 
         return Runner(set_name, "torch", name, path, kind, synced,
-                      lambda: _torch_memory(torch, synced, device), note)
+                      lambda: _torch_memory(torch, synced, device), note, ops=lambda: count_aten_ops(step))
 
     torch_block = block_size(grads) if device == "cpu" else None
     runners = []
@@ -301,6 +333,16 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                 adapter = TorchAdapter(tparams, opt)
                 adapter.step()  # the first step builds the flat buffers
                 runners.append(runner(name, "adapter", "adaptlr", adapter.step, adapter.fast_path))
+                others = [("adapter-foreach", "foreach")] if flat and adapter.fast_path != "foreach" else []
+                if adapter.fast_path != "list":
+                    others.append(("adapter-list", False))
+                for path, fast in others:  # the GPU default ("foreach"), the per-tensor list path
+                    tparams = params_copy(True)
+                    for p, g in zip(tparams, grads):
+                        p.grad = g.clone()
+                    adapter = TorchAdapter(tparams, opt, fast=fast)
+                    adapter.step()
+                    runners.append(runner(name, path, "adaptlr", adapter.step, adapter.fast_path))
                 if name in compile_algorithms and flat:
                     tparams = params_copy(True)
                     for p, g in zip(tparams, grads):
@@ -315,6 +357,7 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                                   f"first step (compile) {time.perf_counter() - started:.1f} s")
                     if not device.startswith("cuda"):
                         made.memory = lambda: None  # a dispatch mode would run the graph eagerly
+                    made.ops = lambda: None
                     runners.append(made)
             except Exception as error:
                 print(f"  torch adapter for {name}: skipped ({type(error).__name__}: {error})", file=sys.stderr)
@@ -346,8 +389,10 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
             sync()
             extra = f"first step (compile) {time.perf_counter() - started:.1f} s" if path == "compiled" else ""
             made = runner(name, path, "adaptlr", fo.step, "; ".join(x for x in (note, extra) if x))
-            if path == "compiled" and not device.startswith("cuda"):
-                made.memory = lambda: None  # a dispatch mode would run the graph eagerly: not measured
+            if path == "compiled":
+                made.ops = lambda: None
+                if not device.startswith("cuda"):
+                    made.memory = lambda: None  # a dispatch mode would run the graph eagerly: not measured
             runners.append(made)
     del xtorch
     if TorchAdapter is None:
@@ -477,6 +522,8 @@ def summarise(runners: list[Runner], shapes: list, memory: bool) -> list[dict]:
             row["x_base"] = t / medians[("adamw", path)]
         if (UPSTREAM.get(algorithm), "upstream") in medians:
             row["x_upstream"] = t / medians[(UPSTREAM[algorithm], "upstream")]
+        if runner.backend == "torch" and runner.kind != "bound":
+            row["aten_ops"] = runner.ops()
         if memory and runner.kind != "bound":
             try:
                 peak = runner.memory()
@@ -491,7 +538,7 @@ def summarise(runners: list[Runner], shapes: list, memory: bool) -> list[dict]:
 COLUMNS = [("set", "set"), ("backend", "backend"), ("algorithm", "algorithm"), ("path", "path"),
            ("median_ms", "median ms"), ("x_bound", "× bound"), ("x_foreach", "× foreach"), ("x_fused", "× fused"),
            ("x_optax", "× optax"), ("x_optax_nodonate", "× optax jit"), ("x_base", "× base"),
-           ("x_upstream", "× upstream"),
+           ("x_upstream", "× upstream"), ("aten_ops", "aten ops"),
            ("peak_extra_mb", "peak extra MB"), ("x_largest_tensor", "× largest tensor"), ("note", "note")]
 
 

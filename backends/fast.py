@@ -326,6 +326,11 @@ class ListLayout(Layout):
         return list(leaves)
 
 
+def _itemsize(dtype: Any) -> int:
+    size = getattr(dtype, "itemsize", None)
+    return int(size) if size is not None else 8
+
+
 class _Bucket:
     __slots__ = ("device", "dtype", "grads", "group", "members", "params", "size")
 
@@ -354,6 +359,10 @@ class FlatOptimizer:
         block_size: run the update over blocks of this many elements (only for blockwise
             algorithms, see :func:`flat_safety`; ignored otherwise). ``None``: whole buffers.
         compile: compile the flat step with ``torch.compile`` (torch only; the first step compiles).
+        bucket_bytes: start a new buffer when the next parameter would take the current one past
+            this many bytes (a parameter is never split; ``None``: one buffer per dtype, device and
+            group). On CPU, buffers below glibc's largest mmap threshold (32 MiB) let the
+            temporaries of a whole-buffer update come from the heap instead of fresh pages.
         force_per_tensor: use the per-tensor path even where the flat one is safe (for comparison).
 
     Attributes:
@@ -371,6 +380,7 @@ class FlatOptimizer:
         groups: Sequence[Any] | None = None,
         block_size: int | None = None,
         compile: bool = False,
+        bucket_bytes: int | None = None,
         force_per_tensor: bool = False,
     ) -> None:
         if not isinstance(opt, Optimizer):
@@ -382,6 +392,9 @@ class FlatOptimizer:
             raise ValueError(f"groups has {len(groups)} entries but params has {len(params)}")
         if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
             raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        if bucket_bytes is not None and (not isinstance(bucket_bytes, int) or bucket_bytes < 1):
+            raise ValueError(f"bucket_bytes must be a positive int or None, got {bucket_bytes!r}")
+        self.bucket_bytes = bucket_bytes
         self.opt = opt
         self.xp = array_api_compat.array_namespace(*params)
         self._torch = _is_torch(params[0])
@@ -417,19 +430,25 @@ class FlatOptimizer:
     def _setup_flat(self, params: list, groups: Sequence[Any] | None) -> None:
         xp = self.xp
         buckets: dict = {}
+        full: list = []  # buckets closed by bucket_bytes, before the open ones
+        cap = self.bucket_bytes
         for i, p in enumerate(params):
             device = array_api_compat.device(p)
             group = groups[i] if groups is not None else None
             key = (str(p.dtype), str(device), group)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = _Bucket(p.dtype, device, group)
             n = 1
             for s in p.shape:
                 n *= int(s)
+            bucket = buckets.get(key)
+            if bucket is not None and cap is not None and bucket.size and \
+                    (bucket.size + n) * _itemsize(p.dtype) > cap:
+                full.append(buckets.pop(key))
+                bucket = None
+            if bucket is None:
+                bucket = buckets[key] = _Bucket(p.dtype, device, group)
             bucket.members.append((i, bucket.size, n, tuple(p.shape)))
             bucket.size += n
-        self._buckets = list(buckets.values())
+        self._buckets = full + list(buckets.values())
         views: list = [None] * len(params)
         grad_views: list = [None] * len(params)
         for bucket in self._buckets:

@@ -83,7 +83,7 @@ __all__ = ["Optimizer"]
 
 STATE_DICT_FORMAT = 1
 SHARED_PREFIX = "shared."  # per-parameter state_dict keys that hold a copy of a shared field
-_FAST_MODES = ("auto", "flat", "compile")
+_FAST_MODES = ("auto", "flat", "foreach", "compile")
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -101,12 +101,18 @@ class Optimizer(torch.optim.Optimizer):
         fast: how the step runs (same values in every case, to rounding; parameters and gradients
             always keep their own storage):
 
-            - ``"auto"`` (default, also ``True``): where
-              :func:`~adaptlr.backends.fast.recommended_options` finds one (elementwise algorithms
-              on CPU; every flat-safe algorithm on a GPU), the update runs on flat buffers of a
-              :class:`~adaptlr.backends.fast.FlatOptimizer` that hold the state: the parameters
-              and gradients are copied in (one ``torch._foreach_copy_`` each) and the new values
-              copied back; elsewhere the list path.
+            - ``"auto"`` (default, also ``True``): on a GPU, ``"foreach"`` for every flat-safe
+              algorithm; on the CPU, where :func:`~adaptlr.backends.fast.recommended_options`
+              finds one (elementwise algorithms; flat-safe ones up to 16 MiB of parameters), the
+              update runs on flat buffers of a :class:`~adaptlr.backends.fast.FlatOptimizer` that
+              hold the state: the parameters and gradients are copied in (one
+              ``torch._foreach_copy_`` each) and the new values copied back; elsewhere the list
+              path (on the CPU, torch's ``_foreach`` ops measured slower than the list path:
+              docs/performance.md).
+            - ``"foreach"``: the list path with one ``torch._foreach_*`` op per operation of the
+              algorithm over the lists of parameters, gradients and state of a param group
+              (:mod:`adaptlr.backends.foreach`; about 40 aten ops per AdamW step whatever the
+              number of tensors, no copies, no extra buffers), for every flat-safe algorithm.
             - ``"flat"``: the flat buffers for every flat-safe algorithm.
             - ``"compile"``: the list path under ``torch.compile`` (Inductor fuses the per-tensor
               updates horizontally, without shared storage; the first step compiles, seconds to a
@@ -121,7 +127,7 @@ class Optimizer(torch.optim.Optimizer):
 
     Attributes:
         fast_path: the path of the last eager step: ``"blocked"``, ``"flat"`` (flat buffers),
-            ``"compiled"`` or ``"list"``; None before the first step.
+            ``"foreach"``, ``"compiled"`` or ``"list"``; None before the first step.
     """
 
     def __init__(
@@ -153,6 +159,8 @@ class Optimizer(torch.optim.Optimizer):
         # per base hyper-parameters (torch_groups.hyper_key); filled before any traced step
         self._opts: dict[tuple, core.Optimizer] = {
             torch_groups.base_key(opt.base): core.Optimizer(torch_steps.PerParameterSteps(opt.base), opt.adaptations)}
+        self._foreach_fields: dict[str, bool] | None = None  # per-parameter fields: per element or 0-D
+        self._foreach_refused = False  # the algorithm used an operation ForeachArray does not have
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
         self._eval_mode = False  # Schedule-Free: the model holds x (eval) instead of y (train)
         self._built = False
@@ -269,7 +277,12 @@ class Optimizer(torch.optim.Optimizer):
         old_steps = [self.state[p]["step"] for p in active]
         skipped_before = self._skip_count()
         steps = torch_steps.advance([self.state[p] for p in active])
-        if self.fast is not None and self.fast != "compile" and self._flat_step(active, groups, steps):
+        fast = self.fast
+        if fast == "auto" and active[0].device.type != "cpu":
+            fast = "foreach"  # a GPU: one multi-tensor kernel per operation, no copies (docs/performance.md)
+        if fast == "foreach" and self._foreach_step(active, groups, steps):
+            self.fast_path = "foreach"
+        elif fast not in (None, "compile", "foreach") and self._flat_step(active, groups, steps):
             self.fast_path = self._flat.fo.mode
         elif self.fast == "compile":
             self._compiled_step(active, groups, steps)
@@ -466,6 +479,115 @@ class Optimizer(torch.optim.Optimizer):
 
     def _values(self, state: core.OptimizerState) -> list:
         return field_values(self._skeleton, state, len(self._field_kinds))
+
+    # -- the foreach path ---------------------------------------------------------------------------
+
+    def _foreach_step(self, active: list, groups: list, steps: list) -> bool:
+        """The step with ``torch._foreach_*`` ops over the lists of per-parameter tensors, one list per
+        (param group, dtype, device) (:mod:`adaptlr.backends.foreach`); False where it does not apply
+        (the caller takes another path; nothing has changed)."""
+        from adaptlr.backends import foreach
+
+        keys = self._hyper_keys(groups)
+        if any(k != keys[0] for k in keys) or any(s is not steps[0] for s in steps):
+            return False
+        if self._foreach_refused or not self._foreach_eligible(active):
+            return False
+        kinds: dict = {}
+        members: list[list[int]] = []
+        for i, (g, p) in enumerate(zip(groups, active)):
+            key = (id(g), p.dtype, p.device)
+            k = kinds.get(key)
+            if k is None:
+                k = kinds[key] = len(members)
+                members.append([])
+            members[k].append(i)
+        entries = [self.state[p] for p in active]
+        per_element = self._per_element_fields(active)
+        if per_element is None:
+            return False
+        values = []
+        for path, per_param in self._field_kinds:
+            if not per_param:
+                values.append(self._global[path])
+            elif per_element[path]:
+                values.append([foreach.ForeachArray([entries[i][path] for i in rows]) for rows in members])
+            else:  # one 0-D value per parameter (its learning rate): one per list, as on a flat buffer
+                values.append([entries[rows[0]][path] for rows in members])
+        state = rebuild_state(self._skeleton, values)
+        params = [foreach.ForeachArray([active[i] for i in rows]) for rows in members]
+        grads = [foreach.ForeachArray([active[i].grad for i in rows]) for rows in members]
+        t = self._global["count"] + 1 if self._schedule is not None else None
+        alpha = [self._alpha(groups[rows[0]]["lr"], active[rows[0]].dtype, active[rows[0]].device, t)
+                 for rows in members]
+        decay = [float(groups[rows[0]]["weight_decay"]) for rows in members]
+        try:
+            updates, new_state = self._opt_for(keys, steps[0]).update_leaves(
+                foreach.namespace, ListLayout(len(members)), grads, state, params, alpha=alpha,
+                weight_decay=decay)
+        except NotImplementedError:
+            self._foreach_refused = True  # an operation with no list form: the list path from now on
+            return False
+        old_values, new_values = values, self._values(new_state)
+        # a new value that is an old tensor of another field is read before that field is written
+        owner = {}
+        for k, old in enumerate(old_values):
+            if isinstance(old, list):
+                for slot in old:
+                    for x in slot.tensors if isinstance(slot, foreach.ForeachArray) else [slot]:
+                        owner[id(x)] = k
+        for k, ((path, per_param), old, new) in enumerate(zip(self._field_kinds, old_values, new_values)):
+            if not per_param:
+                self._global[path] = new
+                continue
+            for rows, old_slot, new_slot in zip(members, old, new):
+                if isinstance(old_slot, foreach.ForeachArray):
+                    if not isinstance(new_slot, foreach.ForeachArray):
+                        new_slot = foreach.ForeachArray([new_slot] * len(rows))  # a broadcast 0-D value
+                    dst, src = [], []
+                    for i, d, s in zip(rows, old_slot.tensors, new_slot.tensors):
+                        if d.ndim == 0:  # a 0-D parameter's state is replaced, as on the list path
+                            entries[i][path] = s
+                        elif d is not s:
+                            dst.append(d)
+                            src.append(s.clone() if owner.get(id(s), k) != k else s)
+                    if dst:
+                        torch._foreach_copy_(dst, src)
+                else:
+                    for i in rows:
+                        entries[i][path] = new_slot
+        for rows, u in zip(members, updates):
+            torch._foreach_add_([active[i] for i in rows], u.tensors)
+        self._flat_stale = True
+        return True
+
+    def _per_element_fields(self, active: list) -> dict[str, bool] | None:
+        """Per-parameter field path -> whether it holds one value per element (``base.mu``) rather
+        than one 0-D value per parameter (``learning_rate``), told apart on a parameter with
+        dimensions; None when the state is not one tensor per parameter (DSA's factor dicts) or
+        no parameter has dimensions."""
+        known = self._foreach_fields
+        if known is not None:
+            return known
+        probe = next((p for p in active if p.ndim > 0), None)
+        if probe is None:
+            return None
+        entry = self.state[probe]
+        slots = {path: entry[path] for path, per_param in self._field_kinds if per_param}
+        if not all(isinstance(t, torch.Tensor) for t in slots.values()):
+            self._foreach_refused = True
+            return None
+        self._foreach_fields = {path: t.ndim > 0 for path, t in slots.items()}
+        return self._foreach_fields
+
+    def _foreach_eligible(self, active: list) -> bool:
+        from adaptlr.backends.fast import flat_safety
+
+        if self.state_dtype is not None and any(p.dtype != self.state_dtype for p in active):
+            return False
+        if any(type(p) not in (torch.Tensor, torch.nn.Parameter) or p.layout != torch.strided for p in active):
+            return False  # tensor subclasses (DTensor, ...)
+        return flat_safety(self.opt)[0]
 
     # -- the flat buffers ---------------------------------------------------------------------------
 

@@ -356,3 +356,15 @@ def test_bench_shapes_and_tiny_run(tmp_path, monkeypatch) -> None:
     assert "| set |" in md.read_text()
     with pytest.raises(SystemExit):
         bench.main(["--backends", "fortran"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "autodrop"])
+def test_bucket_bytes_splits_buffers_and_agrees(name: str) -> None:
+    opt = make(name)
+    whole = flat_run(opt, "float64")
+    split = flat_run(opt, "float64", bucket_bytes=8 * 10)  # at most 10 float64 per buffer (unless one is larger)
+    assert len(split._buckets) > len(whole._buckets) == 1
+    assert all(b.size * 8 <= 80 or len(b.members) == 1 for b in split._buckets)
+    check(split, opt, "float64")
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        FlatOptimizer(opt, [np.zeros(3)], bucket_bytes=0)

@@ -351,6 +351,21 @@ def _fast_cases() -> list:
         ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), "flat", "flat"),
         ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "list"),  # per-tensor factors
         ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), False, "list"),
+        ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), "foreach", "foreach"),
+        ("sgdm", lambda: adaptlr.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), "foreach", "foreach"),
+        ("active(adamw)", lambda: _wrapped("active", adaptlr.adamw(1e-2)), "foreach", "foreach"),
+        ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "foreach", "foreach"),
+        ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), "foreach", "foreach"),
+        ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "foreach", "list"),  # per-tensor factors
+        # the update wrappers (issue 19) on the paths of issue 20
+        ("schedule_free_adamw", lambda: adaptlr.schedule_free_adamw(1e-2, warmup_steps=3, weight_decay=0.1), "flat",
+         "flat"),
+        ("schedule_free_adamw", lambda: adaptlr.schedule_free_adamw(1e-2, warmup_steps=3, weight_decay=0.1),
+         "foreach", "foreach"),
+        ("schedule_free(active(adamw))", lambda: adaptlr.schedule_free(_wrapped("active", adaptlr.adamw(1e-2))),
+         "foreach", "foreach"),
+        ("mechanic(adamw)", lambda: adaptlr.mechanic(adaptlr.adamw(1e-2)), "flat", "flat"),
+        ("mechanic(adamw)", lambda: adaptlr.mechanic(adaptlr.adamw(1e-2)), "foreach", "foreach"),
     ]
 
 
@@ -420,7 +435,8 @@ MASKS = [(1, 1, 1), (1, 1, 1), (1, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1), (1, 1
 
 
 @pytest.mark.parametrize("name,fast", [("adamw", "auto"), ("active(adamw)", "auto"), ("active(adamw)", "flat"),
-                                       ("autodrop(sgdm)", "flat"), ("hypergradient(sgd)", "flat")])
+                                       ("autodrop(sgdm)", "flat"), ("hypergradient(sgd)", "flat"),
+                                       ("active(adamw)", "foreach"), ("autodrop(sgdm)", "foreach")])
 def test_fast_path_with_parameters_without_grad_matches_list_path(name, fast):
     make = dict(_optimizers())[name]
     list_params, list_opt, _ = _masked_run(make, False, MASKS)
@@ -486,10 +502,11 @@ def _model_run(fast, seed=0, steps=6, set_to_none=True):
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_fast_path_with_a_model_and_backward_matches_list_path(set_to_none):
-    fast_model, fast_opt = _model_run("auto", set_to_none=set_to_none)
+@pytest.mark.parametrize("fast,path", [("auto", "blocked"), ("foreach", "foreach")])
+def test_fast_path_with_a_model_and_backward_matches_list_path(set_to_none, fast, path):
+    fast_model, fast_opt = _model_run(fast, set_to_none=set_to_none)
     list_model, list_opt = _model_run(False, set_to_none=set_to_none)
-    assert fast_opt.fast_path == "blocked" and list_opt.fast_path == "list"
+    assert fast_opt.fast_path == path and list_opt.fast_path == "list"
     for a, b in zip(fast_model.parameters(), list_model.parameters()):
         assert _rel(a.detach(), b.detach()) <= 1e-12
     assert _state_err(fast_opt.functional_state, list_opt.functional_state) <= 1e-12
@@ -511,7 +528,8 @@ def test_fast_path_rebuilds_when_parameter_data_is_replaced():
     assert max(_rel(a.detach(), b.detach()) for a, b in zip(*results)) <= 1e-12
 
 
-@pytest.mark.parametrize("save_fast,load_fast", [("auto", "auto"), ("flat", "flat"), ("auto", False), (False, "auto")])
+@pytest.mark.parametrize("save_fast,load_fast", [("auto", "auto"), ("flat", "flat"), ("auto", False), (False, "auto"),
+                                                 ("foreach", "foreach"), ("foreach", "auto")])
 @pytest.mark.parametrize("which", ["adamw", "active(adamw)", "autodrop(sgdm)"])
 def test_state_dict_round_trip_across_fast_paths(which, save_fast, load_fast):
     make = dict(_optimizers())[which]

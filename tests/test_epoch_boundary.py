@@ -1,0 +1,144 @@
+"""Epoch-boundary work only at the boundary (adaptlr._boundary.at_boundary).
+
+ActiveLR and AutoDrop compute their epoch-boundary updates through ``at_boundary`` (a Python branch
+on the host-side step count; ``lax.cond`` under JAX). Their results must equal the formulation that
+selects with ``where`` at every step (``select_both``, what the algorithms did before the hook), on
+every backend, under ``jax.jit``, and through the torch adapter's paths; and a step that is not at a
+boundary must not touch the boundary fields (counted: no operation reads them).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import adaptlr
+from adaptlr import _boundary
+
+active = importlib.import_module("adaptlr.active")
+autodrop = importlib.import_module("adaptlr.autodrop")
+
+S = 3
+STEPS = 4 * S + 1  # past the third epoch: ActiveLR adjusts γ, AutoDrop has an angle
+
+
+def _optimizers() -> dict:
+    return {
+        "active": lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=S, increase=0.5, max_gamma=3.0),
+        "autodrop": lambda: adaptlr.autodrop(adaptlr.sgd(0.05, momentum=0.9), steps_per_epoch=S, theta=30.0,
+                                             theta_max=90.0, patience_epochs=1),
+        "autodrop-average": lambda: adaptlr.autodrop(adaptlr.sgd(0.05, momentum=0.9), steps_per_epoch=S,
+                                                     theta=30.0, theta_max=90.0, patience_epochs=1,
+                                                     average=True, min_lr=1e-3),
+    }
+
+
+def _force_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(active, "at_boundary", _boundary.select_both)
+    monkeypatch.setattr(autodrop, "at_boundary", _boundary.select_both)
+
+
+def _run(backend, make, jit: bool = False) -> tuple[list, list]:
+    """Params and every state leaf after each step, as NumPy arrays (a quadratic with a moving target)."""
+    import optree
+
+    rng = np.random.default_rng(3)
+    params = [backend.asarray(rng.standard_normal(s)) for s in [(4, 3), (5,)]]
+    targets = [rng.standard_normal(p.shape) for p in params]
+    opt = make()
+    state = opt.init(params)
+    update = opt.update
+    if jit:
+        import jax
+
+        update = jax.jit(opt.update)
+    trace = []
+    for t in range(STEPS):
+        grads = [p - backend.asarray(c * (1 + 0.3 * np.sin(t))) for p, c in zip(params, targets)]
+        updates, state = update(grads, state, params)
+        params = adaptlr.apply_updates(params, updates)
+        trace.append([backend.to_numpy(x) for x in params + optree.tree_leaves(state)])
+    return trace
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_boundary_hook_equals_where_at_every_step(backend, name, monkeypatch):
+    make = _optimizers()[name]
+    hooked = _run(backend, make)
+    with monkeypatch.context() as m:
+        _force_where(m)
+        selected = _run(backend, make)
+    for a_step, b_step in zip(hooked, selected):
+        for a, b in zip(a_step, b_step):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_boundary_hook_under_jit_equals_where(name, monkeypatch):
+    from adaptlr.conformance.backends import BACKENDS
+
+    jax_backend = BACKENDS["jax"]
+    if not jax_backend.available:
+        pytest.skip("JAX is not installed")
+    import jax
+
+    make = _optimizers()[name]
+    params = [jax_backend.asarray(np.ones(s)) for s in [(4, 3), (5,)]]
+    opt = make()
+    assert " cond[" in str(jax.make_jaxpr(opt.update)(params, opt.init(params), params))  # one branch runs
+    hooked = _run(jax_backend, make, jit=True)
+    eager = _run(jax_backend, make)
+    with monkeypatch.context() as m:
+        _force_where(m)
+        selected = _run(jax_backend, make, jit=True)
+    for h, e, s in zip(hooked, eager, selected):
+        for a, b, c in zip(h, e, s):
+            np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-300)  # XLA may fuse the two graphs differently
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("name", ["active", "autodrop"])
+@pytest.mark.parametrize("fast", [False, "foreach", "auto"])
+def test_torch_adapter_paths_equal_where(name, fast, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.torch import Optimizer
+
+    def run() -> list:
+        g = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in [(4, 3), (5,)]]
+        opt = Optimizer(params, _optimizers()[name](), fast=fast)
+        for _ in range(STEPS):
+            for p in params:
+                p.grad = p.detach() - torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    hooked = run()
+    with monkeypatch.context() as m:
+        _force_where(m)
+        selected = run()
+    for a, b in zip(hooked, selected):
+        assert torch.equal(a, b)
+
+
+def test_ordinary_step_does_not_touch_boundary_fields():
+    """Between boundaries ActiveLR's step reads γ and C and writes C only: the torch foreach path
+    dispatches a fixed small number of ops, and none of them at all on ``G_prev``."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.bench import count_aten_ops
+    from adaptlr.backends.torch import Optimizer
+
+    def ops(opt_factory) -> int:
+        params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(20)]
+        for p in params:
+            p.grad = torch.randn(3, 2)
+        opt = Optimizer(params, opt_factory(), fast="foreach")
+        opt.step()  # t = 1: not a boundary of S = 100
+        return count_aten_ops(opt.step)
+
+    base = ops(lambda: adaptlr.adamw(1e-3))
+    wrapped = ops(lambda: adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=100))
+    # C + g (one op), γ times the step size (the core's κ), the copy of C, the epoch test (a few 0-D ops)
+    assert wrapped - base <= 12, (base, wrapped)

@@ -1,0 +1,54 @@
+"""``adaptlr.backends.foreach.ForeachArray`` behaves as the concatenation of its tensors."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from adaptlr.backends.foreach import ForeachArray  # noqa: E402
+from adaptlr.backends.foreach import namespace as xf  # noqa: E402
+
+
+def _pair(seed: int = 0) -> tuple[ForeachArray, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64) for s in [(3, 2), (4,), ()]]
+    return ForeachArray(tensors), torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _flat(x: ForeachArray) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in x.tensors])
+
+
+EXPRESSIONS = {
+    "affine": lambda a, b, c, xp: 0.9 * a + (1.0 - 0.9) * b,
+    "adam": lambda a, b, c, xp: (a * c) / (xp.sqrt(b * b) * c + 1e-8),
+    "scalar tensor": lambda a, b, c, xp: a - c + c * b - b / c,
+    "reflected": lambda a, b, c, xp: 1.0 - a + 2.0 / (xp.abs(b) + 1.0) - c,
+    "where": lambda a, b, c, xp: xp.where(xp.logical_and(a * b > 0, xp.isfinite(a)), a + 0.5, 0.5 * b),
+    "max min": lambda a, b, c, xp: xp.maximum(xp.minimum(a, b), -a) ** 2 + xp.sign(b) * xp.exp(-xp.abs(a)),
+    "sums": lambda a, b, c, xp: xp.sum(a * b) + xp.max(xp.abs(a)) * xp.sum(b, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPRESSIONS))
+def test_operations_equal_those_on_the_concatenation(name):
+    a, a_flat = _pair(0)
+    b, b_flat = _pair(1)
+    c = torch.tensor(0.3, dtype=torch.float64)
+    got = EXPRESSIONS[name](a, b, c, xf)
+    expected = EXPRESSIONS[name](a_flat, b_flat, c, xf)
+    if isinstance(got, ForeachArray):
+        assert [t.shape for t in got.tensors] == [t.shape for t in a.tensors]
+        got = _flat(got)
+    torch.testing.assert_close(got, expected, rtol=1e-15, atol=0)
+
+
+def test_reductions_over_an_axis_and_unknown_functions_are_refused():
+    a, _ = _pair()
+    with pytest.raises(NotImplementedError):
+        xf.sum(a, axis=0)
+    with pytest.raises(NotImplementedError):
+        xf.reshape(a, (-1,))
+    with pytest.raises(TypeError):
+        bool(a > 0)

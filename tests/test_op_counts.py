@@ -1,0 +1,125 @@
+"""Dispatched aten operations per step (deterministic; on a GPU, the kernel launches of a step).
+
+The torch adapter's GPU default (``fast="auto"`` on a GPU takes ``"foreach"``: one
+``torch._foreach_*`` op per operation of the algorithm over the lists of a param group) must
+dispatch no more operations than ``torch.optim.AdamW(foreach=True)``, and the learning-rate-free
+optimizers no more than their upstream PyTorch packages (which run a Python loop per parameter),
+on ResNet-18 shapes and on 500 small tensors. Counted with ``adaptlr bench``'s counter on CPU
+tensors: the count is that of the dispatched operations, not of the device. Speed is not asserted
+here (docs/performance.md has the timings).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import adaptlr  # noqa: E402
+from adaptlr.backends.bench import RESNET18_SHAPES, count_aten_ops  # noqa: E402
+from adaptlr.backends.torch import Optimizer  # noqa: E402
+
+# ResNet-18's 62 tensors with every dimension above 8 divided by 8 (the counts of the foreach paths
+# depend on the number of tensors, not their sizes; the test checks that too) and 500 small tensors.
+SETS = {"resnet18": [tuple(d // 8 if d > 8 else d for d in s) for s in RESNET18_SHAPES], "small500": [(32, 64)] * 500}
+
+
+def _params(shapes: list, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 0.01
+    return params
+
+
+def _ops_after_first_step(optimizer) -> int:
+    optimizer.step()  # state built; later steps are what a training loop repeats
+    return count_aten_ops(optimizer.step)
+
+
+@pytest.fixture(scope="module")
+def foreach_adamw_ops() -> dict:
+    return {name: _ops_after_first_step(torch.optim.AdamW(_params(shapes), lr=1e-3, weight_decay=1e-2,
+                                                          foreach=True))
+            for name, shapes in SETS.items()}
+
+
+def test_counter_counts_each_dispatched_operation():
+    x = torch.ones(3)
+    assert count_aten_ops(lambda: (x * 2 + 1).sqrt()) == 3
+    assert count_aten_ops(lambda: torch._foreach_add_([x, x, x], 1.0)) == 1
+    fused = torch.optim.AdamW(_params([(4,), (5,)]), fused=True)
+    assert _ops_after_first_step(fused) <= 5  # the fused kernel plus its step-count update
+
+
+ALGORITHMS = {
+    "adamw": lambda: adaptlr.adamw(1e-3, weight_decay=1e-2),
+    # between epoch boundaries (adaptlr._boundary): a few ops more than AdamW
+    "active(adamw)": lambda: adaptlr.active(adaptlr.adamw(1e-3, weight_decay=1e-2), steps_per_epoch=100),
+    "autodrop(adamw)": lambda: adaptlr.autodrop(adaptlr.adamw(1e-3, weight_decay=1e-2), steps_per_epoch=100),
+}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+@pytest.mark.parametrize("set_name", list(SETS))
+def test_gpu_default_path_dispatches_no_more_ops_than_torch_foreach(set_name, name, foreach_adamw_ops):
+    opt = ALGORITHMS[name]()
+    adapter = Optimizer(_params(SETS[set_name]), opt, fast="foreach")
+    ops = _ops_after_first_step(adapter)
+    assert adapter.fast_path == "foreach"
+    assert ops <= foreach_adamw_ops[set_name], (ops, foreach_adamw_ops[set_name])
+    # independent of the number of tensors: the same count for 62 and for 500 tensors
+    assert ops == _ops_after_first_step(Optimizer(_params([(3, 2)] * 7), opt, fast="foreach"))
+
+
+def test_auto_takes_the_foreach_path_off_the_cpu():
+    # The meta device stands in for a GPU: shapes and dtypes only, no data.
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(4, 3), (3,)]]
+    for p in params:
+        p.grad = torch.empty(p.shape, device="meta")
+    adapter = Optimizer(params, adaptlr.adamw(1e-3))
+    adapter.step()
+    assert adapter.fast_path == "foreach"
+
+
+def test_cpu_default_on_small_tensors_dispatches_no_more_ops_than_torch_foreach(foreach_adamw_ops):
+    adapter = Optimizer(_params(SETS["small500"]), adaptlr.adamw(1e-3, weight_decay=1e-2))
+    ops = _ops_after_first_step(adapter)
+    assert adapter.fast_path == "blocked"
+    assert ops <= foreach_adamw_ops["small500"], ops
+
+
+def _upstream(name: str):
+    if name == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy
+    if name in ("dadapt_adam", "dadapt_sgd"):
+        import dadaptation
+
+        return dadaptation.DAdaptAdam if name == "dadapt_adam" else dadaptation.DAdaptSGD
+    import dog
+
+    return dog.DoG
+
+
+_PACKAGES = {"prodigy": "prodigyopt", "dadapt_adam": "dadaptation", "dadapt_sgd": "dadaptation", "dog": "dog"}
+
+
+@pytest.mark.parametrize("name", list(_PACKAGES))
+def test_learning_rate_free_default_path_dispatches_no_more_ops_than_upstream(name):
+    if importlib.util.find_spec(_PACKAGES[name]) is None:
+        pytest.skip(f"{_PACKAGES[name]} is not installed")
+    import warnings
+
+    shapes = SETS["resnet18"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dog-optimizer warns about its lr argument
+        upstream = _ops_after_first_step(_upstream(name)(_params(shapes)))
+    adapter = Optimizer(_params(shapes), getattr(adaptlr, name)(), fast="foreach")
+    ops = _ops_after_first_step(adapter)
+    assert adapter.fast_path == "foreach"
+    assert ops <= upstream, (ops, upstream)
+
