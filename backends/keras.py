@@ -59,8 +59,9 @@ from adaptlr import core
 from adaptlr._precision import next_count, widest_float
 from adaptlr._state_tree import dtype_name
 from adaptlr._tree import Layout
+from adaptlr.schedule_free import schedule_free_eval_params
 
-__all__ = ["Optimizer", "custom_objects"]
+__all__ = ["Optimizer", "ScheduleFreeEval", "custom_objects"]
 
 _BACKENDS = ("jax", "torch", "tensorflow")
 
@@ -235,6 +236,65 @@ class _Constant:
 
     def __call__(self, shape: tuple, dtype: Any = None) -> Any:
         return keras.ops.cast(keras.ops.convert_to_tensor(self.value), dtype)
+
+
+class ScheduleFreeEval(keras.callbacks.Callback):
+    """Evaluate and predict at Schedule-Free's averaged parameters ``x``; train at ``y``.
+
+    Schedule-Free (Defazio et al. 2024) trains the interpolation ``y = (1-β1)·z + β1·x`` and is meant
+    to be evaluated at the average ``x = (y - (1-β1)·z) / β1`` (:func:`adaptlr.schedule_free_eval_params`).
+    ``schedulefree``'s PyTorch users call ``optimizer.eval()`` / ``optimizer.train()`` around
+    evaluation; in Keras this callback does it: at the start of ``evaluate`` (also the validation
+    inside ``fit``) and of ``predict`` it writes ``x`` into the model's trainable variables, and at
+    their end it writes back the ``y`` it saved (bit-identical, so training continues as if nothing
+    happened). Use it with an :class:`Optimizer` whose adaptlr optimizer contains
+    :func:`adaptlr.schedule_free` (``schedule_free_adamw``, ``schedule_free_sgd``, or one inside
+    ``skip_nonfinite``)::
+
+        model.fit(x, y, validation_data=(xv, yv), callbacks=[ScheduleFreeEval()])
+        model.evaluate(xv, yv, callbacks=[ScheduleFreeEval()])
+
+    Before the optimizer has stepped (not built) ``x = y`` and nothing is written. To save the
+    evaluation weights for inference, save inside ``model.evaluate``'s swap or write
+    ``schedule_free_eval_params(model.optimizer.functional_state, weights)`` yourself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saved: list | None = None
+
+    def _to_eval(self) -> None:
+        optimizer = self.model.optimizer
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError("ScheduleFreeEval needs the model compiled with adaptlr.backends.keras.Optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if self._saved is not None or not optimizer.built:
+            return
+        variables = optimizer._trainable_variables
+        with _no_grad():
+            x = schedule_free_eval_params(optimizer.functional_state, _arrays([v.value for v in variables]))
+        self._saved = [np.array(keras.ops.convert_to_numpy(v.value), copy=True) for v in variables]
+        for variable, value in zip(variables, x):
+            variable.assign(value)
+
+    def _to_train(self) -> None:
+        if self._saved is None:
+            return
+        for variable, value in zip(self.model.optimizer._trainable_variables, self._saved):
+            variable.assign(value)
+        self._saved = None
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self._to_eval()
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        self._to_train()
+
+    def on_predict_begin(self, logs: dict | None = None) -> None:
+        self._to_eval()
+
+    def on_predict_end(self, logs: dict | None = None) -> None:
+        self._to_train()
 
 
 def _variable_name(accessor: optree.PyTreeAccessor) -> str:

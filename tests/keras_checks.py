@@ -12,6 +12,7 @@ backend in a subprocess::
   fit both on: max |Δ| of the weights and of the optimizer variables (0 when it continues identically).
 - ``learning_rate_callback``, ``gradient_accumulation``: Keras features that set the learning rate
   or skip updates, against the equivalent adaptlr runs.
+- ``schedule_free_eval``: ``ScheduleFreeEval`` evaluates and predicts at Schedule-Free's ``x``.
 - ``docs_example``: the Python blocks of docs/frameworks/keras.md, run on this backend.
 """
 
@@ -62,8 +63,8 @@ def loss_of(ops, params, x, y):
     return ops.sum(ops.mean(ops.square(y - prediction), axis=-1)) / x.shape[0]
 
 
-def functional_run(opt, weights: list) -> tuple[list, list]:
-    """``EPOCHS`` epochs of the functional API from ``weights``: (final params, loss per step)."""
+def functional_run(opt, weights: list, with_state: bool = False) -> tuple:
+    """``EPOCHS`` epochs of the functional API from ``weights``: (final params, loss per step[, state])."""
     if BACKEND == "jax":
         import jax
         import jax.numpy as jnp
@@ -103,7 +104,11 @@ def functional_run(opt, weights: list) -> tuple[list, list]:
         for b in range(STEPS_PER_EPOCH):
             params, state, loss = step(params, state, X[b * BATCH:(b + 1) * BATCH], Y[b * BATCH:(b + 1) * BATCH])
             losses.append(float(loss))
-    return [np.asarray(keras.ops.convert_to_numpy(p)) for p in params], losses
+    final = [np.asarray(keras.ops.convert_to_numpy(p)) for p in params]
+    if with_state:
+        x = adaptlr.schedule_free_eval_params(state, params)
+        return final, losses, [np.asarray(keras.ops.convert_to_numpy(p)) for p in x]
+    return final, losses
 
 
 class StepLosses(keras.callbacks.Callback):
@@ -216,6 +221,35 @@ def gradient_accumulation() -> dict:
     return {"max_param_diff": max(float(np.abs(a - b).max()) for a, b in zip(*weights)), "adaptlr_count": count}
 
 
+def schedule_free_eval() -> dict:
+    """``ScheduleFreeEval``: fit's validation, ``evaluate`` and ``predict`` run at the averaged ``x`` of
+    the functional run (:func:`adaptlr.schedule_free_eval_params` of its state); training stays at ``y``."""
+    from adaptlr.backends.keras import Optimizer, ScheduleFreeEval
+
+    opt = adaptlr.schedule_free_adamw(1e-2, warmup_steps=3, weight_decay=1e-2)
+    m = model()
+    m.compile(optimizer=Optimizer(opt), loss="mse")
+    initial = m.get_weights()
+    history = m.fit(X, Y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, validation_data=(X, Y),
+                    callbacks=[ScheduleFreeEval()])
+    y_ref, _, x_ref = functional_run(opt, initial, with_state=True)
+    loss_x, loss_y = (float(loss_of(np, p, X.astype(np.float64), Y.astype(np.float64))) for p in (x_ref, y_ref))
+    before = m.get_weights()
+    evaluated = float(m.evaluate(X, Y, batch_size=len(X), verbose=0, callbacks=[ScheduleFreeEval()]))
+    predicted = keras.ops.convert_to_numpy(m.predict(X, verbose=0, callbacks=[ScheduleFreeEval()]))
+    w1, b1, w2, b2 = x_ref
+    expected = np.tanh(X @ w1 + b1) @ w2 + b2
+    return {
+        "val_loss_minus_loss_at_x": abs(float(history.history["val_loss"][-1]) - loss_x),
+        "loss_at_y_minus_loss_at_x": abs(loss_y - loss_x),
+        "weights_after_fit_minus_y": max(float(np.abs(a - b).max()) for a, b in zip(before, y_ref)),
+        "evaluate_minus_loss_at_x": abs(evaluated - loss_x),
+        "predict_minus_prediction_at_x": float(np.abs(predicted - expected).max()),
+        "weights_changed_by_evaluate_and_predict": max(float(np.abs(a - b).max())
+                                                       for a, b in zip(before, m.get_weights())),
+    }
+
+
 def docs_example(tmp: str) -> str:
     """Run the Python blocks of docs/frameworks/keras.md in order, in one namespace: "ok" or the error."""
     text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "frameworks", "keras.md")).read()
@@ -256,6 +290,7 @@ def main() -> None:
         result = {"trajectory": trajectory(), "round_trip": round_trip(tmp),
                   "learning_rate_callback": learning_rate_callback(),
                   "gradient_accumulation": gradient_accumulation(), "rejected": rejected(),
+                  "schedule_free_eval": schedule_free_eval(),
                   "docs_example": docs_example(tmp)}
     print("KERAS-CHECKS " + json.dumps(result))
 

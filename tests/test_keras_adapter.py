@@ -101,6 +101,16 @@ def test_gradient_accumulation_counts_updates(checks: dict) -> None:
     assert result["max_param_diff"] <= 1e-6
 
 
+def test_schedule_free_eval_callback_evaluates_at_x(checks: dict) -> None:
+    result = checks["schedule_free_eval"]
+    assert result["loss_at_y_minus_loss_at_x"] > 1e-4, result  # the two views differ: the checks below can fail
+    assert result["val_loss_minus_loss_at_x"] <= 1e-5, result
+    assert result["evaluate_minus_loss_at_x"] <= 1e-5, result
+    assert result["predict_minus_prediction_at_x"] <= 1e-5, result
+    assert result["weights_after_fit_minus_y"] <= 1e-6, result  # training stayed at y
+    assert result["weights_changed_by_evaluate_and_predict"] == 0.0, result  # y restored bit-identically
+
+
 def test_rejected_arguments(checks: dict) -> None:
     rejected = checks["rejected"]
     assert rejected["learning_rate"].startswith("ValueError: learning_rate is the adaptlr optimizer's")
