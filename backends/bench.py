@@ -292,6 +292,8 @@ def _torch_peak_mode(torch: Any) -> Any:
 
 def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: str,
                   compile_algorithms: Sequence[str]) -> list[Runner]:
+    """Torch runners on ``device`` (``"cpu"``, ``"cuda"``): the adaptlr paths, the adapter's paths, the
+    upstream and native optimizers and the copy bound; on CUDA every step ends synchronised."""
     import array_api_compat.torch as xtorch
     import torch
 
