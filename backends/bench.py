@@ -24,10 +24,15 @@ counted for compiled steps (a dispatch mode would run the graph eagerly).
 Peak extra memory of one step (beyond params, grads and state): NumPy via ``tracemalloc`` (NumPy
 reports its buffers to it); torch on CPU via the profiler's allocation events (``profile_memory``),
 torch on CUDA via ``torch.cuda.max_memory_allocated``; JAX via XLA's ``memory_analysis()`` of the
-compiled step (temporary buffers).
+compiled step (temporary buffers); CuPy via a ``cupy.cuda.MemoryHook`` on its memory pool.
 
-Usage: ``adaptlr bench [--backends numpy,torch,jax] [--algorithms adamw,active,...]
-[--sets resnet18,small500] [--repeats N] [--quick] [--json PATH] [--markdown PATH]``.
+CuPy (``--backends cupy``): ``pure`` and ``flat`` paths and the copy bound, synchronised. With
+``--device cuda``, torch runs on CUDA and JAX on ``jax.devices("gpu")[0]``.
+
+Usage: ``adaptlr bench [--backends numpy,torch,jax,cupy] [--algorithms adamw,active,...]
+[--sets resnet18,small500] [--repeats N] [--quick] [--device cpu|cuda] [--json PATH] [--markdown PATH]``;
+``adaptlr bench --gpu-suite [--json PATH] [--markdown PATH]``: the GPU suite
+(:mod:`adaptlr.backends.gpu_suite`).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ import numpy as np
 
 import adaptlr
 
-__all__ = ["RESNET18_SHAPES", "SMALL_SHAPES", "count_aten_ops", "main", "resnet18_shapes"]
+__all__ = ["RESNET18_SHAPES", "SMALL_SHAPES", "count_aten_ops", "cupy_runners", "jax_runners", "main",
+           "resnet18_shapes", "torch_runners"]
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:
@@ -286,6 +292,8 @@ def _torch_peak_mode(torch: Any) -> Any:
 
 def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: str,
                   compile_algorithms: Sequence[str]) -> list[Runner]:
+    """Torch runners on ``device`` (``"cpu"``, ``"cuda"``): the adaptlr paths, the adapter's paths, the
+    upstream and native optimizers and the copy bound; on CUDA every step ends synchronised."""
     import array_api_compat.torch as xtorch
     import torch
 
@@ -418,12 +426,14 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
 # -- JAX ---------------------------------------------------------------------------------------------
 
 
-def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[Runner]:
+def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: Any = None) -> list[Runner]:
     """JAX runners, each compiled once ahead of time (the same executable is timed and measured).
 
     adaptlr algorithms run on the donating whole step (``jit-donate``); adamw and optax also without
     donation (``jit``) for reference. Compiling a 500-tensor step is the expensive part (seconds and
-    hundreds of MB of compiler memory each), so no variant is compiled twice.
+    hundreds of MB of compiler memory each), so no variant is compiled twice. ``device``: a
+    ``jax.Device`` (e.g. ``jax.devices("gpu")[0]``) that every array is placed on; None: JAX's
+    default device. The steps are compiled for the device of their arguments.
     """
     import jax
     import jax.numpy as jnp
@@ -431,11 +441,14 @@ def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[
 
     from adaptlr.backends.fast import jit_step
 
+    def put(host: np.ndarray) -> Any:
+        return jnp.asarray(host) if device is None else jax.device_put(host, device)
+
     host_params, host_grads = _host_data(shapes)
-    grads = [jnp.asarray(g) for g in host_grads]
+    grads = [put(g) for g in host_grads]
 
     def make_runner(name: str, path: str, kind: str, compile_step: Callable, init: Callable) -> Runner:
-        box = {"params": [jnp.asarray(p) for p in host_params]}
+        box = {"params": [put(p) for p in host_params]}
         box["state"] = init(box["params"])
         compiled = compile_step(grads, box["state"], box["params"])
 
@@ -471,7 +484,7 @@ def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[
     for path, donated in (("jit", ()), ("jit-donate", (1, 2))):
         runners.append(make_runner("optax.adamw", path, "native", optax_compile(donated), tx.init))
     words = int(3.5 * sum(int(np.prod(s)) for s in shapes))
-    src = jnp.ones(words, dtype=jnp.float32)
+    src = put(np.ones(words, dtype=np.float32))
     copy = jax.jit(lambda x: x * 1.0)
 
     def bound() -> None:
@@ -479,6 +492,82 @@ def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[
 
     bound()
     runners.append(Runner(set_name, "jax", "copy", "bound", "bound", bound))
+    return runners
+
+
+# -- CuPy --------------------------------------------------------------------------------------------
+
+
+def _cupy_memory(cupy: Any, step: Callable[[], None]) -> int:
+    """Peak bytes taken from CuPy's memory pool during ``step`` beyond what it held before (a
+    ``cupy.cuda.MemoryHook`` adding up the pool's mallocs and subtracting its frees)."""
+
+    class PeakHook(cupy.cuda.MemoryHook):
+        name = "adaptlr_bench_peak"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.level = self.peak = 0
+
+        def malloc_postprocess(self, **kwargs: Any) -> None:
+            self.level += kwargs["mem_size"]
+            self.peak = max(self.peak, self.level)
+
+        def free_postprocess(self, **kwargs: Any) -> None:
+            self.level -= kwargs["mem_size"]
+
+    hook = PeakHook()
+    with hook:
+        step()
+    return hook.peak
+
+
+def cupy_runners(set_name: str, shapes: list, algorithms: Sequence[str], cupy: Any = None) -> list[Runner]:
+    """CuPy runners: each algorithm through the functional API (``pure``) and the flat buffers
+    (``flat``), and the copy bound (``cupy.copyto`` of 3.5·P words); every step ends with a
+    synchronisation of the current stream, so the time is the device's.
+
+    Args:
+        set_name: the parameter set's name (a key of ``SETS``).
+        shapes: the parameter shapes.
+        algorithms: names in ``ALGORITHMS``.
+        cupy: the ``cupy`` module (None: imported here; a test passes a NumPy stand-in).
+    """
+    if cupy is None:
+        import cupy
+
+    from adaptlr.backends.fast import FlatOptimizer, flat_safety
+
+    host_params, host_grads = _host_data(shapes)
+    grads = [cupy.asarray(g) for g in host_grads]
+    sync = cupy.cuda.get_current_stream().synchronize
+
+    def runner(name: str, path: str, kind: str, step: Callable[[], None], note: str = "") -> Runner:
+        def synced() -> None:
+            step()
+            sync()
+
+        return Runner(set_name, "cupy", name, path, kind, synced, lambda: _cupy_memory(cupy, synced), note)
+
+    runners = []
+    for name in algorithms:
+        opt = ALGORITHMS[name]()
+        flat, _, _ = flat_safety(opt)
+        box: dict = {"params": [cupy.asarray(p) for p in host_params]}
+        box["state"] = opt.init(box["params"])
+
+        def pure(opt: Any = opt, box: dict = box) -> None:
+            updates, box["state"] = opt.update(grads, box["state"], box["params"])
+            box["params"] = adaptlr.apply_updates(box["params"], updates)
+
+        runners.append(runner(name, "pure", "adaptlr", pure))
+        fo = FlatOptimizer(opt, [cupy.asarray(p) for p in host_params])
+        fo.step(grads)  # grads land in the flat gradient buffer once; later steps reuse them
+        runners.append(runner(name, "flat", "adaptlr", fo.step, "" if flat else "not flat-safe: per-tensor fallback"))
+    words = int(3.5 * sum(int(np.prod(s)) for s in shapes))
+    src = cupy.ones(words, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    runners.append(Runner(set_name, "cupy", "copy", "bound", "bound", lambda: (cupy.copyto(dst, src), sync())))
     return runners
 
 
@@ -550,14 +639,14 @@ def _fmt(value: Any, key: str) -> str:
     return str(value)
 
 
-def table(rows: list[dict], markdown: bool = False) -> str:
-    cells = [[h for _, h in COLUMNS]] + [[_fmt(row.get(k), k) for k, _ in COLUMNS] for row in rows]
+def table(rows: list[dict], markdown: bool = False, columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    cells = [[h for _, h in columns]] + [[_fmt(row.get(k), k) for k, _ in columns] for row in rows]
     if markdown:
-        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in cells[1:]]
+        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells_row) + " |" for cells_row in cells[1:]]
         return "\n".join(lines)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(COLUMNS))).rstrip() for c in cells)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) for i in range(len(columns))).rstrip() for c in cells)
 
 
 def machine() -> dict:
@@ -585,7 +674,7 @@ def _cpu_count() -> int | None:
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="adaptlr bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", default="numpy,torch,jax", help="comma-separated: numpy,torch,jax")
+    parser.add_argument("--backends", default="numpy,torch,jax", help="comma-separated: numpy,torch,jax,cupy")
     parser.add_argument("--algorithms", default=None,
                         help=f"comma-separated from {','.join(ALGORITHMS)} (default: {','.join(DEFAULT_ALGORITHMS)})")
     parser.add_argument("--sets", default="resnet18,small500", help="comma-separated: resnet18,small500")
@@ -593,11 +682,23 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="adamw and active only, 3 rounds, no torch.compile")
     parser.add_argument("--compile", default=None,
                         help="algorithms to also run through torch.compile (default: adamw; 'none' for none)")
-    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda); cuda also puts JAX on its GPU")
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help="the GPU suite: conformance on torch-cuda, jax-gpu, cupy and the GPU benchmark, "
+                             "one JSON and one Markdown report (unavailable rows: skipped, with the reason)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write the results as a Markdown table")
     return parser.parse_args(list(argv))
+
+
+def _jax_device(torch_device: str) -> Any:
+    """JAX's first GPU when the torch device is CUDA, else None (JAX's default device)."""
+    if not torch_device.startswith("cuda"):
+        return None
+    import jax
+
+    return jax.devices("gpu")[0]
 
 
 def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
@@ -610,7 +711,11 @@ def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    backends = _names(args.backends, ("numpy", "torch", "jax"), "backends")
+    if args.gpu_suite:
+        from adaptlr.backends.gpu_suite import run_suite
+
+        return run_suite(json_path=args.json, markdown_path=args.markdown)
+    backends = _names(args.backends, ("numpy", "torch", "jax", "cupy"), "backends")
     default = ("adamw", "active") if args.quick else DEFAULT_ALGORITHMS
     algorithms = _names(args.algorithms or ",".join(default), list(ALGORITHMS), "algorithms")
     available = []
@@ -642,8 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     runners = numpy_runners(set_name, shapes, available)
                 elif backend == "torch":
                     runners = torch_runners(set_name, shapes, available, args.device, compile_algorithms)
+                elif backend == "cupy":
+                    runners = cupy_runners(set_name, shapes, available)
                 else:
-                    runners = jax_runners(set_name, shapes, available)
+                    runners = jax_runners(set_name, shapes, available, _jax_device(args.device))
             except ImportError as error:
                 print(f"  {backend}: skipped ({error})", file=sys.stderr)
                 continue
