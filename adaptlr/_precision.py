@@ -14,11 +14,11 @@ x64, where :func:`next_count` saturates at 2**31 - 1 instead of wrapping to a ne
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["INT32_MAX", "cast_like", "counter_dtype", "is_half_precision", "largest",
-           "next_count", "widest_float"]
+           "next_count", "scalar_caster", "widest_float"]
 
 INT32_MAX = 2**31 - 1
 
@@ -84,6 +84,20 @@ def cast_like(xp: Any, x: Any, like: Sequence[Any]) -> list:
         if a.dtype not in by_dtype:
             by_dtype[a.dtype] = xp.astype(x, a.dtype)
     return [by_dtype[a.dtype] for a in like]
+
+
+def scalar_caster(xp: Any) -> Callable[[str, Any, Any], Any]:
+    """A ``cast(name, x, like)``: the 0-D wide scalar ``x`` (named ``name``) in ``like``'s dtype, cast
+    once per name and dtype for the lifetime of the caster (one step's loop over the leaves)."""
+    casts: dict = {}
+
+    def cast(name: str, x: Any, like: Any) -> Any:
+        key = (name, like.dtype)
+        if key not in casts:
+            casts[key] = xp.astype(x, like.dtype)
+        return casts[key]
+
+    return cast
 
 
 def largest(xp: Any, values: Sequence[Any], dtype: Any) -> Any:

@@ -197,8 +197,7 @@ class AutoDropState(NamedTuple):
 
     def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
         """``α·κ`` with the κ the last step used (spec §0.1)."""
-        xp = array_api_compat.array_namespace(self.kappa)
-        return size.scaled([xp.astype(self.kappa, a.dtype) for a in size.alpha])
+        return size.scaled_by(self.kappa)
 
     def signals(self, layout: Layout) -> dict[str, Any]:
         return {

@@ -107,6 +107,11 @@ class StepSize(NamedTuple):
             decay = tuple(_times(k, f) for k, f in zip(decay, factors))
         return self._replace(kappa=kappa, decay_kappa=decay)
 
+    def scaled_by(self, factor: Array, *, weight_decay_too: bool = False) -> StepSize:
+        """:meth:`scaled` by one 0-D ``factor`` for every leaf, cast to each leaf's ``α`` dtype."""
+        xp = array_api_compat.array_namespace(factor)
+        return self.scaled([xp.astype(factor, a.dtype) for a in self.alpha], weight_decay_too=weight_decay_too)
+
     def effective(self) -> list[Array]:
         """``α·κ`` per leaf (0-D where κ is 1)."""
         return [_times(a, k) for a, k in zip(self.alpha, self.kappa)]

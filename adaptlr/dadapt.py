@@ -43,10 +43,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
-from adaptlr._precision import cast_like, largest, widest_float
+from adaptlr._precision import cast_like, largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
@@ -56,8 +54,7 @@ __all__ = ["DAdaptAdamDirection", "DAdaptAdamState", "DAdaptSGDDirection", "DAda
 
 
 def _scale(size: StepSize, lr_scale: Any) -> StepSize:
-    xp = array_api_compat.array_namespace(lr_scale)
-    return size.scaled([xp.astype(lr_scale, a.dtype) for a in size.alpha])
+    return size.scaled_by(lr_scale)
 
 
 class DAdaptAdamState(NamedTuple):
@@ -163,14 +160,7 @@ class DAdaptAdamDirection(_DAdaptDirection):
         bias_correction = scalars.step_scalars("dadapt_adam", wide, self._bias_correction)
         dlr = d * largest(xp, ctx.alpha, wide) * bias_correction
 
-        casts: dict = {}
-
-        def cast(name: str, x: Any, like: Any) -> Any:
-            """``x`` (a 0-D wide scalar) in ``like``'s dtype, cast once per dtype and step."""
-            key = (name, like.dtype)
-            if key not in casts:
-                casts[key] = xp.astype(x, like.dtype)
-            return casts[key]
+        cast = scalar_caster(xp)  # each wide scalar cast once per dtype this step
 
         m_coef, s_coef = dlr * (1.0 - b1), dlr * (1.0 - sqrt_b2)
 

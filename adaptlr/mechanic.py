@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import widest_float
+from adaptlr._precision import scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, StepContext, StepSize, UpdateWrapper, scalar_device
 
@@ -69,9 +69,7 @@ class MechanicState(NamedTuple):
         return xp.maximum(_sum(self.s), xp.zeros_like(self.s[0]))
 
     def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
-        xp = array_api_compat.array_namespace(self.s[0])
-        total = self.total()
-        return size.scaled([xp.astype(total, a.dtype) for a in size.alpha], weight_decay_too=True)
+        return size.scaled_by(self.total(), weight_decay_too=True)
 
     def signals(self, layout: Layout) -> dict[str, Any]:
         xp = array_api_compat.array_namespace(self.s[0])
@@ -124,13 +122,7 @@ class Mechanic(UpdateWrapper):
         refs = layout.leaves(state.ref, "state.ref")
         s_sum = _sum(state.s)
 
-        casts: dict = {}
-
-        def cast(name: str, x: Any, like: Any) -> Any:
-            key = (name, like.dtype)
-            if key not in casts:
-                casts[key] = xp.astype(x, like.dtype)
-            return casts[key]
+        cast = scalar_caster(xp)  # each wide scalar cast once per dtype this step
 
         if self.store_delta:
             deltas = layout.leaves(state.delta, "state.delta")

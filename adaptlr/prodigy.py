@@ -36,10 +36,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
-from adaptlr._precision import largest, widest_float
+from adaptlr._precision import largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
@@ -75,8 +73,7 @@ class ProdigyState(NamedTuple):
     lr_scale: Any
 
     def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
-        xp = array_api_compat.array_namespace(self.lr_scale)
-        return size.scaled([xp.astype(self.lr_scale, a.dtype) for a in size.alpha])
+        return size.scaled_by(self.lr_scale)
 
     def signals(self, layout: Layout) -> dict[str, Any]:
         return {"d": self.d, "d_hat": self.d_hat, "d_max": self.d_max}
@@ -147,14 +144,7 @@ class ProdigyDirection(BaseDirection):
         dlr = d * largest(xp, ctx.alpha, wide) * bias_correction
         s_coef = (d / d0) * (d if self.safeguard_warmup else dlr)
 
-        casts: dict = {}
-
-        def cast(name: str, x: Any, like: Any) -> Any:
-            """``x`` (a 0-D wide scalar) in ``like``'s dtype, cast once per dtype and step."""
-            key = (name, like.dtype)
-            if key not in casts:
-                casts[key] = xp.astype(x, like.dtype)
-            return casts[key]
+        cast = scalar_caster(xp)  # each wide scalar cast once per dtype this step
 
         m_coef, v_coef = d * (1.0 - b1), d * d * (1.0 - b2)
 

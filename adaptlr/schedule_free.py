@@ -85,8 +85,7 @@ class ScheduleFreeState(NamedTuple):
     warmup: Any
 
     def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
-        xp = array_api_compat.array_namespace(self.warmup)
-        return size.scaled([xp.astype(self.warmup, a.dtype) for a in size.alpha], weight_decay_too=True)
+        return size.scaled_by(self.warmup, weight_decay_too=True)
 
     def signals(self, layout: Layout) -> dict[str, Any]:
         return {"c": self.c, "weight_sum": self.weight_sum, "warmup": self.warmup}

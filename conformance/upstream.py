@@ -29,10 +29,11 @@ import numpy as np
 from adaptlr.conformance.backends import Backend
 from adaptlr.conformance.runner import Row, max_rel_err
 
-__all__ = ["CASES", "SHAPES", "STEPS", "TOLERANCE", "UpstreamCase", "optax_run", "problem", "reference", "run",
-           "upstream_rows"]
+__all__ = ["CASES", "SHAPES", "STEPS", "TABLE_COLUMNS", "TOLERANCE", "UpstreamCase", "column_errors", "optax_run",
+           "problem", "reference", "run", "upstream_rows"]
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
+TABLE_COLUMNS = ("numpy", "array_api_strict", "torch", "jax", "jax (jit)")  # the docs tables' backend columns
 STEPS = 200
 TOLERANCE = 1e-12
 
@@ -428,6 +429,25 @@ def run(opt: Any, backend: Backend, init: list, grad: Callable, steps: int = STE
         if on_step is not None:
             on_step(state)
     return trajectory, state
+
+
+def column_errors(case: UpstreamCase, init: list, grad: Callable, expected: list,
+                  columns: Sequence[str] = TABLE_COLUMNS) -> list[float]:
+    """``max_rel_err`` of adaptlr's run of ``case`` against ``expected``, per column: a backend name
+    of :data:`adaptlr.conformance.backends.BACKENDS`, or ``"jax (jit)"`` (JAX with ``jax.jit(opt.update)``)."""
+    from adaptlr.conformance.backends import BACKENDS
+
+    errors = []
+    for name in columns:
+        opt = case.build()
+        step = None
+        if name == "jax (jit)":
+            import jax
+
+            step = jax.jit(opt.update)
+        backend = BACKENDS["jax" if name == "jax (jit)" else name]
+        errors.append(max_rel_err(run(opt, backend, init, grad, step=step)[0], expected))
+    return errors
 
 
 def _final_estimate(state: Any, backend: Backend, params: list) -> np.ndarray:

@@ -14,14 +14,12 @@ Usage: ``python docs/scripts/lr_free_table.py`` (needs torch, jax, optax, array-
 prodigyopt==1.1.2, dadaptation==3.2, dog-optimizer==1.0.3: ``pip install -e ".[test,all]"``).
 """
 
-import jax
 
-from adaptlr.conformance.backends import BACKENDS, enable_jax_x64
+from adaptlr.conformance.backends import enable_jax_x64
 from adaptlr.conformance.runner import max_rel_err
-from adaptlr.conformance.upstream import CASES, UpstreamCase, problem, reference, run
+from adaptlr.conformance.upstream import CASES, TABLE_COLUMNS, UpstreamCase, column_errors, problem, reference
 
-BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "jax"]
-COLUMNS = [*BACKEND_NAMES, "jax (jit)"]
+COLUMNS = list(TABLE_COLUMNS)
 
 # (PyTorch upstream case, optax upstream case, the formula difference between them)
 UPSTREAM_PAIRS = [
@@ -59,16 +57,6 @@ UPSTREAM_PAIRS = [
 ]
 
 
-def _adaptlr_errors(case: UpstreamCase, init, grad, expected) -> list[float]:
-    errors = []
-    for name in COLUMNS:
-        backend = BACKENDS["jax" if name == "jax (jit)" else name]
-        opt = case.build()
-        step = jax.jit(opt.update) if name == "jax (jit)" else None
-        errors.append(max_rel_err(run(opt, backend, init, grad, step=step)[0], expected))
-    return errors
-
-
 def main() -> None:
     enable_jax_x64()
     init, grad = problem()
@@ -77,7 +65,7 @@ def main() -> None:
     print("|---" * (len(COLUMNS) + 3) + "|")
     for case in CASES:
         expected = reference(case, init, grad)[0]
-        errors = _adaptlr_errors(case, init, grad, expected)
+        errors = column_errors(case, init, grad, expected, COLUMNS)
         print(f"| {case.algorithm} | {case.upstream} | {case.settings} | "
               + " | ".join(f"{e:.1e}" for e in errors) + " |")
 

@@ -18,15 +18,22 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax
 import numpy as np
 
-from adaptlr.conformance.backends import BACKENDS, enable_jax_x64
+from adaptlr.conformance.backends import enable_jax_x64
 from adaptlr.conformance.runner import max_rel_err
-from adaptlr.conformance.upstream import CASES, STEPS, UpstreamCase, optax_run, problem, reference, run
+from adaptlr.conformance.upstream import (
+    CASES,
+    STEPS,
+    TABLE_COLUMNS,
+    UpstreamCase,
+    column_errors,
+    optax_run,
+    problem,
+    reference,
+)
 
-BACKEND_NAMES = ["numpy", "array_api_strict", "torch", "jax"]
-COLUMNS = [*BACKEND_NAMES, "jax (jit)"]
+COLUMNS = list(TABLE_COLUMNS)
 
 
 def _keras(kw: dict, init: list, grad, steps: int = STEPS) -> tuple[list, np.ndarray]:
@@ -119,16 +126,6 @@ MECHANIC_PAIRS = [
 ]
 
 
-def _adaptlr_errors(case: UpstreamCase, init, grad, expected) -> list[float]:
-    errors = []
-    for name in COLUMNS:
-        backend = BACKENDS["jax" if name == "jax (jit)" else name]
-        opt = case.build()
-        step = jax.jit(opt.update) if name == "jax (jit)" else None
-        errors.append(max_rel_err(run(opt, backend, init, grad, step=step)[0], expected))
-    return errors
-
-
 def main() -> None:
     enable_jax_x64()
     init, grad = problem()
@@ -140,7 +137,7 @@ def main() -> None:
             continue
         init, grad = problem(noise=case.noise)
         expected = reference(case, init, grad)[0]
-        errors = _adaptlr_errors(case, init, grad, expected)
+        errors = column_errors(case, init, grad, expected, COLUMNS)
         print(f"| {case.algorithm} | {case.upstream} | {case.settings} | "
               + " | ".join(f"{e:.1e}" for e in errors) + " |")
 
