@@ -29,8 +29,8 @@ import numpy as np
 from adaptlr.conformance.backends import Backend
 from adaptlr.conformance.runner import Row, max_rel_err
 
-__all__ = ["CASES", "SHAPES", "STEPS", "TABLE_COLUMNS", "TOLERANCE", "UpstreamCase", "column_errors", "optax_run",
-           "problem", "reference", "run", "upstream_rows"]
+__all__ = ["CASES", "SHAPES", "STEPS", "TABLE_COLUMNS", "TOLERANCE", "UpstreamCase", "agreement_table", "column_errors",
+           "optax_run", "problem", "reference", "run", "upstream_rows"]
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (), (7,)]
 TABLE_COLUMNS = ("numpy", "array_api_strict", "torch", "jax", "jax (jit)")  # the docs tables' backend columns
@@ -448,6 +448,18 @@ def column_errors(case: UpstreamCase, init: list, grad: Callable, expected: list
         backend = BACKENDS["jax" if name == "jax (jit)" else name]
         errors.append(max_rel_err(run(opt, backend, init, grad, step=step)[0], expected))
     return errors
+
+
+def agreement_table(cases: Sequence[UpstreamCase], columns: Sequence[str] = TABLE_COLUMNS) -> str:
+    """The Markdown table of the docs: one row per case (its own problem, ``problem(noise=case.noise)``),
+    :func:`column_errors` per column."""
+    lines = ["| algorithm | upstream | settings | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for case in cases:
+        init, grad = problem(noise=case.noise)
+        errors = column_errors(case, init, grad, reference(case, init, grad)[0], columns)
+        lines.append(f"| {case.algorithm} | {case.upstream} | {case.settings} | "
+                     + " | ".join(f"{e:.1e}" for e in errors) + " |")
+    return "\n".join(lines)
 
 
 def _final_estimate(state: Any, backend: Backend, params: list) -> np.ndarray:

@@ -27,13 +27,14 @@ from adaptlr.conformance.upstream import (
     STEPS,
     TABLE_COLUMNS,
     UpstreamCase,
-    column_errors,
+    agreement_table,
     optax_run,
     problem,
     reference,
 )
 
 COLUMNS = list(TABLE_COLUMNS)
+WRAPPERS = ("schedule_free", "mechanic")  # this table's algorithms; lr_free_table.py has the others
 
 
 def _keras(kw: dict, init: list, grad, steps: int = STEPS) -> tuple[list, np.ndarray]:
@@ -128,18 +129,8 @@ MECHANIC_PAIRS = [
 
 def main() -> None:
     enable_jax_x64()
-    init, grad = problem()
     print("### Schedule-Free and Mechanic: adaptlr vs the upstream packages (training parameters y)\n")
-    print("| algorithm | upstream | settings | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 3) + "|")
-    for case in CASES:
-        if not case.algorithm.startswith(("schedule_free", "mechanic")):
-            continue
-        init, grad = problem(noise=case.noise)
-        expected = reference(case, init, grad)[0]
-        errors = column_errors(case, init, grad, expected, COLUMNS)
-        print(f"| {case.algorithm} | {case.upstream} | {case.settings} | "
-              + " | ".join(f"{e:.1e}" for e in errors) + " |")
+    print(agreement_table([c for c in CASES if c.algorithm.startswith(WRAPPERS)], COLUMNS))
 
     init, grad = problem()
     print("\n### Schedule-Free: PyTorch vs optax vs Keras\n")
