@@ -54,6 +54,22 @@ def test_a_configuration_that_is_not_the_upstream_fails():
     assert row.status == "fail" and row.max_rel_err_params > 1e-3
 
 
+def test_agreement_table_of_the_docs_scripts():
+    """The table docs/scripts/*_table.py print: one row per case, the errors per column, ≤ 1e-12 for an
+    upstream case; a configuration that is not its upstream shows its error."""
+    pytest.importorskip("prodigyopt")
+    pytest.importorskip("optax")
+    from adaptlr.conformance.backends import enable_jax_x64
+
+    enable_jax_x64()
+    good = next(c for c in upstream.CASES if c.upstream == "prodigyopt.Prodigy")
+    bad = upstream.UpstreamCase("prodigy", "optax.contrib.prodigy", "prodigyopt-defaults", {})
+    lines = upstream.agreement_table([good, bad], ("numpy",)).splitlines()
+    assert lines[0] == "| algorithm | upstream | settings | numpy |" and len(lines) == 4
+    errors = [float(line.strip("| ").split("|")[-1]) for line in lines[2:]]
+    assert errors[0] <= upstream.TOLERANCE < 1e-3 < errors[1]
+
+
 @pytest.mark.parametrize("name", ["prodigy", "dadapt_adam", "dadapt_sgd", "dog", "ldog", "dowg"])
 def test_learning_rate_free_agreement_rows(name, backend):
     """The registered entries agree across backends as every algorithm must (float64 and float32)."""
