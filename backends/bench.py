@@ -6,9 +6,10 @@ interleaved rounds (one step of each runner per round, in a shuffled order), so 
 on a shared machine hit all runners alike; the median step time is reported.
 
 Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``); ``adapter``,
-``adapter-foreach``, ``adapter-list`` and ``adapter-compiled`` (torch:
+``adapter-foreach``, ``adapter-list``, ``adapter-compiled`` and ``adapter-compiled-flat`` (torch:
 ``adaptlr.backends.torch.Optimizer`` with its default ``fast="auto"``, with ``fast="foreach"``
-(what ``"auto"`` takes on a GPU), ``fast=False`` and ``fast="compile"``); ``flat`` / ``blocked`` / ``compiled``
+(what ``"auto"`` takes on a GPU), ``fast=False``, ``fast="compile"`` and ``fast="compile-flat"``;
+the compiled ones for the algorithms named by ``--compile``); ``flat`` / ``blocked`` / ``compiled``
 (:class:`adaptlr.backends.fast.FlatOptimizer`); ``jit`` / ``jit-donate`` (JAX,
 :func:`adaptlr.backends.fast.jit_step`). Native: ``torch.optim.AdamW`` (``foreach=True``,
 ``fused=True``), ``optax.adamw`` under ``jax.jit`` (params and state donated); for the learning-rate-free
@@ -351,17 +352,20 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                     adapter = TorchAdapter(tparams, opt, fast=fast)
                     adapter.step()
                     runners.append(runner(name, path, "adaptlr", adapter.step, adapter.fast_path))
-                if name in compile_algorithms and flat:
+                compiled = [("adapter-compiled", "compile"), ("adapter-compiled-flat", "compile-flat")]
+                if len(shapes) > 100:  # the 500-tensor list step compiled in 381 s (docs/bench.md)
+                    compiled = compiled[1:]
+                for path, fast in compiled if name in compile_algorithms and flat else ():
                     tparams = params_copy(True)
                     for p, g in zip(tparams, grads):
                         p.grad = g.clone()
-                    adapter = TorchAdapter(tparams, opt, fast="compile")
+                    adapter = TorchAdapter(tparams, opt, fast=fast)
                     started = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         adapter.step()
                     sync()
-                    made = runner(name, "adapter-compiled", "adaptlr", adapter.step,
+                    made = runner(name, path, "adaptlr", adapter.step,
                                   f"first step (compile) {time.perf_counter() - started:.1f} s")
                     if not device.startswith("cuda"):
                         made.memory = lambda: None  # a dispatch mode would run the graph eagerly
@@ -429,8 +433,8 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
 def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: Any = None) -> list[Runner]:
     """JAX runners, each compiled once ahead of time (the same executable is timed and measured).
 
-    adaptlr algorithms run on the donating whole step (``jit-donate``); adamw and optax also without
-    donation (``jit``) for reference. Compiling a 500-tensor step is the expensive part (seconds and
+    adaptlr algorithms and optax run on the whole step with donation (``jit-donate``) and without
+    (``jit``). Compiling a 500-tensor step is the expensive part (seconds and
     hundreds of MB of compiler memory each), so no variant is compiled twice. ``device``: a
     ``jax.Device`` (e.g. ``jax.devices("gpu")[0]``) that every array is placed on; None: JAX's
     default device. The steps are compiled for the device of their arguments.
@@ -465,7 +469,8 @@ def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: 
     runners = []
     for name in algorithms:
         opt = ALGORITHMS[name]()
-        paths = (("jit", False), ("jit-donate", True)) if name == "adamw" else (("jit-donate", True),)
+        # Both: on the CPU, donation measured 2× slower for optax and adaptlr alike (docs/performance.md).
+        paths = (("jit", False), ("jit-donate", True))
         for path, donate in paths:
             runners.append(make_runner(name, path, "adaptlr", jit_step(opt, donate=donate).compile, opt.init))
 

@@ -28,6 +28,7 @@ decides, and anything unknown is not flat-safe.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -162,23 +163,47 @@ def _donatable(args: tuple, donated: tuple[int, ...]) -> tuple:
     ``init`` shares arrays between state fields (one learning-rate array per dtype, an adaptation's
     initial rate); XLA cannot donate one buffer twice, nor a buffer that is also a plain input.
     """
-    import jax.numpy as jnp
+    if not donated:
+        return args
+    import jax
 
-    seen: set[int] = set()
-    for k, arg in enumerate(args):
-        if k not in donated:
-            seen.update(id(x) for x in optree.tree_leaves(arg))
+    leaves = [jax.tree_util.tree_leaves(arg) for arg in args]  # 5× faster than optree on jax.Array leaves
+    seen = {id(x) for k, arg_leaves in enumerate(leaves) if k not in donated for x in arg_leaves}
+    given = [id(x) for k in donated for x in leaves[k]]
+    if seen.isdisjoint(given) and len(set(given)) == len(given):
+        return args  # the usual case after the first step: nothing shared, nothing to copy
     out = list(args)
 
     def own(x: Any) -> Any:
         if id(x) in seen:
-            return jnp.copy(x)
+            return jax.numpy.copy(x)
         seen.add(id(x))
         return x
 
     for k in donated:
         out[k] = optree.tree_map(own, args[k])
     return tuple(out)
+
+
+def _without_unchanged_rates(state: OptimizerState, lr: Any) -> OptimizerState:
+    """``state`` without its learning rates where they are the step's input rates themselves (a
+    float learning rate: ``update`` reads α from the state and returns it as it is).
+
+    Returned from a jitted step, each of those 0-D leaves would be an output buffer of its own: on
+    500 small tensors that made AdamW's step 1.16–1.23× optax's; left out, 1.00–1.05× (interleaved
+    probe, docs/performance.md). :func:`_with_rates` puts the input rates back.
+    """
+    new, old = optree.tree_leaves(state.learning_rate), optree.tree_leaves(lr)
+    if len(new) == len(old) and all(a is b for a, b in zip(new, old)):
+        return state._replace(learning_rate=None)
+    return state
+
+
+def _with_rates(new_state: OptimizerState, state: OptimizerState) -> OptimizerState:
+    """``new_state`` with ``state``'s learning rates where the jitted step left them out."""
+    if new_state.learning_rate is None:
+        return new_state._replace(learning_rate=state.learning_rate)
+    return new_state
 
 
 def jit_update(opt: Optimizer, *, donate_state: bool = True) -> Callable:
@@ -197,13 +222,15 @@ def jit_update(opt: Optimizer, *, donate_state: bool = True) -> Callable:
     _check_opt(opt)
 
     def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
-        return opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
+        updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
+        return updates, _without_unchanged_rates(state, lr)
 
-    donated = (3, 4) if donate_state else ()
+    donated = (3, 4) if donate_state else ()  # base, adaptations (the rates may come back unchanged)
     jitted = jax.jit(inner, donate_argnums=donated)
 
     def update(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
-        return jitted(*_donatable((grads, *state, params), donated))
+        updates, new_state = jitted(*_donatable((grads, *state, params), donated))
+        return updates, _with_rates(new_state, state)
 
     update.compile = _ahead_of_time(jitted, donated)
     return update
@@ -230,13 +257,14 @@ def jit_step(opt: Optimizer, *, donate: bool = True) -> Callable:
 
     def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
         updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
-        return apply_updates(params, updates), state
+        return apply_updates(params, updates), _without_unchanged_rates(state, lr)
 
-    donated = (3, 4, 5) if donate else ()
+    donated = (3, 4, 5) if donate else ()  # base, adaptations, params (the rates may come back unchanged)
     jitted = jax.jit(inner, donate_argnums=donated)
 
     def step(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
-        return jitted(*_donatable((grads, *state, params), donated))
+        new_params, new_state = jitted(*_donatable((grads, *state, params), donated))
+        return new_params, _with_rates(new_state, state)
 
     step.compile = _ahead_of_time(jitted, donated)
     return step
@@ -253,12 +281,29 @@ def _ahead_of_time(jitted: Any, donated: tuple[int, ...]) -> Callable:
         compiled = jitted.lower(grads, *state, params).compile()
 
         def run(grads: Any, state: OptimizerState, params: Any) -> Any:
-            return compiled(*_donatable((grads, *state, params), donated))
+            first, new_state = compiled(*_donatable((grads, *state, params), donated))
+            return first, _with_rates(new_state, state)
 
         run.memory_analysis = compiled.memory_analysis
         return run
 
     return compile
+
+
+def private_code(method: Callable) -> Callable:
+    """``method`` bound to a copy of its function with a code object of its own.
+
+    ``torch.compile`` keeps its compiled graphs, and its recompilation limit
+    (``torch._dynamo.config.recompile_limit``, 8), per code object. A method compiled for each
+    optimizer shares one code object between every instance: the ninth optimizer compiled in a
+    process (another algorithm or configuration) would hit the limit and run eagerly without an
+    error. With its own code object each instance has its own graphs, freed with it.
+    """
+    func = method.__func__
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                             func.__closure__)
+    own.__kwdefaults__ = func.__kwdefaults__
+    return types.MethodType(own, method.__self__)
 
 
 # -- flat buffers (NumPy, PyTorch, CuPy) -----------------------------------------------------------
@@ -523,7 +568,7 @@ class FlatOptimizer:
             if self._compiled is None:
                 import torch
 
-                self._compiled = torch.compile(self._flat_step_scalars_out, dynamic=False)
+                self._compiled = torch.compile(private_code(self._flat_step_scalars_out), dynamic=False)
             scalars = self._compiled(self.state, bucket_alpha, bucket_decay)
             # torch 2.13's compiled graphs drop in-place writes into 0-D float inputs, so the 0-D
             # fields come back as outputs and are written here (a handful of scalars).

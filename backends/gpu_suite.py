@@ -10,11 +10,12 @@ What it runs, in this order:
 2. **Benchmark** (:mod:`adaptlr.backends.bench`), ResNet-18 shapes then 500 small tensors, AdamW and
    every wrapper (active, autodrop, hypergradient, dsa, eg_step_size): torch on CUDA (functional
    ``pure``; the adapter's default, ``fast="foreach"``, list and, for AdamW on ResNet-18,
-   ``fast="compile"``; ``flat``) against ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)``; JAX
-   on ``jax.devices("gpu")[0]`` (``jit-donate``) against ``optax.adamw``; CuPy (``pure``, ``flat``)
-   against the copy bound; every backend's copy bound. Peak extra memory of a step from the
-   device allocators (``torch.cuda.max_memory_allocated``, XLA's ``memory_analysis()``, CuPy's
-   memory pool) and, for torch, the aten ops (kernel launches) of a step.
+   ``fast="compile"`` and ``"compile-flat"``; ``flat``) against ``torch.optim.AdamW(foreach=True)`` /
+   ``(fused=True)``; JAX on ``jax.devices("gpu")[0]`` (``jit`` and ``jit-donate``) against
+   ``optax.adamw``; CuPy (``pure``, ``flat``) against the copy bound; every backend's copy bound.
+   Peak extra memory of a step from the device allocators (``torch.cuda.max_memory_allocated``,
+   XLA's ``memory_analysis()``, CuPy's memory pool) and, for torch, the aten ops (kernel launches)
+   of a step.
 3. **One JSON** (``{"meta", "conformance": {"rows", "summary"}, "benchmark": {"rows", "summary"}}``)
    and **one Markdown** report with every planned row. A row that cannot run is there with status
    ``skipped`` and the reason (no CUDA device, CuPy not installed, JAX has no GPU device, the time

@@ -83,7 +83,7 @@ __all__ = ["Optimizer"]
 
 STATE_DICT_FORMAT = 1
 SHARED_PREFIX = "shared."  # per-parameter state_dict keys that hold a copy of a shared field
-_FAST_MODES = ("auto", "flat", "foreach", "compile")
+_FAST_MODES = ("auto", "flat", "foreach", "compile", "compile-flat")
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -116,7 +116,13 @@ class Optimizer(torch.optim.Optimizer):
             - ``"flat"``: the flat buffers for every flat-safe algorithm.
             - ``"compile"``: the list path under ``torch.compile`` (Inductor fuses the per-tensor
               updates horizontally, without shared storage; the first step compiles, seconds to a
-              minute; needs a working Inductor toolchain).
+              minute, longer the more tensors (minutes for hundreds); needs a working Inductor
+              toolchain).
+            - ``"compile-flat"``: for flat-safe algorithms, the state in flat buffers and the update
+              on them compiled once by ``torch.compile`` (one graph whatever the number of
+              tensors: a few seconds to compile), the parameters and gradients copied in and out as
+              on the ``"flat"`` path; the fastest CPU path for the learning-rate-free optimizers
+              (docs/performance.md). Other algorithms: as ``"compile"``.
             - a dict: :class:`~adaptlr.backends.fast.FlatOptimizer` options (``{"block_size": 65536}``).
             - ``False`` / ``None``: the list path, eager.
 
@@ -127,7 +133,8 @@ class Optimizer(torch.optim.Optimizer):
 
     Attributes:
         fast_path: the path of the last eager step: ``"blocked"``, ``"flat"`` (flat buffers),
-            ``"foreach"``, ``"compiled"`` or ``"list"``; None before the first step.
+            ``"foreach"``, ``"compiled"`` (the compiled list path), ``"compiled-flat"`` or ``"list"``;
+            None before the first step.
     """
 
     def __init__(
@@ -197,8 +204,8 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def fast(self) -> str | dict | None:
-        """The ``fast`` setting (``"auto"``, ``"flat"``, ``"compile"``, a dict or None). It may be changed
-        between steps: the state carries over."""
+        """The ``fast`` setting (``"auto"``, ``"flat"``, ``"foreach"``, ``"compile"``, ``"compile-flat"``,
+        a dict or None). It may be changed between steps: the state carries over."""
         return self._fast
 
     @fast.setter
@@ -283,8 +290,8 @@ class Optimizer(torch.optim.Optimizer):
         if fast == "foreach" and self._foreach_step(active, groups, steps):
             self.fast_path = "foreach"
         elif fast not in (None, "compile", "foreach") and self._flat_step(active, groups, steps):
-            self.fast_path = self._flat.fo.mode
-        elif self.fast == "compile":
+            self.fast_path = "compiled-flat" if self._flat.fo.mode == "compiled" else self._flat.fo.mode
+        elif self.fast in ("compile", "compile-flat"):
             self._compiled_step(active, groups, steps)
             self.fast_path = "compiled"
         else:
@@ -430,7 +437,9 @@ class Optimizer(torch.optim.Optimizer):
             self._list_step(active, groups, steps)
             return
         if self._compiled is None:
-            self._compiled = torch.compile(self._run)
+            from adaptlr.backends.fast import private_code
+
+            self._compiled = torch.compile(private_code(self._run))  # its own graphs (fast.private_code)
         params = [self._state_view(p) for p in active]
         alpha = self._alphas(groups, params, self._global["count"])
         scalars = self._compiled(self._opt_for(keys, steps), active, [p.grad for p in active], alpha,
@@ -639,6 +648,8 @@ class Optimizer(torch.optim.Optimizer):
             return recommended_options(self.opt, [p.detach() for p in params])
         if self.fast == "flat":
             return {}
+        if self.fast == "compile-flat":
+            return {"compile": True}
         return dict(self.fast)
 
     def _build_flat(self, active: list, groups: list, signature: list, options: dict) -> _FlatPath:

@@ -255,6 +255,32 @@ def test_torch_compiled_wrappers_agree(name: str) -> None:
         check(flat_run(opt, "float64", "torch", compile=True), opt, "float64")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not has_torch, reason="torch is not installed")
+@pytest.mark.parametrize("where", ["FlatOptimizer", "adapter"])
+def test_each_optimizer_compiles_its_own_step(where: str) -> None:
+    """torch.compile's recompilation limit is per code object: with a limit of 1, a second optimizer
+    (another algorithm) sharing the first one's code object would run eagerly, without an error."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from adaptlr.backends.torch import Optimizer
+
+    graphs = counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings(), torch._dynamo.config.patch(recompile_limit=1):
+        warnings.simplefilter("ignore")
+        for opt in (adaptlr.sgd(0.1, momentum=0.9), adaptlr.adam(0.1)):
+            if where == "FlatOptimizer":
+                FlatOptimizer(opt, [torch.ones(3, dtype=torch.float64)], compile=True).step(
+                    [torch.ones(3, dtype=torch.float64)])
+            else:
+                p = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+                p.grad = torch.ones(3, dtype=torch.float64)
+                Optimizer([p], opt, fast="compile").step()
+    assert counters["stats"]["unique_graphs"] - graphs >= 2
+
+
 # -- JAX: jitted, buffer-donating update ------------------------------------------------------------
 
 
@@ -294,6 +320,30 @@ def test_jax_jit_update_and_step_agree(name: str, dtype: str) -> None:
     for g, w in zip(optree.tree_leaves(state), optree.tree_leaves(want_state)):
         if np.issubdtype(np.asarray(w).dtype, np.floating):
             assert err([g], [w], dtype) <= tol
+
+
+@pytest.mark.skipif(not has_jax, reason="jax is not installed")
+@pytest.mark.parametrize("helper", ["jit_step", "jit_update"])
+def test_jitted_steps_return_the_learning_rates(helper: str) -> None:
+    """A float rate's leaves are left out of the jitted outputs and the input ones put back; a
+    schedule's new rates come out of the step (the state's ``learning_rate`` is ``α_t`` either way)."""
+    import jax
+    import jax.numpy as jnp
+
+    for learning_rate, want in ((0.05, 0.05), (lambda t: 0.1 / t, 0.1 / 3)):
+        opt = adaptlr.adam(learning_rate)
+        params = [jnp.ones((3,), dtype=jnp.float32), jnp.ones((2, 2), dtype=jnp.float32)]
+        state = opt.init(params)
+        run = (jit_step if helper == "jit_step" else jit_update)(opt)
+        for _ in range(3):
+            before = state.learning_rate
+            first, state = run([jnp.full_like(p, 0.5) for p in params], state, params)
+            params = first if helper == "jit_step" else adaptlr.apply_updates(params, first)
+        assert isinstance(state.learning_rate, list) and len(state.learning_rate) == 2
+        assert all(float(a) == pytest.approx(want, rel=1e-6) for a in state.learning_rate)
+        unchanged = all(a is b for a, b in zip(state.learning_rate, before))
+        assert unchanged == (not callable(learning_rate))  # the float's leaves are the input's
+        assert all(not leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state))
 
 
 @pytest.mark.skipif(not has_jax, reason="jax is not installed")

@@ -663,6 +663,27 @@ def test_compiled_fast_path_matches_functional_api():
     assert _state_err(torch_opt.functional_state, state) <= 1e-12
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name, path", [("prodigy", "compiled-flat"), ("active", "compiled-flat"),
+                                        ("dsa", "compiled")])
+def test_compiled_flat_path_matches_functional_api(name, path):
+    """``fast="compile-flat"``: the flat-buffer update compiled once (a learning-rate-free optimizer's
+    global sums, an elementwise wrapper); an algorithm that is not flat-safe takes the compiled list path."""
+    pytest.importorskip("torch._inductor")
+    import warnings
+
+    opt = adaptlr.prodigy(d0=1e-3) if name == "prodigy" else _wrapped(name, adaptlr.adamw(1e-2))
+    params, grads = _problem(14)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    torch_opt = Optimizer(torch_params, opt, fast="compile-flat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        functional, state = _step_both(torch_opt, torch_params, opt, params, grads)
+    assert torch_opt.fast_path == path
+    assert max(_rel(p.detach(), f) for p, f in zip(torch_params, functional)) <= 1e-12
+    assert _state_err(torch_opt.functional_state, state) <= 1e-12
+
+
 def test_fast_setting_can_change_between_steps():
     params, grads = _problem(13)
     opt = _wrapped("active", adaptlr.adamw(1e-2))
