@@ -430,14 +430,16 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
 # -- JAX ---------------------------------------------------------------------------------------------
 
 
-def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: Any = None) -> list[Runner]:
+def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: Any = None,
+                undonated: Sequence[str] | None = None) -> list[Runner]:
     """JAX runners, each compiled once ahead of time (the same executable is timed and measured).
 
     adaptlr algorithms and optax run on the whole step with donation (``jit-donate``) and without
     (``jit``). Compiling a 500-tensor step is the expensive part (seconds and
     hundreds of MB of compiler memory each), so no variant is compiled twice. ``device``: a
     ``jax.Device`` (e.g. ``jax.devices("gpu")[0]``) that every array is placed on; None: JAX's
-    default device. The steps are compiled for the device of their arguments.
+    default device. The steps are compiled for the device of their arguments. ``undonated``: the
+    algorithms also run without donation (None: all of them).
     """
     import jax
     import jax.numpy as jnp
@@ -470,7 +472,8 @@ def jax_runners(set_name: str, shapes: list, algorithms: Sequence[str], device: 
     for name in algorithms:
         opt = ALGORITHMS[name]()
         # Both: on the CPU, donation measured 2× slower for optax and adaptlr alike (docs/performance.md).
-        paths = (("jit", False), ("jit-donate", True))
+        both = undonated is None or name in undonated
+        paths = (("jit", False), ("jit-donate", True)) if both else (("jit-donate", True),)
         for path, donate in paths:
             runners.append(make_runner(name, path, "adaptlr", jit_step(opt, donate=donate).compile, opt.init))
 

@@ -148,3 +148,14 @@ def test_jax_runners_on_a_chosen_device(monkeypatch) -> None:
     assert {(r.algorithm, r.path) for r in runners} >= {("adamw", "jit-donate"), ("optax.adamw", "jit-donate"),
                                                          ("copy", "bound")}
     assert all(len(r.times) == 1 for r in runners)
+
+
+def test_jax_runners_donation_paths() -> None:
+    """Every algorithm on ``jit`` and ``jit-donate`` by default; the GPU suite's ``undonated`` keeps the
+    wrappers to ``jit-donate`` (fewer compilations within its time budget)."""
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    every = {(r.algorithm, r.path) for r in bench.jax_runners("tiny", TINY, ["adamw", "active"])}
+    assert {("active", "jit"), ("active", "jit-donate"), ("adamw", "jit"), ("adamw", "jit-donate")} <= every
+    some = {(r.algorithm, r.path) for r in bench.jax_runners("tiny", TINY, ["adamw", "active"], undonated=("adamw",))}
+    assert ("active", "jit") not in some and {("active", "jit-donate"), ("adamw", "jit")} <= some
