@@ -189,9 +189,9 @@ def _without_unchanged_rates(state: OptimizerState, lr: Any) -> OptimizerState:
     """``state`` without its learning rates where they are the step's input rates themselves (a
     float learning rate: ``update`` reads α from the state and returns it as it is).
 
-    Returned from a jitted step, each of those 0-D leaves would be an output buffer of its own: on
-    500 small tensors that made AdamW's step 1.16–1.23× optax's; left out, 1.00–1.05× (interleaved
-    probe, docs/performance.md). :func:`_with_rates` puts the input rates back.
+    Returned from a jitted step, each of those 0-D leaves would be an output buffer of its own (500
+    for 500 tensors: the measured cost is in docs/performance.md, round 3). :func:`_with_rates` puts
+    the input rates back.
     """
     new, old = optree.tree_leaves(state.learning_rate), optree.tree_leaves(lr)
     if len(new) == len(old) and all(a is b for a, b in zip(new, old)):

@@ -76,7 +76,7 @@ from adaptlr._precision import counter_dtype, widest_float
 from adaptlr._state_tree import Node, dtype_name, field_values, rebuild_state, split_state
 from adaptlr._tree import Layout
 from adaptlr.backends import torch_groups, torch_steps
-from adaptlr.backends.fast import ListLayout
+from adaptlr.backends.fast import ListLayout, private_code
 from adaptlr.nonfinite import SkipNonfinite
 
 __all__ = ["Optimizer"]
@@ -437,8 +437,6 @@ class Optimizer(torch.optim.Optimizer):
             self._list_step(active, groups, steps)
             return
         if self._compiled is None:
-            from adaptlr.backends.fast import private_code
-
             self._compiled = torch.compile(private_code(self._run))  # its own graphs (fast.private_code)
         params = [self._state_view(p) for p in active]
         alpha = self._alphas(groups, params, self._global["count"])
