@@ -56,8 +56,8 @@ import numpy as np
 
 import adaptlr
 
-__all__ = ["RESNET18_SHAPES", "SMALL_SHAPES", "count_aten_ops", "cupy_runners", "jax_runners", "main",
-           "resnet18_shapes", "torch_runners"]
+__all__ = ["RESNET18_SHAPES", "SMALL_SHAPES", "StepCosts", "count_aten_ops", "cupy_runners", "jax_runners", "main",
+           "resnet18_shapes", "step_costs", "torch_runners"]
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:
@@ -248,6 +248,78 @@ def count_aten_ops(step: Callable[[], Any]) -> int:
     with counter:
         step()
     return counter.count
+
+
+@dataclass
+class StepCosts:
+    """What one step would cost on a GPU, counted on any device (:func:`step_costs`)."""
+
+    launches: int  # dispatched aten operations: kernel launches on a GPU
+    syncs: int  # host synchronisations on the parameters' device (``.item()`` of a device tensor)
+    bytes: int  # bytes read and written by the operations (views and 0-D tensors not counted)
+
+
+def step_costs(step: Callable[[], Any]) -> StepCosts:
+    """The aten operations, host synchronisations and bytes moved by ``step()`` (a ``TorchDispatchMode``).
+
+    Bytes: every tensor argument is read; the arguments an operation mutates (by its schema) and
+    its results that are not arguments are written. Syncs: ``aten._local_scalar_dense`` (``.item()``,
+    ``float(t)``, ``if t:``), except the one inside torch's CPU kernel of ``_foreach_add(tensors,
+    scalar_tensor)`` that :mod:`adaptlr.backends.foreach` calls (torch's CUDA kernel reads the 0-D
+    tensor on the device). Deterministic: the basis of the GPU estimates in docs/performance.md.
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.costs = StepCosts(0, 0, 0)
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if str(func).startswith("profiler."):
+                return out
+            self.costs.launches += 1
+            if func is torch.ops.aten._local_scalar_dense.default and not _inside_foreach_scalar_op():
+                self.costs.syncs += 1
+            if not func.is_view:
+                self.costs.bytes += _bytes_moved(torch, func, args, kwargs, out)
+            return out
+
+    counter = Counter()
+    with counter:
+        step()
+    return counter.costs
+
+
+def _bytes_moved(torch: Any, func: Any, args: Any, kwargs: dict, out: Any) -> int:
+    from torch.utils._pytree import tree_leaves
+
+    def tensors(tree: Any) -> list:
+        return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.ndim]
+
+    read = tensors((args, kwargs))
+    written = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            written.extend(tensors(args[i] if i < len(args) else kwargs.get(argument.name)))
+    inputs = {id(t) for t in read}
+    written.extend(t for t in tensors(out) if id(t) not in inputs)
+    return sum(t.numel() * t.element_size() for t in read + written)
+
+
+def _inside_foreach_scalar_op() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if name.endswith("backends/foreach.py"):
+            return True
+        if "/torch/" not in name:
+            return False
+        frame = frame.f_back
+    return False
 
 
 def _torch_peak_mode(torch: Any) -> Any:
