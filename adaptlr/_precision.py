@@ -17,7 +17,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["INT32_MAX", "cast_like", "counter_dtype", "is_half_precision", "largest",
+from adaptlr import _validation as v
+
+__all__ = ["INT32_MAX", "cast_like", "computed_once", "counter_dtype", "is_half_precision", "largest",
            "next_count", "scalar_caster", "widest_float"]
 
 INT32_MAX = 2**31 - 1
@@ -77,12 +79,30 @@ def next_count(xp: Any, count: Any) -> Any:
     return xp.where(at_limit, count, count + 1)
 
 
+def computed_once(x: Any) -> Any:
+    """The 0-D step scalar ``x``, marked to be computed once per step where a compiler would
+    recompute it for every element that reads it; ``x`` itself everywhere else.
+
+    ``torch.compile`` (Inductor) inlines a 0-D computation into each elementwise loop that uses it:
+    a bias correction's float64 ``pow`` then ran once per vector of every tensor, and a compiled
+    AdamW step took 3× the fused one (:func:`adaptlr.backends.torch_scalars.computed_once`, which
+    makes it a buffer of its own). Every step scalar passes through here where it is cast to the
+    dtype of the tensors it meets (:class:`adaptlr.core.Scalars`, :func:`scalar_caster`,
+    :meth:`adaptlr.core.StepSize.scaled_by`).
+    """
+    if v.library_of(x) == "torch":
+        from adaptlr.backends.torch_scalars import computed_once as torch_computed_once
+
+        return torch_computed_once(x)
+    return x
+
+
 def cast_like(xp: Any, x: Any, like: Sequence[Any]) -> list:
     """The 0-D scalar ``x`` in the dtype of each array of ``like``, cast once per distinct dtype."""
     by_dtype: dict = {}
     for a in like:
         if a.dtype not in by_dtype:
-            by_dtype[a.dtype] = xp.astype(x, a.dtype)
+            by_dtype[a.dtype] = computed_once(xp.astype(x, a.dtype))
     return [by_dtype[a.dtype] for a in like]
 
 
@@ -94,7 +114,7 @@ def scalar_caster(xp: Any) -> Callable[[str, Any, Any], Any]:
     def cast(name: str, x: Any, like: Any) -> Any:
         key = (name, like.dtype)
         if key not in casts:
-            casts[key] = xp.astype(x, like.dtype)
+            casts[key] = computed_once(xp.astype(x, like.dtype))
         return casts[key]
 
     return cast

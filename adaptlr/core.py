@@ -37,7 +37,7 @@ import numpy as np
 import optree
 
 from adaptlr import _validation as v
-from adaptlr._precision import counter_dtype, next_count, widest_float
+from adaptlr._precision import cast_like, computed_once, counter_dtype, next_count, widest_float
 from adaptlr._reduce import Reducer, leaf_split_axes
 from adaptlr._tree import Layout
 
@@ -110,7 +110,7 @@ class StepSize(NamedTuple):
     def scaled_by(self, factor: Array, *, weight_decay_too: bool = False) -> StepSize:
         """:meth:`scaled` by one 0-D ``factor`` for every leaf, cast to each leaf's ``α`` dtype."""
         xp = array_api_compat.array_namespace(factor)
-        return self.scaled([xp.astype(factor, a.dtype) for a in self.alpha], weight_decay_too=weight_decay_too)
+        return self.scaled(cast_like(xp, factor, self.alpha), weight_decay_too=weight_decay_too)
 
     def effective(self) -> list[Array]:
         """``α·κ`` per leaf (0-D where κ is 1)."""
@@ -183,7 +183,9 @@ class Scalars:
         """``make(dtype)``, computed once per step and dtype under ``name``."""
         key = (name, dtype)
         if key not in self._cache:
-            self._cache[key] = make(dtype)
+            made = make(dtype)
+            self._cache[key] = (tuple(computed_once(x) for x in made) if isinstance(made, tuple)
+                                else computed_once(made))
         return self._cache[key]
 
     def step_scalars(self, name: str, dtype: Any, make: Callable[[Array], Any]) -> Any:
