@@ -91,7 +91,7 @@ def computed_once(x: Any) -> Any:
     :meth:`adaptlr.core.StepSize.scaled_by`).
     """
     if v.library_of(x) == "torch":
-        from adaptlr.backends.torch_scalars import computed_once as torch_computed_once
+        from adaptlr.backends.torch_scalars import computed_once as torch_computed_once  # pyright: ignore[reportMissingImports]
 
         return torch_computed_once(x)
     return x
