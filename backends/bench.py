@@ -232,22 +232,7 @@ def count_aten_ops(step: Callable[[], Any]) -> int:
     markers (``profiler.*``, which ``torch.optim`` emits around its step) are not operations and
     are left out.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpCounter(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if not str(func).startswith("profiler."):
-                self.count += 1
-            return func(*args, **(kwargs or {}))
-
-    counter = OpCounter()
-    with counter:
-        step()
-    return counter.count
+    return step_costs(step).launches
 
 
 @dataclass
