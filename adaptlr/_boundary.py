@@ -6,13 +6,15 @@ the boundary work only when it is due, and the algorithm stays written once:
 
 - eager on the host (NumPy, array-api-strict, torch on the CPU): the step count is a host value,
   so a Python ``if`` on it (not on the parameters or gradients) picks one branch;
-- JAX traced (``jax.jit``, ``vmap``, ...): ``jax.lax.cond`` (``adaptlr.backends.jax.cond``); eager
-  JAX on the CPU: the Python branch (an eager ``lax.cond`` would compile its branches every step);
+- JAX traced (``jax.jit``, ``vmap``, ...): a loop that runs the work zero or one time and keeps
+  the operands in place (``adaptlr.backends.jax_boundary.only_when``; ``lax.cond`` would copy them
+  every step); eager JAX on the CPU: the Python branch (an eager loop would compile every step);
 - elsewhere (torch or eager JAX on a GPU, where reading the count would wait for the device; code that
   ``torch.compile`` traces; CuPy): both branches, selected with ``where`` (the formulation
   before this hook, at the old cost).
 
-Both branches take the same operands and must return the same structure of arrays (``lax.cond``).
+``boundary`` takes the operands and returns the same structure of arrays; on every other step the
+operands come back unchanged.
 """
 
 from __future__ import annotations
@@ -28,27 +30,26 @@ from adaptlr import _validation as v
 __all__ = ["at_boundary", "select_both"]
 
 
-def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], ordinary: Callable[..., Any],
-                operands: tuple) -> Any:
-    """``boundary(*operands)`` where the 0-D boolean ``pred`` is true, else ``ordinary(*operands)``."""
+def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple) -> tuple:
+    """``boundary(*operands)`` where the 0-D boolean ``pred`` is true, else ``operands`` unchanged."""
     if isinstance(pred, (bool, np.bool_)):  # NumPy gives 0-D results as scalars
-        return boundary(*operands) if pred else ordinary(*operands)
+        return tuple(boundary(*operands)) if pred else tuple(operands)
     library = v.library_of(pred)
     if library == "jax" and _is_traced(pred):
-        from adaptlr.backends.jax import cond  # pyright: ignore[reportMissingImports]
+        from adaptlr.backends.jax_boundary import only_when  # pyright: ignore[reportMissingImports]
 
-        return cond(pred, boundary, ordinary, operands)
+        return only_when(pred, boundary, operands)
     due = _host_value(pred, library)
     if due is not None:
-        return boundary(*operands) if due else ordinary(*operands)
-    return select_both(xp, pred, boundary, ordinary, operands)
+        return tuple(boundary(*operands)) if due else tuple(operands)
+    return select_both(xp, pred, boundary, operands)
 
 
-def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], ordinary: Callable[..., Any],
-                operands: tuple) -> Any:
-    """Both branches, selected elementwise with ``xp.where(pred, ...)`` (every element every step)."""
-    return optree.tree_map(lambda a, b: xp.where(pred, a, b), boundary(*operands), ordinary(*operands),
-                           none_is_leaf=False)
+def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple) -> tuple:
+    """The boundary work at every step, selected elementwise with ``xp.where(pred, ...)``."""
+    due: Any = tuple(boundary(*operands))  # optree's PyTree type does not take a tuple of Any
+    unchanged: Any = tuple(operands)
+    return tuple(optree.tree_map(lambda a, b: xp.where(pred, a, b), due, unchanged, none_is_leaf=False))
 
 
 def _is_traced(x: Any) -> bool:

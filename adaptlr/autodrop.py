@@ -277,12 +277,10 @@ class AutoDrop(Adaptation):
             snapshot = [xp.asarray(x, copy=True) for x in xs]  # not the caller's array (it may change in place)
             return snapshot, displacements, xp.where(epoch_start, sq_norm, prev_sq_norm), detector
 
-        def ordinary(prev_xs: list, prev_ss: list, prev_sq_norm: Any, old: DetectorState) -> tuple:
-            return prev_xs, prev_ss, prev_sq_norm, old
-
-        # Only at an epoch start (a Python branch on the host-side count, lax.cond under JAX; _boundary).
+        # Only at an epoch start (a Python branch on the host-side count, a loop run 0 or 1 times under
+        # JAX; _boundary). Otherwise the snapshot, displacement, norm and detector come back unchanged.
         previous_params, previous_displacement, previous_sq_norm, detector = at_boundary(
-            xp, epoch_start, boundary, ordinary,
+            xp, epoch_start, boundary,
             (layout.leaves(state.previous_params, "state.previous_params"),
              layout.leaves(state.previous_displacement, "state.previous_displacement"), state.previous_sq_norm, old))
         dropped = detector.drop_count != old.drop_count

@@ -34,7 +34,7 @@ from adaptlr import core
 from adaptlr._state_tree import from_slots, rebuild_state, slots, split_state
 from adaptlr._tree import Layout
 
-__all__ = ["complete_sum", "cond", "state_partition_specs", "to_optax"]
+__all__ = ["complete_sum", "state_partition_specs", "to_optax"]
 
 
 def complete_sum(partial: Any, axis_names: tuple) -> Any:
@@ -48,11 +48,6 @@ def complete_sum(partial: Any, axis_names: tuple) -> Any:
         ``jax.lax.psum(partial, axis_names)``: the complete sum, on every device.
     """
     return jax.lax.psum(partial, axis_names)
-
-
-def cond(pred: Any, if_true: Any, if_false: Any, operands: tuple) -> Any:
-    """``jax.lax.cond``: the epoch-boundary hook of :func:`adaptlr._boundary.at_boundary` (one branch runs)."""
-    return jax.lax.cond(pred, if_true, if_false, *operands)
 
 
 def to_optax(opt: core.Optimizer, *, axis_name: Any = None,

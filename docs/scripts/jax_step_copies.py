@@ -1,8 +1,9 @@
-"""The copies XLA adds to a jitted step on ResNet-18 shapes (docs/performance.md, round 4).
+"""The copies XLA adds to a jitted step on ResNet-18 shapes (docs/performance.md, rounds 4 and 5).
 
 For AdamW, ActiveLR(AdamW) and AutoDrop(AdamW), with and without donating the state: the number of
-``copy`` instructions on float32 arrays in the optimized HLO of ``jax.jit(opt.update)`` and the
-elements they copy per parameter (each copied element is read and written: two words of traffic).
+``copy`` instructions on float32 arrays in the optimized HLO of ``jax.jit(opt.update)``, the
+elements they copy per parameter, and the elements an ordinary step copies (outside the loop that
+runs the epoch-boundary work; each copied element is read and written: two words of traffic).
 Deterministic on a given jax/jaxlib; run on the CPU.
 
     python docs/scripts/jax_step_copies.py
@@ -10,7 +11,6 @@ Deterministic on a given jax/jaxlib; run on the CPU.
 
 from __future__ import annotations
 
-import re
 import sys
 
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 
 import adaptlr
 from adaptlr.backends.bench import RESNET18_SHAPES
+from adaptlr.backends.xla_copies import copies_per_computation, ordinary_step_copies
 
 ALGORITHMS = {
     "adamw": lambda: adaptlr.adamw(1e-3),
@@ -27,22 +28,13 @@ ALGORITHMS = {
 }
 
 
-def f32_copies(hlo: str) -> tuple[int, int]:
-    """(number of float32 copy instructions, elements they copy) in optimized HLO text."""
-    count = elements = 0
-    for match in re.finditer(r"= f32\[([0-9,]*)\]\{[^}]*\} copy\(", hlo):
-        count += 1
-        elements += int(np.prod([int(d) for d in match.group(1).split(",") if d]))
-    return count, elements
-
-
 def main() -> int:
     jax.config.update("jax_enable_x64", True)  # step scalars in float64, as adaptlr's tests and bench run
     rng = np.random.default_rng(0)
     params = [jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.1) for s in RESNET18_SHAPES]
     n = sum(int(np.prod(s)) for s in RESNET18_SHAPES)
     print(f"jax {jax.__version__}, {jax.default_backend()}; ResNet-18 shapes, {n / 1e6:.1f}M float32 parameters\n")
-    print("| algorithm | state donated | conditionals | f32 copies | elements copied per parameter |")
+    print("| algorithm | state donated | f32 copies | elements copied per parameter | of them on an ordinary step |")
     print("|---|---|---|---|---|")
     for name, make in ALGORITHMS.items():
         opt = make()
@@ -50,9 +42,10 @@ def main() -> int:
         for donated in ((), (1,)):
             jitted = jax.jit(lambda g, s, p, opt=opt: opt.update(g, s, p), donate_argnums=donated)
             hlo = jitted.lower(params, state, params).compile().as_text()
-            count, elements = f32_copies(hlo)
-            print(f"| {name} | {'yes' if donated else 'no'} | {hlo.count(' conditional(')} | {count} "
-                  f"| {elements / n:.2f} |")
+            copies = copies_per_computation(hlo).values()
+            count, elements = sum(c for c, _ in copies), sum(e for _, e in copies)
+            print(f"| {name} | {'yes' if donated else 'no'} | {count} | {elements / n:.2f} "
+                  f"| {ordinary_step_copies(hlo) / n:.2f} |")
     return 0
 
 
