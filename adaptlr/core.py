@@ -488,8 +488,10 @@ class Optimizer:
 
         updates = []
         for i, (d, p) in enumerate(zip(directions, params)):
-            lr: Array = _times(size.alpha[i], size.kappa[i])  # alpha is never None: neither is lr
-            u = d * (-lr)
+            # -(α·κ) as (-α)·κ: the same numbers (rounding is symmetric in the sign), and no pass to
+            # negate a full-size κ (ActiveLR, DSA, element-wise HD).
+            neg_lr: Array = _times(-size.alpha[i], size.kappa[i])  # alpha is never None: neither is the rate
+            u = d * neg_lr
             if decoupled[i]:
                 decay: Array = _times(alpha[i], size.decay_kappa[i])
                 decay = decay * decoupled[i]

@@ -122,6 +122,21 @@ def _slice_sum(reduce: Reducer, i: int, x: Any, kind: str) -> Any:
     return reduce.leaf_sum(i, x, axis=0, keepdims=True)  # col
 
 
+def _slice_sums(reduce: Reducer, i: int, x: Any, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """:func:`_slice_sum` for each of ``kinds``; the tensor's sum from its row (or column) sums where
+    those are computed, so a tensor with row factors is read by two reductions, not three."""
+    sums = {kind: _slice_sum(reduce, i, x, kind) for kind in kinds if kind != "tensor"}
+    if "tensor" in kinds:
+        if "row" in sums:  # (rows, 1, ..., 1), complete over axes 1..: sum over axis 0 (completed there)
+            total = reduce.leaf_sum(i, sums["row"], axis=0)
+        elif "col" in sums:  # (1, *rest), complete over axis 0
+            total = reduce.leaf_sum(i, sums["col"], axis=tuple(range(1, x.ndim)))
+        else:
+            total = reduce.leaf_sum(i, x)
+        sums["tensor"] = reduce.xp.reshape(total, ())
+    return sums
+
+
 def _factor_shape(shape: tuple, kind: str) -> tuple:
     if kind == "tensor":
         return ()
@@ -175,11 +190,12 @@ class DSA(Adaptation):
             eps = scalars.constant(EPS, work)
             one = scalars.constant(1.0, work)
             gp, gg, pp = g * p, g * g, p * p
+            kinds: tuple[str, ...] = tuple(str(kind) for kind in factors)
+            dots, g_sq, p_sq = (_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))
             updated = {}
             for kind, factor in factors.items():
-                dot = _slice_sum(ctx.reduce, i, gp, kind)
-                norms = xp.sqrt(_slice_sum(ctx.reduce, i, gg, kind)) * xp.sqrt(_slice_sum(ctx.reduce, i, pp, kind))
-                cos = xp.minimum(xp.maximum(dot / (norms + eps), -one), one)
+                norms = xp.sqrt(g_sq[kind]) * xp.sqrt(p_sq[kind])
+                cos = xp.minimum(xp.maximum(dots[kind] / (norms + eps), -one), one)
                 updated[kind] = factor * xp.astype(xp.exp(beta * cos), factor.dtype, copy=False)
             new_factors.append(updated)
         new_state = state._replace(factors=layout.tree(new_factors))

@@ -158,3 +158,35 @@ def test_learning_rate_free_steps_make_no_host_sync_where_the_upstream_makes_one
         upstream = _upstream(name)(_params(shapes))
         upstream.step()
         assert step_costs(upstream.step).syncs >= len(shapes)
+
+
+def _full_size_ops(step, numel: int) -> dict:
+    """``{aten op name: count}`` of the ops ``step()`` dispatches on an input of ``numel`` elements."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(isinstance(a, torch.Tensor) and a.numel() == numel for a in args):
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return counts
+
+
+def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are_not_negated():
+    """DSA's tensor sums come from its row sums (6 full-size reductions for ⟨G,P⟩, ‖G‖², ‖P‖² over
+    rows and columns, not 9); the update's rate ``-(α·κ)`` is ``(-α)·κ``, so a full-size κ
+    (DSA, ActiveLR) is never negated. The list path, one 2-D parameter."""
+    for make, sums in ((lambda: adaptlr.dsa(adaptlr.adamw(1e-3)), 6),
+                       (lambda: adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=100), 0)):
+        params = _params([(40, 30)])
+        adapter = Optimizer(params, make(), fast=False)
+        adapter.step()
+        ops = _full_size_ops(adapter.step, 40 * 30)
+        assert ops.get("sum", 0) == sums, ops
+        assert "neg" not in ops, ops
