@@ -105,8 +105,8 @@ class ActiveLR(Adaptation):
                 new_gammas.append(xp.where(adjust, adjusted, gamma))
             return new_gammas, [xp.zeros_like(c) for c in sums], sums
 
-        # Only at the boundary (a Python branch on the host-side count, a loop run 0 or 1 times under
-        # JAX; _boundary). Otherwise γ, C + g and G_prev come back unchanged.
+        # Only at the boundary (a Python branch on the host-side count, lax.cond under JAX; _boundary).
+        # Otherwise γ, C + g and G_prev come back unchanged.
         new_gammas, new_sums, new_prev_sums = at_boundary(xp, epoch_end, boundary, (gammas, sums, prev_sums))
 
         # This step uses the γ from before the adjustment above.

@@ -1,19 +1,14 @@
-"""The epoch-boundary hook under JAX tracing: the boundary work runs only when due, in place.
+"""The epoch-boundary hook under JAX tracing: ``jax.lax.cond``, the work in one branch.
 
 :func:`adaptlr._boundary.at_boundary` calls :func:`only_when` while ``jax.jit`` (or ``vmap``, ...)
-traces ActiveLR's or AutoDrop's step. The work must leave the operands unchanged on every other
-step, without reading or writing them.
+traces ActiveLR's or AutoDrop's step: one branch runs, the boundary work or the identity. Only JAX
+is imported (not optax, which :mod:`adaptlr.backends.jax` needs).
 
-``jax.lax.cond`` does not: every output of an XLA conditional is a fresh buffer, so on an ordinary
-step its identity branch copies every operand. For ActiveLR(AdamW) on ResNet-18 shapes that is
-three parameters' worth of elements per step (``docs/scripts/jax_step_copies.py``). A
-``jax.lax.while_loop`` that runs its body zero or one time updates its carry in place. It copies
-only the operands it may not overwrite: inputs of the jitted function that come back as outputs.
-
-``while_loop`` has no reverse-mode derivative, so :func:`only_when` is a ``jax.custom_jvp`` whose
-tangents are those of the ``lax.cond`` formulation. ``jax.grad`` through a jitted step then
-works as before. Closed-over arrays (the step's parameters, scalars) become explicit arguments with
-``jax.closure_convert``, so their derivatives are kept.
+Every output of an XLA conditional is a fresh buffer, so the identity branch copies its operands
+(ActiveLR(AdamW) 3.0 parameters' worth of elements per ordinary step, AutoDrop 2.0; counted by
+``docs/scripts/jax_step_copies.py``). A ``lax.while_loop`` run zero or one time keeps its carry
+in place (2.0 and 2.0) and was measured in docs/performance.md, round 5: 2–7 % faster without
+donation, 7–26 % slower with the state donated on XLA:CPU, so it was not kept.
 """
 
 from __future__ import annotations
@@ -22,33 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 __all__ = ["only_when"]
 
 
-def only_when(pred: Any, work: Callable[..., Any], operands: tuple) -> Any:
+def only_when(pred: Any, work: Callable[..., Any], operands: tuple) -> tuple:
     """``work(*operands)`` where the 0-D boolean ``pred`` is true, else ``operands`` unchanged.
 
     ``work`` must return the structure, shapes and dtypes of ``operands``.
     """
-    work_fn, consts = jax.closure_convert(work, *operands)
-
-    @jax.custom_jvp
-    def run(pred: Any, operands: tuple, consts: list) -> Any:
-        def body(carry: tuple) -> tuple:
-            return jnp.zeros_like(carry[0]), tuple(work_fn(*carry[1], *consts))
-
-        return jax.lax.while_loop(lambda carry: carry[0], body, (pred, tuple(operands)))[1]
-
-    @run.defjvp
-    def run_jvp(primals: tuple, tangents: tuple) -> tuple:
-        pred, operands, consts = primals
-
-        def as_cond(operands: tuple, consts: list) -> Any:
-            return jax.lax.cond(pred, lambda *ops: tuple(work_fn(*ops, *consts)), lambda *ops: ops, *operands)
-
-        _, out_tangents = jax.jvp(as_cond, (operands, consts), tangents[1:])
-        return run(pred, operands, consts), out_tangents
-
-    return run(pred, tuple(operands), consts)
+    return jax.lax.cond(pred, lambda *ops: tuple(work(*ops)), lambda *ops: tuple(ops), *operands)
