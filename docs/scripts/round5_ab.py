@@ -3,6 +3,7 @@
     python docs/scripts/round5_ab.py boundary ROUNDS        # JAX: lax.cond (kept) vs a loop run 0 or 1 times
     python docs/scripts/round5_ab.py dsa numpy|torch|jax ROUNDS   # DSA: a third tensor reduction (old) vs
                                                                   # the tensor sums from the row sums (new)
+    python docs/scripts/round5_ab.py dsa-kinds ROUNDS       # JAX jit: DSA with one factor kind at a time
 
 ResNet-18 parameter shapes, float32, fixed random gradients; each round runs every variant once in
 a fresh random order; prints the median step time and its ratio to AdamW of the same run.
@@ -122,9 +123,26 @@ def dsa_runners(backend: str) -> dict:
     return runners
 
 
+def dsa_kind_runners() -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(0)
+    params = [jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.1) for s in RESNET18_SHAPES]
+    grads = [jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.1) for s in RESNET18_SHAPES]
+    runners = {"adamw": _jax_runner(adaptlr.adamw(1e-3), params, grads),
+               "dsa default": _jax_runner(adaptlr.dsa(adaptlr.adamw(1e-3)), params, grads)}
+    for kind in _dsa.KINDS:
+        runners[f"dsa {kind}"] = _jax_runner(adaptlr.dsa(adaptlr.adamw(1e-3), structure=(kind,)), params, grads)
+    return runners
+
+
 def main(argv: list[str]) -> int:
     if argv[0] == "boundary":
         runners, rounds = boundary_runners(), int(argv[1])
+    elif argv[0] == "dsa-kinds":
+        runners, rounds = dsa_kind_runners(), int(argv[1])
     else:
         runners, rounds = dsa_runners(argv[1]), int(argv[2])
     times: dict[str, list[float]] = {k: [] for k in runners}
