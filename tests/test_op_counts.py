@@ -124,7 +124,6 @@ def test_learning_rate_free_default_path_dispatches_no_more_ops_than_upstream(na
     assert ops <= upstream, (ops, upstream)
 
 
-
 # -- host syncs and bytes (adaptlr.backends.bench.step_costs: the GPU estimates' counts) --------------
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 import adaptlr
 from adaptlr.backends.bench import RESNET18_SHAPES
-from adaptlr.backends.xla_copies import copies_per_computation
+from adaptlr.backends.xla_copies import ENTRY, copies_per_computation
 
 ALGORITHMS = {
     "adamw": lambda: adaptlr.adamw(1e-3),
@@ -44,7 +44,7 @@ def main() -> int:
             hlo = jitted.lower(params, state, params).compile().as_text()
             copies = copies_per_computation(hlo)
             count, elements = sum(c for c, _ in copies.values()), sum(e for _, e in copies.values())
-            entry = sum(e for name, (_, e) in copies.items() if name.startswith("main"))
+            entry = copies.get(ENTRY, (0, 0))[1]
             print(f"| {name} | {'yes' if donated else 'no'} | {count} | {elements / n:.2f} | {entry / n:.2f} |")
     return 0
 
