@@ -54,28 +54,36 @@ def split_state(state: Any, params_treespec: optree.PyTreeSpec) -> tuple[Node, l
     array, where every array is treated as its own field; any other array is a global field.
     """
     fields: list[Field] = []
-    params_is_leaf = params_treespec.is_leaf()
-
-    def walk(node: Any, path: str) -> Node:
-        if node is None:
-            return Node("none")
-        if not params_is_leaf and not _is_namedtuple(node) and _is_per_param(node, params_treespec):
-            fields.append(Field(path, True, node))
-            return Node("field", index=len(fields) - 1)
-        if _is_namedtuple(node):
-            names = type(node)._fields
-            children = tuple(walk(child, f"{path}.{name}" if path else name) for name, child in zip(names, node))
-            return Node("namedtuple", type(node), children)
-        if isinstance(node, (tuple, list)):
-            children = tuple(walk(child, f"{path}[{i}]") for i, child in enumerate(node))
-            return Node("tuple" if isinstance(node, tuple) else "list", children=children)
-        if v.library_of(node) is None:
-            raise TypeError(f"optimizer state field {path} is a {type(node).__name__}, not an array")
-        fields.append(Field(path, False, node))
-        return Node("field", index=len(fields) - 1)
-
-    skeleton = walk(state, "")
+    skeleton = _split_node(state, "", fields, params_treespec, params_treespec.is_leaf())
     return skeleton, fields
+
+
+# The walks below are module-level functions, not recursive closures: a closure that calls itself
+# is a reference cycle (function -> cell -> function) that keeps what it captured (the state's
+# arrays) alive until Python's cyclic collector runs, which on a large model held a step's new
+# state as extra memory into the next step.
+
+
+def _split_node(node: Any, path: str, fields: list[Field], params_treespec: optree.PyTreeSpec,
+                params_is_leaf: bool) -> Node:
+    if node is None:
+        return Node("none")
+    if not params_is_leaf and not _is_namedtuple(node) and _is_per_param(node, params_treespec):
+        fields.append(Field(path, True, node))
+        return Node("field", index=len(fields) - 1)
+    if _is_namedtuple(node):
+        names = type(node)._fields
+        children = tuple(_split_node(child, f"{path}.{name}" if path else name, fields, params_treespec,
+                                     params_is_leaf) for name, child in zip(names, node))
+        return Node("namedtuple", type(node), children)
+    if isinstance(node, (tuple, list)):
+        children = tuple(_split_node(child, f"{path}[{i}]", fields, params_treespec, params_is_leaf)
+                         for i, child in enumerate(node))
+        return Node("tuple" if isinstance(node, tuple) else "list", children=children)
+    if v.library_of(node) is None:
+        raise TypeError(f"optimizer state field {path} is a {type(node).__name__}, not an array")
+    fields.append(Field(path, False, node))
+    return Node("field", index=len(fields) - 1)
 
 
 def _is_per_param(node: Any, params_treespec: optree.PyTreeSpec) -> bool:
@@ -103,40 +111,36 @@ def from_slots(slots: list[Any], params_treespec: optree.PyTreeSpec) -> Any:
 
 def rebuild_state(skeleton: Node, values: list[Any]) -> Any:
     """The state with skeleton ``skeleton`` and field values ``values`` (in field order)."""
-
-    def build(node: Node) -> Any:
-        if node.kind == "field":
-            return values[node.index]
-        if node.kind == "none":
-            return None
-        children = [build(child) for child in node.children]
-        if node.kind == "namedtuple":
-            return node.cls(*children)
-        return tuple(children) if node.kind == "tuple" else children
-
-    return build(skeleton)
+    if skeleton.kind == "field":
+        return values[skeleton.index]
+    if skeleton.kind == "none":
+        return None
+    children = [rebuild_state(child, values) for child in skeleton.children]
+    if skeleton.kind == "namedtuple":
+        return skeleton.cls(*children)
+    return tuple(children) if skeleton.kind == "tuple" else children
 
 
 def field_values(skeleton: Node, state: Any, num_fields: int) -> list[Any]:
     """The field values of ``state`` in field order (inverse of :func:`rebuild_state`); ``state`` must
     have the structure of ``skeleton`` (cheaper than :func:`split_state` when the skeleton is known)."""
     out: list[Any] = [None] * num_fields
-
-    def walk(node: Node, value: Any) -> None:
-        if node.kind == "field":
-            out[node.index] = value
-            return
-        if node.kind == "none":
-            if value is not None:
-                raise RuntimeError("the optimizer changed the layout of its state during a step")
-            return
-        if (node.kind == "namedtuple" and type(value) is not node.cls) or len(value) != len(node.children):
-            raise RuntimeError("the optimizer changed the layout of its state during a step")
-        for child, item in zip(node.children, value):
-            walk(child, item)
-
-    walk(skeleton, state)
+    _collect_fields(skeleton, state, out)
     return out
+
+
+def _collect_fields(node: Node, value: Any, out: list[Any]) -> None:
+    if node.kind == "field":
+        out[node.index] = value
+        return
+    if node.kind == "none":
+        if value is not None:
+            raise RuntimeError("the optimizer changed the layout of its state during a step")
+        return
+    if (node.kind == "namedtuple" and type(value) is not node.cls) or len(value) != len(node.children):
+        raise RuntimeError("the optimizer changed the layout of its state during a step")
+    for child, item in zip(node.children, value):
+        _collect_fields(child, item, out)
 
 
 def map_fields(state: Any, params_treespec: optree.PyTreeSpec, fn: Callable[[Field], Any]) -> Any:

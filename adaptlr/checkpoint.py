@@ -467,18 +467,19 @@ def _compare_hyperparameters(saved: list, given: list, path: Any, strict: bool) 
 
 def _flatten_parts(parts: list) -> dict[str, Any]:
     out: dict[str, Any] = {}
-
-    def walk(prefix: str, x: Any) -> None:
-        if isinstance(x, dict):
-            for k, y in x.items():
-                walk(f"{prefix}.{k}", y)
-        else:
-            out[prefix] = x
-
     for i, part in enumerate(parts):
         name = part.get("name", "?") if isinstance(part, dict) else "?"
-        walk(f"{name}[{i}]" if i else name, {k: y for k, y in part.items() if k != "name"})
+        _flatten_into(out, f"{name}[{i}]" if i else name, {k: y for k, y in part.items() if k != "name"})
     return out
+
+
+def _flatten_into(out: dict[str, Any], prefix: str, x: Any) -> None:
+    """``x``'s leaves into ``out`` under dotted names (a function, not a recursive closure: no cycle)."""
+    if isinstance(x, dict):
+        for k, y in x.items():
+            _flatten_into(out, f"{prefix}.{k}", y)
+    else:
+        out[prefix] = x
 
 
 def _param_shapes(fields: list, layout: Layout) -> list:

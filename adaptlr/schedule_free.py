@@ -96,9 +96,12 @@ class ScheduleFree(UpdateWrapper):
 
     name = "schedule_free"
     state_class = ScheduleFreeState
-    # Elementwise, with scalars that depend on α and t only: the same on flat buffers.
+    # Elementwise, with scalars that depend on α and t only: the same on flat buffers. Not blockwise
+    # (its 0-D state is per parameter), but it sums nothing over elements: the torch adapter's
+    # foreach step may run it over chunks of the elements (adaptlr.backends.fast.partitionable).
     flat_safe = True
     blockwise = False
+    sums = False
 
     def __init__(self, b1: float, warmup_steps: int, r: float, weight_lr_power: float) -> None:
         b1 = v.check_beta("b1", b1)

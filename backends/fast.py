@@ -38,7 +38,9 @@ import optree
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, apply_updates
 
-__all__ = ["FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "recommended_options"]
+__all__ = [
+    "FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "partitionable", "recommended_options",
+]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
 # Bytes of params up to which whole flat buffers pay off on CPU (temporaries below glibc's mmap threshold).
@@ -106,6 +108,24 @@ def flat_safety(opt: Optimizer) -> tuple[bool, bool, str]:
         flat, blockwise = flat and a_flat, blockwise and a_block
         reasons.append(reason)
     return flat, flat and blockwise, "; ".join(reasons)
+
+
+def partitionable(opt: Optimizer) -> bool:
+    """Whether ``opt``'s step on a list of tensors is the same on any partition of their elements,
+    run one part after the other with the old 0-D state values (the torch adapter's foreach chunks).
+
+    True for blockwise algorithms (:func:`flat_safety`) and for flat-safe ones whose only
+    non-blockwise parts declare ``sums = False``: elementwise, with 0-D state (one value per
+    parameter or per model) that depends on α and t only, never on a sum over elements
+    (Schedule-Free's averaging weights). False where anything sums over elements (AutoDrop, HD/EG
+    global, Mechanic, the learning-rate-free bases).
+    """
+    flat, blockwise, _ = flat_safety(opt)
+    if blockwise:
+        return True
+    if not flat or not getattr(opt.base, "blockwise", True):
+        return False
+    return all(_adaptation_safety(a)[1] or getattr(a, "sums", True) is False for a in opt.adaptations)
 
 
 def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
@@ -670,50 +690,50 @@ class FlatOptimizer:
         return self._split(self.state, self._buckets)
 
     def _split(self, state: Any, buckets: list) -> Any:
-        xp = self.xp
-        sizes = [b.size for b in buckets]
-        num = self._num
+        return _split_node(state, self.xp, buckets, len(self._buckets), self._num)
 
-        def convert(node: Any) -> Any:
-            if isinstance(node, list) and len(node) == len(buckets):
-                # A per-parameter field: one subtree per buffer, split into one per member.
-                out: list = [None] * num
-                for sub, bucket, size in zip(node, buckets, sizes):
-                    for i, offset, n, shape in bucket.members:
-                        out[i] = optree.tree_map(
-                            lambda arr, offset=offset, n=n, shape=shape, size=size: (
-                                xp.reshape(arr[offset:offset + n], shape)
-                                if arr.ndim == 1 and arr.shape[0] == size else arr
-                            ),
-                            sub,
-                        )
-                return out if len(buckets) == len(self._buckets) else [x for x in out if x is not None]
-            if isinstance(node, tuple):
-                items = [convert(x) for x in node]
-                return type(node)(*items) if hasattr(node, "_fields") else tuple(items)
-            return node
 
-        return convert(state)
+# Module-level recursive functions, not recursive closures: a closure that calls itself is a reference
+# cycle that keeps what it captured alive until Python's cyclic collector runs (adaptlr._state_tree).
+
+
+def _split_node(node: Any, xp: Any, buckets: list, num_buckets: int, num: int) -> Any:
+    if isinstance(node, list) and len(node) == len(buckets):
+        # A per-parameter field: one subtree per buffer, split into one per member.
+        out: list = [None] * num
+        for sub, bucket in zip(node, buckets):
+            for i, offset, n, shape in bucket.members:
+                out[i] = optree.tree_map(
+                    lambda arr, offset=offset, n=n, shape=shape, size=bucket.size: (
+                        xp.reshape(arr[offset:offset + n], shape)
+                        if arr.ndim == 1 and arr.shape[0] == size else arr
+                    ),
+                    sub,
+                )
+        return out if len(buckets) == num_buckets else [x for x in out if x is not None]
+    if isinstance(node, tuple):
+        items = [_split_node(x, xp, buckets, num_buckets, num) for x in node]
+        return type(node)(*items) if hasattr(node, "_fields") else tuple(items)
+    return node
 
 
 def _merge(per_bucket: list, buckets: list, num: int) -> Any:
     """Merge per-buffer states (each split into its members) into one state in the params' order."""
-    order = [i for b in buckets for i, *_ in b.members]
+    return _merge_nodes(per_bucket, [i for b in buckets for i, *_ in b.members], num)
 
-    def merge(nodes: list) -> Any:
-        first = nodes[0]
-        if isinstance(first, list):
-            flat = [x for node in nodes for x in node]
-            out: list = [None] * num
-            for i, x in zip(order, flat):
-                out[i] = x
-            return out
-        if isinstance(first, tuple):
-            items = [merge([n[k] for n in nodes]) for k in range(len(first))]
-            return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
-        return first
 
-    return merge(per_bucket)
+def _merge_nodes(nodes: list, order: list[int], num: int) -> Any:
+    first = nodes[0]
+    if isinstance(first, list):
+        flat = [x for node in nodes for x in node]
+        out: list = [None] * num
+        for i, x in zip(order, flat):
+            out[i] = x
+        return out
+    if isinstance(first, tuple):
+        items = [_merge_nodes([n[k] for n in nodes], order, num) for k in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+    return first
 
 
 def _write_state(dst: Any, src: Any, *, skip_scalars: bool = False, only_scalars: bool = False) -> None:

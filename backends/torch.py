@@ -113,6 +113,11 @@ class Optimizer(torch.optim.Optimizer):
               algorithm over the lists of parameters, gradients and state of a param group
               (:mod:`adaptlr.backends.foreach`; about 40 aten ops per AdamW step whatever the
               number of tensors, no copies, no extra buffers), for every flat-safe algorithm.
+              Algorithms without sums over elements
+              (:func:`~adaptlr.backends.fast.partitionable`) run it over chunks of
+              ``foreach_chunk_elements`` elements, parameters cut into views where larger, so a
+              step's temporaries are a chunk's, not the model's
+              (:mod:`adaptlr.backends.foreach_chunks`).
             - ``"flat"``: the flat buffers for every flat-safe algorithm.
             - ``"compile"``: the list path under ``torch.compile`` (Inductor fuses the per-tensor
               updates horizontally, without shared storage; the first step compiles, seconds to a
@@ -135,6 +140,10 @@ class Optimizer(torch.optim.Optimizer):
         fast_path: the path of the last eager step: ``"blocked"``, ``"flat"`` (flat buffers),
             ``"foreach"``, ``"compiled"`` (the compiled list path), ``"compiled-flat"`` or ``"list"``;
             None before the first step.
+        foreach_chunk_elements: the most elements per chunk of the ``"foreach"`` step of an
+            algorithm without sums over elements; None (default): the largest of the largest
+            parameter's numel / 8, 2^24 and the model's numel / 64
+            (:func:`adaptlr.backends.foreach_chunks.default_budget`). May be changed between steps.
     """
 
     def __init__(
@@ -168,6 +177,7 @@ class Optimizer(torch.optim.Optimizer):
             torch_groups.base_key(opt.base): core.Optimizer(torch_steps.PerParameterSteps(opt.base), opt.adaptations)}
         self._foreach_fields: dict[str, bool] | None = None  # per-parameter fields: per element or 0-D
         self._foreach_refused = False  # the algorithm used an operation ForeachArray does not have
+        self._foreach_chunk_elements: int | None = None
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
         self._eval_mode = False  # Schedule-Free: the model holds x (eval) instead of y (train)
         self._built = False
@@ -218,6 +228,18 @@ class Optimizer(torch.optim.Optimizer):
         self._list_signature = None
         if self._flat is not None:
             self._drop_flat(())
+
+    @property
+    def foreach_chunk_elements(self) -> int | None:
+        """The most elements per chunk of the ``"foreach"`` step of an algorithm without sums (None: the
+        default rule, :func:`adaptlr.backends.foreach_chunks.default_budget`)."""
+        return self._foreach_chunk_elements
+
+    @foreach_chunk_elements.setter
+    def foreach_chunk_elements(self, elements: int | None) -> None:
+        if elements is not None and (isinstance(elements, bool) or not isinstance(elements, int) or elements < 1):
+            raise ValueError(f"foreach_chunk_elements must be None or an int >= 1, got {elements!r}")
+        self._foreach_chunk_elements = elements
 
     # -- the step -----------------------------------------------------------------------------------
 
@@ -493,8 +515,6 @@ class Optimizer(torch.optim.Optimizer):
         """The step with ``torch._foreach_*`` ops over the lists of per-parameter tensors, one list per
         (param group, dtype, device) (:mod:`adaptlr.backends.foreach`); False where it does not apply
         (the caller takes another path; nothing has changed)."""
-        from adaptlr.backends import foreach
-
         keys = self._hyper_keys(groups)
         if any(k != keys[0] for k in keys) or any(s is not steps[0] for s in steps):
             return False
@@ -513,28 +533,77 @@ class Optimizer(torch.optim.Optimizer):
         per_element = self._per_element_fields(active)
         if per_element is None:
             return False
-        values = []
-        for path, per_param in self._field_kinds:
-            if not per_param:
-                values.append(self._global[path])
-            elif per_element[path]:
-                values.append([foreach.ForeachArray([entries[i][path] for i in rows]) for rows in members])
-            else:  # one 0-D value per parameter (its learning rate): one per list, as on a flat buffer
-                values.append([entries[rows[0]][path] for rows in members])
-        state = rebuild_state(self._skeleton, values)
-        params = [foreach.ForeachArray([active[i] for i in rows]) for rows in members]
-        grads = [foreach.ForeachArray([active[i].grad for i in rows]) for rows in members]
         t = self._global["count"] + 1 if self._schedule is not None else None
         alpha = [self._alpha(groups[rows[0]]["lr"], active[rows[0]].dtype, active[rows[0]].device, t)
                  for rows in members]
         decay = [float(groups[rows[0]]["weight_decay"]) for rows in members]
-        try:
-            updates, new_state = self._opt_for(keys, steps[0]).update_leaves(
-                foreach.namespace, ListLayout(len(members)), grads, state, params, alpha=alpha,
-                weight_decay=decay)
-        except NotImplementedError:
-            self._foreach_refused = True  # an operation with no list form: the list path from now on
-            return False
+        opt = self._opt_for(keys, steps[0])
+        old_global = dict(self._global)
+        old_rates = {path: [entries[rows[0]][path] for rows in members]  # 0-D per parameter: per list
+                     for path, per_param in self._field_kinds if per_param and not per_element[path]}
+        new_global: dict = {}
+        new_rates: list[tuple[int, str, Any]] = []
+        for n, chunk in enumerate(self._foreach_plan(active, members, entries, per_element)):
+            try:
+                self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
+                                    new_global, new_rates)
+            except NotImplementedError:
+                if n:  # cannot happen: every chunk runs the same operations as the first
+                    raise
+                self._foreach_refused = True  # an operation with no list form: the list path from now on
+                return False
+        self._global.update(new_global)
+        for i, path, value in new_rates:
+            entries[i][path] = value
+        self._flat_stale = True
+        return True
+
+    def _foreach_plan(self, active: list, members: list[list[int]], entries: list[dict],
+                      per_element: dict[str, bool]) -> list:
+        """The chunks of the foreach step (:mod:`adaptlr.backends.foreach_chunks`): the whole lists
+        for algorithms with sums over elements, else chunks of ``foreach_chunk_elements``."""
+        from adaptlr.backends import foreach_chunks
+        from adaptlr.backends.fast import partitionable
+
+        whole = [[(k, [(i, None) for i in rows]) for k, rows in enumerate(members)]]
+        if not partitionable(self.opt):
+            return whole
+        numels = [p.numel() for p in active]
+        budget = self._foreach_chunk_elements or foreach_chunks.default_budget(numels)
+        if budget >= sum(numels):
+            return whole
+        fields = [path for path, per_param in self._field_kinds if per_param and per_element[path]]
+        splittable = [p.is_contiguous() and p.grad.is_contiguous()
+                      and all(entries[i][f].is_contiguous() and entries[i][f].shape == p.shape for f in fields)
+                      for i, p in enumerate(active)]
+        return foreach_chunks.plan(members, numels, splittable, budget)
+
+    def _foreach_chunk(self, opt: core.Optimizer, active: list, entries: list[dict], chunk: list,
+                       per_element: dict[str, bool], old_global: dict, old_rates: dict, alpha: list, decay: list,
+                       new_global: dict, new_rates: list) -> None:
+        """One chunk of the foreach step: its per-element state written and its parameters updated in
+        place; the new global and per-parameter 0-D values collected into ``new_global`` /
+        ``new_rates`` (assigned after the last chunk: every chunk reads the old ones)."""
+        from adaptlr.backends import foreach
+
+        def piece(t: torch.Tensor, where: slice | None) -> torch.Tensor:
+            return t if where is None else t.view(-1)[where]
+
+        values = []
+        for path, per_param in self._field_kinds:
+            if not per_param:
+                values.append(old_global[path])
+            elif per_element[path]:
+                values.append([foreach.ForeachArray([piece(entries[i][path], w) for i, w in pieces])
+                               for _, pieces in chunk])
+            else:  # one 0-D value per parameter (its learning rate): one per list, as on a flat buffer
+                values.append([old_rates[path][k] for k, _ in chunk])
+        state = rebuild_state(self._skeleton, values)
+        params = [foreach.ForeachArray([piece(active[i], w) for i, w in pieces]) for _, pieces in chunk]
+        grads = [foreach.ForeachArray([piece(active[i].grad, w) for i, w in pieces]) for _, pieces in chunk]
+        updates, new_state = opt.update_leaves(
+            foreach.namespace, ListLayout(len(chunk)), grads, state, params,
+            alpha=[alpha[k] for k, _ in chunk], weight_decay=[decay[k] for k, _ in chunk])
         old_values, new_values = values, self._values(new_state)
         # a new value that is an old tensor of another field is read before that field is written
         owner = {}
@@ -545,14 +614,14 @@ class Optimizer(torch.optim.Optimizer):
                         owner[id(x)] = k
         for k, ((path, per_param), old, new) in enumerate(zip(self._field_kinds, old_values, new_values)):
             if not per_param:
-                self._global[path] = new
+                new_global[path] = new
                 continue
-            for rows, old_slot, new_slot in zip(members, old, new):
+            for (_, pieces), old_slot, new_slot in zip(chunk, old, new):
                 if isinstance(old_slot, foreach.ForeachArray):
                     if not isinstance(new_slot, foreach.ForeachArray):
-                        new_slot = foreach.ForeachArray([new_slot] * len(rows))  # a broadcast 0-D value
+                        new_slot = foreach.ForeachArray([new_slot] * len(pieces))  # a broadcast 0-D value
                     dst, src = [], []
-                    for i, d, s in zip(rows, old_slot.tensors, new_slot.tensors):
+                    for (i, _), d, s in zip(pieces, old_slot.tensors, new_slot.tensors):
                         if d.ndim == 0:  # a 0-D parameter's state is replaced, as on the list path
                             entries[i][path] = s
                         elif d is not s:
@@ -561,12 +630,9 @@ class Optimizer(torch.optim.Optimizer):
                     if dst:
                         torch._foreach_copy_(dst, src)
                 else:
-                    for i in rows:
-                        entries[i][path] = new_slot
-        for rows, u in zip(members, updates):
-            torch._foreach_add_([active[i] for i in rows], u.tensors)
-        self._flat_stale = True
-        return True
+                    new_rates.extend((i, path, new_slot) for i, _ in pieces)
+        for (_, pieces), u in zip(chunk, updates):
+            torch._foreach_add_([piece(active[i], w) for i, w in pieces], u.tensors)
 
     def _per_element_fields(self, active: list) -> dict[str, bool] | None:
         """Per-parameter field path -> whether it holds one value per element (``base.mu``) rather
