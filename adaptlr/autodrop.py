@@ -214,6 +214,9 @@ class AutoDrop(Adaptation):
 
     name = "autodrop"
     state_class = AutoDropState
+    # sums through ctx.reduce.total, none depending on another: replayable over chunks
+    # (adaptlr.backends.fast.sums_replayable)
+    replayable_sums = True
 
     def __init__(self, steps_per_epoch: int, options: DetectorOptions, theta: float, min_lr: float | None,
                  average: bool, scale_weight_decay: bool) -> None:

@@ -125,6 +125,9 @@ class DAdaptAdamDirection(_DAdaptDirection):
     """D-Adapt Adam's base (build it with :func:`dadapt_adam`)."""
 
     state_class = DAdaptAdamState
+    # sums through ctx.reduce.total, none depending on another: replayable over chunks
+    # (adaptlr.backends.fast.sums_replayable)
+    replayable_sums = True
 
     def __init__(self, learning_rate: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
                  decouple: bool, use_bias_correction: bool, d0: float, growth_rate: float) -> None:

@@ -107,6 +107,9 @@ class DoGDirection(BaseDirection):
 
     state_class = DoGState
     decoupled = False
+    # sums through ctx.reduce.total, none depending on another: replayable over chunks
+    # (adaptlr.backends.fast.sums_replayable)
+    replayable_sums = True
 
     def __init__(self, learning_rate: float | Schedule, reps_rel: float, eps: float, weight_decay: float,
                  init_eta: float | None, layerwise: bool) -> None:
@@ -185,6 +188,9 @@ class DoWGDirection(BaseDirection):
     state_class = DoWGState
     decoupled = False
     flat_safe, blockwise = True, False  # global sums: the same on one flat buffer, not on blocks
+    # sums through ctx.reduce.total, none depending on another: replayable over chunks
+    # (adaptlr.backends.fast.sums_replayable)
+    replayable_sums = True
 
     def __init__(self, learning_rate: float | Schedule, init_estim_sq_dist: float | None, eps: float,
                  weight_decay: float) -> None:

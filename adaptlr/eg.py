@@ -79,6 +79,9 @@ class EGStepSize(Adaptation):
 
     name = "eg"
     state_class = EGState
+    # sums through ctx.reduce.total, none depending on another: replayable over chunks
+    # (adaptlr.backends.fast.sums_replayable)
+    replayable_sums = True
 
     def __init__(
         self,

@@ -77,6 +77,9 @@ class Hypergradient(Adaptation):
 
     name = "hd"
     state_class = HypergradientState
+    # sums through ctx.reduce.total, none depending on another: replayable over chunks
+    # (adaptlr.backends.fast.sums_replayable)
+    replayable_sums = True
 
     def __init__(
         self, hyper_lr: float, mode: str, granularity: str, min_lr: float | None, max_lr: float | None

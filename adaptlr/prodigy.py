@@ -109,6 +109,9 @@ class ProdigyDirection(BaseDirection):
         # Every sum is over the whole model, so the step is the same on one flat buffer (not on blocks);
         # the strided slices of a flat buffer are not those of each tensor.
         self.flat_safe, self.blockwise = self.slice_p == 1, False
+        # sums through ctx.reduce.total, none depending on another: replayable over chunks
+        # (adaptlr.backends.fast.sums_replayable)
+        self.replayable_sums = True
 
     def _sliced(self, xp: Any, x: Any) -> Any:
         """Every ``slice_p``-th element of ``x`` flattened (``x`` itself for ``slice_p = 1`` and for a

@@ -40,6 +40,7 @@ from adaptlr.core import Optimizer, OptimizerState, apply_updates
 
 __all__ = [
     "FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "partitionable", "recommended_options",
+    "sums_replayable",
 ]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
@@ -126,6 +127,25 @@ def partitionable(opt: Optimizer) -> bool:
     if not flat or not getattr(opt.base, "blockwise", True):
         return False
     return all(_adaptation_safety(a)[1] or getattr(a, "sums", True) is False for a in opt.adaptations)
+
+
+def sums_replayable(opt: Optimizer) -> bool:
+    """Whether ``opt``'s sums over elements may be made in a first pass over parts of the elements and
+    replayed, completed, in a second (the torch adapter's two-pass foreach chunks).
+
+    True for flat-safe algorithms whose every part is partitionable (:func:`partitionable`) or
+    declares ``replayable_sums = True``: each of its sums over elements goes through
+    ``ctx.reduce.total`` and no sum's terms depend on another sum of the same step (Prodigy,
+    D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global). Not D-Adapt SGD (its first step's
+    ``‖g_1‖`` scales the terms of ``Σ s²``) nor Mechanic (its decay term uses two norms).
+    """
+    flat, _, _ = flat_safety(opt)
+    if not flat:
+        return False
+    if not (getattr(opt.base, "blockwise", True) or getattr(opt.base, "replayable_sums", False)):
+        return False
+    return all(_adaptation_safety(a)[1] or getattr(a, "sums", True) is False or getattr(a, "replayable_sums", False)
+               for a in opt.adaptations)
 
 
 def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:

@@ -13,12 +13,27 @@ chunks of at most ``budget`` elements, one after the other, each reading the old
 writes each chunk's results before the next: the temporaries are one chunk's. A parameter larger
 than the budget is cut into pieces, views of its own storage (``t.view(-1)[a:b]``, contiguous
 tensors only), so nothing is copied. Algorithms with sums over elements (AutoDrop, HD/EG global,
-Mechanic, the learning-rate-free bases) need the whole model in one update and keep one chunk.
+Mechanic, the learning-rate-free bases) cannot run a chunk on its own.
+
+Algorithms whose sums are *replayable* (:func:`~adaptlr.backends.fast.sums_replayable`: every sum
+over elements goes through ``ctx.reduce.total``, and no sum's terms depend on another sum of the
+same step: Prodigy, D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global) run in two passes over the
+chunks: the first runs each chunk's step with a :class:`Recorder` that keeps its partial sums and
+writes nothing; the second runs each chunk again with a :class:`Replayer` that answers every sum
+with the whole model's (the partials added up), and writes. That doubles the step's arithmetic, so
+by default it is used only on models above :data:`TWO_PASS_MIN` elements, where the temporaries of
+one update over the whole lists (about six model-sized lists) are what a GPU lacks.
 """
 
 from __future__ import annotations
 
-__all__ = ["LIVE_CHUNKS", "MAX_CHUNKS", "MIN_CHUNK", "Piece", "default_budget", "plan"]
+from collections.abc import Iterable
+from typing import Any
+
+from adaptlr._reduce import Reducer
+
+__all__ = ["LIVE_CHUNKS", "MAX_CHUNKS", "MIN_CHUNK", "TWO_PASS_MIN", "Piece", "Recorder", "Replayer",
+           "default_budget", "plan", "whole_sums"]
 
 Piece = tuple[int, slice | None]  # a parameter's index and its elements (None: the whole tensor)
 
@@ -30,6 +45,9 @@ Piece = tuple[int, slice | None]  # a parameter's index and its elements (None: 
 MIN_CHUNK = 1 << 24
 MAX_CHUNKS = 64
 LIVE_CHUNKS = 8
+# Models above this many elements (1 GiB of float32) run algorithms with replayable sums in chunks
+# by default (two passes: twice the arithmetic, a chunk's temporaries instead of the model's).
+TWO_PASS_MIN = 1 << 28
 
 
 def default_budget(numels: list[int]) -> int:
@@ -80,3 +98,53 @@ def plan(kinds: list[list[int]], numels: list[int], splittable: list[bool],
     if current:
         chunks.append(current)
     return chunks
+
+
+class Recorder(Reducer):
+    """The first pass over a chunk: each ``total`` is this chunk's partial sum, kept in ``partials``."""
+
+    __slots__ = ("partials",)
+
+    def __init__(self, xp: Any) -> None:
+        super().__init__(xp)
+        self.partials: list = []
+
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        part = super().total(terms, dtype)
+        self.partials.append(part)
+        return part
+
+    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
+        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in chunks")
+
+
+class Replayer(Reducer):
+    """The second pass over a chunk: the ``k``-th ``total`` is the whole model's ``k``-th sum (its terms
+    are not summed again)."""
+
+    __slots__ = ("sums", "used")
+
+    def __init__(self, xp: Any, sums: list) -> None:
+        super().__init__(xp)
+        self.sums = sums
+        self.used = 0
+
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        if self.used >= len(self.sums):
+            raise RuntimeError("a chunk's second pass asked for more sums than its first pass made")
+        self.used += 1
+        return self.sums[self.used - 1]
+
+    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
+        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in chunks")
+
+
+def whole_sums(partials: list[list]) -> list:
+    """The whole model's sums from each chunk's partial sums (one list per chunk, in call order)."""
+    if any(len(p) != len(partials[0]) for p in partials):
+        raise RuntimeError("the chunks of one step made different numbers of sums; this algorithm cannot run in "
+                           "chunks")
+    sums = list(partials[0])
+    for chunk in partials[1:]:
+        sums = [a + b for a, b in zip(sums, chunk)]
+    return sums

@@ -515,6 +515,8 @@ class Optimizer(torch.optim.Optimizer):
         """The step with ``torch._foreach_*`` ops over the lists of per-parameter tensors, one list per
         (param group, dtype, device) (:mod:`adaptlr.backends.foreach`); False where it does not apply
         (the caller takes another path; nothing has changed)."""
+        from adaptlr.backends import foreach, foreach_chunks
+
         keys = self._hyper_keys(groups)
         if any(k != keys[0] for k in keys) or any(s is not steps[0] for s in steps):
             return False
@@ -543,15 +545,38 @@ class Optimizer(torch.optim.Optimizer):
                      for path, per_param in self._field_kinds if per_param and not per_element[path]}
         new_global: dict = {}
         new_rates: list[tuple[int, str, Any]] = []
-        for n, chunk in enumerate(self._foreach_plan(active, members, entries, per_element)):
+        lrs = [groups[rows[0]]["lr"] for rows in members]
+        one_rate = all(lr is lrs[0] or (not isinstance(lr, torch.Tensor) and not isinstance(lrs[0], torch.Tensor)
+                       and float(lr) == float(lrs[0])) for lr in lrs)
+        chunks, two_pass = self._foreach_plan(active, members, entries, per_element, one_rate)
+        sums = None
+        if two_pass:  # first pass: each chunk's partial sums, nothing written
+            partials = []
+            for n, chunk in enumerate(chunks):
+                recorder = foreach_chunks.Recorder(foreach.namespace)
+                try:
+                    self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
+                                        recorder)
+                except NotImplementedError:
+                    if n:  # cannot happen: every chunk runs the same operations as the first
+                        raise
+                    self._foreach_refused = True  # an operation with no list form: the list path from now on
+                    return False
+                partials.append(recorder.partials)
+            sums = foreach_chunks.whole_sums(partials)
+        for n, chunk in enumerate(chunks):
+            replayer = None if sums is None else foreach_chunks.Replayer(foreach.namespace, sums)
             try:
                 self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
-                                    new_global, new_rates)
+                                    replayer, new_global, new_rates)
             except NotImplementedError:
-                if n:  # cannot happen: every chunk runs the same operations as the first
+                if n or two_pass:  # cannot happen: every chunk runs the same operations as the first
                     raise
                 self._foreach_refused = True  # an operation with no list form: the list path from now on
                 return False
+            if replayer is not None and replayer.used != len(sums):
+                raise RuntimeError("a chunk's second pass made fewer sums than its first; this algorithm cannot run "
+                                   "in chunks")
         self._global.update(new_global)
         for i, path, value in new_rates:
             entries[i][path] = value
@@ -559,31 +584,41 @@ class Optimizer(torch.optim.Optimizer):
         return True
 
     def _foreach_plan(self, active: list, members: list[list[int]], entries: list[dict],
-                      per_element: dict[str, bool]) -> list:
-        """The chunks of the foreach step (:mod:`adaptlr.backends.foreach_chunks`): the whole lists
-        for algorithms with sums over elements, else chunks of ``foreach_chunk_elements``."""
+                      per_element: dict[str, bool], one_rate: bool) -> tuple[list, bool]:
+        """The chunks of the foreach step (:mod:`adaptlr.backends.foreach_chunks`) and whether they
+        take two passes: chunks of ``foreach_chunk_elements`` for algorithms without sums over
+        elements; for those with replayable sums, chunks in two passes where a chunk size is set or
+        the model is larger than ``TWO_PASS_MIN``, if every group has the same ``lr`` (``one_rate``:
+        the learning-rate-free bases weight their sums by the largest α of the step's leaves,
+        which a chunk would take over its own); else the whole lists."""
         from adaptlr.backends import foreach_chunks
-        from adaptlr.backends.fast import partitionable
+        from adaptlr.backends.fast import partitionable, sums_replayable
 
-        whole = [[(k, [(i, None) for i in rows]) for k, rows in enumerate(members)]]
-        if not partitionable(self.opt):
-            return whole
+        whole = [[(k, [(i, None) for i in rows]) for k, rows in enumerate(members)]], False
         numels = [p.numel() for p in active]
         budget = self._foreach_chunk_elements or foreach_chunks.default_budget(numels)
         if budget >= sum(numels):
+            return whole
+        if partitionable(self.opt):
+            two_pass = False
+        elif one_rate and sums_replayable(self.opt) and (self._foreach_chunk_elements is not None
+                                                         or sum(numels) > foreach_chunks.TWO_PASS_MIN):
+            two_pass = True
+        else:
             return whole
         fields = [path for path, per_param in self._field_kinds if per_param and per_element[path]]
         splittable = [p.is_contiguous() and p.grad.is_contiguous()
                       and all(entries[i][f].is_contiguous() and entries[i][f].shape == p.shape for f in fields)
                       for i, p in enumerate(active)]
-        return foreach_chunks.plan(members, numels, splittable, budget)
+        return foreach_chunks.plan(members, numels, splittable, budget), two_pass
 
     def _foreach_chunk(self, opt: core.Optimizer, active: list, entries: list[dict], chunk: list,
                        per_element: dict[str, bool], old_global: dict, old_rates: dict, alpha: list, decay: list,
-                       new_global: dict, new_rates: list) -> None:
+                       reducer: Any = None, new_global: dict | None = None, new_rates: list | None = None) -> None:
         """One chunk of the foreach step: its per-element state written and its parameters updated in
         place; the new global and per-parameter 0-D values collected into ``new_global`` /
-        ``new_rates`` (assigned after the last chunk: every chunk reads the old ones)."""
+        ``new_rates`` (assigned after the last chunk: every chunk reads the old ones). With
+        ``new_global=None`` only the update runs (the first pass, ``reducer`` recording its sums)."""
         from adaptlr.backends import foreach
 
         def piece(t: torch.Tensor, where: slice | None) -> torch.Tensor:
@@ -603,7 +638,9 @@ class Optimizer(torch.optim.Optimizer):
         grads = [foreach.ForeachArray([piece(active[i].grad, w) for i, w in pieces]) for _, pieces in chunk]
         updates, new_state = opt.update_leaves(
             foreach.namespace, ListLayout(len(chunk)), grads, state, params,
-            alpha=[alpha[k] for k, _ in chunk], weight_decay=[decay[k] for k, _ in chunk])
+            alpha=[alpha[k] for k, _ in chunk], weight_decay=[decay[k] for k, _ in chunk], reducer=reducer)
+        if new_global is None or new_rates is None:
+            return
         old_values, new_values = values, self._values(new_state)
         # a new value that is an old tensor of another field is read before that field is written
         owner = {}

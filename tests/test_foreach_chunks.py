@@ -17,19 +17,31 @@ from adaptlr.backends import foreach_chunks  # noqa: E402
 from adaptlr.backends.bench import _torch_memory  # noqa: E402
 from adaptlr.backends.torch import Optimizer  # noqa: E402
 
-# (name, factory, runs in chunks: no sum over elements)
+# (name, factory, how the chunks run: "one pass" (no sum over elements), "two passes" (replayable
+# sums), "whole lists")
 ALGORITHMS = [
-    ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), True),
-    ("sgd-nesterov", lambda: adaptlr.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), True),
-    ("active(adamw)", lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2, increase=0.5), True),
+    ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), "one pass"),
+    ("sgd-nesterov", lambda: adaptlr.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), "one pass"),
+    ("active(adamw)", lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2, increase=0.5), "one pass"),
     ("hd-element(sgd)", lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-3, granularity="element"),
-     True),
-    ("schedule_free_adamw", lambda: adaptlr.schedule_free_adamw(1e-2, warmup_steps=3, weight_decay=0.1), True),
+     "one pass"),
+    ("schedule_free_adamw", lambda: adaptlr.schedule_free_adamw(1e-2, warmup_steps=3, weight_decay=0.1), "one pass"),
     ("schedule_free(active(adamw))",
-     lambda: adaptlr.schedule_free(adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2)), True),
-    ("autodrop(sgdm)", lambda: adaptlr.autodrop(adaptlr.sgd(0.05, momentum=0.9), steps_per_epoch=2), False),
-    ("mechanic(adamw)", lambda: adaptlr.mechanic(adaptlr.adamw(1e-2)), False),
-    ("prodigy", lambda: adaptlr.prodigy(), False),
+     lambda: adaptlr.schedule_free(adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2)), "one pass"),
+    ("autodrop(sgdm)", lambda: adaptlr.autodrop(adaptlr.sgd(0.05, momentum=0.9), steps_per_epoch=2, theta=30.0,
+                                                theta_max=90.0, patience_epochs=1), "two passes"),
+    ("hd-global(adam)", lambda: adaptlr.hypergradient(adaptlr.adam(1e-2), hyper_lr=1e-3), "two passes"),
+    ("hd-global-multiplicative(sgd)",
+     lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-2, mode="multiplicative"), "two passes"),
+    ("eg-global(sgdm)", lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05, momentum=0.9), scale_lr=0.1, gain_lr=0.1),
+     "two passes"),
+    ("prodigy", lambda: adaptlr.prodigy(weight_decay=0.1, use_bias_correction=True), "two passes"),
+    ("dadapt_adam", lambda: adaptlr.dadapt_adam(weight_decay=0.1), "two passes"),
+    ("dog", lambda: adaptlr.dog(weight_decay=0.1), "two passes"),
+    ("dowg", lambda: adaptlr.dowg(), "two passes"),
+    ("dadapt_sgd", lambda: adaptlr.dadapt_sgd(), "whole lists"),  # Σ s² depends on this step's ‖g_1‖
+    ("mechanic(adamw)", lambda: adaptlr.mechanic(adaptlr.adamw(1e-2)), "whole lists"),  # decay uses two norms
+    ("skip_nonfinite(adamw)", lambda: adaptlr.skip_nonfinite(adaptlr.adamw(1e-2)), "whole lists"),
 ]
 
 
@@ -44,10 +56,10 @@ def _params() -> list:
     return params
 
 
-def _run(make, fast, chunk, steps=7):
+def _run(make, fast, chunk, steps=7, second_lr=0.02):
     params = _params()
-    opt = Optimizer([{"params": params[:2]}, {"params": params[2:], "lr": 0.02, "weight_decay": 0.3}], make(),
-                    fast=fast)
+    second = {"params": params[2:], "weight_decay": 0.3} | ({"lr": second_lr} if second_lr is not None else {})
+    opt = Optimizer([{"params": params[:2]}, second], make(), fast=fast)
     opt.foreach_chunk_elements = chunk
     g = torch.Generator().manual_seed(4)
     for _ in range(steps):
@@ -59,23 +71,45 @@ def _run(make, fast, chunk, steps=7):
     return params, opt
 
 
-@pytest.mark.parametrize("name,make,chunked", ALGORITHMS, ids=[a[0] for a in ALGORITHMS])
+@pytest.mark.parametrize("name,make,mode", ALGORITHMS, ids=[a[0] for a in ALGORITHMS])
 @pytest.mark.parametrize("chunk", [1, 4, 9, 40])
-def test_chunked_foreach_step_equals_the_list_path(name, make, chunked, chunk, monkeypatch):
-    chunks_seen = []
+def test_chunked_foreach_step_equals_the_list_path(name, make, mode, chunk, monkeypatch):
+    plans = []
     plan = foreach_chunks.plan
-    monkeypatch.setattr(foreach_chunks, "plan", lambda *a: chunks_seen.append(plan(*a)) or chunks_seen[-1])
-    expected, _ = _run(make, False, None)
-    got, opt = _run(make, "foreach", chunk)
+    monkeypatch.setattr(foreach_chunks, "plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+    replayed = []
+    replayer = foreach_chunks.Replayer
+    monkeypatch.setattr(foreach_chunks, "Replayer", lambda *a: replayed.append(1) or replayer(*a))
+    # two passes need one lr in every group (the learning-rate-free bases weight their sums by the
+    # largest α of the leaves): the second group keeps the default lr there
+    second_lr = None if mode == "two passes" else 0.02
+    expected, _ = _run(make, False, None, second_lr=second_lr)
+    got, opt = _run(make, "foreach", chunk, second_lr=second_lr)
     assert opt.fast_path == "foreach"
-    for p, q in zip(got, expected):
-        assert torch.equal(p.detach(), q.detach())
-    if chunked:
-        assert chunks_seen and all(len(c) > 1 for c in chunks_seen)  # it ran in chunks
+    if mode == "one pass":  # the same operations on the same elements: bit for bit
+        for p, q in zip(got, expected):
+            assert torch.equal(p.detach(), q.detach())
+    else:  # two passes add the sums chunk by chunk: the rounding of a float64 sum's association
+        assert max(float(((p - q).abs() / q.abs().clamp_min(1e-300)).max()) for p, q in zip(got, expected)) <= 1e-12
+    if mode == "whole lists":
+        assert not plans
     else:
-        assert not chunks_seen  # global sums: the whole lists in one update
+        assert plans and all(len(c) > 1 for c in plans)  # it ran in chunks
+        assert bool(replayed) == (mode == "two passes")
     for p in got:
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size()  # each keeps its own storage
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam", "hd-global(adam)"])
+def test_replayable_sums_take_the_whole_lists_when_groups_have_different_learning_rates(name, monkeypatch):
+    make = next(m for n, m, _ in ALGORITHMS if n == name)
+    plans = []
+    plan = foreach_chunks.plan
+    monkeypatch.setattr(foreach_chunks, "plan", lambda *a: plans.append(plan(*a)) or plans[-1])
+    expected, _ = _run(make, False, None)
+    got, opt = _run(make, "foreach", 9)
+    assert opt.fast_path == "foreach" and not plans
+    assert max(float(((p - q).abs() / q.abs().clamp_min(1e-300)).max()) for p, q in zip(got, expected)) <= 1e-12
 
 
 def test_plan_covers_every_element_once_in_chunks_of_the_budget():
@@ -111,9 +145,12 @@ def test_default_budget_bounds_temporaries_by_the_largest_tensor_and_the_chunks_
     assert foreach_chunks.default_budget(huge) == 128 * mib  # the largest tensor's eighth
 
 
-@pytest.mark.parametrize("name,make,live", [("adamw", lambda: adaptlr.adamw(1e-3, weight_decay=0.01), 6),
-                                            ("active(adamw)", lambda: adaptlr.active(adaptlr.adamw(1e-3),
-                                                                                     steps_per_epoch=50), 8)])
+@pytest.mark.parametrize("name,make,live", [
+    ("adamw", lambda: adaptlr.adamw(1e-3, weight_decay=0.01), 6),
+    ("active(adamw)", lambda: adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=50), 8),
+    ("prodigy (two passes)", lambda: adaptlr.prodigy(), 7),
+    ("eg(adamw) (two passes)", lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3), scale_lr=0.1, gain_lr=0.1), 12),
+])
 def test_a_chunked_step_holds_temporaries_of_a_chunk_not_of_the_model(name, make, live):
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(256, 128), (300,), (64, 64, 3), (500,)]]

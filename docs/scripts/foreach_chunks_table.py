@@ -1,8 +1,9 @@
 """The torch adapter's ``"foreach"`` step over chunks: peak memory, aten ops and time per chunk size.
 
-    python docs/scripts/foreach_chunks_table.py [ROUNDS]      # ≈ 1 min on 2 cores with ROUNDS = 9
+    python docs/scripts/foreach_chunks_table.py [ROUNDS]      # ≈ 45 s on 2 cores with ROUNDS = 9
 
-ResNet-18 shapes (float32, fixed random gradients), AdamW and ActiveLR(AdamW) through
+ResNet-18 shapes (float32, fixed random gradients), AdamW, ActiveLR(AdamW) and Prodigy (whose sums
+take two passes over the chunks) through
 ``adaptlr.backends.torch.Optimizer(fast="foreach")`` with ``foreach_chunk_elements`` set to each
 size in turn. Peak extra memory of one step and the aten ops it dispatches come from
 ``adaptlr bench``'s counters; times are medians over interleaved rounds (every configuration once
@@ -27,6 +28,7 @@ from adaptlr.backends.torch import Optimizer
 FACTORIES = {
     "AdamW": lambda: adaptlr.adamw(1e-3, weight_decay=0.01),
     "ActiveLR(AdamW)": lambda: adaptlr.active(adaptlr.adamw(1e-3, weight_decay=0.01), steps_per_epoch=1000),
+    "Prodigy (two passes)": lambda: adaptlr.prodigy(weight_decay=0.01),
 }
 
 
