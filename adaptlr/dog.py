@@ -127,6 +127,7 @@ class DoGDirection(BaseDirection):
         self.layerwise = bool(layerwise)
         self.name = "ldog" if self.layerwise else "dog"
         self.flat_safe, self.blockwise = not self.layerwise, False  # global sums: one flat buffer, not blocks
+        self.sums_within_tensors = self.layerwise  # LDoG: every sum within a tensor (fast.tensorwise)
 
     def init(self, params: list, layout: Layout, xp: Any) -> DoGState:
         x0 = layout.tree([xp.asarray(p, copy=True) for p in params])

@@ -6,9 +6,11 @@ interleaved rounds (one step of each runner per round, in a shuffled order), so 
 on a shared machine hit all runners alike; the median step time is reported.
 
 Paths: ``pure`` (``opt.update`` per tensor plus ``apply_updates``); ``adapter``,
-``adapter-foreach``, ``adapter-list``, ``adapter-compiled`` and ``adapter-compiled-flat`` (torch:
-``adaptlr.backends.torch.Optimizer`` with its default ``fast="auto"``, with ``fast="foreach"``
-(what ``"auto"`` takes on a GPU), ``fast=False``, ``fast="compile"`` and ``fast="compile-flat"``;
+``adapter-foreach``, ``adapter-foreach-chunks``, ``adapter-list``, ``adapter-compiled`` and
+``adapter-compiled-flat`` (torch: ``adaptlr.backends.torch.Optimizer`` with its default
+``fast="auto"``, with ``fast="foreach"`` (what ``"auto"`` takes on a GPU), the same over chunks of
+the largest tensor's eighth (``foreach_chunk_elements``; two passes for algorithms with sums),
+``fast=False``, ``fast="compile"`` and ``fast="compile-flat"``;
 the compiled ones for the algorithms named by ``--compile``); ``flat`` / ``blocked`` / ``compiled``
 (:class:`adaptlr.backends.fast.FlatOptimizer`); ``jit`` / ``jit-donate`` (JAX,
 :func:`adaptlr.backends.fast.jit_step`). Native: ``torch.optim.AdamW`` (``foreach=True``,
@@ -355,7 +357,8 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
     import array_api_compat.torch as xtorch
     import torch
 
-    from adaptlr.backends.fast import FlatOptimizer, flat_safety
+    from adaptlr.backends import foreach_chunks
+    from adaptlr.backends.fast import FlatOptimizer, flat_safety, partitionable, sums_replayable
 
     host_params, host_grads = _host_data(shapes)
     grads = [torch.asarray(g, device=device) for g in host_grads]
@@ -409,6 +412,19 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                     adapter = TorchAdapter(tparams, opt, fast=fast)
                     adapter.step()
                     runners.append(runner(name, path, "adaptlr", adapter.step, adapter.fast_path))
+                if flat and (partitionable(opt) or sums_replayable(opt)):
+                    # the foreach step over chunks of the largest tensor's eighth (at least 2^16
+                    # elements): what a model too large for one update over its lists gets
+                    chunk = max(-(-max(int(np.prod(s)) for s in shapes) // foreach_chunks.LIVE_CHUNKS), 1 << 16)
+                    tparams = params_copy(True)
+                    for p, g in zip(tparams, grads):
+                        p.grad = g.clone()
+                    adapter = TorchAdapter(tparams, opt, fast="foreach")
+                    adapter.foreach_chunk_elements = chunk
+                    adapter.step()
+                    passes = "one pass" if partitionable(opt) else "two passes"
+                    runners.append(runner(name, "adapter-foreach-chunks", "adaptlr", adapter.step,
+                                          f"{adapter.fast_path}, chunks of {chunk} elements, {passes}"))
                 compiled = [("adapter-compiled", "compile"), ("adapter-compiled-flat", "compile-flat")]
                 if len(shapes) > 100:  # the 500-tensor list step compiled in 381 s (docs/bench.md)
                     compiled = compiled[1:]

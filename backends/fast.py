@@ -40,7 +40,7 @@ from adaptlr.core import Optimizer, OptimizerState, apply_updates
 
 __all__ = [
     "FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "partitionable", "recommended_options",
-    "sums_replayable",
+    "sums_replayable", "tensorwise",
 ]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
@@ -146,6 +146,36 @@ def sums_replayable(opt: Optimizer) -> bool:
         return False
     return all(_adaptation_safety(a)[1] or getattr(a, "sums", True) is False or getattr(a, "replayable_sums", False)
                for a in opt.adaptations)
+
+
+def tensorwise(opt: Optimizer) -> bool:
+    """Whether ``opt``'s step on a list of tensors is the same run on sublists of whole tensors, one
+    after the other with the old 0-D global values: nothing sums across tensors (the torch adapter's
+    list path then updates a few tensors at a time).
+
+    True for :func:`partitionable` algorithms and for those whose sums stay within a tensor: DSA,
+    HD ``granularity="tensor"``, EG ``scale="tensor"``, LDoG (``sums_within_tensors = True``).
+    """
+    if partitionable(opt):
+        return True
+    return _within_tensors(opt.base) and all(
+        _adaptation_safety(a)[1] or getattr(a, "sums", True) is False or _within_tensors(a) for a in opt.adaptations)
+
+
+def _within_tensors(component: Any) -> bool:
+    declared = getattr(component, "sums_within_tensors", None)
+    if declared is not None:
+        return bool(declared)
+    if type(component).__module__ in _BASE_MODULES:  # the elementwise bases
+        return getattr(component, "blockwise", True)
+    name = getattr(component, "name", "")
+    if name == "dsa":
+        return True
+    if name in ("hypergradient", "hd"):
+        return getattr(component, "granularity", None) in ("tensor", "element")
+    if name in ("eg", "eg_step_size"):
+        return getattr(component, "scale", None) == "tensor"
+    return False
 
 
 def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:

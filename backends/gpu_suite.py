@@ -9,7 +9,8 @@ What it runs, in this order:
    them.
 2. **Benchmark** (:mod:`adaptlr.backends.bench`), ResNet-18 shapes then 500 small tensors, AdamW and
    every wrapper (active, autodrop, hypergradient, dsa, eg_step_size): torch on CUDA (functional
-   ``pure``; the adapter's default, ``fast="foreach"``, list and, for AdamW on ResNet-18,
+   ``pure``; the adapter's default, ``fast="foreach"``, the same over chunks of the largest
+   tensor's eighth (``adapter-foreach-chunks``: the launches chunks cost), list and, for AdamW on ResNet-18,
    ``fast="compile"`` and ``"compile-flat"``; ``flat``) against ``torch.optim.AdamW(foreach=True)`` /
    ``(fused=True)``; JAX on ``jax.devices("gpu")[0]`` (``jit-donate``; AdamW also ``jit``) against
    ``optax.adamw``; CuPy (``pure``, ``flat``) against the copy bound; every backend's copy bound.

@@ -403,7 +403,26 @@ class Optimizer(torch.optim.Optimizer):
         alpha = self._alphas(groups, params, self._global["count"])
         decay = [float(g["weight_decay"]) for g in groups]
         if all(k == keys[0] for k in keys):
-            self._run(self._opt_for(keys, steps), active, [p.grad for p in active], alpha, decay)
+            parts = None if torch.compiler.is_compiling() else self._tensor_parts(active)
+            if parts is None:
+                self._run(self._opt_for(keys, steps), active, [p.grad for p in active], alpha, decay)
+                return
+            # Nothing sums across tensors: a few tensors at a time, each part written before the next,
+            # so the step's temporaries are a part's; the new 0-D values are assigned after the last
+            # part (every part reads the old ones).
+            pending = []
+            for members in parts:
+                sub = [active[i] for i in members]
+                opt = self._opt_for(keys, [steps[i] for i in members])
+                state = self._assemble(sub)
+                updates, new_state = self._update(opt, sub, [p.grad for p in sub], state, [alpha[i] for i in members],
+                                                  [decay[i] for i in members])
+                pending.append((sub, self._write(state, new_state, sub)))
+                for p, u in zip(sub, updates):
+                    p.add_(u)
+                del updates, new_state, state
+            for sub, scalars in pending:
+                self._assign_scalars(sub, scalars)
             return
         # Groups with different base hyper-parameters: one update per set of values, on one state.
         state = self._assemble(active)
@@ -428,6 +447,23 @@ class Optimizer(torch.optim.Optimizer):
         for members, updates, _ in results:
             for i, u in zip(members, updates):
                 active[i].add_(u)
+
+    def _tensor_parts(self, active: list) -> list[list[int]] | None:
+        """Consecutive parameters in parts of at most the largest one's elements, for algorithms with
+        no sum across tensors (:func:`adaptlr.backends.fast.tensorwise`); None: one update."""
+        from adaptlr.backends.fast import tensorwise
+
+        if len(active) < 2 or not tensorwise(self.opt):
+            return None
+        numels = [p.numel() for p in active]
+        budget, parts, size = max(numels), [[]], 0
+        for i, n in enumerate(numels):
+            if parts[-1] and size + n > budget:
+                parts.append([])
+                size = 0
+            parts[-1].append(i)
+            size += n
+        return parts if len(parts) > 1 else None
 
     def _update(self, opt: core.Optimizer, active: list, grads: list, state: core.OptimizerState, alpha: list,
                 decay: list) -> tuple[list, core.OptimizerState]:

@@ -1,13 +1,15 @@
 """The torch adapter's ``"foreach"`` step over chunks: peak memory, aten ops and time per chunk size.
 
-    python docs/scripts/foreach_chunks_table.py [ROUNDS]      # ≈ 45 s on 2 cores with ROUNDS = 9
+    python docs/scripts/foreach_chunks_table.py [ROUNDS]      # ≈ 50 s on 2 cores with ROUNDS = 9
 
 ResNet-18 shapes (float32, fixed random gradients), AdamW, ActiveLR(AdamW) and Prodigy (whose sums
 take two passes over the chunks) through
 ``adaptlr.backends.torch.Optimizer(fast="foreach")`` with ``foreach_chunk_elements`` set to each
 size in turn. Peak extra memory of one step and the aten ops it dispatches come from
 ``adaptlr bench``'s counters; times are medians over interleaved rounds (every configuration once
-per round, in a fresh random order). Also printed: what the steps leave alive after they return,
+per round, in a fresh random order); then the list path (``fast=False``) of AdamW and DSA(AdamW)
+updating a few tensors at a time (parts of at most the largest tensor's elements) and in one
+update over every tensor. Also printed: what the steps leave alive after they return,
 with Python's collector running as usual (× the model's bytes), on the list and foreach paths.
 """
 
@@ -29,6 +31,10 @@ FACTORIES = {
     "AdamW": lambda: adaptlr.adamw(1e-3, weight_decay=0.01),
     "ActiveLR(AdamW)": lambda: adaptlr.active(adaptlr.adamw(1e-3, weight_decay=0.01), steps_per_epoch=1000),
     "Prodigy (two passes)": lambda: adaptlr.prodigy(weight_decay=0.01),
+}
+LIST_FACTORIES = {
+    "AdamW": FACTORIES["AdamW"],
+    "DSA(AdamW)": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01), hyper_lr=1e-3),
 }
 
 
@@ -63,6 +69,15 @@ def main(rounds: int) -> None:
             opt.step()
             opt.step()
             configs.append({"name": name, "chunk": label, "opt": opt, "times": [],
+                            "peak": _torch_memory(torch, opt.step, "cpu"), "ops": count_aten_ops(opt.step)})
+    for name, make in LIST_FACTORIES.items():  # the list path (fast=False) in parts and in one update
+        for label in ("parts", "one update"):
+            opt = Optimizer(params, make(), fast=False)
+            if label == "one update":
+                opt._tensor_parts = lambda active: None
+            opt.step()
+            opt.step()
+            configs.append({"name": name, "chunk": f"list path, {label}", "opt": opt, "times": [],
                             "peak": _torch_memory(torch, opt.step, "cpu"), "ops": count_aten_ops(opt.step)})
     order = list(range(len(configs)))
     for _ in range(rounds):

@@ -1,0 +1,81 @@
+"""The torch adapter's list path, a few tensors at a time, for algorithms with no sum across tensors.
+
+``adaptlr.backends.fast.tensorwise`` algorithms (the elementwise ones, DSA, HD ``"tensor"``, EG
+``"tensor"``, LDoG) run the list step over parts of at most the largest tensor's elements, each
+written before the next: the result must be the functional API's (one update over every tensor),
+and the step's temporaries a part's. Algorithms that sum across tensors keep one update.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import adaptlr  # noqa: E402
+from adaptlr.backends.bench import _torch_memory  # noqa: E402
+from adaptlr.backends.torch import Optimizer  # noqa: E402
+
+# (name, factory, updated in parts)
+ALGORITHMS = [
+    ("adamw", lambda: adaptlr.adamw(1e-2, weight_decay=0.1), True),
+    ("active(adamw)", lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2, increase=0.5), True),
+    ("dsa(adam)", lambda: adaptlr.dsa(adaptlr.adam(1e-2), hyper_lr=0.01), True),
+    ("hd-tensor(sgd)", lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-3, granularity="tensor"), True),
+    ("eg-tensor(sgdm)", lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05, momentum=0.9), scale_lr=0.1, gain_lr=0.1,
+                                                     scale="tensor"), True),
+    ("ldog", lambda: adaptlr.dog(layerwise=True), True),
+    ("hd-global(sgd)", lambda: adaptlr.hypergradient(adaptlr.sgd(0.05), hyper_lr=1e-3), False),
+    ("eg-global(sgdm)", lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05, momentum=0.9), scale_lr=0.1, gain_lr=0.1),
+     False),
+    ("dog", lambda: adaptlr.dog(), False),
+    ("prodigy", lambda: adaptlr.prodigy(), False),
+    ("skip_nonfinite(dsa(adam))", lambda: adaptlr.skip_nonfinite(adaptlr.dsa(adaptlr.adam(1e-2), hyper_lr=0.01)),
+     False),
+]
+SHAPES = [(7, 5), (13,), (), (4, 3, 2, 2), (6, 4), (2, 3)]
+
+
+@pytest.mark.parametrize("name,make,in_parts", ALGORITHMS, ids=[a[0] for a in ALGORITHMS])
+def test_list_step_in_parts_equals_the_functional_api(name, make, in_parts, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    adapter = Optimizer(torch_params, make(), fast=False)
+    parts_seen = []
+    tensor_parts = adapter._tensor_parts
+    monkeypatch.setattr(adapter, "_tensor_parts", lambda active: parts_seen.append(tensor_parts(active))
+                        or parts_seen[-1])
+    opt = make()
+    state = opt.init(params)
+    for _ in range(7):
+        grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) + 0.5 * p for p in params]
+        updates, state = opt.update(grads, state, params)
+        params = adaptlr.apply_updates(params, updates)
+        for p, grad in zip(torch_params, grads):
+            p.grad = grad.clone()
+        adapter.step()
+    assert adapter.fast_path == "list"
+    worst = max(float(((p.detach() - q).abs() / q.abs().clamp_min(1e-300)).max()) for p, q in zip(torch_params, params))
+    assert worst <= 1e-12, worst
+    if in_parts:
+        assert parts_seen and all(parts is not None and len(parts) > 1 for parts in parts_seen)
+    else:
+        assert all(parts is None for parts in parts_seen)
+
+
+@pytest.mark.parametrize("name,live", [("adamw", 7), ("dsa(adam)", 11)])  # temporaries per part, in tensors
+def test_a_list_step_in_parts_holds_temporaries_of_a_part_not_of_the_model(name, live):
+    make = next(m for n, m, _ in ALGORITHMS if n == name)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, generator=g)) for _ in range(12)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    tensor_bytes = 64 * 64 * 4
+    adapter = Optimizer(params, make(), fast=False)
+    adapter.step()
+    in_parts = _torch_memory(torch, adapter.step, "cpu")
+    adapter._tensor_parts = lambda active: None  # one update over every tensor, as before
+    whole = _torch_memory(torch, adapter.step, "cpu")
+    assert in_parts <= live * tensor_bytes + 4096, in_parts / tensor_bytes  # (+ 0-D values)
+    assert whole >= 3 * 12 * tensor_bytes, whole / tensor_bytes
