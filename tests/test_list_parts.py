@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import adaptlr  # noqa: E402
 from adaptlr.backends.bench import _torch_memory  # noqa: E402
 from adaptlr.backends.torch import Optimizer  # noqa: E402
+from tests.test_torch_adapter import _step_both  # noqa: E402
 
 # (name, factory, updated in parts)
 ALGORITHMS = [
@@ -46,17 +47,11 @@ def test_list_step_in_parts_equals_the_functional_api(name, make, in_parts, monk
     tensor_parts = adapter._tensor_parts
     monkeypatch.setattr(adapter, "_tensor_parts", lambda active: parts_seen.append(tensor_parts(active))
                         or parts_seen[-1])
-    opt = make()
-    state = opt.init(params)
-    for _ in range(7):
-        grads = [torch.randn(p.shape, generator=g, dtype=p.dtype) + 0.5 * p for p in params]
-        updates, state = opt.update(grads, state, params)
-        params = adaptlr.apply_updates(params, updates)
-        for p, grad in zip(torch_params, grads):
-            p.grad = grad.clone()
-        adapter.step()
+    grads = [[torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params] for _ in range(7)]
+    functional, _ = _step_both(adapter, torch_params, make(), params, grads, coupling=0.5)
     assert adapter.fast_path == "list"
-    worst = max(float(((p.detach() - q).abs() / q.abs().clamp_min(1e-300)).max()) for p, q in zip(torch_params, params))
+    worst = max(float(((p.detach() - q).abs() / q.abs().clamp_min(1e-300)).max()) for p, q in zip(torch_params,
+                                                                                                  functional))
     assert worst <= 1e-12, worst
     if in_parts:
         assert parts_seen and all(parts is not None and len(parts) > 1 for parts in parts_seen)
