@@ -126,7 +126,7 @@ def partitionable(opt: Optimizer) -> bool:
         return True
     if not flat or not getattr(opt.base, "blockwise", True):
         return False
-    return all(_adaptation_safety(a)[1] or getattr(a, "sums", True) is False for a in opt.adaptations)
+    return all(_sums_nothing(a) for a in opt.adaptations)
 
 
 def sums_replayable(opt: Optimizer) -> bool:
@@ -144,8 +144,7 @@ def sums_replayable(opt: Optimizer) -> bool:
         return False
     if not (getattr(opt.base, "blockwise", True) or getattr(opt.base, "replayable_sums", False)):
         return False
-    return all(_adaptation_safety(a)[1] or getattr(a, "sums", True) is False or getattr(a, "replayable_sums", False)
-               for a in opt.adaptations)
+    return all(_sums_nothing(a) or getattr(a, "replayable_sums", False) for a in opt.adaptations)
 
 
 def tensorwise(opt: Optimizer) -> bool:
@@ -158,8 +157,12 @@ def tensorwise(opt: Optimizer) -> bool:
     """
     if partitionable(opt):
         return True
-    return _within_tensors(opt.base) and all(
-        _adaptation_safety(a)[1] or getattr(a, "sums", True) is False or _within_tensors(a) for a in opt.adaptations)
+    return _within_tensors(opt.base) and all(_sums_nothing(a) or _within_tensors(a) for a in opt.adaptations)
+
+
+def _sums_nothing(adaptation: Any) -> bool:
+    """Blockwise, or declares ``sums = False`` (no sum over elements, 0-D state from α and t only)."""
+    return _adaptation_safety(adaptation)[1] or getattr(adaptation, "sums", True) is False
 
 
 def _within_tensors(component: Any) -> bool:

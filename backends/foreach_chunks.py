@@ -100,7 +100,16 @@ def plan(kinds: list[list[int]], numels: list[int], splittable: list[bool],
     return chunks
 
 
-class Recorder(Reducer):
+class _ChunkSums(Reducer):
+    """A reducer of one chunk's step: only ``total`` sums have a whole-model value to replay."""
+
+    __slots__ = ()
+
+    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
+        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in chunks")
+
+
+class Recorder(_ChunkSums):
     """The first pass over a chunk: each ``total`` is this chunk's partial sum, kept in ``partials``."""
 
     __slots__ = ("partials",)
@@ -114,13 +123,10 @@ class Recorder(Reducer):
         self.partials.append(part)
         return part
 
-    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
-        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in chunks")
 
-
-class Replayer(Reducer):
+class Replayer(_ChunkSums):
     """The second pass over a chunk: the ``k``-th ``total`` is the whole model's ``k``-th sum (its terms
-    are not summed again)."""
+    are not summed again); :meth:`check_all_used` after the chunk's step."""
 
     __slots__ = ("sums", "used")
 
@@ -135,8 +141,10 @@ class Replayer(Reducer):
         self.used += 1
         return self.sums[self.used - 1]
 
-    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
-        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in chunks")
+    def check_all_used(self) -> None:
+        if self.used != len(self.sums):
+            raise RuntimeError("a chunk's second pass made fewer sums than its first; this algorithm cannot run in "
+                               "chunks")
 
 
 def whole_sums(partials: list[list]) -> list:

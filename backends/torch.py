@@ -420,7 +420,7 @@ class Optimizer(torch.optim.Optimizer):
                 pending.append((sub, self._write(state, new_state, sub)))
                 for p, u in zip(sub, updates):
                     p.add_(u)
-                del updates, new_state, state
+                del updates, new_state, state  # not alive while the next part is computed
             for sub, scalars in pending:
                 self._assign_scalars(sub, scalars)
             return
@@ -585,34 +585,31 @@ class Optimizer(torch.optim.Optimizer):
         one_rate = all(lr is lrs[0] or (not isinstance(lr, torch.Tensor) and not isinstance(lrs[0], torch.Tensor)
                        and float(lr) == float(lrs[0])) for lr in lrs)
         chunks, two_pass = self._foreach_plan(active, members, entries, per_element, one_rate)
-        sums = None
-        if two_pass:  # first pass: each chunk's partial sums, nothing written
-            partials = []
-            for n, chunk in enumerate(chunks):
-                recorder = foreach_chunks.Recorder(foreach.namespace)
-                try:
-                    self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
-                                        recorder)
-                except NotImplementedError:
-                    if n:  # cannot happen: every chunk runs the same operations as the first
-                        raise
-                    self._foreach_refused = True  # an operation with no list form: the list path from now on
-                    return False
-                partials.append(recorder.partials)
-            sums = foreach_chunks.whole_sums(partials)
-        for n, chunk in enumerate(chunks):
-            replayer = None if sums is None else foreach_chunks.Replayer(foreach.namespace, sums)
-            try:
+        written = False
+        try:
+            sums = None
+            if two_pass:  # first pass: each chunk's partial sums, nothing written
+                partials = []
+                for chunk in chunks:
+                    recorder = foreach_chunks.Recorder(foreach.namespace)
+                    self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha,
+                                        decay, recorder)
+                    partials.append(recorder.partials)
+                sums = foreach_chunks.whole_sums(partials)
+            for chunk in chunks:
+                replayer = None if sums is None else foreach_chunks.Replayer(foreach.namespace, sums)
                 self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
                                     replayer, new_global, new_rates)
-            except NotImplementedError:
-                if n or two_pass:  # cannot happen: every chunk runs the same operations as the first
-                    raise
-                self._foreach_refused = True  # an operation with no list form: the list path from now on
-                return False
-            if replayer is not None and replayer.used != len(sums):
-                raise RuntimeError("a chunk's second pass made fewer sums than its first; this algorithm cannot run "
-                                   "in chunks")
+                written = True
+                if replayer is not None:
+                    replayer.check_all_used()
+        except NotImplementedError:
+            # An operation with no list form: the first update meets it, before anything is written
+            # (every chunk runs the same operations). The list path from now on.
+            if written:
+                raise
+            self._foreach_refused = True
+            return False
         self._global.update(new_global)
         for i, path, value in new_rates:
             entries[i][path] = value

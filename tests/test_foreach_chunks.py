@@ -176,3 +176,31 @@ def test_a_chunk_size_that_is_not_a_positive_int_is_refused(bad):
         opt.foreach_chunk_elements = bad
     opt.foreach_chunk_elements = 7
     assert opt.foreach_chunk_elements == 7
+
+
+class _Reshapes(adaptlr.core.Adaptation):
+    """Declares itself blockwise, then reshapes a gradient: an operation a ForeachArray does not have."""
+
+    name = "reshapes"
+    state_class = tuple
+    flat_safe = blockwise = True
+
+    def init(self, params, alpha, layout, xp):
+        return ()
+
+    def step(self, ctx, size, state):
+        for g in ctx.grads:
+            ctx.xp.reshape(g, (-1,))
+        return size, state
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_an_operation_with_no_list_form_sends_the_step_to_the_list_path_before_anything_is_written(chunk):
+    def make():
+        return adaptlr.adamw(1e-2, weight_decay=0.1).wrapped(_Reshapes())
+
+    expected, _ = _run(make, False, None)
+    got, opt = _run(make, "foreach", chunk)
+    assert opt.fast_path == "list"
+    for p, q in zip(got, expected):
+        assert torch.equal(p.detach(), q.detach())
