@@ -215,8 +215,9 @@ class AutoDrop(Adaptation):
     name = "autodrop"
     state_class = AutoDropState
     # sums through ctx.reduce.total, none depending on another: replayable over chunks
-    # (adaptlr.backends.fast.sums_replayable)
+    # (adaptlr.backends.fast.sums_replayable); and only at epoch boundaries (adaptlr.backends.fast.sums_rarely)
     replayable_sums = True
+    sums_every_step = False
 
     def __init__(self, steps_per_epoch: int, options: DetectorOptions, theta: float, min_lr: float | None,
                  average: bool, scale_weight_decay: bool) -> None:
@@ -253,7 +254,6 @@ class AutoDrop(Adaptation):
         acc = state.kappa.dtype
         t = ctx.count
         epoch_start = (t - 1) % S == 0
-        has_omega = (t - 1) // S >= 2  # epoch e ≥ 3, without forming (e-1)·S in int32
 
         xs = ctx.params
         old = state.detector
@@ -268,6 +268,7 @@ class AutoDrop(Adaptation):
             dot = ctx.reduce.total(wide(s) * wide(s_prev) for s, s_prev in zip(displacements, prev_ss))
             sq_norm = ctx.reduce.total(wide(s) * wide(s) for s in displacements)
             omega, defined = displacement_angle(dot, sq_norm, prev_sq_norm, xp)
+            has_omega = (t - 1) // S >= 2  # epoch e ≥ 3, without forming (e-1)·S in int32
             defined = xp.logical_and(defined, has_omega)
             min_kappa = None
             if self.min_lr is not None:

@@ -177,7 +177,7 @@ def _tracemalloc_peak(step: Callable[[], None]) -> int:
 def numpy_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> list[Runner]:
     import array_api_compat.numpy as xnp
 
-    from adaptlr.backends.fast import FlatOptimizer, flat_safety
+    from adaptlr.backends.fast import FlatOptimizer, flat_safety, sums_replayable
 
     host_params, grads = _host_data(shapes)
     runners = []
@@ -193,7 +193,8 @@ def numpy_runners(set_name: str, shapes: list, algorithms: Sequence[str]) -> lis
             box["params"] = adaptlr.apply_updates(box["params"], updates)
 
         runners.append(Runner(set_name, "numpy", name, "pure", "adaptlr", pure, lambda s=pure: _tracemalloc_peak(s)))
-        modes = [("flat", None)] + ([("blocked", block_size(host_params))] if blockwise else [])
+        in_blocks = blockwise or sums_replayable(opt)  # FlatOptimizer's blocks: one pass, or two with sums
+        modes = [("flat", None)] + ([("blocked", block_size(host_params))] if in_blocks else [])
         for path, block in modes:
             fo = FlatOptimizer(opt, [p.copy() for p in host_params], block_size=block)
             fo.step(grads)  # grads land in the flat gradient buffer once; later steps reuse them
@@ -461,7 +462,7 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
             runners.append(runner(label, "upstream", "native", native.step))
         note = "" if flat else "not flat-safe: per-tensor fallback"
         modes: list = [("flat", {})]
-        if blockwise and device == "cpu":
+        if (blockwise or sums_replayable(opt)) and device == "cpu":
             modes.append(("blocked", {"block_size": torch_block}))
         if name in compile_algorithms and flat:
             modes.append(("compiled", {"compile": True}))

@@ -40,7 +40,7 @@ from adaptlr.core import Optimizer, OptimizerState, apply_updates
 
 __all__ = [
     "FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "partitionable", "recommended_options",
-    "sums_replayable", "tensorwise",
+    "sums_rarely", "sums_replayable", "tensorwise",
 ]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
@@ -147,6 +147,17 @@ def sums_replayable(opt: Optimizer) -> bool:
     return all(_sums_nothing(a) or getattr(a, "replayable_sums", False) for a in opt.adaptations)
 
 
+def sums_rarely(opt: Optimizer) -> bool:
+    """Whether ``opt``'s sums are replayable (:func:`sums_replayable`) and made only on some steps:
+    every part that sums declares ``sums_every_step = False`` (AutoDrop: at epoch boundaries only,
+    where the boundary is a host value). Its other steps run over blocks in one pass, like a
+    blockwise algorithm's (:class:`FlatOptimizer`'s blocks; the boundary steps take two)."""
+    if not sums_replayable(opt) or not getattr(opt.base, "blockwise", True):
+        return False
+    summing = [a for a in opt.adaptations if not _sums_nothing(a)]
+    return bool(summing) and all(getattr(a, "sums_every_step", True) is False for a in summing)
+
+
 def tensorwise(opt: Optimizer) -> bool:
     """Whether ``opt``'s step on a list of tensors is the same run on sublists of whole tensors, one
     after the other with the old 0-D global values: nothing sums across tensors (the torch adapter's
@@ -196,6 +207,13 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
       the OS every step (ResNet-18 shapes, torch: AutoDrop 581 ms flat vs 156 ms per tensor), so
       only blocks help (blockwise algorithms; larger blocks than for a small model); the others
       keep the per-tensor path.
+    - CPU, larger model, algorithms that sum only on some steps (:func:`sums_rarely`: AutoDrop):
+      blocks too, in two passes on those steps (ResNet-18 shapes, torch: AutoDrop 1.05–1.1× blocked
+      AdamW, about the per-tensor path's time, peak temporaries 1.0× the largest tensor instead of
+      21.6×). Not for those that sum on every step (HD/EG global, the learning-rate-free bases):
+      two passes every step cost 1.5–2× the per-tensor path's time. Blocks with sums need one
+      buffer (one param group, dtype and device); :class:`FlatOptimizer` takes whole buffers
+      otherwise.
     - JAX params: None (use :func:`jit_step`).
 
     Args:
@@ -213,7 +231,7 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     sizes = [math.prod(p.shape) for p in params]
     total_bytes = sum(n * getattr(p.dtype, "itemsize", 8) for n, p in zip(sizes, params))
     small_model = total_bytes <= _CPU_FLAT_BYTES_LIMIT
-    if not blockwise:
+    if not blockwise and (small_model or not sums_rarely(opt)):
         return {} if small_model else None
     # Block sizes measured on the 2-core VM (docs/performance.md): larger blocks amortise the
     # per-operation cost of eager evaluation on large models; small models prefer smaller ones.
@@ -474,8 +492,11 @@ class FlatOptimizer:
         params: the parameter leaves (NumPy, torch or CuPy arrays; one library).
         groups: an optional hashable group id per leaf (torch param groups): leaves of different
             groups never share a buffer, so per-group ``alpha`` / ``weight_decay`` apply.
-        block_size: run the update over blocks of this many elements (only for blockwise
-            algorithms, see :func:`flat_safety`; ignored otherwise). ``None``: whole buffers.
+        block_size: run the update over blocks of this many elements, each written before the
+            next: blockwise algorithms (:func:`flat_safety`) in one pass; with one buffer, those
+            with replayable sums (:func:`sums_replayable`) in one pass on steps that make no sum
+            and in two on those that do (:mod:`adaptlr.backends.part_sums`); ignored otherwise
+            (whole buffers). ``None``: whole buffers.
         compile: compile the flat step with ``torch.compile`` (torch only; the first step compiles).
         bucket_bytes: start a new buffer when the next parameter would take the current one past
             this many bytes (a parameter is never split; ``None``: one buffer per dtype, device and
@@ -519,11 +540,15 @@ class FlatOptimizer:
         if compile and not self._torch:
             raise ValueError("compile=True needs torch tensors")
         flat, blockwise, self.reason = flat_safety(opt)
+        self._blockwise = blockwise
+        self._buckets = [] if force_per_tensor or not flat else self._plan_buckets(params, groups)
         if force_per_tensor or not flat:
             self.mode = "per-tensor"
         elif compile:
             self.mode = "compiled"
-        elif block_size is not None and blockwise:
+        elif block_size is not None and (blockwise or (len(self._buckets) == 1 and sums_replayable(opt))):
+            # Sums over elements in blocks: two passes (adaptlr.backends.part_sums), over one buffer
+            # only (one α and one copy of the 0-D state for every block).
             self.mode = "blocked"
         else:
             self.mode = "flat"
@@ -533,7 +558,7 @@ class FlatOptimizer:
         if self.mode == "per-tensor":
             self._setup_per_tensor(params, groups)
         else:
-            self._setup_flat(params, groups)
+            self._setup_flat(params)
         self._compiled = None
 
     # -- setup --------------------------------------------------------------------------------
@@ -545,8 +570,8 @@ class FlatOptimizer:
         self._layout, _ = Layout.of(params)
         self.state = self._own(self.opt.init(params))
 
-    def _setup_flat(self, params: list, groups: Sequence[Any] | None) -> None:
-        xp = self.xp
+    def _plan_buckets(self, params: list, groups: Sequence[Any] | None) -> list[_Bucket]:
+        """The buffers (one per dtype, device and group, cut by ``bucket_bytes``) and their members."""
         buckets: dict = {}
         full: list = []  # buckets closed by bucket_bytes, before the open ones
         cap = self.bucket_bytes
@@ -566,7 +591,10 @@ class FlatOptimizer:
                 bucket = buckets[key] = _Bucket(p.dtype, device, group)
             bucket.members.append((i, bucket.size, n, tuple(p.shape)))
             bucket.size += n
-        self._buckets = full + list(buckets.values())
+        return full + list(buckets.values())
+
+    def _setup_flat(self, params: list) -> None:
+        xp = self.xp
         views: list = [None] * len(params)
         grad_views: list = [None] * len(params)
         for bucket in self._buckets:
@@ -682,7 +710,38 @@ class FlatOptimizer:
         return [x for x in optree.tree_leaves(new_state) if x.ndim == 0]
 
     def _step_blocked(self, alpha: list | None, weight_decay: list | None) -> None:
+        """The update over blocks of each buffer, each block written before the next is computed.
+
+        Blockwise algorithms make no sum over elements: one pass. Others (one buffer, replayable
+        sums) try one pass that refuses sums (:class:`~adaptlr.backends.part_sums.NoSums`: AutoDrop
+        between epoch boundaries); a step that sums (the first block asks, before anything is
+        written) takes two passes: each block's partial sums, then every block with the whole sums.
+        """
+        from adaptlr.backends import part_sums
+
+        if self._blockwise:
+            self._blocks_pass(alpha, weight_decay, lambda: None)
+            return
+        try:
+            self._blocks_pass(alpha, weight_decay, lambda: part_sums.NoSums(self.xp))
+            return
+        except part_sums.SumsRequested:
+            pass
+        recorders = self._blocks_pass(alpha, weight_decay, lambda: part_sums.Recorder(self.xp), write=False)
+        sums = part_sums.whole_sums([r.partials for r in recorders])
+        self._blocks_pass(alpha, weight_decay, lambda: part_sums.Replayer(self.xp, sums))
+
+    def _blocks_pass(self, alpha: list | None, weight_decay: list | None, reducer: Callable[[], Any],
+                     write: bool = True) -> list:
+        """One pass over the blocks of every buffer, ``reducer()`` giving each block's reducer (None:
+        plain sums); returns them (a :class:`~adaptlr.backends.part_sums.Replayer` is checked to have
+        answered every sum). With ``write=False`` nothing is written (a first pass recording sums)."""
+        from adaptlr.backends import part_sums
+
         xp, layout, block = self.xp, self._layout, self.block_size
+        assert block is not None
+        used: list = []
+        written = False
         for b, (bucket, state) in enumerate(zip(self._buckets, self.state)):
             a = None if alpha is None else [alpha[b]]
             wd = None if weight_decay is None else [weight_decay[b]]
@@ -693,17 +752,31 @@ class FlatOptimizer:
                 chunk = optree.tree_map(
                     lambda x, start=start, stop=stop: x[start:stop] if x.ndim == 1 else x, state
                 )
-                updates, new_chunk = self.opt.update_leaves(
-                    xp, layout, [bucket.grads[start:stop]], chunk, [bucket.params[start:stop]],
-                    alpha=a, weight_decay=wd,
-                )
-                # Per-element fields: write the block now; 0-D fields (count, learning rate) are the
-                # same for every block of a blockwise algorithm and are written once, after the loop.
+                this = reducer()
+                try:
+                    updates, new_chunk = self.opt.update_leaves(
+                        xp, layout, [bucket.grads[start:stop]], chunk, [bucket.params[start:stop]],
+                        alpha=a, weight_decay=wd, reducer=this,
+                    )
+                except part_sums.SumsRequested as error:
+                    if written:  # every block runs the same operations: the first one asks
+                        raise RuntimeError("a block asked for a sum after earlier blocks were written") from error
+                    raise
+                used.append(this)
+                if isinstance(this, part_sums.Replayer):
+                    this.check_all_used()
+                if not write:
+                    continue
+                # Per-element fields: write the block now; 0-D fields (count, learning rate, the global
+                # scalars of the whole sums) are the same for every block and are written once, after
+                # the loop.
                 _write_state(chunk, new_chunk, skip_scalars=True)
                 _add_into(bucket.params[start:stop], updates[0])
+                written = True
                 last = new_chunk
             if last is not None:
                 _write_state(state, last, only_scalars=True)
+        return used
 
     def _step_per_tensor(self, alpha: Sequence[Any] | None, weight_decay: Sequence[float] | None) -> None:
         if alpha is not None:

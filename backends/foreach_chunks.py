@@ -18,22 +18,17 @@ Mechanic, the learning-rate-free bases) cannot run a chunk on its own.
 Algorithms whose sums are *replayable* (:func:`~adaptlr.backends.fast.sums_replayable`: every sum
 over elements goes through ``ctx.reduce.total``, and no sum's terms depend on another sum of the
 same step: Prodigy, D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global) run in two passes over the
-chunks: the first runs each chunk's step with a :class:`Recorder` that keeps its partial sums and
-writes nothing; the second runs each chunk again with a :class:`Replayer` that answers every sum
-with the whole model's (the partials added up), and writes. That doubles the step's arithmetic, so
-by default it is used only on models above :data:`TWO_PASS_MIN` elements, where the temporaries of
-one update over the whole lists (about six model-sized lists) are what a GPU lacks.
+chunks (:mod:`adaptlr.backends.part_sums`): the first runs each chunk's step with a ``Recorder``
+that keeps its partial sums and writes nothing; the second runs each chunk again with a
+``Replayer`` that answers every sum with the whole model's (the partials added up), and writes.
+That doubles the step's arithmetic, so by default it is used only on models above
+:data:`TWO_PASS_MIN` elements, where the temporaries of one update over the whole lists (about six
+model-sized lists) are what a GPU lacks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-from adaptlr._reduce import Reducer
-
-__all__ = ["LIVE_CHUNKS", "MAX_CHUNKS", "MIN_CHUNK", "TWO_PASS_MIN", "Piece", "Recorder", "Replayer",
-           "default_budget", "plan", "whole_sums"]
+__all__ = ["LIVE_CHUNKS", "MAX_CHUNKS", "MIN_CHUNK", "TWO_PASS_MIN", "Piece", "default_budget", "plan"]
 
 Piece = tuple[int, slice | None]  # a parameter's index and its elements (None: the whole tensor)
 
@@ -98,61 +93,3 @@ def plan(kinds: list[list[int]], numels: list[int], splittable: list[bool],
     if current:
         chunks.append(current)
     return chunks
-
-
-class _ChunkSums(Reducer):
-    """A reducer of one chunk's step: only ``total`` sums have a whole-model value to replay."""
-
-    __slots__ = ()
-
-    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
-        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in chunks")
-
-
-class Recorder(_ChunkSums):
-    """The first pass over a chunk: each ``total`` is this chunk's partial sum, kept in ``partials``."""
-
-    __slots__ = ("partials",)
-
-    def __init__(self, xp: Any) -> None:
-        super().__init__(xp)
-        self.partials: list = []
-
-    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
-        part = super().total(terms, dtype)
-        self.partials.append(part)
-        return part
-
-
-class Replayer(_ChunkSums):
-    """The second pass over a chunk: the ``k``-th ``total`` is the whole model's ``k``-th sum (its terms
-    are not summed again); :meth:`check_all_used` after the chunk's step."""
-
-    __slots__ = ("sums", "used")
-
-    def __init__(self, xp: Any, sums: list) -> None:
-        super().__init__(xp)
-        self.sums = sums
-        self.used = 0
-
-    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
-        if self.used >= len(self.sums):
-            raise RuntimeError("a chunk's second pass asked for more sums than its first pass made")
-        self.used += 1
-        return self.sums[self.used - 1]
-
-    def check_all_used(self) -> None:
-        if self.used != len(self.sums):
-            raise RuntimeError("a chunk's second pass made fewer sums than its first; this algorithm cannot run in "
-                               "chunks")
-
-
-def whole_sums(partials: list[list]) -> list:
-    """The whole model's sums from each chunk's partial sums (one list per chunk, in call order)."""
-    if any(len(p) != len(partials[0]) for p in partials):
-        raise RuntimeError("the chunks of one step made different numbers of sums; this algorithm cannot run in "
-                           "chunks")
-    sums = list(partials[0])
-    for chunk in partials[1:]:
-        sums = [a + b for a, b in zip(sums, chunk)]
-    return sums

@@ -551,7 +551,7 @@ class Optimizer(torch.optim.Optimizer):
         """The step with ``torch._foreach_*`` ops over the lists of per-parameter tensors, one list per
         (param group, dtype, device) (:mod:`adaptlr.backends.foreach`); False where it does not apply
         (the caller takes another path; nothing has changed)."""
-        from adaptlr.backends import foreach, foreach_chunks
+        from adaptlr.backends import foreach, part_sums
 
         keys = self._hyper_keys(groups)
         if any(k != keys[0] for k in keys) or any(s is not steps[0] for s in steps):
@@ -591,13 +591,13 @@ class Optimizer(torch.optim.Optimizer):
             if two_pass:  # first pass: each chunk's partial sums, nothing written
                 partials = []
                 for chunk in chunks:
-                    recorder = foreach_chunks.Recorder(foreach.namespace)
+                    recorder = part_sums.Recorder(foreach.namespace)
                     self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha,
                                         decay, recorder)
                     partials.append(recorder.partials)
-                sums = foreach_chunks.whole_sums(partials)
+                sums = part_sums.whole_sums(partials)
             for chunk in chunks:
-                replayer = None if sums is None else foreach_chunks.Replayer(foreach.namespace, sums)
+                replayer = None if sums is None else part_sums.Replayer(foreach.namespace, sums)
                 self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
                                     replayer, new_global, new_rates)
                 written = True
@@ -779,7 +779,14 @@ class Optimizer(torch.optim.Optimizer):
         if not flat_safety(self.opt)[0]:
             return None
         if self.fast == "auto":
-            return recommended_options(self.opt, [p.detach() for p in params])
+            options = recommended_options(self.opt, [p.detach() for p in params])
+            if options and "block_size" in options and not flat_safety(self.opt)[1]:
+                # Blocks with sums need one buffer (FlatOptimizer); several: the list path, not
+                # whole flat temporaries.
+                group_of = self._group_of()
+                if len({(id(group_of[id(p)]), p.dtype, p.device) for p in params}) > 1:
+                    return None
+            return options
         if self.fast == "flat":
             return {}
         if self.fast == "compile-flat":

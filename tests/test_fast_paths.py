@@ -180,7 +180,8 @@ def test_numpy_flat_and_blocked_agree(name: str, dtype: str) -> None:
     assert flat.mode == ("per-tensor" if name in NOT_FLAT else "flat")
     check(flat, opt, dtype)
     blocked = flat_run(opt, dtype, block_size=7)  # blocks straddle tensor boundaries
-    expected = "per-tensor" if name in NOT_FLAT else ("flat" if name in NOT_BLOCKWISE else "blocked")
+    # NOT_BLOCKWISE's sums are replayable: blocks in two passes on the steps that sum
+    expected = "per-tensor" if name in NOT_FLAT else "blocked"
     assert blocked.mode == expected
     check(blocked, opt, dtype)
 
@@ -367,14 +368,18 @@ def test_recommended_options_cpu_by_model_size() -> None:
     torch = pytest.importorskip("torch")
     from adaptlr.backends.fast import _CPU_FLAT_BYTES_LIMIT, recommended_options
 
-    global_sums = adaptlr.autodrop(adaptlr.adamw(), steps_per_epoch=10)  # flat-safe, not blockwise
+    global_sums = adaptlr.hypergradient(adaptlr.adamw(), hyper_lr=1e-3)  # flat-safe, sums every step
+    rare_sums = adaptlr.autodrop(adaptlr.adamw(), steps_per_epoch=10)  # sums at epoch boundaries only
     small = [torch.zeros(2048) for _ in range(4)]
     assert recommended_options(adaptlr.adamw(), small) == {"block_size": 1 << 17}
+    assert recommended_options(rare_sums, small) == {}  # whole buffers beat blocks with sums (small500)
     assert recommended_options(global_sums, small) == {}
     assert recommended_options(global_sums, [np.zeros(2048)] * 4) == {}
-    # A model above the flat limit: larger blocks, and the per-tensor path for global sums.
+    assert recommended_options(rare_sums, [np.zeros(2048)] * 4) == {}
+    # A model above the flat limit: larger blocks, and the per-tensor path for sums on every step.
     large = [torch.empty(_CPU_FLAT_BYTES_LIMIT // 8) for _ in range(3)]  # 1.5x the limit in float32
     assert recommended_options(adaptlr.adamw(), large) == {"block_size": 1 << 18}
+    assert recommended_options(rare_sums, large) == {"block_size": 1 << 18}
     assert recommended_options(global_sums, large) is None
     assert recommended_options(adaptlr.adamw(), [t.numpy() for t in large]) == {"block_size": 1 << 17}
     assert recommended_options(global_sums, [t.numpy() for t in large]) is None

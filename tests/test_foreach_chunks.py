@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import adaptlr  # noqa: E402
-from adaptlr.backends import foreach_chunks  # noqa: E402
+from adaptlr.backends import foreach_chunks, part_sums  # noqa: E402
 from adaptlr.backends.bench import _torch_memory  # noqa: E402
 from adaptlr.backends.torch import Optimizer  # noqa: E402
 
@@ -78,8 +78,8 @@ def test_chunked_foreach_step_equals_the_list_path(name, make, mode, chunk, monk
     plan = foreach_chunks.plan
     monkeypatch.setattr(foreach_chunks, "plan", lambda *a: plans.append(plan(*a)) or plans[-1])
     replayed = []
-    replayer = foreach_chunks.Replayer
-    monkeypatch.setattr(foreach_chunks, "Replayer", lambda *a: replayed.append(1) or replayer(*a))
+    replayer = part_sums.Replayer
+    monkeypatch.setattr(part_sums, "Replayer", lambda *a: replayed.append(1) or replayer(*a))
     # two passes need one lr in every group (the learning-rate-free bases weight their sums by the
     # largest α of the leaves): the second group keeps the default lr there
     second_lr = None if mode == "two passes" else 0.02

@@ -347,6 +347,11 @@ def _fast_cases() -> list:
         ("active(adamw)", lambda: _wrapped("active", adaptlr.adamw(1e-2)), "auto", "blocked"),
         ("active(adamw)", lambda: _wrapped("active", adaptlr.adamw(1e-2)), {"block_size": 5}, "blocked"),
         ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "auto", "flat"),
+        # sums at epoch boundaries only: blocks, two passes at a boundary (fast.sums_rarely)
+        ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), {"block_size": 5},
+         "blocked"),
+        ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), {"block_size": 5}, "blocked"),
+        ("prodigy", lambda: adaptlr.prodigy(d0=1e-3, weight_decay=0.01), {"block_size": 5}, "blocked"),
         ("autodrop(sgdm)", lambda: _wrapped("autodrop", adaptlr.sgd(0.05, momentum=0.9)), "flat", "flat"),
         ("hypergradient(sgd)", lambda: _wrapped("hypergradient", adaptlr.sgd(0.05)), "flat", "flat"),
         ("dsa(adam)", lambda: _wrapped("dsa", adaptlr.adam(1e-2)), "flat", "list"),  # per-tensor factors

@@ -1,0 +1,100 @@
+"""The sums of a step run over parts of the elements: refused, recorded, or replayed whole.
+
+An execution path that runs one step over parts of the model one after the other (the torch
+adapter's foreach chunks, :mod:`adaptlr.backends.foreach_chunks`; the blocks of
+:class:`~adaptlr.backends.fast.FlatOptimizer`) writes each part before computing the next, so its
+temporaries are one part's. That is the same step only where a part needs nothing from the others.
+An algorithm's sums over elements (AutoDrop's angle, HD's and EG's inner products, the
+learning-rate-free bases' dot products and norms) all go through ``ctx.reduce.total``
+(:class:`adaptlr._reduce.Reducer`); these reducers take its place for a part's update:
+
+- :class:`NoSums` raises :class:`SumsRequested` at the first sum: a step that makes none (AutoDrop
+  between epoch boundaries, where the boundary is a host value) runs in one pass; the first part
+  raises before anything is written, and the path takes two passes instead;
+- :class:`Recorder` (first pass) keeps each part's partial sums and the part writes nothing;
+- :class:`Replayer` (second pass) answers the ``k``-th sum with the whole model's ``k``-th sum,
+  :func:`whole_sums` of the partials, and the part writes.
+
+Two passes give the step of the whole model where no sum's terms depend on another sum of the same
+step (:func:`adaptlr.backends.fast.sums_replayable`); they double the step's arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from adaptlr._reduce import Reducer
+
+__all__ = ["NoSums", "Recorder", "Replayer", "SumsRequested", "whole_sums"]
+
+
+class SumsRequested(Exception):
+    """A part's step asked :class:`NoSums` for a sum over elements."""
+
+
+class _PartSums(Reducer):
+    """A reducer of one part's step: only ``total`` sums have a whole-model value."""
+
+    __slots__ = ()
+
+    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
+        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in parts")
+
+
+class NoSums(_PartSums):
+    """A part's step that may make no sum over elements: the first ``total`` raises :class:`SumsRequested`."""
+
+    __slots__ = ()
+
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        raise SumsRequested("this step sums over elements")
+
+
+class Recorder(_PartSums):
+    """The first pass over a part: each ``total`` is this part's partial sum, kept in ``partials``."""
+
+    __slots__ = ("partials",)
+
+    def __init__(self, xp: Any) -> None:
+        super().__init__(xp)
+        self.partials: list = []
+
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        part = super().total(terms, dtype)
+        self.partials.append(part)
+        return part
+
+
+class Replayer(_PartSums):
+    """The second pass over a part: the ``k``-th ``total`` is the whole model's ``k``-th sum (its terms
+    are not summed again); :meth:`check_all_used` after the part's step."""
+
+    __slots__ = ("sums", "used")
+
+    def __init__(self, xp: Any, sums: list) -> None:
+        super().__init__(xp)
+        self.sums = sums
+        self.used = 0
+
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        if self.used >= len(self.sums):
+            raise RuntimeError("a part's second pass asked for more sums than its first pass made")
+        self.used += 1
+        return self.sums[self.used - 1]
+
+    def check_all_used(self) -> None:
+        if self.used != len(self.sums):
+            raise RuntimeError("a part's second pass made fewer sums than its first; this algorithm cannot run in "
+                               "parts")
+
+
+def whole_sums(partials: list[list]) -> list:
+    """The whole model's sums from each part's partial sums (one list per part, in call order)."""
+    if any(len(p) != len(partials[0]) for p in partials):
+        raise RuntimeError("the parts of one step made different numbers of sums; this algorithm cannot run in "
+                           "parts")
+    sums = list(partials[0])
+    for part in partials[1:]:
+        sums = [a + b for a, b in zip(sums, part)]
+    return sums
