@@ -7,7 +7,7 @@ initial parameters, ``u_t`` the wrapped optimizer's update from ``g_t`` at ``x_{
 
     Δ     = (x_{t-1} - x_ref) / (S + ε)                 (store_delta: the stored Δ instead)
     x⁺    = x_{t-1} + u_t                               (the inner optimizer's new iterate)
-    h     = ⟨Δ, g_t + λ_s·S·‖g_t‖/(‖x⁺‖ + ε)·x⁺⟩       (global sums over every tensor)
+    h     = ⟨Δ, g_t + λ_s·S·‖g_t‖/(‖x⁺‖ + ε)·x⁺⟩       (global sums over every tensor: ⟨Δ, g_t⟩ and ⟨Δ, x⁺⟩)
     Δ    ← Δ + u_t
     m_j   = max(β_j·m_j, |h|)                           (m_j = 1e-6 at the start)
     v_j   = β_j²·v_j + h²
@@ -88,9 +88,11 @@ class Mechanic(UpdateWrapper):
 
     name = "mechanic"
     state_class = MechanicState
-    # Global sums over every element: the same on one flat buffer, not block by block.
+    # Global sums over every element: the same on one flat buffer, not block by block; none depends
+    # on another, so they are replayable over chunks and blocks (adaptlr.backends.fast.sums_replayable)
     flat_safe = True
     blockwise = False
+    replayable_sums = True
 
     def __init__(self, s_decay: float, betas: tuple, s_init: float, eps: float, store_delta: bool) -> None:
         self.s_decay = v.check_nonnegative("s_decay", s_decay)
@@ -132,7 +134,10 @@ class Mechanic(UpdateWrapper):
         param_norm = xp.sqrt(reduce.total([x * x for x in moved], wide))
         grad_norm = xp.sqrt(reduce.total([g * g for g in ctx.grads], wide))
         decay = self.s_decay * s_sum * grad_norm / (param_norm + eps)
-        h = reduce.total([d * (g + cast("decay", decay, x) * x) for d, g, x in zip(deltas, ctx.grads, moved)], wide)
+        # h = ⟨Δ, g⟩ + decay·⟨Δ, x⁺⟩: no sum's terms depend on another sum of the step, so the sums
+        # may be made over parts of the model and completed (adaptlr.backends.part_sums)
+        h = reduce.total([d * g for d, g in zip(deltas, ctx.grads)], wide) + decay * reduce.total(
+            [d * x for d, x in zip(deltas, moved)], wide)
         new_deltas = [d + u for d, u in zip(deltas, updates)]
 
         n = len(self.betas)

@@ -131,13 +131,14 @@ def partitionable(opt: Optimizer) -> bool:
 
 def sums_replayable(opt: Optimizer) -> bool:
     """Whether ``opt``'s sums over elements may be made in a first pass over parts of the elements and
-    replayed, completed, in a second (the torch adapter's two-pass foreach chunks).
+    replayed, completed, in a second (the torch adapter's two-pass foreach chunks, the blocks of
+    :class:`FlatOptimizer`; :mod:`adaptlr.backends.part_sums`).
 
     True for flat-safe algorithms whose every part is partitionable (:func:`partitionable`) or
     declares ``replayable_sums = True``: each of its sums over elements goes through
     ``ctx.reduce.total`` and no sum's terms depend on another sum of the same step (Prodigy,
-    D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global). Not D-Adapt SGD (its first step's
-    ``‖g_1‖`` scales the terms of ``Σ s²``) nor Mechanic (its decay term uses two norms).
+    D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global, Mechanic). Not D-Adapt SGD (its first
+    step's ``‖g_1‖`` scales the terms of ``Σ s²``) nor ``skip_nonfinite`` (per-leaf sums).
     """
     flat, _, _ = flat_safety(opt)
     if not flat:

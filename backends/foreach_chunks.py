@@ -17,11 +17,11 @@ Mechanic, the learning-rate-free bases) cannot run a chunk on its own.
 
 Algorithms whose sums are *replayable* (:func:`~adaptlr.backends.fast.sums_replayable`: every sum
 over elements goes through ``ctx.reduce.total``, and no sum's terms depend on another sum of the
-same step: Prodigy, D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global) run in two passes over the
-chunks (:mod:`adaptlr.backends.part_sums`): the first runs each chunk's step with a ``Recorder``
-that keeps its partial sums and writes nothing; the second runs each chunk again with a
-``Replayer`` that answers every sum with the whole model's (the partials added up), and writes.
-That doubles the step's arithmetic, so by default it is used only on models above
+same step: Prodigy, D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global, Mechanic) run in two
+passes over the chunks (:mod:`adaptlr.backends.part_sums`): the first runs each chunk's step with
+a ``Recorder`` that keeps its partial sums and writes nothing; the second runs each chunk again
+with a ``Replayer`` that answers every sum with the whole model's (the partials added up), and
+writes. That doubles the step's arithmetic, so by default it is used only on models above
 :data:`TWO_PASS_MIN` elements, where the temporaries of one update over the whole lists (about six
 model-sized lists) are what a GPU lacks.
 """

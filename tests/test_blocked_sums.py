@@ -37,6 +37,9 @@ def _algorithms() -> dict:
         "dadapt_adam": lambda: adaptlr.dadapt_adam(d0=1e-3),
         "dog": lambda: adaptlr.dog(),
         "dowg": lambda: adaptlr.dowg(),
+        "mechanic(adamw)": lambda: adaptlr.mechanic(adaptlr.adamw(1e-2), s_decay=0.1),
+        # no sums, 0-D state from α and t only (fast.partitionable): one pass, as before on chunks
+        "schedule_free_adamw": lambda: adaptlr.schedule_free_adamw(1e-2, warmup_steps=3, weight_decay=0.1),
     }
 
 
@@ -132,6 +135,8 @@ def test_autodrop_sums_only_at_boundaries_and_takes_two_passes_only_there() -> N
     hd = _algorithms()["hd_global(adamw)"]()
     assert not sums_rarely(hd)
     assert _passes(hd, 3) == [1 + 2 * blocks] * 3
+    # No sums at all: one pass every step.
+    assert _passes(_algorithms()["schedule_free_adamw"](), 3) == [blocks] * 3
 
 
 def test_blocks_with_sums_need_one_buffer_and_replayable_sums() -> None:
@@ -142,8 +147,9 @@ def test_blocks_with_sums_need_one_buffer_and_replayable_sums() -> None:
         == "blocked"
     assert FlatOptimizer(_algorithms()["autodrop(adamw)"](), [np.ones(5), np.ones(3)], groups=["a", "b"],
                          block_size=3).mode == "flat"
-    # Sums that depend on other sums of the step cannot be replayed: whole buffers.
-    for opt in (adaptlr.dadapt_sgd(), adaptlr.mechanic(adaptlr.adamw())):
+    # Sums that depend on other sums of the step (D-Adapt SGD's Σ s² on ‖g_1‖) or per-leaf sums
+    # (skip_nonfinite's counts) cannot be replayed: whole buffers.
+    for opt in (adaptlr.dadapt_sgd(), adaptlr.skip_nonfinite(adaptlr.adamw())):
         assert not sums_replayable(opt)
         assert FlatOptimizer(opt, [np.ones(5)], block_size=3).mode == "flat"
 

@@ -40,7 +40,9 @@ ALGORITHMS = [
     ("dog", lambda: adaptlr.dog(weight_decay=0.1), "two passes"),
     ("dowg", lambda: adaptlr.dowg(), "two passes"),
     ("dadapt_sgd", lambda: adaptlr.dadapt_sgd(), "whole lists"),  # Σ s² depends on this step's ‖g_1‖
-    ("mechanic(adamw)", lambda: adaptlr.mechanic(adaptlr.adamw(1e-2)), "whole lists"),  # decay uses two norms
+    ("mechanic(adamw)", lambda: adaptlr.mechanic(adaptlr.adamw(1e-2)), "two passes"),
+    ("mechanic(sgd, store_delta)", lambda: adaptlr.mechanic(adaptlr.sgd(0.05), s_decay=0.1, store_delta=True),
+     "two passes"),
     ("skip_nonfinite(adamw)", lambda: adaptlr.skip_nonfinite(adaptlr.adamw(1e-2)), "whole lists"),
 ]
 
