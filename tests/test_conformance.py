@@ -166,15 +166,50 @@ def test_cli_fails_on_a_failing_row(tmp_path) -> None:
             return 0
 
         def update(self, grads, state, params):
-            scale = 1.0 if params["x"].dtype == np.float64 else 1.5
-            return {"x": -0.1 * scale * grads["x"]}, state
+            scale = 1.0 if params["w"].dtype == np.float64 else 1.5
+            return {k: -0.1 * scale * g for k, g in grads.items()}, state
 
     register_algorithm("test_broken", Broken, problems=["noisy_quadratic"])
     try:
-        code = cli.main(["--algorithms", "test_broken", "--backends", "numpy", "--no-checks", "--quiet"])
+        code = cli.main(["--algorithms", "test_broken", "--backends", "numpy", "--no-checks", "--quiet",
+                         "--json", str(tmp_path / "rows.json")])
         assert code == 1
+        rows = [r for r in json.loads((tmp_path / "rows.json").read_text())["rows"] if r["kind"] == "agreement"]
+        assert {(r["dtype"], r["status"]) for r in rows} == {("float64", "pass"), ("float32", "fail")}
     finally:
         ALGORITHMS.pop("test_broken")
+
+
+def test_a_trajectory_that_amplifies_rounding_is_ill_conditioned_not_failed() -> None:
+    """Mechanic on the logistic problem amplifies a 1e-9 relative change of each step's gradient by
+    ~4e7 (the float32 run ends 0.18 away): ill-conditioned, with the amplification; a contracting
+    trajectory's amplification is O(1), so a wrong step there still fails (below)."""
+    rows = runner.run_agreement(["mechanic(sgdm)"], ["numpy"], ["float32"], 150, problems=["logistic"])
+    [row] = [r for r in rows if r.kind == "agreement"]
+    assert row.max_rel_err_params > row.tolerance
+    assert row.status == "ill-conditioned" and row.extra["amplification"] > 1e6 and "amplifies" in row.reason
+    adamw = ALGORITHMS["adamw"]
+    problem = PROBLEMS[adamw.problems[0]]
+    ref = runner.run_trajectory(adamw.build(), problem, BACKENDS["numpy"], "float64", 150)
+    assert runner.trajectory_amplification(adamw, problem, 150, ref) < 10.0
+
+
+def test_a_wrong_step_on_a_contracting_trajectory_still_fails() -> None:
+    class Broken:  # a different step in float32
+        def init(self, params):
+            return 0
+
+        def update(self, grads, state, params):
+            scale = 1.0 if params["w"].dtype == np.float64 else 1.5
+            return {k: -0.1 * scale * g for k, g in grads.items()}, state
+
+    register_algorithm("test_broken_contracting", Broken, problems=["noisy_quadratic"])
+    try:
+        rows = runner.run_agreement(["test_broken_contracting"], ["numpy"], ["float32"], 50)
+    finally:
+        ALGORITHMS.pop("test_broken_contracting")
+    [row] = [r for r in rows if r.kind == "agreement"]
+    assert row.status == "fail" and row.extra["amplification"] < 10.0
 
 
 _BARS: list = []
