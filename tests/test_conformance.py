@@ -160,16 +160,20 @@ def test_cli_json_markdown_and_exit_status(tmp_path) -> None:
     assert "| algorithm |" in out_md.read_text() or "| kind |" in out_md.read_text()
 
 
+class _Float32Broken:
+    """A different step in float32 (SGD with 1.5× the rate): the float32 run cannot match the float64
+    reference."""
+
+    def init(self, params):
+        return 0
+
+    def update(self, grads, state, params):
+        scale = 1.0 if params["w"].dtype == np.float64 else 1.5
+        return {k: -0.1 * scale * g for k, g in grads.items()}, state
+
+
 def test_cli_fails_on_a_failing_row(tmp_path) -> None:
-    class Broken:  # a different step in float32: the float32 run cannot match the float64 reference
-        def init(self, params):
-            return 0
-
-        def update(self, grads, state, params):
-            scale = 1.0 if params["w"].dtype == np.float64 else 1.5
-            return {k: -0.1 * scale * g for k, g in grads.items()}, state
-
-    register_algorithm("test_broken", Broken, problems=["noisy_quadratic"])
+    register_algorithm("test_broken", _Float32Broken, problems=["noisy_quadratic"])
     try:
         code = cli.main(["--algorithms", "test_broken", "--backends", "numpy", "--no-checks", "--quiet",
                          "--json", str(tmp_path / "rows.json")])
@@ -195,15 +199,7 @@ def test_a_trajectory_that_amplifies_rounding_is_ill_conditioned_not_failed() ->
 
 
 def test_a_wrong_step_on_a_contracting_trajectory_still_fails() -> None:
-    class Broken:  # a different step in float32
-        def init(self, params):
-            return 0
-
-        def update(self, grads, state, params):
-            scale = 1.0 if params["w"].dtype == np.float64 else 1.5
-            return {k: -0.1 * scale * g for k, g in grads.items()}, state
-
-    register_algorithm("test_broken_contracting", Broken, problems=["noisy_quadratic"])
+    register_algorithm("test_broken_contracting", _Float32Broken, problems=["noisy_quadratic"])
     try:
         rows = runner.run_agreement(["test_broken_contracting"], ["numpy"], ["float32"], 50)
     finally:
