@@ -253,3 +253,40 @@ def test_torch_adapter_default_takes_blocks_for_autodrop_on_a_large_model(monkey
             torch_opt.step()
             assert torch_opt.fast_path == path
         assert max_rel_err([p.detach().numpy() for p in tensors], [p.numpy() for p in expected]) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["autodrop(adamw)", "hd_global(adamw)", "mechanic(adamw)"])
+def test_torch_adapter_blocks_with_sums_missing_grads_and_a_state_dict_round_trip(name: str) -> None:
+    """The adapter on blocks with sums (one group) against its list path: parameters without a
+    gradient at some steps (the flat buffers are rebuilt for the parameters that step, and the
+    list path takes over once their step counts differ), and a ``state_dict`` saved mid-run and
+    loaded into a new optimizer that continues."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.torch import Optimizer
+
+    params, noise = _problem("torch")
+    masks = [(1, 1, 1, 1)] * 5 + [(1, 0, 1, 1)] * 2 + [(1, 1, 1, 1)] * 6
+    assert len(masks) == STEPS
+
+    def run(fast, reload_at: int | None = None):
+        tensors = [torch.nn.Parameter(p.clone()) for p in params]
+        torch_opt = Optimizer(tensors, _algorithms()[name](), fast=fast)
+        paths = []
+        for t in range(STEPS):
+            if t == reload_at:
+                saved = torch_opt.state_dict()
+                torch_opt = Optimizer(tensors, _algorithms()[name](), fast=fast)
+                torch_opt.load_state_dict(saved)
+            torch_opt.zero_grad()
+            for p, n, keep in zip(tensors, noise[t], masks[t]):
+                if keep:
+                    p.grad = _grad(p.detach(), n)
+            torch_opt.step()
+            paths.append(torch_opt.fast_path)
+        return [p.detach().numpy() for p in tensors], paths
+
+    expected, _ = run(False)
+    for reload_at in (None, 3):
+        got, paths = run({"block_size": 5}, reload_at)
+        assert paths[:5] == ["blocked"] * 5
+        assert max_rel_err(got, expected) <= 1e-12
