@@ -711,73 +711,39 @@ class FlatOptimizer:
         return [x for x in optree.tree_leaves(new_state) if x.ndim == 0]
 
     def _step_blocked(self, alpha: list | None, weight_decay: list | None) -> None:
-        """The update over blocks of each buffer, each block written before the next is computed.
-
-        Blockwise algorithms make no sum over elements: one pass. Others (one buffer, replayable
-        sums) try one pass that refuses sums (:class:`~adaptlr.backends.part_sums.NoSums`: AutoDrop
-        between epoch boundaries); a step that sums (the first block asks, before anything is
-        written) takes two passes: each block's partial sums, then every block with the whole sums.
-        """
-        from adaptlr.backends import part_sums
-
-        if self._blockwise:
-            self._blocks_pass(alpha, weight_decay, lambda: None)
-            return
-        try:
-            self._blocks_pass(alpha, weight_decay, lambda: part_sums.NoSums(self.xp))
-            return
-        except part_sums.SumsRequested:
-            pass
-        recorders = self._blocks_pass(alpha, weight_decay, lambda: part_sums.Recorder(self.xp), write=False)
-        sums = part_sums.whole_sums([r.partials for r in recorders])
-        self._blocks_pass(alpha, weight_decay, lambda: part_sums.Replayer(self.xp, sums))
-
-    def _blocks_pass(self, alpha: list | None, weight_decay: list | None, reducer: Callable[[], Any],
-                     write: bool = True) -> list:
-        """One pass over the blocks of every buffer, ``reducer()`` giving each block's reducer (None:
-        plain sums); returns them (a :class:`~adaptlr.backends.part_sums.Replayer` is checked to have
-        answered every sum). With ``write=False`` nothing is written (a first pass recording sums)."""
+        """The update over blocks of each buffer, each block written before the next is computed
+        (:func:`adaptlr.backends.part_sums.run_parts`): blockwise algorithms in one pass; the others
+        (one buffer, replayable sums) in one pass that refuses sums (AutoDrop between epoch
+        boundaries), or, where the step sums, in two (each block's partial sums, then every block
+        with the whole sums)."""
         from adaptlr.backends import part_sums
 
         xp, layout, block = self.xp, self._layout, self.block_size
         assert block is not None
-        used: list = []
-        written = False
-        for b, (bucket, state) in enumerate(zip(self._buckets, self.state)):
-            a = None if alpha is None else [alpha[b]]
-            wd = None if weight_decay is None else [weight_decay[b]]
-            size = bucket.size
-            last = None
-            for start in range(0, size, block):
-                stop = min(start + block, size)
-                chunk = optree.tree_map(
-                    lambda x, start=start, stop=stop: x[start:stop] if x.ndim == 1 else x, state
-                )
-                this = reducer()
-                try:
-                    updates, new_chunk = self.opt.update_leaves(
-                        xp, layout, [bucket.grads[start:stop]], chunk, [bucket.params[start:stop]],
-                        alpha=a, weight_decay=wd, reducer=this,
-                    )
-                except part_sums.SumsRequested as error:
-                    if written:  # every block runs the same operations: the first one asks
-                        raise RuntimeError("a block asked for a sum after earlier blocks were written") from error
-                    raise
-                used.append(this)
-                if isinstance(this, part_sums.Replayer):
-                    this.check_all_used()
-                if not write:
-                    continue
+        last: dict[int, Any] = {}  # per buffer: the new state of its last block written
+
+        def run_block(part: tuple[int, int, int], reducer: Any, write: bool) -> None:
+            b, start, stop = part
+            bucket, state = self._buckets[b], self.state[b]
+            chunk = optree.tree_map(lambda x: x[start:stop] if x.ndim == 1 else x, state)
+            updates, new_chunk = self.opt.update_leaves(
+                xp, layout, [bucket.grads[start:stop]], chunk, [bucket.params[start:stop]],
+                alpha=None if alpha is None else [alpha[b]],
+                weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
+            )
+            if write:
                 # Per-element fields: write the block now; 0-D fields (count, learning rate, the global
                 # scalars of the whole sums) are the same for every block and are written once, after
-                # the loop.
+                # the last.
                 _write_state(chunk, new_chunk, skip_scalars=True)
                 _add_into(bucket.params[start:stop], updates[0])
-                written = True
-                last = new_chunk
-            if last is not None:
-                _write_state(state, last, only_scalars=True)
-        return used
+                last[b] = new_chunk
+
+        blocks = [(b, start, min(start + block, bucket.size))
+                  for b, bucket in enumerate(self._buckets) for start in range(0, bucket.size, block)]
+        part_sums.run_parts(xp, blocks, run_block, "none" if self._blockwise else "try")
+        for b, new_state in last.items():
+            _write_state(self.state[b], new_state, only_scalars=True)
 
     def _step_per_tensor(self, alpha: Sequence[Any] | None, weight_decay: Sequence[float] | None) -> None:
         if alpha is not None:

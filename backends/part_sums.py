@@ -15,18 +15,20 @@ learning-rate-free bases' dot products and norms) all go through ``ctx.reduce.to
 - :class:`Replayer` (second pass) answers the ``k``-th sum with the whole model's ``k``-th sum,
   :func:`whole_sums` of the partials, and the part writes.
 
+:func:`run_parts` runs a step over its parts in one of these ways; the paths supply how one part runs.
+
 Two passes give the step of the whole model where no sum's terms depend on another sum of the same
 step (:func:`adaptlr.backends.fast.sums_replayable`); they double the step's arithmetic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from adaptlr._reduce import Reducer
 
-__all__ = ["NoSums", "Recorder", "Replayer", "SumsRequested", "whole_sums"]
+__all__ = ["NoSums", "Recorder", "Replayer", "SumsRequested", "run_parts", "whole_sums"]
 
 
 class SumsRequested(Exception):
@@ -98,3 +100,47 @@ def whole_sums(partials: list[list]) -> list:
     for part in partials[1:]:
         sums = [a + b for a, b in zip(sums, part)]
     return sums
+
+
+def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | None, bool], None],
+              sums: str) -> None:
+    """One step over ``parts``, each part written before the next is computed.
+
+    Args:
+        xp: the array namespace of the parts' arrays (the reducers' sums).
+        parts: the parts, in order.
+        run_part: ``run_part(part, reducer, write)`` runs the step on ``part`` with ``reducer`` as its
+            ``ctx.reduce`` (None: plain sums) and writes its results where ``write`` is true.
+        sums: ``"none"`` (the step makes no sum over elements: one pass); ``"replay"`` (two passes:
+            :class:`Recorder`, then :class:`Replayer` with the :func:`whole_sums`); ``"try"`` (one pass
+            with :class:`NoSums`; a step that sums makes its first part ask before anything is
+            written, and then takes the two passes).
+    """
+    if sums not in ("none", "replay", "try"):
+        raise ValueError(f"sums must be 'none', 'replay' or 'try', got {sums!r}")
+    if sums == "none":
+        for part in parts:
+            run_part(part, None, True)
+        return
+    if sums == "try":
+        try:
+            for k, part in enumerate(parts):
+                try:
+                    run_part(part, NoSums(xp), True)
+                except SumsRequested as error:
+                    if k:  # every part runs the same operations: the first one asks
+                        raise RuntimeError("a part asked for a sum after earlier parts were written") from error
+                    raise
+            return
+        except SumsRequested:
+            pass
+    recorders = []
+    for part in parts:  # first pass: each part's partial sums, nothing written
+        recorder = Recorder(xp)
+        run_part(part, recorder, False)
+        recorders.append(recorder)
+    sums_of_model = whole_sums([r.partials for r in recorders])
+    for part in parts:
+        replayer = Replayer(xp, sums_of_model)
+        run_part(part, replayer, True)
+        replayer.check_all_used()

@@ -586,23 +586,15 @@ class Optimizer(torch.optim.Optimizer):
                        and float(lr) == float(lrs[0])) for lr in lrs)
         chunks, two_pass = self._foreach_plan(active, members, entries, per_element, one_rate)
         written = False
+
+        def run_chunk(chunk: list, reducer: Any, write: bool) -> None:
+            nonlocal written
+            self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
+                                reducer, new_global if write else None, new_rates if write else None)
+            written = written or write
+
         try:
-            sums = None
-            if two_pass:  # first pass: each chunk's partial sums, nothing written
-                partials = []
-                for chunk in chunks:
-                    recorder = part_sums.Recorder(foreach.namespace)
-                    self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha,
-                                        decay, recorder)
-                    partials.append(recorder.partials)
-                sums = part_sums.whole_sums(partials)
-            for chunk in chunks:
-                replayer = None if sums is None else part_sums.Replayer(foreach.namespace, sums)
-                self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
-                                    replayer, new_global, new_rates)
-                written = True
-                if replayer is not None:
-                    replayer.check_all_used()
+            part_sums.run_parts(foreach.namespace, chunks, run_chunk, "replay" if two_pass else "none")
         except NotImplementedError:
             # An operation with no list form: the first update meets it, before anything is written
             # (every chunk runs the same operations). The list path from now on.

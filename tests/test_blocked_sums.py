@@ -175,7 +175,7 @@ def test_a_sum_asked_for_after_blocks_were_written_is_an_error() -> None:
     opt = adaptlr.adamw().wrapped(_SumsInShortBlocks())
     fo = FlatOptimizer(opt, [np.ones(2 * BLOCK + 3)], block_size=BLOCK)
     assert fo.mode == "blocked"
-    with pytest.raises(RuntimeError, match="after earlier blocks were written"):
+    with pytest.raises(RuntimeError, match="after earlier parts were written"):
         fo.step([np.ones(2 * BLOCK + 3)])
 
 
@@ -197,6 +197,8 @@ def test_replayer_and_recorder_check_the_calls() -> None:
     assert part_sums.whole_sums([[1.0, 2.0], [3.0, 4.0]]) == [4.0, 6.0]
     with pytest.raises(RuntimeError, match="different numbers"):
         part_sums.whole_sums([[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="sums must be"):
+        part_sums.run_parts(xp, [], lambda part, reducer, write: None, "twice")
 
 
 def test_blocked_autodrop_peak_is_blocks_not_the_model() -> None:
