@@ -83,8 +83,9 @@ class ActiveLR(Adaptation):
     def step(self, ctx: StepContext, size: StepSize, state: ActiveState) -> tuple[StepSize, ActiveState]:
         xp, layout, scalars, S = ctx.xp, ctx.layout, ctx.scalars, self.steps_per_epoch
         t = ctx.count
-        epoch_end = (t % S) == 0
-        adjust = xp.logical_and(epoch_end, (t // S) >= 2)  # t ≥ 2S, without forming 2S in int32
+        epoch_end = scalars.per_step(("epoch_end", S), lambda: (t % S) == 0)
+        # t ≥ 2S, without forming 2S in int32
+        adjust = scalars.per_step(("epoch_end_adjust", S), lambda: xp.logical_and(epoch_end, (t // S) >= 2))
 
         gammas = layout.leaves(state.gamma, "state.gamma")
         sums = [c + g for c, g in zip(layout.leaves(state.epoch_grad_sum, "state.epoch_grad_sum"), ctx.grads)]

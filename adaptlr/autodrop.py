@@ -253,7 +253,7 @@ class AutoDrop(Adaptation):
         xp, layout, scalars, S = ctx.xp, ctx.layout, ctx.scalars, self.steps_per_epoch
         acc = state.kappa.dtype
         t = ctx.count
-        epoch_start = (t - 1) % S == 0
+        epoch_start = scalars.per_step(("epoch_start", S), lambda: (t - 1) % S == 0)
 
         xs = ctx.params
         old = state.detector

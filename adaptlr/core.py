@@ -172,12 +172,42 @@ class Scalars:
         self.t = xp.astype(count, self.wide)
         self._cache: dict = {}
 
+    @classmethod
+    def of_step(cls, xp: Any, state: OptimizerState, params: Sequence[Array]) -> Scalars:
+        """The scalars of the step that ``update_leaves(..., state, params)`` takes (count ``t + 1``).
+
+        An execution path that runs one step over parts of the params (blocks of a flat buffer)
+        makes them once and passes them to every part's ``update_leaves``, so the step scalars are
+        computed once per step, not once per part. Only within one pass over the parts: a value
+        cached from a sum (AutoDrop's κ) is the whole model's only where the sums are.
+        """
+        return cls(xp, next_count(xp, state.count), scalar_device(params[0]))
+
+    def with_count(self, count: Array) -> Scalars:
+        """The scalars of the same step for another count (the torch adapter's per-parameter step
+        counts), made once per count array and kept with these: the parts of one step that share
+        these scalars share those too."""
+        made = self._cache.setdefault("with_count", [])  # by identity, not id(): torch.compile guards on ids
+        for scalars in made:
+            if scalars.count is count:
+                return scalars
+        made.append(Scalars(self.xp, count, self.device))
+        return made[-1]
+
     def constant(self, value: float, dtype: Any) -> Array:
         key = (value, dtype)
         found = self._cache.get(key)
         if found is None:
             found = self._cache[key] = self.xp.asarray(value, dtype=dtype, device=self.device)
         return found
+
+    def per_step(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, a 0-D function of the step count and hyper-parameters only (an epoch-boundary
+        test), computed once per step under ``key`` (hashable; it names the hyper-parameters)."""
+        key = ("per_step", key)
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     def per_dtype(self, name: str, dtype: Any, make: Callable[[Any], Any]) -> Any:
         """``make(dtype)``, computed once per step and dtype under ``name``."""
@@ -282,9 +312,21 @@ class Adaptation(abc.ABC):
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> NamedTuple:
         """The state before the first step (``alpha``: the learning rate of the first step)."""
 
+    def before_direction(self, ctx: StepContext, state: NamedTuple) -> NamedTuple:
+        """The work of this step that needs only its inputs, done before the base direction.
+
+        ``ctx`` has the gradients, parameters and learning rates (``ctx.directions`` is still
+        empty); the state returned here is the one :meth:`step` gets. An adaptation whose sums
+        over elements need nothing else (HD's ``⟨g_t, d_{t-1}⟩``, EG's ``⟨v_{t-1}, g_t⟩``) makes
+        them here, so that a path that runs one step over parts in two passes
+        (:mod:`adaptlr.backends.part_sums`), which ends a part's first pass at its last sum, reads
+        only what the sums read in that pass. Default: ``state`` unchanged.
+        """
+        return state
+
     @abc.abstractmethod
     def step(self, ctx: StepContext, size: StepSize, state: NamedTuple) -> tuple[StepSize, NamedTuple]:
-        """The step size of this step and the new state."""
+        """The step size of this step and the new state (from the state :meth:`before_direction` gave)."""
 
     # An adaptation may also define ``guard(ctx, state, new_state, updates, index)`` returning
     # ``(updates, new_state)``: called once the whole step is computed, with the old and new
@@ -451,20 +493,23 @@ class Optimizer:
         alpha: list | None = None,
         weight_decay: Sequence[float] | None = None,
         reducer: Reducer | None = None,
+        scalars: Scalars | None = None,
     ) -> tuple[list, OptimizerState]:
         """One step on leaf lists, without argument checks.
 
         ``alpha`` (0-D arrays per leaf) and ``weight_decay`` (floats per leaf) override the base's
         learning rate and weight decay: the torch adapter passes its param groups' values here.
         ``reducer`` completes sums over sharded parameters (default: plain ``xp.sum``).
+        ``scalars``: this step's :meth:`Scalars.of_step`, shared by the parts of one step (default:
+        made here).
         """
         base = self.base
         caller_params = params
         params = self._in_state_dtype(xp, params)
         grads = self._in_state_dtype(xp, grads)
-        device = scalar_device(params[0])
-        count = next_count(xp, state.count)
-        scalars = Scalars(xp, count, device)
+        if scalars is None:
+            scalars = Scalars.of_step(xp, state, params)
+        count = scalars.count
         if alpha is None:
             # A schedule, or a 0-D array that may change between steps (optax.inject_hyperparams).
             if not isinstance(base.learning_rate, float):
@@ -479,10 +524,11 @@ class Optimizer:
         objective_grads = [g + lam * p if lam else g for g, p, lam in zip(grads, params, coupled)]
         ctx = StepContext(xp, layout, count, grads, objective_grads, [], params, alpha, scalars,
                           reducer or Reducer(xp))
+        prepared = [a.before_direction(ctx, s) for a, s in zip(self.adaptations, state.adaptations)]
         directions, size, base_state = base.step(ctx, StepSize.of(alpha), state.base)
         ctx = ctx._replace(directions=directions)
         adaptation_states = []
-        for adaptation, adaptation_state in zip(self.adaptations, state.adaptations):
+        for adaptation, adaptation_state in zip(self.adaptations, prepared):
             size, adaptation_state = adaptation.step(ctx, size, adaptation_state)
             adaptation_states.append(adaptation_state)
 

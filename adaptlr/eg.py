@@ -82,6 +82,8 @@ class EGStepSize(Adaptation):
     # sums through ctx.reduce.total, none depending on another: replayable over chunks
     # (adaptlr.backends.fast.sums_replayable)
     replayable_sums = True
+    # ... and all in before_direction, from the step's inputs (adaptlr.backends.fast.sums_cheaply)
+    sums_before_direction = True
 
     def __init__(
         self,
@@ -114,12 +116,31 @@ class EGStepSize(Adaptation):
             prev_step=layout.tree([xp.zeros_like(p) for p in params]),
         )
 
+    def before_direction(self, ctx: StepContext, state: EGState) -> EGState:
+        """``s_t`` from ``s_{t-1}``, ``v_{t-1}`` and the gradient: the sums read nothing else."""
+        xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
+        grads = ctx.objective_grads
+        prev_steps = layout.leaves(state.prev_step, "state.prev_step")
+        # s_t = s_{t-1} · exp(clip(γ_s · ⟨v_{t-1}, g_t⟩))
+        if self.scale == "global":
+            acc = state.scale.dtype
+            alignment = ctx.reduce.total((pv * g for pv, g in zip(prev_steps, grads, strict=True)), acc)
+            return state._replace(
+                scale=state.scale * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, acc) * alignment)))
+        wide_lr = scalars.constant(self.scale_lr, scalars.wide)  # ⟨v, g⟩ and exp in the widest float
+        scales = [
+            s * xp.astype(xp.exp(self._clip(ctx, wide_lr * ctx.reduce.leaf_sum(i, pv * g, dtype=scalars.wide))),
+                          s.dtype)
+            for i, (s, pv, g) in enumerate(zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads,
+                                               strict=True))
+        ]
+        return state._replace(scale=layout.tree(scales))
+
     def step(self, ctx: StepContext, size: StepSize, state: EGState) -> tuple[StepSize, EGState]:
         xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
         grads = ctx.objective_grads
         gains = layout.leaves(state.gain, "state.gain")
         grad_emas = layout.leaves(state.grad_ema, "state.grad_ema")
-        prev_steps = layout.leaves(state.prev_step, "state.prev_step")
 
         # p_t = p_{t-1} ⊙ exp(clip(γ_p · m_{t-1} ⊙ g_t))
         gains = [
@@ -127,23 +148,12 @@ class EGStepSize(Adaptation):
             for p, m, g in zip(gains, grad_emas, grads, strict=True)
         ]
 
-        # s_t = s_{t-1} · exp(clip(γ_s · ⟨v_{t-1}, g_t⟩))
+        # s_t (before_direction), in each gradient's dtype
         if self.scale == "global":
-            acc = state.scale.dtype
-            alignment = ctx.reduce.total((pv * g for pv, g in zip(prev_steps, grads, strict=True)), acc)
-            new_scale = state.scale * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, acc) * alignment))
-            by_dtype = {dt: xp.astype(new_scale, dt) for dt in {g.dtype for g in grads}}  # not scalars' cache:
+            by_dtype = {dt: xp.astype(state.scale, dt) for dt in {g.dtype for g in grads}}  # not scalars' cache:
             scales = [by_dtype[g.dtype] for g in grads]  # another EG in the same optimizer has its own s
-            scale_state = new_scale
         else:
-            wide_lr = scalars.constant(self.scale_lr, scalars.wide)  # ⟨v, g⟩ and exp in the widest float
-            scales = [
-                s * xp.astype(xp.exp(self._clip(ctx, wide_lr * ctx.reduce.leaf_sum(i, pv * g, dtype=scalars.wide))),
-                              s.dtype)
-                for i, (s, pv, g) in enumerate(zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads,
-                                                   strict=True))
-            ]
-            scale_state = layout.tree(scales)
+            scales = layout.leaves(state.scale, "state.scale")
 
         # v_t = α·κ_in · p_t ⊙ d_t
         prev_steps = [a * p * d for a, p, d in zip(size.effective(), gains, ctx.directions, strict=True)]
@@ -155,7 +165,7 @@ class EGStepSize(Adaptation):
             for m, g in zip(grad_emas, grads, strict=True)
         ]
 
-        new_state = EGState(scale_state, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
+        new_state = EGState(state.scale, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
         factors = [s * p for s, p in zip(scales, gains, strict=True)]
         return size.scaled(factors, weight_decay_too=self.scale_weight_decay), new_state
 

@@ -80,6 +80,8 @@ class Hypergradient(Adaptation):
     # sums through ctx.reduce.total, none depending on another: replayable over chunks
     # (adaptlr.backends.fast.sums_replayable)
     replayable_sums = True
+    # ... and all in before_direction, from the step's inputs (adaptlr.backends.fast.sums_cheaply)
+    sums_before_direction = True
 
     def __init__(
         self, hyper_lr: float, mode: str, granularity: str, min_lr: float | None, max_lr: float | None
@@ -109,41 +111,43 @@ class Hypergradient(Adaptation):
             lr = layout.tree([a * xp.ones_like(p) for a, p in zip(alpha, params, strict=True)])
         return HypergradientState(lr, layout.tree([xp.zeros_like(p) for p in params]))
 
-    def step(
-        self, ctx: StepContext, size: StepSize, state: HypergradientState
-    ) -> tuple[StepSize, HypergradientState]:
+    def before_direction(self, ctx: StepContext, state: HypergradientState) -> HypergradientState:
+        """``a_t`` from ``a_{t-1}``, the gradient and ``d_prev``: the sums read nothing else."""
         xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
         grads = ctx.objective_grads
         d_prev = layout.leaves(state.d_prev, "state.d_prev")
         multiplicative = self.mode == "multiplicative"
 
         if self.granularity == "global":
-            lr = state.lr
             acc = scalars.wide
             total = ctx.reduce.total
             h = total((g * d for g, d in zip(grads, d_prev, strict=True)), acc)
             if multiplicative:
                 h = _cosine(xp, h, total((g * g for g in grads), acc), total((d * d for d in d_prev), acc))
-            lr = self._adapt(xp, lr, xp.astype(h, lr.dtype), scalars)
-            lrs = [xp.astype(lr, g.dtype) for g in grads]
-            new_lr = lr
-        else:
-            lrs = []
-            for i, (a, g, d) in enumerate(zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True)):
-                if self.granularity == "tensor":  # sums in the widest float, then the state dtype
-                    wide, leaf_sum = scalars.wide, ctx.reduce.leaf_sum
-                    h = leaf_sum(i, g * d, dtype=wide)
-                    if multiplicative:
-                        h = _cosine(xp, h, leaf_sum(i, g * g, dtype=wide), leaf_sum(i, d * d, dtype=wide))
-                    h = xp.astype(h, a.dtype)
-                else:
-                    h = xp.sign(g * d) if multiplicative else g * d
-                lrs.append(self._adapt(xp, a, h, scalars))
-            new_lr = layout.tree(lrs)
+            return state._replace(lr=self._adapt(xp, state.lr, xp.astype(h, state.lr.dtype), scalars))
+        lrs = []
+        for i, (a, g, d) in enumerate(zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True)):
+            if self.granularity == "tensor":  # sums in the widest float, then the state dtype
+                wide, leaf_sum = scalars.wide, ctx.reduce.leaf_sum
+                h = leaf_sum(i, g * d, dtype=wide)
+                if multiplicative:
+                    h = _cosine(xp, h, leaf_sum(i, g * g, dtype=wide), leaf_sum(i, d * d, dtype=wide))
+                h = xp.astype(h, a.dtype)
+            else:
+                h = xp.sign(g * d) if multiplicative else g * d
+            lrs.append(self._adapt(xp, a, h, scalars))
+        return state._replace(lr=layout.tree(lrs))
 
+    def step(
+        self, ctx: StepContext, size: StepSize, state: HypergradientState
+    ) -> tuple[StepSize, HypergradientState]:
+        if self.granularity == "global":
+            lrs = [ctx.xp.astype(state.lr, g.dtype) for g in ctx.objective_grads]
+        else:
+            lrs = ctx.layout.leaves(state.lr, "state.lr")
         # The step is -a·κ ⊙ d, so the direction a multiplies (what the next H needs) is κ ⊙ d.
         new_d_prev = [d if k is None else k * d for k, d in zip(size.kappa, ctx.directions, strict=True)]
-        return size._replace(alpha=tuple(lrs)), HypergradientState(new_lr, layout.tree(new_d_prev))
+        return size._replace(alpha=tuple(lrs)), state._replace(d_prev=ctx.layout.tree(new_d_prev))
 
     def _adapt(self, xp: Any, a: Any, h: Any, scalars: Any) -> Any:
         """``a + β·H`` or ``a·(1 + β·cos)``, then clipped to ``[min_lr, max_lr]``."""

@@ -36,16 +36,24 @@ import array_api_compat
 import optree
 
 from adaptlr._tree import Layout
-from adaptlr.core import Optimizer, OptimizerState, apply_updates
+from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
 __all__ = [
-    "FlatOptimizer", "ListLayout", "flat_safety", "jit_step", "jit_update", "partitionable", "recommended_options",
-    "sums_rarely", "sums_replayable", "tensorwise",
+    "CPU_BLOCK_LIVE_TEMPORARIES", "FlatOptimizer", "ListLayout", "cpu_block_size", "flat_safety", "jit_step",
+    "jit_update", "partitionable", "recommended_options", "sums_cheaply", "sums_rarely", "sums_replayable",
+    "tensorwise",
 ]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
 # Bytes of params up to which whole flat buffers pay off on CPU (temporaries below glibc's mmap threshold).
 _CPU_FLAT_BYTES_LIMIT = 16 << 20
+# The most block-sized temporaries alive at once in a blocked torch step, over every registered algorithm
+# that takes blocks on the CPU by default, ordinary and epoch-boundary steps (adaptlr.backends.bench's peak
+# counter: AdamW 8, ActiveLR(AdamW) 11 and 15 at a boundary, DSA per element 15, AutoDrop(ActiveLR) 16;
+# tests/test_fast_paths.py checks the bound).
+CPU_BLOCK_LIVE_TEMPORARIES = 16
+_CPU_BLOCK_LARGE = 1 << 18  # elements: the fastest block size measured on large models (torch, ResNet-18)
+_CPU_BLOCK_QUANTUM = 1 << 14
 _BASE_MODULES = {"adaptlr.sgd", "adaptlr.adam", "adaptlr.radam", "adaptlr.adabelief"}
 
 
@@ -159,6 +167,19 @@ def sums_rarely(opt: Optimizer) -> bool:
     return bool(summing) and all(getattr(a, "sums_every_step", True) is False for a in summing)
 
 
+def sums_cheaply(opt: Optimizer) -> bool:
+    """Whether a step of ``opt`` over blocks in two passes costs about one: its sums are replayable
+    and made only on some steps (:func:`sums_rarely`) or before the base direction, from the step's
+    inputs (every part that sums declares ``sums_before_direction = True``: HD and EG global,
+    :meth:`adaptlr.core.Adaptation.before_direction`), so the first pass over a block stops after
+    reading what its sums read (:mod:`adaptlr.backends.part_sums`)."""
+    if not sums_replayable(opt) or not getattr(opt.base, "blockwise", True):
+        return False
+    summing = [a for a in opt.adaptations if not _sums_nothing(a)]
+    return bool(summing) and all(getattr(a, "sums_every_step", True) is False
+                                 or getattr(a, "sums_before_direction", False) for a in summing)
+
+
 def tensorwise(opt: Optimizer) -> bool:
     """Whether ``opt``'s step on a list of tensors is the same run on sublists of whole tensors, one
     after the other with the old 0-D global values: nothing sums across tensors (the torch adapter's
@@ -208,13 +229,16 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
       the OS every step (ResNet-18 shapes, torch: AutoDrop 581 ms flat vs 156 ms per tensor), so
       only blocks help (blockwise algorithms; larger blocks than for a small model); the others
       keep the per-tensor path.
-    - CPU, larger model, algorithms that sum only on some steps (:func:`sums_rarely`: AutoDrop):
-      blocks too, in two passes on those steps (ResNet-18 shapes, torch: AutoDrop 1.05–1.1× blocked
-      AdamW, about the per-tensor path's time, peak temporaries 1.0× the largest tensor instead of
-      21.6×). Not for those that sum on every step (HD/EG global, the learning-rate-free bases):
-      two passes every step cost 1.5–2× the per-tensor path's time. Blocks with sums need one
-      buffer (one param group, dtype and device); :class:`FlatOptimizer` takes whole buffers
-      otherwise.
+    - CPU, larger model, algorithms whose two passes cost about one (:func:`sums_cheaply`: AutoDrop
+      sums only at epoch boundaries, HD and EG global only before the base direction): blocks too
+      (ResNet-18 shapes, torch: AutoDrop 1.05–1.1× blocked AdamW, HD 1.03× and EG 0.97× their
+      per-tensor path's time, peak temporaries 0.5–1.0× the largest tensor instead of 21.6–42×).
+      Not the learning-rate-free bases, whose sums come after most of their step: two passes
+      cost 1.5× the per-tensor path's time. Blocks with sums need one buffer (one param group,
+      dtype and device); :class:`FlatOptimizer` takes whole buffers otherwise.
+    - CPU, larger model, torch: 256K-element blocks, smaller where the model's largest tensor is
+      below :data:`CPU_BLOCK_LIVE_TEMPORARIES` such blocks, so that the step's temporaries stay
+      within the largest tensor (:func:`cpu_block_size`; ResNet-18 shapes: 144K).
     - JAX params: None (use :func:`jit_step`).
 
     Args:
@@ -232,13 +256,24 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     sizes = [math.prod(p.shape) for p in params]
     total_bytes = sum(n * getattr(p.dtype, "itemsize", 8) for n, p in zip(sizes, params))
     small_model = total_bytes <= _CPU_FLAT_BYTES_LIMIT
-    if not blockwise and (small_model or not sums_rarely(opt)):
+    if not blockwise and (small_model or not sums_cheaply(opt)):
         return {} if small_model else None
     # Block sizes measured on the 2-core VM (docs/performance.md): larger blocks amortise the
     # per-operation cost of eager evaluation on large models; small models prefer smaller ones.
     if _is_torch(params[0]):
-        return {"block_size": (1 << 17) if small_model else (1 << 18)}
+        return {"block_size": (1 << 17) if small_model else cpu_block_size(max(sizes))}
     return {"block_size": (1 << 15) if small_model else (1 << 17)}
+
+
+def cpu_block_size(largest: int) -> int:
+    """Elements per block of torch's blocked CPU path on a large model whose largest tensor has
+    ``largest`` elements: at most 256K, and at most ``largest / CPU_BLOCK_LIVE_TEMPORARIES`` (a
+    multiple of 16K, at least 16K), so the temporaries alive at once take no more memory than the
+    largest tensor (issue 20's target 5). Smaller blocks cost per-operation overhead (each block
+    pays the update's Python and dispatch work; the step scalars are computed once per step,
+    :meth:`adaptlr.core.Scalars.of_step`)."""
+    fitting = largest // CPU_BLOCK_LIVE_TEMPORARIES // _CPU_BLOCK_QUANTUM * _CPU_BLOCK_QUANTUM
+    return max(_CPU_BLOCK_QUANTUM, min(_CPU_BLOCK_LARGE, fitting))
 
 
 # -- JAX ---------------------------------------------------------------------------------------
@@ -721,15 +756,22 @@ class FlatOptimizer:
         xp, layout, block = self.xp, self._layout, self.block_size
         assert block is not None
         last: dict[int, Any] = {}  # per buffer: the new state of its last block written
+        # Per pass (the reducer's kind) and buffer: the step's scalars, computed for its first block
+        # and reused by the others (not across passes: the first pass's sums are partial).
+        step_scalars: dict[tuple, Scalars] = {}
 
         def run_block(part: tuple[int, int, int], reducer: Any, write: bool) -> None:
             b, start, stop = part
             bucket, state = self._buckets[b], self.state[b]
+            key = (type(reducer), b)
+            if key not in step_scalars:
+                step_scalars[key] = Scalars.of_step(xp, state, [bucket.params])
             chunk = optree.tree_map(lambda x: x[start:stop] if x.ndim == 1 else x, state)
             updates, new_chunk = self.opt.update_leaves(
                 xp, layout, [bucket.grads[start:stop]], chunk, [bucket.params[start:stop]],
                 alpha=None if alpha is None else [alpha[b]],
                 weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
+                scalars=step_scalars[key],
             )
             if write:
                 # Per-element fields: write the block now; 0-D fields (count, learning rate, the global

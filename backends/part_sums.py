@@ -11,14 +11,16 @@ learning-rate-free bases' dot products and norms) all go through ``ctx.reduce.to
 - :class:`NoSums` raises :class:`SumsRequested` at the first sum: a step that makes none (AutoDrop
   between epoch boundaries, where the boundary is a host value) runs in one pass; the first part
   raises before anything is written, and the path takes two passes instead;
-- :class:`Recorder` (first pass) keeps each part's partial sums and the part writes nothing;
+- :class:`Recorder` (first pass) keeps each part's partial sums and the part writes nothing; from
+  the second part on, it stops the part at its last sum (:class:`PartSummed`);
 - :class:`Replayer` (second pass) answers the ``k``-th sum with the whole model's ``k``-th sum,
   :func:`whole_sums` of the partials, and the part writes.
 
 :func:`run_parts` runs a step over its parts in one of these ways; the paths supply how one part runs.
 
 Two passes give the step of the whole model where no sum's terms depend on another sum of the same
-step (:func:`adaptlr.backends.fast.sums_replayable`); they double the step's arithmetic.
+step (:func:`adaptlr.backends.fast.sums_replayable`); they repeat the step's arithmetic up to its
+last sum.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from adaptlr._reduce import Reducer
 
-__all__ = ["NoSums", "Recorder", "Replayer", "SumsRequested", "run_parts", "whole_sums"]
+__all__ = ["NoSums", "PartSummed", "Recorder", "Replayer", "SumsRequested", "run_parts", "whole_sums"]
 
 
 class SumsRequested(Exception):
@@ -53,18 +55,31 @@ class NoSums(_PartSums):
         raise SumsRequested("this step sums over elements")
 
 
+class PartSummed(Exception):
+    """A :class:`Recorder` has the part's last partial sum: the rest of its first pass is not needed."""
+
+
 class Recorder(_PartSums):
-    """The first pass over a part: each ``total`` is this part's partial sum, kept in ``partials``."""
+    """The first pass over a part: each ``total`` is this part's partial sum, kept in ``partials``.
 
-    __slots__ = ("partials",)
+    ``sums``: how many sums the step makes (known once the first part has run to its end); the
+    ``sums``-th one raises :class:`PartSummed` instead of returning, so the part's first pass
+    stops there (what follows its last sum is computed in the second pass only). None: run to
+    the end.
+    """
 
-    def __init__(self, xp: Any) -> None:
+    __slots__ = ("partials", "sums")
+
+    def __init__(self, xp: Any, sums: int | None = None) -> None:
         super().__init__(xp)
         self.partials: list = []
+        self.sums = sums
 
     def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
         part = super().total(terms, dtype)
         self.partials.append(part)
+        if len(self.partials) == self.sums:
+            raise PartSummed
         return part
 
 
@@ -134,10 +149,15 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
             return
         except SumsRequested:
             pass
-    recorders = []
+    recorders: list[Recorder] = []
     for part in parts:  # first pass: each part's partial sums, nothing written
-        recorder = Recorder(xp)
-        run_part(part, recorder, False)
+        # Every part makes the sums the first one made (the same operations): from the second part
+        # on, the pass stops at the last of them.
+        recorder = Recorder(xp, len(recorders[0].partials) if recorders else None)
+        try:
+            run_part(part, recorder, False)
+        except PartSummed:
+            pass
         recorders.append(recorder)
     sums_of_model = whole_sums([r.partials for r in recorders])
     for part in parts:

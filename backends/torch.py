@@ -103,7 +103,9 @@ class Optimizer(torch.optim.Optimizer):
 
             - ``"auto"`` (default, also ``True``): on a GPU, ``"foreach"`` for every flat-safe
               algorithm; on the CPU, where :func:`~adaptlr.backends.fast.recommended_options`
-              finds one (elementwise algorithms; flat-safe ones up to 16 MiB of parameters), the
+              finds one (elementwise algorithms; flat-safe ones up to 16 MiB of parameters, and
+              above, on blocks, those whose sums are cheap to make first: AutoDrop, HD and EG
+              global, :func:`~adaptlr.backends.fast.sums_cheaply`), the
               update runs on flat buffers of a :class:`~adaptlr.backends.fast.FlatOptimizer` that
               hold the state: the parameters and gradients are copied in (one
               ``torch._foreach_copy_`` each) and the new values copied back; elsewhere the list

@@ -81,10 +81,10 @@ class PerParameterSteps(BaseDirection):
         if steps is None:
             return self.base.direction(grads, state, scalars, layout)
         if not isinstance(steps, list):
-            return self.base.direction(grads, state, Scalars(scalars.xp, steps, scalars.device), layout)
+            return self.base.direction(grads, state, scalars.with_count(steps), layout)
         groups = by_identity(steps)
         if len(groups) == 1:
-            return self.base.direction(grads, state, Scalars(scalars.xp, steps[0], scalars.device), layout)
+            return self.base.direction(grads, state, scalars.with_count(steps[0]), layout)
         fields = list(state)
         if any(f is not None and not isinstance(f, list) for f in fields):
             raise TypeError(f"{self.name}: per-parameter step counts need a state of per-leaf lists")
@@ -93,7 +93,7 @@ class PerParameterSteps(BaseDirection):
         for count, members in groups:
             sub_state = type(state)(*[None if f is None else [f[i] for i in members] for f in fields])
             sub_directions, sub_new = self.base.direction(
-                [grads[i] for i in members], sub_state, Scalars(scalars.xp, count, scalars.device),
+                [grads[i] for i in members], sub_state, scalars.with_count(count),
                 ListLayout(len(members)))
             for k, i in enumerate(members):
                 directions[i] = sub_directions[k]

@@ -8,13 +8,15 @@ epoch boundaries, on NumPy and torch, through the torch adapter's default path.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
 import adaptlr
 from adaptlr.backends import part_sums
 from adaptlr.backends.bench import _tracemalloc_peak
-from adaptlr.backends.fast import FlatOptimizer, recommended_options, sums_rarely, sums_replayable
+from adaptlr.backends.fast import FlatOptimizer, recommended_options, sums_cheaply, sums_rarely, sums_replayable
 from adaptlr.core import Adaptation
 from tests.conftest import max_rel_err
 
@@ -139,6 +141,43 @@ def test_autodrop_sums_only_at_boundaries_and_takes_two_passes_only_there() -> N
     assert _passes(_algorithms()["schedule_free_adamw"](), 3) == [blocks] * 3
 
 
+def _directions_per_step(opt, steps: int = 3) -> list[int]:
+    """Base directions computed per step of a blocked run (calls of the base's ``direction``)."""
+    params, noise = _problem()
+    fo = FlatOptimizer(opt, params, block_size=BLOCK)
+    calls = []
+    direction = fo.opt.base.direction
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return direction(*args, **kwargs)
+
+    fo.opt.base.direction = counted
+    per_step = []
+    for t in range(steps):
+        calls.clear()
+        fo.step([_grad(p, n) for p, n in zip(fo.params, noise[t])])
+        per_step.append(len(calls))
+    return per_step
+
+
+def test_sums_before_the_direction_end_the_first_pass_before_it() -> None:
+    """HD and EG global sum in ``before_direction``: from the second block on, the first pass stops
+    there, so a step computes the base direction once per block plus once (the first block's first
+    pass, which runs to its end to count the sums); AutoDrop's boundary sums come after it."""
+    blocks = -(-sum(int(np.prod(s)) for s in SHAPES) // BLOCK)  # 10
+    for name in ("hd_global(adamw)", "eg_global(sgd)"):
+        opt = _algorithms()[name]()
+        assert sums_cheaply(opt) and not sums_rarely(opt), name
+        assert _directions_per_step(opt) == [blocks + 1] * 3, name
+    autodrop = _algorithms()["autodrop(adamw)"]()
+    assert sums_cheaply(autodrop)
+    # a boundary: the first block's refused pass, a first pass that reaches the sums, the second
+    assert _directions_per_step(autodrop, EPOCH + 1) == [2 * blocks + 1 if t % EPOCH == 0 else blocks
+                                                         for t in range(EPOCH + 1)]
+    assert not sums_cheaply(_algorithms()["prodigy"]())  # its sums come after most of its step
+
+
 def test_blocks_with_sums_need_one_buffer_and_replayable_sums() -> None:
     params = [np.ones(5), np.ones(4, dtype=np.float32)]  # two dtypes: two buffers
     assert FlatOptimizer(_algorithms()["autodrop(adamw)"](), params, block_size=3).mode == "flat"
@@ -199,6 +238,24 @@ def test_replayer_and_recorder_check_the_calls() -> None:
         part_sums.whole_sums([[1.0], [1.0, 2.0]])
     with pytest.raises(ValueError, match="sums must be"):
         part_sums.run_parts(xp, [], lambda part, reducer, write: None, "twice")
+
+
+def test_the_first_pass_stops_each_later_part_at_its_last_sum() -> None:
+    """The first part's first pass runs to its end (it tells how many sums a part makes); the later
+    parts' first passes stop at their last sum; every part's second pass runs whole, with the whole sums."""
+    xp = np
+    ran: list = []
+
+    def run_part(part: int, reducer: Any, write: bool) -> None:
+        first = reducer.total([np.full(2, float(part))])
+        ran.append(("between", part, write))
+        second = reducer.total([np.ones(part)])
+        ran.append(("after", part, write, float(first), float(second)))
+
+    part_sums.run_parts(xp, [1, 2, 3], run_part, "replay")
+    assert ran == [("between", 1, False), ("after", 1, False, 2.0, 1.0),  # the first part: to its end
+                   ("between", 2, False), ("between", 3, False),  # the others: up to their 2nd sum
+                   *[x for p in (1, 2, 3) for x in (("between", p, True), ("after", p, True, 12.0, 6.0))]]
 
 
 def test_blocked_autodrop_peak_is_blocks_not_the_model() -> None:

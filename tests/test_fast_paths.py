@@ -7,14 +7,17 @@ compiled or jitted graph), so float64 results agree to rounding (≤ 1e-12 relat
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
 
 import adaptlr
-from adaptlr.backends.fast import FlatOptimizer, flat_safety, jit_step, jit_update
+from adaptlr.backends.fast import FlatOptimizer, flat_safety, jit_step, jit_update, sums_cheaply
 from adaptlr.core import Adaptation
 from tests.conftest import max_rel_err
 
@@ -368,7 +371,8 @@ def test_recommended_options_cpu_by_model_size() -> None:
     torch = pytest.importorskip("torch")
     from adaptlr.backends.fast import _CPU_FLAT_BYTES_LIMIT, recommended_options
 
-    global_sums = adaptlr.hypergradient(adaptlr.adamw(), hyper_lr=1e-3)  # flat-safe, sums every step
+    global_sums = adaptlr.prodigy()  # flat-safe, sums every step after most of its work
+    early_sums = adaptlr.hypergradient(adaptlr.adamw(), hyper_lr=1e-3)  # sums before the base direction
     rare_sums = adaptlr.autodrop(adaptlr.adamw(), steps_per_epoch=10)  # sums at epoch boundaries only
     small = [torch.zeros(2048) for _ in range(4)]
     assert recommended_options(adaptlr.adamw(), small) == {"block_size": 1 << 17}
@@ -377,15 +381,72 @@ def test_recommended_options_cpu_by_model_size() -> None:
     assert recommended_options(global_sums, [np.zeros(2048)] * 4) == {}
     assert recommended_options(rare_sums, [np.zeros(2048)] * 4) == {}
     # A model above the flat limit: larger blocks, and the per-tensor path for sums on every step.
+    # Blocks of at most 1/16 of the largest tensor: 2M elements -> 128K (a multiple of 16K).
     large = [torch.empty(_CPU_FLAT_BYTES_LIMIT // 8) for _ in range(3)]  # 1.5x the limit in float32
-    assert recommended_options(adaptlr.adamw(), large) == {"block_size": 1 << 18}
-    assert recommended_options(rare_sums, large) == {"block_size": 1 << 18}
+    assert recommended_options(adaptlr.adamw(), large) == {"block_size": 1 << 17}
+    assert recommended_options(rare_sums, large) == {"block_size": 1 << 17}
+    assert recommended_options(early_sums, large) == {"block_size": 1 << 17}
+    assert recommended_options(early_sums, small) == {}
     assert recommended_options(global_sums, large) is None
     assert recommended_options(adaptlr.adamw(), [t.numpy() for t in large]) == {"block_size": 1 << 17}
     assert recommended_options(global_sums, [t.numpy() for t in large]) is None
     # The limit counts bytes: the same element count in float64 crosses it sooner.
     assert recommended_options(adaptlr.adamw(), [torch.empty(_CPU_FLAT_BYTES_LIMIT // 6, dtype=torch.float64)]) \
-        == {"block_size": 1 << 18}
+        == {"block_size": 10 << 14}  # 2.8M elements / 16 = 175K -> 160K
+
+
+def test_cpu_block_size_keeps_the_temporaries_within_the_largest_tensor() -> None:
+    from adaptlr.backends.bench import RESNET18_SHAPES
+    from adaptlr.backends.fast import CPU_BLOCK_LIVE_TEMPORARIES, cpu_block_size
+
+    largest = max(math.prod(s) for s in RESNET18_SHAPES)
+    assert cpu_block_size(largest) == 147_456  # 144K: 16 of them fit in the largest tensor (2,359,296)
+    assert cpu_block_size(1 << 30) == 1 << 18  # capped at the fastest measured size
+    assert cpu_block_size(1000) == 1 << 14  # at least 16K: below that the per-operation cost dominates
+    for n in (1 << 20, 3_000_000, 5_000_001):
+        block = cpu_block_size(n)
+        assert block % (1 << 14) == 0 and block * CPU_BLOCK_LIVE_TEMPORARIES <= n
+
+
+def _blocks_by_default_on_a_large_cpu_model(opt: Any) -> bool:
+    flat, blockwise, _ = flat_safety(opt)
+    return flat and (blockwise or sums_cheaply(opt))
+
+
+def test_blocked_torch_steps_keep_at_most_the_bounded_number_of_block_temporaries() -> None:
+    """The bound behind :func:`cpu_block_size`: every registered algorithm that takes blocks on a
+    large CPU model keeps at most ``CPU_BLOCK_LIVE_TEMPORARIES`` block-sized temporaries alive in a
+    step, ordinary or at an epoch boundary (the bench's peak counter, float32)."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.bench import _torch_peak_mode
+    from adaptlr.backends.fast import CPU_BLOCK_LIVE_TEMPORARIES
+    from adaptlr.backends.torch import Optimizer as TorchOptimizer
+    from adaptlr.conformance.algorithms import ALGORITHMS as REGISTRY
+    from adaptlr.conformance.algorithms import S
+
+    block = 1 << 12
+    ordinary, worst = {}, {}
+    for name, entry in REGISTRY.items():
+        if entry.missing() or not _blocks_by_default_on_a_large_cpu_model(entry.build()):
+            continue
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((96, 64), (5000,), (2, 3000))]
+        opt = TorchOptimizer(params, entry.build(), fast={"block_size": block})
+        peaks = []
+        for k in range(S + 2):  # steps 2..S+2: one epoch boundary; the first step allocates the state
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            counter = _torch_peak_mode(torch)
+            with counter if k else contextlib.nullcontext():
+                opt.step()
+            if k:
+                peaks.append(counter.peak / (block * 4))
+        assert opt.fast_path == "blocked", name
+        ordinary[name], worst[name] = float(np.median(peaks)), max(peaks)
+    assert len(ordinary) >= 20, ordinary
+    assert ordinary["adamw"] >= 4 and worst["active(adamw)"] > ordinary["active(adamw)"]  # the counter counts
+    over = {n: b for n, b in worst.items() if b > CPU_BLOCK_LIVE_TEMPORARIES + 0.1}  # 0.1: the 0-D scalars
+    assert not over, f"steps with more block temporaries alive than CPU_BLOCK_LIVE_TEMPORARIES: {over}"
 
 
 # -- the benchmark command (a tiny run: it reports, it asserts nothing about speed) ------------------

@@ -189,3 +189,34 @@ def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are
         ops = _full_size_ops(adapter.step, 40 * 30)
         assert ops.get("sum", 0) == sums, ops
         assert "neg" not in ops, ops
+
+
+def _ops_by_name(step) -> dict:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return counts
+
+
+def test_a_blocked_step_computes_its_step_scalars_once_not_per_block():
+    """The blocks of one step share its scalars (``Scalars.of_step``): Adam's two bias corrections
+    (``β1^t``, ``β2^t``) are one ``pow`` each per step, and the epoch-boundary tests of ActiveLR and
+    AutoDrop (``t mod S``) one ``remainder``, whatever the number of blocks."""
+    cases = [(lambda: adaptlr.adamw(1e-3), "pow", 2),
+             (lambda: adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=100), "remainder", 1),
+             (lambda: adaptlr.autodrop(adaptlr.adamw(1e-3), steps_per_epoch=100), "remainder", 1)]
+    for make, op, per_step in cases:
+        for block in (1 << 12, 1 << 10):  # 5 and 17 blocks
+            adapter = Optimizer(_params([(96, 64), (5000,), (2, 3000)]), make(), fast={"block_size": block})
+            adapter.step()
+            assert adapter.fast_path == "blocked"
+            assert _ops_by_name(adapter.step).get(op, 0) == per_step, (op, block)
