@@ -161,10 +161,7 @@ def sums_rarely(opt: Optimizer) -> bool:
     every part that sums declares ``sums_every_step = False`` (AutoDrop: at epoch boundaries only,
     where the boundary is a host value). Its other steps run over blocks in one pass, like a
     blockwise algorithm's (:class:`FlatOptimizer`'s blocks; the boundary steps take two)."""
-    if not sums_replayable(opt) or not getattr(opt.base, "blockwise", True):
-        return False
-    summing = [a for a in opt.adaptations if not _sums_nothing(a)]
-    return bool(summing) and all(getattr(a, "sums_every_step", True) is False for a in summing)
+    return _every_summing_adaptation(opt, _sums_rarely)
 
 
 def sums_cheaply(opt: Optimizer) -> bool:
@@ -173,11 +170,20 @@ def sums_cheaply(opt: Optimizer) -> bool:
     inputs (every part that sums declares ``sums_before_direction = True``: HD and EG global,
     :meth:`adaptlr.core.Adaptation.before_direction`), so the first pass over a block stops after
     reading what its sums read (:mod:`adaptlr.backends.part_sums`)."""
+    return _every_summing_adaptation(
+        opt, lambda a: _sums_rarely(a) or getattr(a, "sums_before_direction", False) is True)
+
+
+def _sums_rarely(adaptation: Any) -> bool:
+    return getattr(adaptation, "sums_every_step", True) is False
+
+
+def _every_summing_adaptation(opt: Optimizer, declares: Callable[[Any], bool]) -> bool:
+    """Replayable sums, none in the base, and at least one adaptation that sums, each ``declares``."""
     if not sums_replayable(opt) or not getattr(opt.base, "blockwise", True):
         return False
     summing = [a for a in opt.adaptations if not _sums_nothing(a)]
-    return bool(summing) and all(getattr(a, "sums_every_step", True) is False
-                                 or getattr(a, "sums_before_direction", False) for a in summing)
+    return bool(summing) and all(declares(a) for a in summing)
 
 
 def tensorwise(opt: Optimizer) -> bool:

@@ -106,18 +106,20 @@ def test_blocks_without_the_second_pass_would_be_wrong() -> None:
     assert max_rel_err([np.asarray(p) for p in fo.params], expected) > 1e-6
 
 
-def _passes(opt, steps: int = STEPS) -> list[int]:
-    """Block updates per step: ``update_leaves`` calls of a blocked run, step by step."""
+def _passes(opt, steps: int = STEPS, owner: str = "opt", method: str = "update_leaves") -> list[int]:
+    """Calls per step of a blocked run's ``fo.opt.update_leaves`` (block updates), or of another
+    method (``owner="base", method="direction"``: base directions), step by step."""
     params, noise = _problem()
     fo = FlatOptimizer(opt, params, block_size=BLOCK)
     calls = []
-    update_leaves = fo.opt.update_leaves
+    target = fo.opt if owner == "opt" else fo.opt.base
+    original = getattr(target, method)
 
     def counted(*args, **kwargs):
         calls.append(1)
-        return update_leaves(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    fo.opt.update_leaves = counted
+    setattr(target, method, counted)
     per_step = []
     for t in range(steps):
         calls.clear()
@@ -141,26 +143,6 @@ def test_autodrop_sums_only_at_boundaries_and_takes_two_passes_only_there() -> N
     assert _passes(_algorithms()["schedule_free_adamw"](), 3) == [blocks] * 3
 
 
-def _directions_per_step(opt, steps: int = 3) -> list[int]:
-    """Base directions computed per step of a blocked run (calls of the base's ``direction``)."""
-    params, noise = _problem()
-    fo = FlatOptimizer(opt, params, block_size=BLOCK)
-    calls = []
-    direction = fo.opt.base.direction
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return direction(*args, **kwargs)
-
-    fo.opt.base.direction = counted
-    per_step = []
-    for t in range(steps):
-        calls.clear()
-        fo.step([_grad(p, n) for p, n in zip(fo.params, noise[t])])
-        per_step.append(len(calls))
-    return per_step
-
-
 def test_sums_before_the_direction_end_the_first_pass_before_it() -> None:
     """HD and EG global sum in ``before_direction``: from the second block on, the first pass stops
     there, so a step computes the base direction once per block plus once (the first block's first
@@ -169,12 +151,12 @@ def test_sums_before_the_direction_end_the_first_pass_before_it() -> None:
     for name in ("hd_global(adamw)", "eg_global(sgd)"):
         opt = _algorithms()[name]()
         assert sums_cheaply(opt) and not sums_rarely(opt), name
-        assert _directions_per_step(opt) == [blocks + 1] * 3, name
+        assert _passes(opt, 3, "base", "direction") == [blocks + 1] * 3, name
     autodrop = _algorithms()["autodrop(adamw)"]()
     assert sums_cheaply(autodrop)
     # a boundary: the first block's refused pass, a first pass that reaches the sums, the second
-    assert _directions_per_step(autodrop, EPOCH + 1) == [2 * blocks + 1 if t % EPOCH == 0 else blocks
-                                                         for t in range(EPOCH + 1)]
+    assert _passes(autodrop, EPOCH + 1, "base", "direction") == [2 * blocks + 1 if t % EPOCH == 0 else blocks
+                                                                   for t in range(EPOCH + 1)]
     assert not sums_cheaply(_algorithms()["prodigy"]())  # its sums come after most of its step
 
 

@@ -159,15 +159,16 @@ def test_learning_rate_free_steps_make_no_host_sync_where_the_upstream_makes_one
         assert step_costs(upstream.step).syncs >= len(shapes)
 
 
-def _full_size_ops(step, numel: int) -> dict:
-    """``{aten op name: count}`` of the ops ``step()`` dispatches on an input of ``numel`` elements."""
+def _full_size_ops(step, numel: int | None) -> dict:
+    """``{aten op name: count}`` of the ops ``step()`` dispatches on an input of ``numel`` elements
+    (None: all of them)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: dict = {}
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if any(isinstance(a, torch.Tensor) and a.numel() == numel for a in args):
+            if numel is None or any(isinstance(a, torch.Tensor) and a.numel() == numel for a in args):
                 name = func.overloadpacket.__name__
                 counts[name] = counts.get(name, 0) + 1
             return func(*args, **(kwargs or {}))
@@ -191,22 +192,6 @@ def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are
         assert "neg" not in ops, ops
 
 
-def _ops_by_name(step) -> dict:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    counts: dict = {}
-
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            counts[name] = counts.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter():
-        step()
-    return counts
-
-
 def test_a_blocked_step_computes_its_step_scalars_once_not_per_block():
     """The blocks of one step share its scalars (``Scalars.of_step``): Adam's two bias corrections
     (``β1^t``, ``β2^t``) are one ``pow`` each per step, and the epoch-boundary tests of ActiveLR and
@@ -219,4 +204,4 @@ def test_a_blocked_step_computes_its_step_scalars_once_not_per_block():
             adapter = Optimizer(_params([(96, 64), (5000,), (2, 3000)]), make(), fast={"block_size": block})
             adapter.step()
             assert adapter.fast_path == "blocked"
-            assert _ops_by_name(adapter.step).get(op, 0) == per_step, (op, block)
+            assert _full_size_ops(adapter.step, None).get(op, 0) == per_step, (op, block)
