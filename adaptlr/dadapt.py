@@ -126,7 +126,7 @@ class DAdaptAdamDirection(_DAdaptDirection):
 
     state_class = DAdaptAdamState
     # sums through ctx.reduce.total, none depending on another: replayable over chunks
-    # (adaptlr.backends.fast.sums_replayable)
+    # (adaptlr.backends.fast.sums_replayable); made first, so a part's first pass stops early
     replayable_sums = True
 
     def __init__(self, learning_rate: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
@@ -167,15 +167,15 @@ class DAdaptAdamDirection(_DAdaptDirection):
 
         m_coef, s_coef = dlr * (1.0 - b1), dlr * (1.0 - sqrt_b2)
 
-        terms, mus, nus, ss = [], [], [], []
-        for g, m, nu, s in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu"),
-                               layout.leaves(state.s, "state.s")):
-            terms.append(g * (s / (xp.sqrt(nu) + eps)))  # with the previous s and v
-            mus.append(b1 * m + g * cast("m", m_coef, g))
-            nus.append(b2 * nu + (1.0 - b2) * (g * g))
-            ss.append(sqrt_b2 * s + g * cast("s", s_coef, g))
+        # The sums first (their terms as generators, which a part's second pass, given the whole
+        # sums, does not evaluate: adaptlr.backends.part_sums), then the moments.
+        old_s, old_nu = layout.leaves(state.s, "state.s"), layout.leaves(state.nu, "state.nu")
+        terms = (g * (s / (xp.sqrt(nu) + eps)) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
         numerator = sqrt_b2 * state.numerator + (1.0 - sqrt_b2) * (dlr * reduce.total(terms, wide))
-        s_l1 = reduce.total([xp.abs(s) for s in ss], wide)
+        ss = [sqrt_b2 * s + g * cast("s", s_coef, g) for g, s in zip(grads, old_s)]
+        s_l1 = reduce.total((xp.abs(s) for s in ss), wide)
+        mus = [b1 * m + g * cast("m", m_coef, g) for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
+        nus = [b2 * nu + (1.0 - b2) * (g * g) for g, nu in zip(grads, old_nu)]
 
         moved = s_l1 > 0
         d_hat = numerator / ((1.0 - sqrt_b2) * xp.where(moved, s_l1, xp.ones_like(s_l1)))

@@ -108,7 +108,7 @@ class DoGDirection(BaseDirection):
     state_class = DoGState
     decoupled = False
     # sums through ctx.reduce.total, none depending on another: replayable over chunks
-    # (adaptlr.backends.fast.sums_replayable)
+    # (adaptlr.backends.fast.sums_replayable); made first, so a part's first pass stops early
     replayable_sums = True
 
     def __init__(self, learning_rate: float | Schedule, reps_rel: float, eps: float, weight_decay: float,
@@ -154,15 +154,16 @@ class DoGDirection(BaseDirection):
         grads, params = ctx.objective_grads, ctx.params
         x0 = layout.leaves(state.init_params, "state.init_params")
         first = scalars.count == 1
-        diffs = [p - p0 for p, p0 in zip(params, x0)]
+        # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
+        diffs = (p - p0 for p, p0 in zip(params, x0))
         if self.layerwise:
             dist = [xp.sqrt(reduce.leaf_sum(i, d * d, dtype=wide)) for i, d in enumerate(diffs)]
             grad_sq = [reduce.leaf_sum(i, g * g, dtype=wide) for i, g in enumerate(grads)]
             rbar_old = layout.leaves(state.rbar, "state.rbar")
             g_old = layout.leaves(state.grad_sq_sum, "state.grad_sq_sum")
         else:
-            dist = [xp.sqrt(reduce.total([d * d for d in diffs], wide))]
-            grad_sq = [reduce.total([g * g for g in grads], wide)]
+            dist = [xp.sqrt(reduce.total((d * d for d in diffs), wide))]
+            grad_sq = [reduce.total((g * g for g in grads), wide)]
             rbar_old, g_old = [state.rbar], [state.grad_sq_sum]
 
         rbar = [xp.maximum(r, d) for r, d in zip(rbar_old, dist)]  # at t = 1 the distance is 0: r̄ = r_ε
@@ -190,7 +191,7 @@ class DoWGDirection(BaseDirection):
     decoupled = False
     flat_safe, blockwise = True, False  # global sums: the same on one flat buffer, not on blocks
     # sums through ctx.reduce.total, none depending on another: replayable over chunks
-    # (adaptlr.backends.fast.sums_replayable)
+    # (adaptlr.backends.fast.sums_replayable); made first, so a part's first pass stops early
     replayable_sums = True
 
     def __init__(self, learning_rate: float | Schedule, init_estim_sq_dist: float | None, eps: float,
@@ -210,9 +211,10 @@ class DoWGDirection(BaseDirection):
         xp, layout, wide = ctx.xp, ctx.layout, ctx.scalars.wide
         grads, params = ctx.objective_grads, ctx.params
         x0 = layout.leaves(state.init_params, "state.init_params")
-        sq_dist = ctx.reduce.total([(p - p0) * (p - p0) for p, p0 in zip(params, x0)], wide)
+        # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
+        sq_dist = ctx.reduce.total((d * d for d in (p - p0 for p, p0 in zip(params, x0))), wide)
         estim_sq_dist = xp.maximum(state.estim_sq_dist, sq_dist)
-        weighted = estim_sq_dist * ctx.reduce.total([g * g for g in grads], wide) + state.weighted_sq_norm_grads
+        weighted = estim_sq_dist * ctx.reduce.total((g * g for g in grads), wide) + state.weighted_sq_norm_grads
         eta = estim_sq_dist / (xp.sqrt(weighted) + self.eps)
         size = size.scaled(cast_like(xp, eta, grads))
         return list(grads), size, DoWGState(state.init_params, estim_sq_dist, weighted, eta)

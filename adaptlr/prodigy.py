@@ -110,7 +110,7 @@ class ProdigyDirection(BaseDirection):
         # the strided slices of a flat buffer are not those of each tensor.
         self.flat_safe, self.blockwise = self.slice_p == 1, False
         # sums through ctx.reduce.total, none depending on another: replayable over chunks
-        # (adaptlr.backends.fast.sums_replayable)
+        # (adaptlr.backends.fast.sums_replayable); made first, so a part's first pass stops early
         self.replayable_sums = True
 
     def _sliced(self, xp: Any, x: Any) -> Any:
@@ -151,20 +151,22 @@ class ProdigyDirection(BaseDirection):
 
         m_coef, v_coef = d * (1.0 - b1), d * d * (1.0 - b2)
 
-        # Moments with the current d; the numerator and denominator of d̂.
+        # The numerator and denominator of d̂ first (the sums; their terms as generators, which a
+        # part's second pass, given the whole sums, does not evaluate: adaptlr.backends.part_sums).
+        p0s = layout.leaves(state.p0, "state.p0")
+        dots = (self._sliced(xp, g) * (p0 - self._sliced(xp, p)) for g, p, p0 in zip(grads, params, p0s))
+        numerator = beta3 * state.numerator + (d / d0) * dlr * reduce.total(dots, wide)
+        new_s = [beta3 * s + self._sliced(xp, g) * cast("s", s_coef, g)
+                 for g, s in zip(grads, layout.leaves(state.s, "state.s"))]
+        denominator = reduce.total((xp.abs(s) for s in new_s), wide)
+
+        # Moments with the current d.
         mus = layout.leaves(state.mu, "state.mu") if state.mu is not None else [None] * len(grads)
-        nus = layout.leaves(state.nu, "state.nu")
-        new_mu, new_nu, new_s, dots = [], [], [], []
-        for g, p, m, nu, s, p0 in zip(grads, params, mus, nus, layout.leaves(state.s, "state.s"),
-                                      layout.leaves(state.p0, "state.p0")):
-            g_sliced = self._sliced(xp, g)
-            dots.append(g_sliced * (p0 - self._sliced(xp, p)))
+        new_mu, new_nu = [], []
+        for g, m, nu in zip(grads, mus, layout.leaves(state.nu, "state.nu")):
             if m is not None:
                 new_mu.append(b1 * m + g * cast("m", m_coef, g))
             new_nu.append(b2 * nu + cast("v", v_coef, g) * (g * g))
-            new_s.append(beta3 * s + g_sliced * cast("s", s_coef, g))
-        numerator = beta3 * state.numerator + (d / d0) * dlr * reduce.total(dots, wide)
-        denominator = reduce.total([xp.abs(s) for s in new_s], wide)
 
         # d̂ and the new d; nothing moves while Σ|s| = 0 (no gradient yet).
         moved = denominator > 0

@@ -66,3 +66,23 @@ def max_rel_err(actual, expected, floor: float = 1e-300) -> float:
     if a.size == 0:
         return 0.0
     return float(np.max(np.abs(a - e)) / max(float(np.max(np.abs(e))), floor))
+
+
+def aten_ops_by_name(step, numel: int | None = None) -> dict:
+    """``{aten op name: count}`` of the torch ops ``step()`` dispatches (on an input of ``numel``
+    elements; None: all of them)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if numel is None or any(isinstance(a, torch.Tensor) and a.numel() == numel for a in args):
+                name = func.overloadpacket.__name__
+                counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return counts

@@ -18,7 +18,7 @@ from adaptlr.backends import part_sums
 from adaptlr.backends.bench import _tracemalloc_peak
 from adaptlr.backends.fast import FlatOptimizer, recommended_options, sums_cheaply, sums_rarely, sums_replayable
 from adaptlr.core import Adaptation
-from tests.conftest import max_rel_err
+from tests.conftest import aten_ops_by_name, max_rel_err
 
 SHAPES = [(6, 5), (11,), (3, 4, 2), ()]  # 65 elements: blocks of 7 straddle every tensor boundary
 BLOCK = 7
@@ -157,7 +157,30 @@ def test_sums_before_the_direction_end_the_first_pass_before_it() -> None:
     # a boundary: the first block's refused pass, a first pass that reaches the sums, the second
     assert _passes(autodrop, EPOCH + 1, "base", "direction") == [2 * blocks + 1 if t % EPOCH == 0 else blocks
                                                                    for t in range(EPOCH + 1)]
-    assert not sums_cheaply(_algorithms()["prodigy"]())  # its sums come after most of its step
+
+
+
+def test_bases_that_sum_first_read_only_the_sums_terms_in_the_first_pass_and_skip_them_in_the_second() -> None:
+    """Prodigy, D-Adapt Adam, DoG and DoWG make their sums before the rest of their step, with the
+    terms as generators: in a two-pass blocked step (opt-in for them; torch, counted ops on every block) the first
+    pass computes a block's terms and stops (from the second block on), the second does not
+    evaluate them. Prodigy: ``abs`` (its ``Σ|s|``) once per block, ``sqrt`` (its direction) once
+    per block plus once (the first block's first pass runs to its end); DoG: ``sub`` (``x - x_0``)
+    once per block; D-Adapt Adam's terms ``g·s/(√v + ε)`` use a ``sqrt`` of their own."""
+    pytest.importorskip("torch")
+    blocks = -(-sum(int(np.prod(s)) for s in SHAPES) // BLOCK)  # 10
+    cases = {"prodigy": {"abs": blocks, "sqrt": blocks + 1}, "dog": {"sub": blocks},
+             "dowg": {"sub": blocks}, "dadapt_adam": {"abs": blocks, "sqrt": 2 * blocks + 1}}
+    for name, expected in cases.items():
+        opt = _algorithms()[name]()
+        assert sums_replayable(opt) and not sums_cheaply(opt), name
+        params, noise = _problem("torch")
+        fo = FlatOptimizer(opt, params, block_size=BLOCK)
+        fo.step([_grad(p, n) for p, n in zip(fo.params, noise[0])])
+        grads = [_grad(p, n) for p, n in zip(fo.params, noise[1])]
+        ops = aten_ops_by_name(lambda fo=fo, grads=grads: fo.step(grads))
+        assert {op: ops.get(op, 0) for op in expected} == expected, (name, ops)
+    assert not sums_cheaply(adaptlr.mechanic(adaptlr.adamw(1e-2)))  # sums after the inner update
 
 
 def test_blocks_with_sums_need_one_buffer_and_replayable_sums() -> None:

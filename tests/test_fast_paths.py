@@ -371,7 +371,7 @@ def test_recommended_options_cpu_by_model_size() -> None:
     torch = pytest.importorskip("torch")
     from adaptlr.backends.fast import _CPU_FLAT_BYTES_LIMIT, recommended_options
 
-    global_sums = adaptlr.prodigy()  # flat-safe, sums every step after most of its work
+    global_sums = adaptlr.mechanic(adaptlr.adamw())  # flat-safe, sums every step after the inner update
     early_sums = adaptlr.hypergradient(adaptlr.adamw(), hyper_lr=1e-3)  # sums before the base direction
     rare_sums = adaptlr.autodrop(adaptlr.adamw(), steps_per_epoch=10)  # sums at epoch boundaries only
     small = [torch.zeros(2048) for _ in range(4)]
@@ -387,6 +387,8 @@ def test_recommended_options_cpu_by_model_size() -> None:
     assert recommended_options(rare_sums, large) == {"block_size": 1 << 17}
     assert recommended_options(early_sums, large) == {"block_size": 1 << 17}
     assert recommended_options(early_sums, small) == {}
+    assert recommended_options(adaptlr.prodigy(), large) is None  # its 0-D work on d in every block
+    assert recommended_options(adaptlr.dadapt_sgd(), large) is None  # sums not replayable
     assert recommended_options(global_sums, large) is None
     assert recommended_options(adaptlr.adamw(), [t.numpy() for t in large]) == {"block_size": 1 << 17}
     assert recommended_options(global_sums, [t.numpy() for t in large]) is None

@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 import adaptlr  # noqa: E402
 from adaptlr.backends.bench import RESNET18_SHAPES, count_aten_ops  # noqa: E402
 from adaptlr.backends.torch import Optimizer  # noqa: E402
+from tests.conftest import aten_ops_by_name  # noqa: E402
 
 # ResNet-18's 62 tensors with every dimension above 8 divided by 8 (the counts of the foreach paths
 # depend on the number of tensors, not their sizes; the test checks that too) and 500 small tensors.
@@ -159,25 +160,6 @@ def test_learning_rate_free_steps_make_no_host_sync_where_the_upstream_makes_one
         assert step_costs(upstream.step).syncs >= len(shapes)
 
 
-def _full_size_ops(step, numel: int | None) -> dict:
-    """``{aten op name: count}`` of the ops ``step()`` dispatches on an input of ``numel`` elements
-    (None: all of them)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    counts: dict = {}
-
-    class Counter(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if numel is None or any(isinstance(a, torch.Tensor) and a.numel() == numel for a in args):
-                name = func.overloadpacket.__name__
-                counts[name] = counts.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    with Counter():
-        step()
-    return counts
-
-
 def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are_not_negated():
     """DSA's tensor sums come from its row sums (6 full-size reductions for ⟨G,P⟩, ‖G‖², ‖P‖² over
     rows and columns, not 9); the update's rate ``-(α·κ)`` is ``(-α)·κ``, so a full-size κ
@@ -187,7 +169,7 @@ def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are
         params = _params([(40, 30)])
         adapter = Optimizer(params, make(), fast=False)
         adapter.step()
-        ops = _full_size_ops(adapter.step, 40 * 30)
+        ops = aten_ops_by_name(adapter.step, 40 * 30)
         assert ops.get("sum", 0) == sums, ops
         assert "neg" not in ops, ops
 
@@ -204,4 +186,4 @@ def test_a_blocked_step_computes_its_step_scalars_once_not_per_block():
             adapter = Optimizer(_params([(96, 64), (5000,), (2, 3000)]), make(), fast={"block_size": block})
             adapter.step()
             assert adapter.fast_path == "blocked"
-            assert _full_size_ops(adapter.step, None).get(op, 0) == per_step, (op, block)
+            assert aten_ops_by_name(adapter.step, None).get(op, 0) == per_step, (op, block)
