@@ -12,6 +12,10 @@ decoupled weight decay (scaled by ``κ`` only where an adaptation or the base's 
 ``shift_t`` an additive parameter shift that only AutoDrop's averaging uses. Coupled (L2) decay is
 part of ``d_t`` (``g ← g + λθ``).
 
+One step runs in this order: each adaptation's :meth:`Adaptation.before_direction` (work that needs
+only the step's inputs: HD's rate, EG's scale), the base's direction and step size, each
+adaptation's :meth:`Adaptation.step` (innermost first), the update ``u_t``, then the wrappers below.
+
 An :class:`UpdateWrapper` (Schedule-Free, Mechanic) wraps a whole optimizer: it sees the update
 ``u_t`` above (and the step size that made it) and returns the update actually applied,
 ``u'_t = W(u_t, θ_{t-1}, state)``; wrappers apply innermost first, after every adaptation.
