@@ -8,7 +8,7 @@ epoch boundaries, on NumPy and torch, through the torch adapter's default path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -213,6 +213,53 @@ class _SumsInShortBlocks(Adaptation):
         if ctx.params[0].shape[0] < BLOCK:
             ctx.reduce.total(ctx.xp.sum(p) for p in ctx.params)
         return size, state
+
+
+class _GradNormScaled(NamedTuple):
+    scale: Any
+
+
+class _InverseGradNorm(Adaptation):
+    """A new rule as a researcher would prototype it: κ = 1/(1 + ‖g_t‖), the norm summed over the
+    whole model in ``before_direction`` (the step's inputs only), declared replayable and early."""
+
+    name = "inverse_grad_norm"
+    state_class = _GradNormScaled
+    flat_safe = True
+    replayable_sums = True
+    sums_before_direction = True
+
+    def init(self, params, alpha, layout, xp):
+        return _GradNormScaled(xp.asarray(1.0, dtype=xp.float64))
+
+    def before_direction(self, ctx, state):
+        xp = ctx.xp
+        norm = xp.sqrt(ctx.reduce.total((g * g for g in ctx.objective_grads), xp.float64))
+        return _GradNormScaled(1.0 / (1.0 + norm))
+
+    def step(self, ctx, size, state):
+        return size.scaled([ctx.xp.astype(state.scale, g.dtype) for g in ctx.grads]), state
+
+
+def test_a_new_rule_with_sums_before_the_direction_runs_over_blocks_as_one_step() -> None:
+    """The hook is part of the contract, not HD's and EG's alone: a prototype adaptation summing in
+    ``before_direction`` takes the cheap blocks (``sums_cheaply``), equals the functional API to
+    1e-12 with blocks straddling every tensor, and its first pass stops before the direction."""
+    opt = adaptlr.adamw(1e-2).wrapped(_InverseGradNorm())
+    assert sums_cheaply(opt)
+    # The first step in closed form: Adam's d_1 = g/(|g| + ε), κ_1 = 1/(1 + ‖g_1‖) from this step.
+    params, noise = _problem()
+    grads = [_grad(p, n) for p, n in zip(params, noise[0])]
+    updates, _ = opt.update(grads, opt.init(params), params)
+    kappa = 1.0 / (1.0 + np.sqrt(sum(float(np.sum(g * g)) for g in grads)))
+    closed = [-1e-2 * kappa * g / (np.abs(g) + 1e-8) - 1e-2 * 1e-2 * p for g, p in zip(grads, params)]
+    assert max_rel_err(updates, closed) <= 1e-12
+    expected = _functional(opt, "numpy")
+    fo = _blocked(opt, "numpy")
+    assert fo.mode == "blocked"
+    assert max_rel_err([np.asarray(p) for p in fo.params], expected) <= 1e-12
+    blocks = -(-sum(int(np.prod(s)) for s in SHAPES) // BLOCK)
+    assert _passes(opt, 2, "base", "direction") == [blocks + 1] * 2
 
 
 def test_a_sum_asked_for_after_blocks_were_written_is_an_error() -> None:
