@@ -252,9 +252,9 @@ def step_costs(step: Callable[[], Any]) -> StepCosts:
 
     Bytes: every tensor argument is read; the arguments an operation mutates (by its schema) and
     its results that are not arguments are written. Syncs: ``aten._local_scalar_dense`` (``.item()``,
-    ``float(t)``, ``if t:``), except the one inside torch's CPU kernel of ``_foreach_add(tensors,
-    scalar_tensor)`` that :mod:`adaptlr.backends.foreach` calls (torch's CUDA kernel reads the 0-D
-    tensor on the device). Deterministic: the basis of the GPU estimates in docs/performance.md.
+    ``float(t)``, ``if t:``, and ``torch._foreach_add(tensors, t)`` with a 0-D tensor ``t``, which
+    resolves to the ``.Scalar`` overload; :mod:`adaptlr.backends.foreach` names the ``.Tensor`` one).
+    Deterministic: the basis of the GPU estimates in docs/performance.md.
     """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -270,7 +270,7 @@ def step_costs(step: Callable[[], Any]) -> StepCosts:
             if str(func).startswith("profiler."):
                 return out
             self.costs.launches += 1
-            if func is torch.ops.aten._local_scalar_dense.default and not _inside_foreach_scalar_op():
+            if func is torch.ops.aten._local_scalar_dense.default:
                 self.costs.syncs += 1
             if not func.is_view:
                 self.costs.bytes += _bytes_moved(torch, func, args, kwargs, out)
@@ -296,18 +296,6 @@ def _bytes_moved(torch: Any, func: Any, args: Any, kwargs: dict, out: Any) -> in
     inputs = {id(t) for t in read}
     written.extend(t for t in tensors(out) if id(t) not in inputs)
     return sum(t.numel() * t.element_size() for t in read + written)
-
-
-def _inside_foreach_scalar_op() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_filename.replace("\\", "/")
-        if name.endswith("backends/foreach.py"):
-            return True
-        if "/torch/" not in name:
-            return False
-        frame = frame.f_back
-    return False
 
 
 def _torch_peak_mode(torch: Any) -> Any:

@@ -61,47 +61,48 @@ class ForeachArray:
         raise TypeError("a ForeachArray has no truth value (adaptlr never branches on array values)")
 
     # -- arithmetic: one _foreach op where torch has one, else one op per tensor ----------------
+    # With a 0-D tensor, the ``.Tensor`` overloads are named: ``torch._foreach_add(tensors, t)``
+    # resolves to the ``.Scalar`` overload and reads ``t`` on the host (``.item()``: a device sync).
 
-    def _binary(self, other: Any, foreach: Callable | None, op: Callable) -> ForeachArray:
+    def _binary(self, other: Any, foreach: Callable | None, op: Callable,
+                with_tensor: Callable | None = None) -> ForeachArray:
         if isinstance(other, ForeachArray):
             if foreach is not None and other.dtype == self.dtype:
                 return ForeachArray(foreach(self.tensors, other.tensors))
             return ForeachArray([op(a, b) for a, b in zip(self.tensors, other.tensors)])
-        if foreach is not None and (_is_number(other) or _same_scalar(other, self)):
+        if foreach is not None and _is_number(other):
             return ForeachArray(foreach(self.tensors, other))
+        if with_tensor is not None and _same_scalar(other, self):
+            return ForeachArray(with_tensor(self.tensors, other))
         if isinstance(other, torch.Tensor) and other.ndim > 0:
             raise NotImplementedError("a ForeachArray meets a tensor with dimensions")
         return ForeachArray([op(a, other) for a in self.tensors])
 
     def __add__(self, other: Any) -> ForeachArray:
-        return self._binary(other, torch._foreach_add, torch.add)
+        return self._binary(other, torch._foreach_add, torch.add, _ADD_TENSOR)
 
     __radd__ = __add__
 
     def __mul__(self, other: Any) -> ForeachArray:
-        return self._binary(other, torch._foreach_mul, torch.mul)
+        return self._binary(other, torch._foreach_mul, torch.mul, _MUL_TENSOR)
 
     __rmul__ = __mul__
 
     def __sub__(self, other: Any) -> ForeachArray:
-        if isinstance(other, ForeachArray) or _is_number(other):
-            return self._binary(other, torch._foreach_sub, torch.sub)
-        return self._binary(other, lambda a, b: torch._foreach_add(a, b, alpha=-1), torch.sub)
+        return self._binary(other, torch._foreach_sub, torch.sub, _foreach_sub_tensor)
 
     def __rsub__(self, other: Any) -> ForeachArray:
-        return (-self)._binary(other, torch._foreach_add, torch.add)
+        return (-self)._binary(other, torch._foreach_add, torch.add, _ADD_TENSOR)
 
     def __truediv__(self, other: Any) -> ForeachArray:
-        return self._binary(other, torch._foreach_div, torch.div)
+        return self._binary(other, torch._foreach_div, torch.div, _DIV_TENSOR)
 
     def __rtruediv__(self, other: Any) -> ForeachArray:
         # per tensor: c · (1/x) would round differently from c / x
         return ForeachArray([torch.div(other, t) for t in self.tensors])
 
     def __pow__(self, other: Any) -> ForeachArray:
-        if _is_number(other):
-            return ForeachArray(torch._foreach_pow(self.tensors, other))
-        return self._binary(other, torch._foreach_pow, torch.pow)
+        return self._binary(other, torch._foreach_pow, torch.pow)  # no .Tensor overload: per tensor
 
     def __neg__(self) -> ForeachArray:
         return ForeachArray(torch._foreach_neg(self.tensors))
@@ -144,6 +145,23 @@ class ForeachArray:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _tensor_overload(name: str) -> Callable | None:
+    """``aten.<name>.Tensor`` (a list and a 0-D tensor), None where this torch lacks it (one op per tensor)."""
+    return getattr(getattr(torch.ops.aten, name), "Tensor", None)
+
+
+_ADD_TENSOR = _tensor_overload("_foreach_add")
+_MUL_TENSOR = _tensor_overload("_foreach_mul")
+_DIV_TENSOR = _tensor_overload("_foreach_div")
+
+
+def _foreach_sub_tensor(tensors: list, other: torch.Tensor) -> list:
+    """``tensors - other`` for a 0-D tensor ``other`` (``_foreach_sub`` has no ``.Tensor`` overload)."""
+    if _ADD_TENSOR is None:
+        return [torch.sub(t, other) for t in tensors]
+    return _ADD_TENSOR(tensors, other, alpha=-1)
 
 
 def _same_scalar(x: Any, like: ForeachArray) -> bool:

@@ -160,6 +160,40 @@ def test_learning_rate_free_steps_make_no_host_sync_where_the_upstream_makes_one
         assert step_costs(upstream.step).syncs >= len(shapes)
 
 
+@pytest.mark.parametrize("fast", ["foreach", "foreach-chunks", False])
+def test_no_registered_algorithm_reads_a_device_value_on_the_host_in_a_step(fast):
+    """Every algorithm of the conformance registry steps through the torch adapter's foreach path
+    (the GPU default; whole lists, and chunks of 100 elements: two passes where it sums) and its
+    list path on the meta device, a stand-in for a GPU on which any host
+    read of a value (``.item()``, ``bool(t)``) raises, over an epoch boundary: no step waits for the
+    device. (A 0-D tensor met by ``torch._foreach_add`` without ``alpha`` resolves to its ``.Scalar``
+    overload, a host read: :mod:`adaptlr.backends.foreach` names the ``.Tensor`` overloads.)"""
+    from adaptlr.conformance.algorithms import ALGORITHMS as REGISTRY
+    from adaptlr.conformance.algorithms import S
+
+    stepped, failed = [], {}
+    for name, entry in REGISTRY.items():
+        if entry.missing():
+            continue
+        params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(24, 16), (40,), (3, 2, 5)]]
+        adapter = Optimizer(params, entry.build(), fast="foreach" if fast == "foreach-chunks" else fast)
+        if fast == "foreach-chunks":
+            adapter.foreach_chunk_elements = 100
+        try:
+            for _ in range(S + 1):  # an epoch boundary (the registry's steps per epoch) within the run
+                for p in params:
+                    p.grad = torch.empty(p.shape, device="meta")
+                adapter.step()
+        except RuntimeError as error:
+            failed[name] = f"{type(error).__name__}: {error}"
+            continue
+        stepped.append((name, adapter.fast_path))
+    assert not failed, f"steps that read a device value on the host: {failed}"
+    assert len(stepped) >= 25
+    if fast in ("foreach", "foreach-chunks"):  # the foreach path is the one that names the overloads
+        assert sum(path == "foreach" for _, path in stepped) >= 20, stepped
+
+
 def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are_not_negated():
     """DSA's tensor sums come from its row sums (6 full-size reductions for ⟨G,P⟩, ‖G‖², ‖P‖² over
     rows and columns, not 9); the update's rate ``-(α·κ)`` is ``(-α)·κ``, so a full-size κ
