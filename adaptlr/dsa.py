@@ -151,6 +151,11 @@ class DSA(Adaptation):
     """The DSA adaptation (build it with :func:`dsa`)."""
 
     name = "dsa"
+    # every sum (over a tensor, its rows or columns) from G and P only, none depending on another:
+    # replayable over blocks of a tensor's rows (adaptlr.backends.fast.sums_replayable_by_rows) ...
+    replayable_sums = True
+    # ... and all in before_direction, from the step's inputs (a first pass over rows stops there)
+    sums_before_direction = True
     state_class = DSAState
 
     def __init__(
@@ -177,7 +182,8 @@ class DSA(Adaptation):
         bounds = [None if b is None else xp.asarray(b, dtype=dtype, device=device) for b in (self.min_lr, self.max_lr)]
         return DSAState(layout.tree(factors), layout.tree([xp.zeros_like(p) for p in params]), *bounds)
 
-    def step(self, ctx: StepContext, size: StepSize, state: DSAState) -> tuple[StepSize, DSAState]:
+    def before_direction(self, ctx: StepContext, state: DSAState) -> DSAState:
+        """The factors ``φ`` from ``G`` and ``P``: the sums read nothing else."""
         xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
         prev_steps = layout.leaves(state.prev_step, "state.prev_step")
         all_factors = layout.treespec.flatten_up_to(state.factors)
@@ -198,10 +204,13 @@ class DSA(Adaptation):
                 cos = xp.minimum(xp.maximum(dots[kind] / (norms + eps), -one), one)
                 updated[kind] = factor * xp.astype(xp.exp(beta * cos), factor.dtype, copy=False)
             new_factors.append(updated)
-        new_state = state._replace(factors=layout.tree(new_factors))
-        size = _apply(size, new_state.kappa(layout), state.min_lr, state.max_lr, self.scale_weight_decay)
+        return state._replace(factors=layout.tree(new_factors))
+
+    def step(self, ctx: StepContext, size: StepSize, state: DSAState) -> tuple[StepSize, DSAState]:
+        """``A_t = α·κ_in·Π φ`` (the factors of :meth:`before_direction`), ``P ← A_t ⊙ d_t``."""
+        size = _apply(size, state.kappa(ctx.layout), state.min_lr, state.max_lr, self.scale_weight_decay)
         steps = [rate * d for rate, d in zip(size.effective(), ctx.directions, strict=True)]
-        return size, new_state._replace(prev_step=layout.tree(steps))
+        return size, state._replace(prev_step=ctx.layout.tree(steps))
 
 
 def dsa(

@@ -390,9 +390,13 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                     p.grad = g.clone()
                 adapter = TorchAdapter(tparams, opt)
                 adapter.step()  # the first step builds the flat buffers
-                runners.append(runner(name, "adapter", "adaptlr", adapter.step, adapter.fast_path))
+                note = adapter.fast_path
+                rows = adapter.fast_path == "list" and adapter._row_block_budget(tparams)  # torch_rows
+                if rows:
+                    note = f"list, tensors above {rows} elements in row blocks, two passes"
+                runners.append(runner(name, "adapter", "adaptlr", adapter.step, note))
                 others = [("adapter-foreach", "foreach")] if flat and adapter.fast_path != "foreach" else []
-                if adapter.fast_path != "list":
+                if adapter.fast_path != "list" or rows:
                     others.append(("adapter-list", False))
                 for path, fast in others:  # the GPU default ("foreach"), the per-tensor list path
                     tparams = params_copy(True)

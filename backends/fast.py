@@ -40,8 +40,8 @@ from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
 __all__ = [
     "CPU_BLOCK_LIVE_TEMPORARIES", "FlatOptimizer", "ListLayout", "cpu_block_size", "flat_safety", "jit_step",
-    "jit_update", "partitionable", "recommended_options", "sums_cheaply", "sums_rarely", "sums_replayable",
-    "tensorwise",
+    "jit_update", "large_cpu_model", "partitionable", "recommended_options", "sums_cheaply", "sums_rarely",
+    "sums_replayable", "sums_replayable_by_rows", "tensorwise",
 ]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
@@ -156,6 +156,19 @@ def sums_replayable(opt: Optimizer) -> bool:
     return all(_sums_nothing(a) or getattr(a, "replayable_sums", False) for a in opt.adaptations)
 
 
+def sums_replayable_by_rows(opt: Optimizer) -> bool:
+    """Whether ``opt``'s step on one tensor may run over blocks of its rows in two passes (the torch
+    adapter's list path, :mod:`adaptlr.backends.torch_rows`): its sums stay within tensors
+    (:func:`tensorwise`, not :func:`partitionable`) and every part that sums declares
+    ``replayable_sums = True`` (no sum's terms depend on another sum of the same step): DSA, HD and
+    EG per tensor, LDoG."""
+    if partitionable(opt) or not tensorwise(opt):
+        return False
+    if not (getattr(opt.base, "blockwise", True) or getattr(opt.base, "replayable_sums", False)):
+        return False
+    return all(_sums_nothing(a) or getattr(a, "replayable_sums", False) for a in opt.adaptations)
+
+
 def sums_rarely(opt: Optimizer) -> bool:
     """Whether ``opt``'s sums are replayable (:func:`sums_replayable`) and made only on some steps:
     every part that sums declares ``sums_every_step = False`` (AutoDrop: at epoch boundaries only,
@@ -263,8 +276,7 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     if not on_cpu:
         return {}
     sizes = [math.prod(p.shape) for p in params]
-    total_bytes = sum(n * getattr(p.dtype, "itemsize", 8) for n, p in zip(sizes, params))
-    small_model = total_bytes <= _CPU_FLAT_BYTES_LIMIT
+    small_model = not large_cpu_model(params)
     if not blockwise and (small_model or not sums_cheaply(opt)):
         return {} if small_model else None
     # Block sizes measured on the 2-core VM (docs/performance.md): larger blocks amortise the
@@ -272,6 +284,12 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     if _is_torch(params[0]):
         return {"block_size": (1 << 17) if small_model else cpu_block_size(max(sizes))}
     return {"block_size": (1 << 15) if small_model else (1 << 17)}
+
+
+def large_cpu_model(params: Sequence[Any]) -> bool:
+    """Whether ``params`` take more than 16 MiB: a model whose whole-size temporaries get fresh pages
+    from the OS every step on the CPU (:func:`recommended_options`)."""
+    return sum(math.prod(p.shape) * getattr(p.dtype, "itemsize", 8) for p in params) > _CPU_FLAT_BYTES_LIMIT
 
 
 def cpu_block_size(largest: int) -> int:

@@ -17,6 +17,8 @@ learning-rate-free bases' dot products and norms) all go through ``ctx.reduce.to
   :func:`whole_sums` of the partials, and the part writes.
 
 :func:`run_parts` runs a step over its parts in one of these ways; the paths supply how one part runs.
+With ``rows=True`` the parts are blocks of rows of one tensor (:mod:`adaptlr.backends.torch_rows`):
+per-leaf sums then have whole-tensor values too, those over dimensions that include the first.
 
 Two passes give the step of the whole model where no sum's terms depend on another sum of the same
 step (:func:`adaptlr.backends.fast.sums_replayable`); they repeat the step's arithmetic up to its
@@ -38,20 +40,46 @@ class SumsRequested(Exception):
 
 
 class _PartSums(Reducer):
-    """A reducer of one part's step: only ``total`` sums have a whole-model value."""
+    """A reducer of one part's step.
 
-    __slots__ = ()
+    Parts of a flat buffer or of the model's lists (``rows=False``): only ``total`` sums have a
+    whole-model value. Row blocks of one tensor (``rows=True``, :mod:`adaptlr.backends.torch_rows`):
+    the rows are shards of the leading dimension, so a leaf sum over dimensions that include the
+    first one, and every ``total``, is completed across the blocks (:meth:`_across`); a sum over the
+    other dimensions only (DSA's row sums) is the block's own.
+    """
+
+    __slots__ = ("rows",)
+
+    def __init__(self, xp: Any, rows: bool = False) -> None:
+        super().__init__(xp)
+        self.rows = rows
+
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        return self._across(super().total(terms, dtype))
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
-        raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in parts")
+        if not self.rows:
+            raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in "
+                               "parts")
+        part = self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
+        dims = range(x.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+        return self._across(part) if any(d % x.ndim == 0 for d in dims) else part
+
+    def _across(self, part: Any) -> Any:
+        """This part's share ``part`` of a sum over every part: what the step is to use for it."""
+        raise NotImplementedError
 
 
 class NoSums(_PartSums):
-    """A part's step that may make no sum over elements: the first ``total`` raises :class:`SumsRequested`."""
+    """A part's step that may make no sum over elements: the first one raises :class:`SumsRequested`."""
 
     __slots__ = ()
 
     def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        raise SumsRequested("this step sums over elements")  # before its terms are evaluated
+
+    def _across(self, part: Any) -> Any:
         raise SumsRequested("this step sums over elements")
 
 
@@ -60,7 +88,7 @@ class PartSummed(Exception):
 
 
 class Recorder(_PartSums):
-    """The first pass over a part: each ``total`` is this part's partial sum, kept in ``partials``.
+    """The first pass over a part: each sum is this part's partial sum, kept in ``partials``.
 
     ``sums``: how many sums the step makes (known once the first part has run to its end); the
     ``sums``-th one raises :class:`PartSummed` instead of returning, so the part's first pass
@@ -70,13 +98,12 @@ class Recorder(_PartSums):
 
     __slots__ = ("partials", "sums")
 
-    def __init__(self, xp: Any, sums: int | None = None) -> None:
-        super().__init__(xp)
+    def __init__(self, xp: Any, sums: int | None = None, rows: bool = False) -> None:
+        super().__init__(xp, rows)
         self.partials: list = []
         self.sums = sums
 
-    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
-        part = super().total(terms, dtype)
+    def _across(self, part: Any) -> Any:
         self.partials.append(part)
         if len(self.partials) == self.sums:
             raise PartSummed
@@ -84,17 +111,20 @@ class Recorder(_PartSums):
 
 
 class Replayer(_PartSums):
-    """The second pass over a part: the ``k``-th ``total`` is the whole model's ``k``-th sum (its terms
-    are not summed again); :meth:`check_all_used` after the part's step."""
+    """The second pass over a part: the ``k``-th sum is the whole model's ``k``-th sum (the terms of a
+    ``total`` are not summed again); :meth:`check_all_used` after the part's step."""
 
     __slots__ = ("sums", "used")
 
-    def __init__(self, xp: Any, sums: list) -> None:
-        super().__init__(xp)
+    def __init__(self, xp: Any, sums: list, rows: bool = False) -> None:
+        super().__init__(xp, rows)
         self.sums = sums
         self.used = 0
 
     def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        return self._across(None)  # the terms are not evaluated (generators: the second pass skips them)
+
+    def _across(self, part: Any) -> Any:
         if self.used >= len(self.sums):
             raise RuntimeError("a part's second pass asked for more sums than its first pass made")
         self.used += 1
@@ -118,7 +148,7 @@ def whole_sums(partials: list[list]) -> list:
 
 
 def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | None, bool], None],
-              sums: str) -> None:
+              sums: str, rows: bool = False) -> None:
     """One step over ``parts``, each part written before the next is computed.
 
     Args:
@@ -130,6 +160,8 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
             :class:`Recorder`, then :class:`Replayer` with the :func:`whole_sums`); ``"try"`` (one pass
             with :class:`NoSums`; a step that sums makes its first part ask before anything is
             written, and then takes the two passes).
+        rows: the parts are row blocks of one tensor (leaf sums over the first dimension are
+            completed across them; see :class:`_PartSums`).
     """
     if sums not in ("none", "replay", "try"):
         raise ValueError(f"sums must be 'none', 'replay' or 'try', got {sums!r}")
@@ -141,7 +173,7 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
         try:
             for k, part in enumerate(parts):
                 try:
-                    run_part(part, NoSums(xp), True)
+                    run_part(part, NoSums(xp, rows), True)
                 except SumsRequested as error:
                     if k:  # every part runs the same operations: the first one asks
                         raise RuntimeError("a part asked for a sum after earlier parts were written") from error
@@ -153,7 +185,7 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
     for part in parts:  # first pass: each part's partial sums, nothing written
         # Every part makes the sums the first one made (the same operations): from the second part
         # on, the pass stops at the last of them.
-        recorder = Recorder(xp, len(recorders[0].partials) if recorders else None)
+        recorder = Recorder(xp, len(recorders[0].partials) if recorders else None, rows)
         try:
             run_part(part, recorder, False)
         except PartSummed:
@@ -161,6 +193,6 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
         recorders.append(recorder)
     sums_of_model = whole_sums([r.partials for r in recorders])
     for part in parts:
-        replayer = Replayer(xp, sums_of_model)
+        replayer = Replayer(xp, sums_of_model, rows)
         run_part(part, replayer, True)
         replayer.check_all_used()

@@ -180,6 +180,7 @@ class Optimizer(torch.optim.Optimizer):
         self._foreach_fields: dict[str, bool] | None = None  # per-parameter fields: per element or 0-D
         self._foreach_refused = False  # the algorithm used an operation ForeachArray does not have
         self._foreach_chunk_elements: int | None = None
+        self._list_part_elements: int | None = None
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
         self._eval_mode = False  # Schedule-Free: the model holds x (eval) instead of y (train)
         self._built = False
@@ -242,6 +243,20 @@ class Optimizer(torch.optim.Optimizer):
         if elements is not None and (isinstance(elements, bool) or not isinstance(elements, int) or elements < 1):
             raise ValueError(f"foreach_chunk_elements must be None or an int >= 1, got {elements!r}")
         self._foreach_chunk_elements = elements
+
+    @property
+    def list_part_elements(self) -> int | None:
+        """The most elements per part of the list step of an algorithm whose sums stay within tensors
+        and replay over rows (DSA, HD and EG per tensor, LDoG): tensors above it run in blocks of their
+        rows, two passes (:mod:`adaptlr.backends.torch_rows`). None: the default rule
+        (:meth:`_row_block_budget`: on a CPU model above 16 MiB, ``cpu_block_size`` of the largest tensor)."""
+        return self._list_part_elements
+
+    @list_part_elements.setter
+    def list_part_elements(self, elements: int | None) -> None:
+        if elements is not None and (isinstance(elements, bool) or not isinstance(elements, int) or elements < 1):
+            raise ValueError(f"list_part_elements must be None or an int >= 1, got {elements!r}")
+        self._list_part_elements = elements
 
     # -- the step -----------------------------------------------------------------------------------
 
@@ -414,6 +429,12 @@ class Optimizer(torch.optim.Optimizer):
             # part (every part reads the old ones).
             pending = []
             for members in parts:
+                if isinstance(members, _RowBlocks):  # a large tensor, in blocks of its rows
+                    p = active[members.index]
+                    opt = self._opt_for(keys, [steps[members.index]])
+                    pending.append(([p], self._row_block_step(opt, p, alpha[members.index], decay[members.index],
+                                                              members.blocks)))
+                    continue
                 sub = [active[i] for i in members]
                 opt = self._opt_for(keys, [steps[i] for i in members])
                 state = self._assemble(sub)
@@ -450,22 +471,114 @@ class Optimizer(torch.optim.Optimizer):
             for i, u in zip(members, updates):
                 active[i].add_(u)
 
-    def _tensor_parts(self, active: list) -> list[list[int]] | None:
+    def _tensor_parts(self, active: list) -> list | None:
         """Consecutive parameters in parts of at most the largest one's elements, for algorithms with
-        no sum across tensors (:func:`adaptlr.backends.fast.tensorwise`); None: one update."""
+        no sum across tensors (:func:`adaptlr.backends.fast.tensorwise`); None: one update.
+
+        Where the sums within tensors are replayable over rows and a budget applies
+        (:meth:`_row_block_budget`), parts of at most the budget instead, and each tensor above it
+        a :class:`_RowBlocks` part (:mod:`adaptlr.backends.torch_rows`)."""
+        from adaptlr.backends import torch_rows
         from adaptlr.backends.fast import tensorwise
 
-        if len(active) < 2 or not tensorwise(self.opt):
+        if not tensorwise(self.opt):
             return None
         numels = [p.numel() for p in active]
-        budget, parts, size = max(numels), [[]], 0
+        budget = self._row_block_budget(active)
+        if budget is None and len(active) < 2:
+            return None
+        parts: list = [[]]
+        size = 0
         for i, n in enumerate(numels):
-            if parts[-1] and size + n > budget:
+            blocks = None if budget is None else torch_rows.row_blocks(tuple(active[i].shape), budget)
+            if blocks is not None:
+                parts.append(_RowBlocks(i, blocks))
+                parts.append([])
+                size = 0
+                continue
+            if parts[-1] and size + n > (budget or max(numels)):
                 parts.append([])
                 size = 0
             parts[-1].append(i)
             size += n
-        return parts if len(parts) > 1 else None
+        parts = [part for part in parts if part]
+        return parts if len(parts) > 1 or isinstance(parts[0], _RowBlocks) else None
+
+    def _row_block_budget(self, active: list) -> int | None:
+        """Elements per part of the list step where large tensors run in row blocks, or None (whole
+        tensors): ``list_part_elements`` where set, else on a CPU model above 16 MiB with ``fast="auto"``
+        :func:`adaptlr.backends.fast.cpu_block_size` of the largest tensor; only for algorithms whose
+        sums stay within tensors and replay over rows (:func:`~adaptlr.backends.fast.sums_replayable_by_rows`)."""
+        from adaptlr.backends.fast import cpu_block_size, large_cpu_model, sums_replayable_by_rows
+
+        if not sums_replayable_by_rows(self.opt):
+            return None
+        if self._list_part_elements is not None:
+            return self._list_part_elements
+        if self.fast != "auto" or any(p.device.type != "cpu" for p in active):
+            return None
+        if not large_cpu_model(active):
+            return None
+        return cpu_block_size(max(p.numel() for p in active))
+
+    def _row_block_step(self, opt: core.Optimizer, p: torch.Tensor, alpha: torch.Tensor, decay: float,
+                        blocks: list[slice]) -> list:
+        """The step of one parameter over blocks of its rows, two passes (:mod:`adaptlr.backends.torch_rows`):
+        the state fields with one entry per row written block by block, the others after the last
+        block; returns the new 0-D fields in :meth:`_assign_scalars`'s order."""
+        from adaptlr.backends import part_sums, torch_rows
+
+        shape = tuple(p.shape)
+        state = self._assemble([p])
+        old_values = self._values(state)
+        param = self._state_view(p, detach=False)
+        grad = self._state_view(p, p.grad, detach=False)
+        later: dict[int, tuple] = {}  # the fields read whole: their new values, written after the last block
+        scalars: list = []
+        step_scalars: dict[bool, core.Scalars] = {}  # one per pass (a first pass's sums are partial)
+
+        def run_block(rows: slice, reducer: Any, write: bool) -> None:
+            if write not in step_scalars:
+                step_scalars[write] = core.Scalars.of_step(xp_torch, state, [param])
+            cut: set[int] = set()
+
+            def piece(t: torch.Tensor) -> torch.Tensor:
+                if not torch_rows.per_row(t, shape):
+                    return t
+                view = t[rows]
+                cut.add(id(view))
+                return view
+
+            values = [[_map_tensors(value[0], piece)] if per_param else value
+                      for (_, per_param), value in zip(self._field_kinds, old_values)]
+            updates, new_state = opt.update_leaves(
+                xp_torch, ListLayout(1), [grad[rows]], rebuild_state(self._skeleton, values), [param[rows]],
+                alpha=[alpha], weight_decay=[decay], reducer=reducer, scalars=step_scalars[write])
+            if not write:
+                return
+            scalars.clear()
+            new_values = _read_before_write(values, self._values(new_state))
+            for (_, per_param), old, new in zip(self._field_kinds, values, new_values):
+                if not per_param:
+                    scalars.append(new)
+                    continue
+                pairs = old[0].items() if isinstance(old[0], dict) else [(None, old[0])]
+                for kind, t in pairs:
+                    value = new[0] if kind is None else new[0][kind]
+                    if t.ndim == 0:
+                        scalars.append(value)
+                    elif value is t:
+                        continue
+                    elif id(t) in cut:
+                        t.copy_(value)
+                    else:
+                        later[id(t)] = (t, value)
+            p[rows].add_(updates[0])
+
+        part_sums.run_parts(xp_torch, blocks, run_block, "replay", rows=True)
+        for t, value in later.values():
+            t.copy_(value)
+        return scalars
 
     def _update(self, opt: core.Optimizer, active: list, grads: list, state: core.OptimizerState, alpha: list,
                 decay: list) -> tuple[list, core.OptimizerState]:
@@ -1101,6 +1214,16 @@ class Optimizer(torch.optim.Optimizer):
                 new_global[path] = value
         self._global = new_global
         self._flat_stale = True
+
+
+class _RowBlocks:
+    """A part of the list step: parameter ``index`` (of the step's active list) in blocks of its rows."""
+
+    __slots__ = ("blocks", "index")
+
+    def __init__(self, index: int, blocks: list[slice]) -> None:
+        self.index = index
+        self.blocks = blocks
 
 
 class _FlatPath:

@@ -1,0 +1,139 @@
+"""The torch adapter's list step over blocks of a tensor's rows (adaptlr.backends.torch_rows).
+
+Algorithms whose sums stay within tensors (DSA, HD and EG per tensor, LDoG) run a large tensor in
+blocks of its rows, two passes: the same step as the whole tensor's (float64, 1e-12), with the
+temporaries of a block (issue 20, target 5).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import adaptlr  # noqa: E402
+from adaptlr.backends import fast, part_sums, torch_rows  # noqa: E402
+from adaptlr.backends.torch import Optimizer  # noqa: E402
+
+SHAPES = [(24, 16), (40,), (3, 2, 5), (7, 9), (1, 30)]
+
+ROW_REPLAYABLE = {
+    "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-2, weight_decay=1e-2)),
+    "dsa-element-bounded": lambda: adaptlr.dsa(adaptlr.adam(1e-2), structure=("tensor", "row", "col", "element"),
+                                               min_lr=1e-4, max_lr=5e-2),
+    "dsa(active)": lambda: adaptlr.dsa(adaptlr.active(adaptlr.sgd(1e-2, momentum=0.9), steps_per_epoch=4)),
+    "eg-tensor": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-2), 1e-2, 1e-2, scale="tensor"),
+    "hd-tensor": lambda: adaptlr.hypergradient(adaptlr.sgd(1e-2, momentum=0.9), 1e-3, granularity="tensor"),
+    "ldog": lambda: adaptlr.dog(layerwise=True),
+}
+
+
+def _run(make, part_elements, steps: int = 13, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in SHAPES]
+    opt = Optimizer(params, make(), fast=False)
+    opt.list_part_elements = part_elements
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+    return params, opt
+
+
+def test_row_blocks_cover_the_rows_within_the_budget():
+    assert torch_rows.row_blocks((24, 16), 100) == [slice(0, 6), slice(6, 12), slice(12, 18), slice(18, 24)]
+    assert torch_rows.row_blocks((7, 9), 20) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)]
+    assert torch_rows.row_blocks((3, 2, 5), 9) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # a row above the budget
+    assert torch_rows.row_blocks((24, 16), 384) is None  # fits
+    assert torch_rows.row_blocks((1, 30), 10) is None  # one row
+    assert torch_rows.row_blocks((), 1) is None
+    assert torch_rows.row_blocks((40,), 15) == [slice(0, 15), slice(15, 30), slice(30, 40)]
+    with pytest.raises(ValueError, match="at least 1"):
+        torch_rows.row_blocks((4, 4), 0)
+    assert torch_rows.per_row(torch.zeros(24, 1), (24, 16)) and torch_rows.per_row(torch.zeros(24, 16), (24, 16))
+    assert not torch_rows.per_row(torch.zeros(1, 16), (24, 16)) and not torch_rows.per_row(torch.zeros(()), (24, 16))
+
+
+def test_which_algorithms_replay_their_sums_over_rows():
+    for make in ROW_REPLAYABLE.values():
+        assert fast.sums_replayable_by_rows(make())
+    assert not fast.sums_replayable_by_rows(adaptlr.adamw())  # no sums: whole tensors or blocks elsewhere
+    assert not fast.sums_replayable_by_rows(adaptlr.hypergradient(adaptlr.sgd(0.1), 1e-3))  # global sums
+    assert not fast.sums_replayable_by_rows(adaptlr.prodigy())
+
+
+@pytest.mark.parametrize("name", list(ROW_REPLAYABLE))
+def test_row_blocks_make_the_step_of_whole_tensors(name):
+    make = ROW_REPLAYABLE[name]
+    calls = []
+    original = part_sums.run_parts
+
+    def spy(xp, parts, run_part, sums, rows=False):
+        calls.append((len(parts), sums, rows))
+        return original(xp, parts, run_part, sums, rows)
+
+    whole, _ = _run(make, None)
+    part_sums.run_parts = spy
+    try:
+        blocked, opt = _run(make, 50)
+    finally:
+        part_sums.run_parts = original
+    # (24, 16) in 8 blocks of 3 rows and (7, 9) in 2 blocks; (40,), (3, 2, 5), (1, 30) whole
+    assert set(calls) == {(8, "replay", True), (2, "replay", True)}, set(calls)
+    assert len(calls) == 2 * 13
+    for a, b in zip(whole, blocked):
+        assert float((a - b).abs().max()) <= 1e-12 * float(a.abs().max()), name
+    # the state too (row factors written block by block, column and tensor factors after the last)
+    whole_state, blocked_state = _run(make, None)[1].state_dict(), opt.state_dict()
+    for key, entry in whole_state["state"].items():
+        for field, value in entry.items():
+            other = blocked_state["state"][key][field]
+            for x, y in zip(_tensors(value), _tensors(other)):
+                assert torch.allclose(x, y, rtol=1e-12, atol=1e-300), (name, field)
+
+
+def _tensors(value):
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _tensors(value[k])]
+    return [value] if isinstance(value, torch.Tensor) else []
+
+
+def test_blocks_that_used_their_own_sums_would_not_be_the_same_step(monkeypatch):
+    """The check above can fail: answering each block's sums with its own partials differs."""
+    whole, _ = _run(ROW_REPLAYABLE["dsa"], None)
+
+    def own_partials(xp, parts, run_part, sums, rows=False):
+        for part in parts:  # one pass, each block's sums its own (a Recorder returns the partials)
+            run_part(part, part_sums.Recorder(xp, None, rows=True), True)
+
+    monkeypatch.setattr(part_sums, "run_parts", own_partials)
+    wrong, _ = _run(ROW_REPLAYABLE["dsa"], 50)
+    assert max(float((a - b).abs().max()) for a, b in zip(whole, wrong)) > 1e-6
+
+
+def test_large_cpu_models_take_row_blocks_by_default_and_keep_temporaries_within_the_largest_tensor(monkeypatch):
+    """``fast="auto"`` on a CPU model above 16 MiB (here: the limit lowered) runs DSA's large tensors in
+    row blocks of ``cpu_block_size`` elements; the peak extra memory of a step stays within the
+    largest tensor, where the whole-tensor list step (``fast=False``) holds several times it."""
+    from adaptlr.backends.bench import _torch_peak_mode
+
+    monkeypatch.setattr(fast, "_CPU_FLAT_BYTES_LIMIT", 1 << 10)
+    shapes = [(1024, 288), (256, 144), (300,)]
+    largest = 1024 * 288 * 4
+    peaks = {}
+    for setting in ("auto", False):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        opt = Optimizer(params, adaptlr.dsa(adaptlr.adamw(1e-3)), fast=setting)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            counter = _torch_peak_mode(torch)
+            with counter:
+                opt.step()
+        assert opt.fast_path == "list"
+        peaks[setting] = counter.peak / largest
+        if setting == "auto":
+            assert opt._row_block_budget(params) == fast.cpu_block_size(1024 * 288) == 1 << 14
+    assert peaks["auto"] <= 1.0, peaks
+    assert peaks[False] >= 3.0, peaks
