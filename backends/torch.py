@@ -240,9 +240,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @foreach_chunk_elements.setter
     def foreach_chunk_elements(self, elements: int | None) -> None:
-        if elements is not None and (isinstance(elements, bool) or not isinstance(elements, int) or elements < 1):
-            raise ValueError(f"foreach_chunk_elements must be None or an int >= 1, got {elements!r}")
-        self._foreach_chunk_elements = elements
+        self._foreach_chunk_elements = _elements_or_none("foreach_chunk_elements", elements)
 
     @property
     def list_part_elements(self) -> int | None:
@@ -254,9 +252,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @list_part_elements.setter
     def list_part_elements(self, elements: int | None) -> None:
-        if elements is not None and (isinstance(elements, bool) or not isinstance(elements, int) or elements < 1):
-            raise ValueError(f"list_part_elements must be None or an int >= 1, got {elements!r}")
-        self._list_part_elements = elements
+        self._list_part_elements = _elements_or_none("list_part_elements", elements)
 
     # -- the step -----------------------------------------------------------------------------------
 
@@ -1241,6 +1237,13 @@ class _FlatPath:
         self.extra = extra  # blocked: the shared fields of the other buffers' states
         self.kinds: list[tuple] = []  # (group, dtype, device) of the parameters, each once
         self.kind_of: list[int] = []  # per parameter: its index in kinds
+
+
+def _elements_or_none(name: str, elements: Any) -> int | None:
+    """``elements`` checked as a budget of elements: None or an int >= 1."""
+    if elements is not None and (isinstance(elements, bool) or not isinstance(elements, int) or elements < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {elements!r}")
+    return elements
 
 
 def _check_grads(active: list, groups: list, where: list) -> None:

@@ -137,3 +137,13 @@ def test_large_cpu_models_take_row_blocks_by_default_and_keep_temporaries_within
             assert opt._row_block_budget(params) == fast.cpu_block_size(1024 * 288) == 1 << 14
     assert peaks["auto"] <= 1.0, peaks
     assert peaks[False] >= 3.0, peaks
+
+
+def test_list_part_elements_takes_none_or_a_positive_int():
+    opt = Optimizer([torch.nn.Parameter(torch.zeros(4, 4))], adaptlr.dsa(adaptlr.adamw()))
+    assert opt.list_part_elements is None
+    opt.list_part_elements = 16
+    assert opt.list_part_elements == 16
+    for bad in (0, -3, 2.5, True, "16"):
+        with pytest.raises(ValueError, match="list_part_elements must be None or an int >= 1"):
+            opt.list_part_elements = bad

@@ -8,22 +8,20 @@
                                                                # and AdamW's default for the ratio
 
 ResNet-18 parameter shapes, float32, fixed random gradients; each round runs every variant once in
-a fresh random order; prints the median step time and its quartiles.
+a fresh random order (`adaptlr.backends.bench.time_runners`); prints the median step time and its quartiles.
 """
 
 from __future__ import annotations
 
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 import adaptlr
 from adaptlr.adam import AdamDirection, AdamState
-from adaptlr.backends.bench import RESNET18_SHAPES
+from adaptlr.backends.bench import RESNET18_SHAPES, Runner, time_runners
 
 
 class FivePasses(AdamDirection):
@@ -81,21 +79,14 @@ def _numpy_functional(opt: adaptlr.Optimizer) -> Callable[[], None]:
     return run
 
 
-def interleaved(runners: dict, rounds: int) -> None:
-    times: dict = {name: [] for name in runners}
-    for run in runners.values():
-        run()
-        run()
-    for _ in range(rounds):
-        order = list(runners)
-        random.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=4)
-        print(f"{name:34s} {statistics.median(values) * 1e3:7.1f} ms ({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})")
+def interleaved(steps: dict, rounds: int) -> None:
+    """``adaptlr bench``'s interleaved timing (two warm-up rounds) of each ``name: step``."""
+    runners = [Runner("resnet18", "", name, "", "adaptlr", step) for name, step in steps.items()]
+    time_runners(runners, rounds, warmup=2)
+    for runner in runners:
+        q = statistics.quantiles(runner.times, n=4)
+        print(f"{runner.algorithm:34s} {statistics.median(runner.times) * 1e3:7.1f} ms "
+              f"({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})")
 
 
 def main(argv: list[str]) -> None:
