@@ -56,18 +56,23 @@ class _PartSums(Reducer):
         self.rows = rows
 
     def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
-        return self._across(super().total(terms, dtype))
+        # the terms are evaluated only where the part's share is (generators: a second pass skips them)
+        return self._across(lambda: Reducer.total(self, terms, dtype))
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
         if not self.rows:
             raise RuntimeError("a per-leaf sum has no whole-model value to replay; this algorithm cannot run in "
                                "parts")
-        part = self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
-        dims = range(x.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
-        return self._across(part) if any(d % x.ndim == 0 for d in dims) else part
 
-    def _across(self, part: Any) -> Any:
-        """This part's share ``part`` of a sum over every part: what the step is to use for it."""
+        def part() -> Any:
+            return self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
+
+        dims = range(x.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+        return self._across(part) if any(d % x.ndim == 0 for d in dims) else part()
+
+    def _across(self, part: Callable[[], Any]) -> Any:
+        """What the step is to use for a sum over every part, of which ``part()`` is this part's share
+        (a replayed sum does not compute it)."""
         raise NotImplementedError
 
 
@@ -76,10 +81,7 @@ class NoSums(_PartSums):
 
     __slots__ = ()
 
-    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
-        raise SumsRequested("this step sums over elements")  # before its terms are evaluated
-
-    def _across(self, part: Any) -> Any:
+    def _across(self, part: Callable[[], Any]) -> Any:
         raise SumsRequested("this step sums over elements")
 
 
@@ -103,16 +105,17 @@ class Recorder(_PartSums):
         self.partials: list = []
         self.sums = sums
 
-    def _across(self, part: Any) -> Any:
-        self.partials.append(part)
+    def _across(self, part: Callable[[], Any]) -> Any:
+        value = part()
+        self.partials.append(value)
         if len(self.partials) == self.sums:
             raise PartSummed
-        return part
+        return value
 
 
 class Replayer(_PartSums):
-    """The second pass over a part: the ``k``-th sum is the whole model's ``k``-th sum (the terms of a
-    ``total`` are not summed again); :meth:`check_all_used` after the part's step."""
+    """The second pass over a part: the ``k``-th sum is the whole model's ``k``-th sum (this part's
+    share is not computed again); :meth:`check_all_used` after the part's step."""
 
     __slots__ = ("sums", "used")
 
@@ -121,10 +124,7 @@ class Replayer(_PartSums):
         self.sums = sums
         self.used = 0
 
-    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
-        return self._across(None)  # the terms are not evaluated (generators: the second pass skips them)
-
-    def _across(self, part: Any) -> Any:
+    def _across(self, part: Callable[[], Any]) -> Any:
         if self.used >= len(self.sums):
             raise RuntimeError("a part's second pass asked for more sums than its first pass made")
         self.used += 1

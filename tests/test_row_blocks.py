@@ -147,3 +147,41 @@ def test_list_part_elements_takes_none_or_a_positive_int():
     for bad in (0, -3, 2.5, True, "16"):
         with pytest.raises(ValueError, match="list_part_elements must be None or an int >= 1"):
             opt.list_part_elements = bad
+
+
+def test_a_row_block_step_makes_no_reference_cycle():
+    import gc
+
+    _, opt = _run(ROW_REPLAYABLE["dsa"], 50, steps=2)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    gc.collect()
+    gc.disable()
+    try:
+        opt.step()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+def test_row_reducers_complete_sums_over_the_first_dimension_only():
+    import numpy as np
+
+    x = np.arange(12.0).reshape(3, 4)
+    recorder = part_sums.Recorder(np, None, rows=True)
+    assert recorder.leaf_sum(0, x, axis=1).tolist() == [6.0, 22.0, 38.0]  # within rows: the block's own
+    assert recorder.leaf_sum(0, x, axis=0, keepdims=True).tolist() == [[12.0, 15.0, 18.0, 21.0]]
+    assert recorder.leaf_sum(0, x) == 66.0 and recorder.total([x, x]) == 132.0
+    assert len(recorder.partials) == 3  # the column sums, the total, the total of the list
+
+    class NoSum:  # a replayed sum is not computed again
+        def sum(self, *args, **kwargs):
+            raise AssertionError("summed")
+
+    replayer = part_sums.Replayer(NoSum(), ["columns", "tensor"], rows=True)
+    assert replayer.leaf_sum(0, x, axis=(0,)) == "columns" and replayer.leaf_sum(0, x, axis=-2) == "tensor"
+    replayer.check_all_used()
+    with pytest.raises(AssertionError, match="summed"):
+        replayer.leaf_sum(0, x, axis=1)
+    with pytest.raises(RuntimeError, match="cannot run in parts"):
+        part_sums.Recorder(np).leaf_sum(0, x, axis=1)  # parts of a flat buffer: no per-leaf sums
