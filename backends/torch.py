@@ -507,8 +507,8 @@ class Optimizer(torch.optim.Optimizer):
         sums stay within tensors and replay over rows (:func:`~adaptlr.backends.fast.sums_replayable_by_rows`)."""
         from adaptlr.backends.fast import cpu_block_size, large_cpu_model, sums_replayable_by_rows
 
-        if not sums_replayable_by_rows(self.opt):
-            return None
+        if not sums_replayable_by_rows(self.opt) or any(type(p.detach()) is not torch.Tensor for p in active):
+            return None  # (tensor subclasses such as DTensor: whole tensors, their sums their own)
         if self._list_part_elements is not None:
             return self._list_part_elements
         if self.fast != "auto" or any(p.device.type != "cpu" for p in active):

@@ -125,11 +125,13 @@ def run(rank: int, world: int, port: int, out: str) -> None:
 
         sharded = sharded_model()
         fsdp_opt = Optimizer(sharded.parameters(), make())
+        fsdp_opt.list_part_elements = 8  # DTensor parameters: whole tensors all the same (torch_rows)
         train(sharded, fsdp_opt, rows)
         got = [full(p) for p in sharded.parameters()]
 
         replicated = torch.nn.parallel.DistributedDataParallel(model())
         ddp_opt = Optimizer(replicated.parameters(), make())
+        ddp_opt.list_part_elements = 8  # DSA, HD per tensor, LDoG: row blocks of the weights (torch_rows)
         train(replicated, ddp_opt, rows)
         ddp = [p.detach() for p in replicated.parameters()]
         others = [torch.empty_like(p) for p in ddp]
