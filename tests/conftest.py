@@ -6,6 +6,7 @@ device here, such as CuPy without a GPU) is skipped with the reason.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -86,3 +87,16 @@ def aten_ops_by_name(step, numel: int | None = None) -> dict:
     with Counter():
         step()
     return counts
+
+
+def cycles_made_by(fn) -> int:
+    """The objects ``fn()`` left in reference cycles (the collector disabled while it runs). Whatever
+    ``fn`` creates is in the youngest generation, so collecting that one finds its cycles (and costs
+    far less than a full collection of a process that imported torch)."""
+    gc.collect(0)
+    gc.disable()
+    try:
+        fn()
+        return gc.collect(0)
+    finally:
+        gc.enable()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import adaptlr
+from tests.conftest import cycles_made_by
 
 FACTORIES = {
     "adamw": lambda: adaptlr.adamw(1e-3, weight_decay=0.01),
@@ -26,19 +27,6 @@ FACTORIES = {
     "prodigy": lambda: adaptlr.prodigy(),
     "schedule_free_adamw": lambda: adaptlr.schedule_free_adamw(1e-2),
 }
-
-
-def _cycles_made_by(fn) -> int:
-    """The objects ``fn()`` left in reference cycles (the collector disabled while it runs). Whatever
-    ``fn`` creates is in the youngest generation, so collecting that one finds its cycles (and costs
-    far less than a full collection of a process that imported torch)."""
-    gc.collect(0)
-    gc.disable()
-    try:
-        fn()
-        return gc.collect(0)
-    finally:
-        gc.enable()
 
 
 @pytest.mark.parametrize("name", FACTORIES)
@@ -54,7 +42,7 @@ def test_a_numpy_functional_step_makes_no_reference_cycle(name):
         box["params"] = adaptlr.apply_updates(box["params"], updates)
 
     for _ in range(3):
-        assert _cycles_made_by(step) == 0
+        assert cycles_made_by(step) == 0
 
 
 @pytest.mark.parametrize("fast", [False, "foreach", "auto", "flat"])
@@ -69,8 +57,8 @@ def test_a_torch_adapter_step_makes_no_reference_cycle(name, fast):
     for _ in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)
-        assert _cycles_made_by(opt.step) == 0, opt.fast_path
-    assert _cycles_made_by(opt.state_dict) == 0
+        assert cycles_made_by(opt.step) == 0, opt.fast_path
+    assert cycles_made_by(opt.state_dict) == 0
 
 
 @pytest.mark.parametrize("fast", [False, "foreach"])

@@ -150,18 +150,12 @@ def test_list_part_elements_takes_none_or_a_positive_int():
 
 
 def test_a_row_block_step_makes_no_reference_cycle():
-    import gc
+    from tests.conftest import cycles_made_by
 
     _, opt = _run(ROW_REPLAYABLE["dsa"], 50, steps=2)
     for p in opt.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
-    gc.collect()
-    gc.disable()
-    try:
-        opt.step()
-        assert gc.collect() == 0
-    finally:
-        gc.enable()
+    assert cycles_made_by(opt.step) == 0
 
 
 def test_row_reducers_complete_sums_over_the_first_dimension_only():
