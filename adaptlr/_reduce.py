@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["Reducer", "leaf_split_axes"]
+__all__ = ["Reducer", "leaf_split_axes", "reduced_dims"]
 
 Completer = Callable[[Any, tuple], Any]
 
@@ -53,6 +53,13 @@ def leaf_split_axes(axis_name: Any, ndims: Sequence[int], specs: Sequence[Any] |
     return out
 
 
+def reduced_dims(ndim: int, axis: Any) -> tuple[int, ...]:
+    """The dimensions (0 <= d < ndim) a sum over ``axis`` (None, an int or a tuple) reduces."""
+    if axis is None:
+        return tuple(range(ndim))
+    return tuple(d % ndim for d in ((axis,) if isinstance(axis, int) else axis))
+
+
 class Reducer:
     """``xp.sum`` over parameter elements, completed across shards where ``complete`` is set."""
 
@@ -64,11 +71,10 @@ class Reducer:
         self.split_axes = split_axes
 
     def _axes_of(self, i: int, ndim: int, axis: Any) -> tuple:
-        dims = range(ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
         assert self.split_axes is not None  # only asked for where there is a completer
         names: list = []
-        for d in dims:
-            names.extend(n for n in self.split_axes[i][d % ndim] if n not in names)
+        for d in reduced_dims(ndim, axis):
+            names.extend(n for n in self.split_axes[i][d] if n not in names)
         return tuple(names)
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from adaptlr._reduce import Reducer
+from adaptlr._reduce import Reducer, reduced_dims
 
 __all__ = ["NoSums", "PartSummed", "Recorder", "Replayer", "SumsRequested", "run_parts", "whole_sums"]
 
@@ -67,8 +67,7 @@ class _PartSums(Reducer):
         def part() -> Any:
             return self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
 
-        dims = range(x.ndim) if axis is None else ((axis,) if isinstance(axis, int) else axis)
-        return self._across(part) if any(d % x.ndim == 0 for d in dims) else part()
+        return self._across(part) if 0 in reduced_dims(x.ndim, axis) else part()
 
     def _across(self, part: Callable[[], Any]) -> Any:
         """What the step is to use for a sum over every part, of which ``part()`` is this part's share

@@ -483,6 +483,7 @@ class Optimizer(torch.optim.Optimizer):
         budget = self._row_block_budget(active)
         if budget is None and len(active) < 2:
             return None
+        limit = budget or max(numels)
         parts: list = [[]]
         size = 0
         for i, n in enumerate(numels):
@@ -492,7 +493,7 @@ class Optimizer(torch.optim.Optimizer):
                 parts.append([])
                 size = 0
                 continue
-            if parts[-1] and size + n > (budget or max(numels)):
+            if parts[-1] and size + n > limit:
                 parts.append([])
                 size = 0
             parts[-1].append(i)

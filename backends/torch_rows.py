@@ -23,6 +23,7 @@ no sum's terms depend on another sum of the same step).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = ["per_row", "row_blocks"]
@@ -34,12 +35,8 @@ def row_blocks(shape: tuple, budget: int) -> list[slice] | None:
     rows (it runs whole)."""
     if budget < 1:
         raise ValueError(f"the row-block budget must be at least 1 element, got {budget}")
-    if len(shape) == 0 or shape[0] < 2:
-        return None
-    numel = 1
-    for n in shape:
-        numel *= n
-    if numel <= budget:
+    numel = math.prod(shape)
+    if len(shape) == 0 or shape[0] < 2 or numel <= budget:
         return None
     rows = shape[0]
     per_block = max(1, budget // max(1, numel // rows))
