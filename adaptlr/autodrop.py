@@ -108,7 +108,7 @@ def displacement_angle(dot: Any, sq_norm: Any, prev_sq_norm: Any, xp: Any = None
     defined = xp.logical_and(sq_norm > 0, prev_sq_norm > 0)
     one = xp.ones_like(dot)
     denominator = xp.where(defined, xp.sqrt(sq_norm) * xp.sqrt(prev_sq_norm), one)
-    cosine = xp.minimum(xp.maximum(dot / denominator, -one), one)
+    cosine = xp.clip(dot / denominator, -1.0, 1.0)
     omega = xp.acos(cosine) * _DEGREES_PER_RADIAN
     return xp.where(defined, omega, xp.full_like(omega, math.nan)), defined
 

@@ -87,29 +87,43 @@ class OptimizerState(NamedTuple):
 class StepSize(NamedTuple):
     """The learning rate of one step, per parameter leaf, as the adaptations shape it.
 
-    For leaf ``i`` the step is ``-(alpha[i] · kappa[i]) ⊙ d`` (``None`` stands for 1), the decoupled
-    weight decay is ``-α_user · λ · decay_kappa[i] ⊙ θ``, and ``shift[i]`` (``None``: no shift) is added
-    to the update. Adaptations return a new ``StepSize`` from the one they are given:
-    multiplicative ones call :meth:`scaled`, hypergradient descent replaces ``alpha``.
+    For leaf ``i`` the step is ``-(alpha[i] · scale[i] · kappa[i]) ⊙ d`` (``None`` stands for 1;
+    ``scale[i]`` holds the 0-D factors and ``kappa[i]`` the others, so that the 0-D ones are
+    multiplied together before they meet a full-size factor: one pass over it, not one per 0-D
+    factor), the decoupled weight decay is ``-α_user · λ · decay_kappa[i] ⊙ θ``, and ``shift[i]``
+    (``None``: no shift) is added to the update. Adaptations return a new ``StepSize`` from the one
+    they are given: multiplicative ones call :meth:`scaled`, hypergradient descent replaces
+    ``alpha``; :meth:`factors` gives ``scale·kappa``.
     """
 
     alpha: tuple
     kappa: tuple
     decay_kappa: tuple
     shift: tuple
+    scale: tuple
 
     @classmethod
     def of(cls, alpha: Sequence[Array]) -> StepSize:
         none = (None,) * len(alpha)
-        return cls(tuple(alpha), none, none, none)
+        return cls(tuple(alpha), none, none, none, none)
 
     def scaled(self, factors: Sequence[Array | None], *, weight_decay_too: bool = False) -> StepSize:
-        """Multiply ``kappa`` (and ``decay_kappa`` if ``weight_decay_too``) by ``factors`` per leaf."""
-        kappa = tuple(_times(k, f) for k, f in zip(self.kappa, factors))
+        """Multiply ``kappa`` (and ``decay_kappa`` if ``weight_decay_too``) by ``factors`` per leaf
+        (a 0-D factor multiplies ``scale`` instead: the same step, computed with fewer passes)."""
+        scale, kappa = list(self.scale), list(self.kappa)
+        for i, f in enumerate(factors):
+            if f is not None and getattr(f, "ndim", 0) == 0:  # 0-D, or a Python number
+                scale[i] = _times(scale[i], f)
+            else:
+                kappa[i] = _times(kappa[i], f)
         decay = self.decay_kappa
         if weight_decay_too:
             decay = tuple(_times(k, f) for k, f in zip(decay, factors))
-        return self._replace(kappa=kappa, decay_kappa=decay)
+        return self._replace(kappa=tuple(kappa), decay_kappa=decay, scale=tuple(scale))
+
+    def factors(self) -> list[Array | None]:
+        """``scale·kappa`` per leaf: everything the adaptations multiplied ``alpha`` by (None: 1)."""
+        return [_times(s, k) for s, k in zip(self.scale, self.kappa)]
 
     def scaled_by(self, factor: Array, *, weight_decay_too: bool = False) -> StepSize:
         """:meth:`scaled` by one 0-D ``factor`` for every leaf, cast to each leaf's ``α`` dtype."""
@@ -117,8 +131,8 @@ class StepSize(NamedTuple):
         return self.scaled(cast_like(xp, factor, self.alpha), weight_decay_too=weight_decay_too)
 
     def effective(self) -> list[Array]:
-        """``α·κ`` per leaf (0-D where κ is 1)."""
-        return [_times(a, k) for a, k in zip(self.alpha, self.kappa)]
+        """``α·scale·κ`` per leaf (0-D where κ is 1), the 0-D factors multiplied first."""
+        return [_times(_times(a, s), k) for a, s, k in zip(self.alpha, self.scale, self.kappa)]
 
 
 def _times(a: Array | None, b: Array | None) -> Array | None:
@@ -540,7 +554,7 @@ class Optimizer:
         for i, (d, p) in enumerate(zip(directions, params)):
             # -(α·κ) as (-α)·κ: the same numbers (rounding is symmetric in the sign), and no pass to
             # negate a full-size κ (ActiveLR, DSA, element-wise HD).
-            neg_lr: Array = _times(-size.alpha[i], size.kappa[i])  # alpha is never None: neither is the rate
+            neg_lr: Array = _times(_times(-size.alpha[i], size.scale[i]), size.kappa[i])  # alpha is never None
             u = d * neg_lr
             if decoupled[i]:
                 decay: Array = _times(alpha[i], size.decay_kappa[i])

@@ -89,7 +89,7 @@ def _apply(size: StepSize, kappa: list, min_lr: Any, max_lr: Any, weight_decay_t
         if max_lr is not None:
             rate = xp.minimum(rate, xp.astype(max_lr, rate.dtype))
         rates.append(rate)
-    return scaled._replace(alpha=tuple(rates), kappa=(None,) * len(rates))
+    return scaled._replace(alpha=tuple(rates), kappa=(None,) * len(rates), scale=(None,) * len(rates))
 
 
 def leaf_structure(structure: tuple[str, ...] | None, ndim: int) -> tuple[str, ...]:
@@ -194,14 +194,13 @@ class DSA(Adaptation):
             g, p = xp.astype(g, work, copy=False), xp.astype(p, work, copy=False)
             beta = scalars.constant(self.hyper_lr, work)
             eps = scalars.constant(EPS, work)
-            one = scalars.constant(1.0, work)
             gp, gg, pp = g * p, g * g, p * p
             kinds: tuple[str, ...] = tuple(str(kind) for kind in factors)
             dots, g_sq, p_sq = (_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))
             updated = {}
             for kind, factor in factors.items():
                 norms = xp.sqrt(g_sq[kind]) * xp.sqrt(p_sq[kind])
-                cos = xp.minimum(xp.maximum(dots[kind] / (norms + eps), -one), one)
+                cos = xp.clip(dots[kind] / (norms + eps), -1.0, 1.0)
                 updated[kind] = factor * xp.astype(xp.exp(beta * cos), factor.dtype, copy=False)
             new_factors.append(updated)
         return state._replace(factors=layout.tree(new_factors))

@@ -166,17 +166,16 @@ class EGStepSize(Adaptation):
         ]
 
         new_state = EGState(state.scale, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
-        factors = [s * p for s, p in zip(scales, gains, strict=True)]
-        return size.scaled(factors, weight_decay_too=self.scale_weight_decay), new_state
+        # s (0-D) and p apart: the step multiplies α·s first, then p once (not s·p, then α·(s·p))
+        size = size.scaled(scales, weight_decay_too=self.scale_weight_decay)
+        return size.scaled(gains, weight_decay_too=self.scale_weight_decay), new_state
 
     def _clip(self, ctx: StepContext, exponent: Any) -> Any:
         """``exponent`` bounded to ``±max_log_step`` (unchanged when that is None)."""
         if self.max_log_step is None:
             return exponent
-        xp, dtype = ctx.xp, exponent.dtype
-        high = ctx.scalars.constant(self.max_log_step, dtype)
-        low = ctx.scalars.constant(-self.max_log_step, dtype)
-        return xp.minimum(xp.maximum(exponent, low), high)
+        # one pass (xp.maximum then xp.minimum is two); Python-float bounds keep the exponent's dtype
+        return ctx.xp.clip(exponent, -self.max_log_step, self.max_log_step)
 
 
 def eg_step_size(

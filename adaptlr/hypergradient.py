@@ -146,7 +146,7 @@ class Hypergradient(Adaptation):
         else:
             lrs = ctx.layout.leaves(state.lr, "state.lr")
         # The step is -a·κ ⊙ d, so the direction a multiplies (what the next H needs) is κ ⊙ d.
-        new_d_prev = [d if k is None else k * d for k, d in zip(size.kappa, ctx.directions, strict=True)]
+        new_d_prev = [d if k is None else k * d for k, d in zip(size.factors(), ctx.directions, strict=True)]
         return size._replace(alpha=tuple(lrs)), state._replace(d_prev=ctx.layout.tree(new_d_prev))
 
     def _adapt(self, xp: Any, a: Any, h: Any, scalars: Any) -> Any:

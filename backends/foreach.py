@@ -19,6 +19,7 @@ adapter then takes its per-tensor list path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -208,6 +209,23 @@ def _maximum_or_minimum(name: str, foreach: Callable) -> Callable:
     return fn
 
 
+def _clip(x: Any, /, min: Any = None, max: Any = None) -> Any:
+    """``xp.clip``: Python-number bounds on a ForeachArray as ``_foreach_clamp_min``/``_max`` (two
+    calls for the list), other bounds per tensor."""
+    if not isinstance(x, ForeachArray):
+        return _xt.clip(x, min, max)
+    if not all(b is None or (_is_number(b) and not math.isnan(b)) for b in (min, max)):
+        return ForeachArray([_xt.clip(t, min, max) for t in x.tensors])
+    tensors = x.tensors
+    if min is None and max is None:
+        return ForeachArray([t.clone() for t in tensors])
+    if min is not None:
+        tensors = torch._foreach_clamp_min(tensors, min)
+    if max is not None:
+        tensors = torch._foreach_clamp_max(tensors, max)
+    return ForeachArray(tensors)
+
+
 def _reduction(name: str, combine: Callable) -> Callable:
     """``xp.<name>`` over every element of every tensor (``axis=None`` only), as on a flat buffer."""
     plain = getattr(_xt, name)
@@ -272,6 +290,7 @@ class _Namespace:
             "acos": _elementwise("acos"),
             "maximum": _maximum_or_minimum("maximum", torch._foreach_maximum),
             "minimum": _maximum_or_minimum("minimum", torch._foreach_minimum),
+            "clip": _clip,
             "sum": _reduction("sum", torch.sum),
             "max": _reduction("max", torch.amax),
             "all": _reduction("all", torch.all),

@@ -27,6 +27,8 @@ EXPRESSIONS = {
     "reflected": lambda a, b, c, xp: 1.0 - a + 2.0 / (xp.abs(b) + 1.0) - c,
     "where": lambda a, b, c, xp: xp.where(xp.logical_and(a * b > 0, xp.isfinite(a)), a + 0.5, 0.5 * b),
     "max min": lambda a, b, c, xp: xp.maximum(xp.minimum(a, b), -a) ** 2 + xp.sign(b) * xp.exp(-xp.abs(a)),
+    "clip": lambda a, b, c, xp: (xp.clip(a, -0.5, 0.7) + xp.clip(b, min=-0.2) - xp.clip(a, max=0.1)
+                                 + xp.clip(b, c - 1.0, c)),  # number bounds; 0-D tensor bounds
     "sums": lambda a, b, c, xp: xp.sum(a * b) + xp.max(xp.abs(a)) * xp.sum(b, dtype=torch.float64),
 }
 
@@ -52,3 +54,10 @@ def test_reductions_over_an_axis_and_unknown_functions_are_refused():
         xf.reshape(a, (-1,))
     with pytest.raises(TypeError):
         bool(a > 0)
+
+
+def test_clip_with_number_bounds_is_two_calls_for_the_whole_list():
+    from adaptlr.backends.bench import count_aten_ops
+
+    a = ForeachArray([torch.randn(5) for _ in range(7)])
+    assert count_aten_ops(lambda: xf.clip(a, -0.5, 0.5)) == 2  # _foreach_clamp_min, _foreach_clamp_max
