@@ -208,6 +208,22 @@ def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are
         assert "neg" not in ops, ops
 
 
+def test_eg_step_makes_one_pass_per_operation_of_its_update_rule():
+    """EG(AdamW) on one 2-D parameter, the list path: the full-size elementwise passes are those of
+    the equations, no more. Adam: m (3: β1·m, (1-β1)·g, +), v (4: g·g, (1-β2)·, β2·v, +), the
+    direction (4: sqrt, +, ÷, ·c_t). EG: ⟨v_{t-1}, g⟩ (1: ·), p (5: γ·m, ·g, clip, exp, p·), v_t
+    (2: α·p, ·d), m_t (3). The step: ((-α·s)·p)·d (2: s is 0-D, multiplied into α first), decay
+    (2: λα·θ, -). 26 in all: a clip as maximum-then-minimum, or s·p formed at full size, adds one."""
+    params = _params([(40, 30)])
+    adapter = Optimizer(params, adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-2, 1e-2),
+                        fast=False)
+    adapter.step()
+    ops = aten_ops_by_name(adapter.step, 40 * 30)
+    passes = {name: n for name, n in ops.items() if name not in ("detach", "sum", "copy_", "add_")}
+    assert sum(passes.values()) == 3 + 4 + 4 + 1 + 5 + 2 + 3 + 2 + 2, passes
+    assert ops.get("clamp") == 1 and "maximum" not in ops, ops
+
+
 def test_a_blocked_step_computes_its_step_scalars_once_not_per_block():
     """The blocks of one step share its scalars (``Scalars.of_step``): Adam's two bias corrections
     (``β1^t``, ``β2^t``) are one ``pow`` each per step, and the epoch-boundary tests of ActiveLR and
