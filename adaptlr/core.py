@@ -93,7 +93,9 @@ class StepSize(NamedTuple):
     factor), the decoupled weight decay is ``-α_user · λ · decay_kappa[i] ⊙ θ``, and ``shift[i]``
     (``None``: no shift) is added to the update. Adaptations return a new ``StepSize`` from the one
     they are given: multiplicative ones call :meth:`scaled`, hypergradient descent replaces
-    ``alpha``; :meth:`factors` gives ``scale·kappa``.
+    ``alpha``; :meth:`factors` gives ``scale·kappa``. An adaptation that computes the step
+    ``-(α·scale·κ) ⊙ d`` for its own use hands it over with :meth:`with_step`, and the update takes
+    it instead of computing it again (:meth:`known_step`).
     """
 
     alpha: tuple
@@ -101,6 +103,7 @@ class StepSize(NamedTuple):
     decay_kappa: tuple
     shift: tuple
     scale: tuple
+    step_memo: tuple | None = None
 
     @classmethod
     def of(cls, alpha: Sequence[Array]) -> StepSize:
@@ -133,6 +136,21 @@ class StepSize(NamedTuple):
     def effective(self) -> list[Array]:
         """``α·scale·κ`` per leaf (0-D where κ is 1), the 0-D factors multiplied first."""
         return [_times(_times(a, s), k) for a, s, k in zip(self.alpha, self.scale, self.kappa)]
+
+    def with_step(self, steps: Sequence[Array]) -> StepSize:
+        """This size with ``steps[i] = -(α·scale·κ)[i] ⊙ d_i`` (the step before decay and shift),
+        which the caller computed anyway: the update uses it instead of multiplying again. It holds
+        while ``alpha``, ``scale`` and ``kappa`` stay these tuples (:meth:`scaled` or a new ``alpha``
+        makes new ones, and the update computes the step itself again)."""
+        return self._replace(step_memo=(self.alpha, self.scale, self.kappa, tuple(steps)))
+
+    def known_step(self) -> tuple | None:
+        """The steps given to :meth:`with_step` if ``alpha``, ``scale`` and ``kappa`` are still the
+        tuples they were computed from, else None."""
+        memo = self.step_memo
+        if memo is None or memo[0] is not self.alpha or memo[1] is not self.scale or memo[2] is not self.kappa:
+            return None
+        return memo[3]
 
 
 def _times(a: Array | None, b: Array | None) -> Array | None:
@@ -551,11 +569,15 @@ class Optimizer:
             adaptation_states.append(adaptation_state)
 
         updates = []
+        known = size.known_step()  # -(α·κ) ⊙ d where an adaptation computed it (EG, DSA)
         for i, (d, p) in enumerate(zip(directions, params)):
-            # -(α·κ) as (-α)·κ: the same numbers (rounding is symmetric in the sign), and no pass to
-            # negate a full-size κ (ActiveLR, DSA, element-wise HD).
-            neg_lr: Array = _times(_times(-size.alpha[i], size.scale[i]), size.kappa[i])  # alpha is never None
-            u = d * neg_lr
+            if known is not None:
+                u = known[i]
+            else:
+                # -(α·κ) as (-α)·κ: the same numbers (rounding is symmetric in the sign), and no pass
+                # to negate a full-size κ (ActiveLR, DSA, element-wise HD).
+                neg_lr: Array = _times(_times(-size.alpha[i], size.scale[i]), size.kappa[i])  # α is never None
+                u = d * neg_lr
             if decoupled[i]:
                 decay: Array = _times(alpha[i], size.decay_kappa[i])
                 decay = decay * decoupled[i]

@@ -209,7 +209,8 @@ class DSA(Adaptation):
         """``A_t = α·κ_in·Π φ`` (the factors of :meth:`before_direction`), ``P ← A_t ⊙ d_t``."""
         size = _apply(size, state.kappa(ctx.layout), state.min_lr, state.max_lr, self.scale_weight_decay)
         steps = [rate * d for rate, d in zip(size.effective(), ctx.directions, strict=True)]
-        return size, state._replace(prev_step=ctx.layout.tree(steps))
+        # the update's step is -P: one pass here instead of (-α·κ) and ⊙ d there (StepSize.with_step)
+        return size.with_step([-x for x in steps]), state._replace(prev_step=ctx.layout.tree(steps))
 
 
 def dsa(

@@ -166,9 +166,11 @@ class EGStepSize(Adaptation):
         ]
 
         new_state = EGState(state.scale, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
-        # s (0-D) and p apart: the step multiplies α·s first, then p once (not s·p, then α·(s·p))
+        # s (0-D) and p apart: α·s is multiplied first, then p once (not s·p, then α·(s·p)); the
+        # step -α·κ_in·s·p ⊙ d is v_t·(-s), one pass, handed to the update (StepSize.with_step)
         size = size.scaled(scales, weight_decay_too=self.scale_weight_decay)
-        return size.scaled(gains, weight_decay_too=self.scale_weight_decay), new_state
+        size = size.scaled(gains, weight_decay_too=self.scale_weight_decay)
+        return size.with_step([v * -s for v, s in zip(prev_steps, scales, strict=True)]), new_state
 
     def _clip(self, ctx: StepContext, exponent: Any) -> Any:
         """``exponent`` bounded to ``±max_log_step`` (unchanged when that is None)."""

@@ -197,30 +197,61 @@ def test_no_registered_algorithm_reads_a_device_value_on_the_host_in_a_step(fast
 def test_dsa_reads_a_matrix_in_two_slice_reductions_per_sum_and_scaled_rates_are_not_negated():
     """DSA's tensor sums come from its row sums (6 full-size reductions for ⟨G,P⟩, ‖G‖², ‖P‖² over
     rows and columns, not 9); the update's rate ``-(α·κ)`` is ``(-α)·κ``, so a full-size κ
-    (DSA, ActiveLR) is never negated. The list path, one 2-D parameter."""
-    for make, sums in ((lambda: adaptlr.dsa(adaptlr.adamw(1e-3)), 6),
-                       (lambda: adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=100), 0)):
+    (ActiveLR) is never negated; DSA's step is ``-P`` (its one full-size negation: ``P = A ⊙ d`` is
+    its state, :meth:`adaptlr.core.StepSize.with_step`). The list path, one 2-D parameter."""
+    for make, sums, negations in ((lambda: adaptlr.dsa(adaptlr.adamw(1e-3)), 6, 1),
+                                  (lambda: adaptlr.active(adaptlr.adamw(1e-3), steps_per_epoch=100), 0, 0)):
         params = _params([(40, 30)])
         adapter = Optimizer(params, make(), fast=False)
         adapter.step()
         ops = aten_ops_by_name(adapter.step, 40 * 30)
         assert ops.get("sum", 0) == sums, ops
-        assert "neg" not in ops, ops
+        assert ops.get("neg", 0) == negations, ops
+
+
+def _elementwise_passes(ops: dict) -> int:
+    return sum(n for name, n in ops.items() if name not in ("detach", "sum", "copy_", "add_"))
+
+
+@pytest.mark.parametrize("name", ["eg", "dsa", "dsa bounded"])
+def test_a_step_an_adaptation_computed_is_not_computed_again(name, monkeypatch):
+    """EG (``v_t·(-s)``, one pass) and DSA (``-P``, one pass) hand the step to the update
+    (``StepSize.with_step``), which takes it: where it is ignored, the update makes its own two
+    passes (``(-α·s)·κ``, ``⊙ d``) on top, and the parameters are the same (float64, 5 steps)."""
+    make = {"eg": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-2, 1e-2),
+            "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3)),
+            "dsa bounded": lambda: adaptlr.dsa(adaptlr.sgd(1e-2, momentum=0.9), min_lr=1e-4, max_lr=2e-2)}[name]
+
+    def run() -> tuple[int, list]:
+        params = [torch.nn.Parameter(p.detach().double()) for p in _params([(40, 30), (7,)])]
+        for p, q in zip(params, _params([(40, 30), (7,)], seed=1)):
+            p.grad = q.detach().double()
+        adapter = Optimizer(params, make(), fast=False)
+        for _ in range(4):
+            adapter.step()
+        ops = aten_ops_by_name(adapter.step, 40 * 30)
+        return _elementwise_passes(ops), [p.detach().clone() for p in params]
+
+    passes, params = run()
+    monkeypatch.setattr(adaptlr.core.StepSize, "known_step", lambda self: None)
+    passes_recomputed, params_recomputed = run()
+    assert passes_recomputed == passes + 2
+    for a, b in zip(params, params_recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)  # rounding order only (as the fast paths)
 
 
 def test_eg_step_makes_one_pass_per_operation_of_its_update_rule():
     """EG(AdamW) on one 2-D parameter, the list path: the full-size elementwise passes are those of
     the equations, no more. Adam: m (3: β1·m, (1-β1)·g, +), v (4: g·g, (1-β2)·, β2·v, +), the
     direction (4: sqrt, +, ÷, ·c_t). EG: ⟨v_{t-1}, g⟩ (1: ·), p (5: γ·m, ·g, clip, exp, p·), v_t
-    (2: α·p, ·d), m_t (3). The step: ((-α·s)·p)·d (2: s is 0-D, multiplied into α first), decay
-    (2: λα·θ, -). 26 in all: a clip as maximum-then-minimum, or s·p formed at full size, adds one."""
+    (2: α·p, ·d), m_t (3). The step: v_t·(-s) (1: s is 0-D; StepSize.with_step), decay (2: λα·θ,
+    -). 25 in all: a clip as maximum-then-minimum, or the step formed from α, s, p and d, adds one."""
     params = _params([(40, 30)])
     adapter = Optimizer(params, adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-2, 1e-2),
                         fast=False)
     adapter.step()
     ops = aten_ops_by_name(adapter.step, 40 * 30)
-    passes = {name: n for name, n in ops.items() if name not in ("detach", "sum", "copy_", "add_")}
-    assert sum(passes.values()) == 3 + 4 + 4 + 1 + 5 + 2 + 3 + 2 + 2, passes
+    assert _elementwise_passes(ops) == 3 + 4 + 4 + 1 + 5 + 2 + 3 + 1 + 2, ops
     assert ops.get("clamp") == 1 and "maximum" not in ops, ops
 
 
