@@ -1,10 +1,11 @@
 """Interleaved A/B timing of round 10's EG change, in one process (docs/performance.md, round 10).
 
     python docs/scripts/round10_ab.py ROUNDS [torch|numpy]
+    python docs/scripts/round10_ab.py costs      # words moved per parameter and aten ops per step
 
 EG(AdamW) as before round 10 (the exponent clipped by ``xp.maximum`` then ``xp.minimum``; ``s·p``
 formed at full size, then ``α·(s·p)``) and as now (one ``xp.clip``; ``s`` kept apart from ``p``, so
-the step is ``((-α·s)·p)·d``), with AdamW for the ratio: through the torch adapter's default path
+the step is ``v_t·(-s)``, handed to the update), with AdamW for the ratio: through the torch adapter's default path
 (default) or NumPy's functional ``update`` + ``apply_updates``. ResNet-18 parameter shapes, float32,
 fixed random gradients; each round runs every variant once in a fresh random order
 (``adaptlr.backends.bench.time_runners``); prints the median step time, its quartiles and the ratio
@@ -36,11 +37,22 @@ class BeforeRound10(EGStepSize):
         low = ctx.scalars.constant(-self.max_log_step, exponent.dtype)
         return ctx.xp.minimum(ctx.xp.maximum(exponent, low), high)
 
-    def step(self, ctx: StepContext, size: StepSize, state: EGState):
-        new_size, new_state = super().step(ctx, StepSize.of(size.alpha), state)
-        # super() scaled a fresh size (EG wraps a plain base here: κ_in = 1) by s (0-D) and p;
-        # their product at full size, as before
-        factors = [s * p for s, p in zip(new_size.scale, new_size.kappa, strict=True)]
+    def step(self, ctx: StepContext, size: StepSize, state: EGState):  # round 9's EGStepSize.step
+        xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
+        grads = ctx.objective_grads
+        gains = [p * xp.exp(self._clip(ctx, scalars.constant(self.gain_lr, g.dtype) * m * g))
+                 for p, m, g in zip(layout.leaves(state.gain, "gain"), layout.leaves(state.grad_ema, "ema"), grads)]
+        if self.scale == "global":
+            by_dtype = {dt: xp.astype(state.scale, dt) for dt in {g.dtype for g in grads}}
+            scales = [by_dtype[g.dtype] for g in grads]
+        else:
+            scales = layout.leaves(state.scale, "state.scale")
+        prev_steps = [a * p * d for a, p, d in zip(size.effective(), gains, ctx.directions)]
+        beta = self.gain_decay
+        grad_emas = [scalars.constant(beta, g.dtype) * m + scalars.constant(1.0 - beta, g.dtype) * g
+                     for m, g in zip(layout.leaves(state.grad_ema, "ema"), grads)]
+        new_state = EGState(state.scale, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
+        factors = [s * p for s, p in zip(scales, gains)]  # s·p at full size, then α·(s·p) in the update
         return size.scaled(factors, weight_decay_too=self.scale_weight_decay), new_state
 
 
@@ -51,9 +63,34 @@ def _eg(before: bool) -> adaptlr.Optimizer:
     return opt
 
 
+def costs() -> None:
+    """``bench.step_costs`` of one step through the torch adapter's default path (deterministic)."""
+    import torch
+
+    from adaptlr.backends.bench import RESNET18_SHAPES, step_costs
+    from adaptlr.backends.torch import Optimizer
+
+    n = sum(torch.Size(s).numel() for s in RESNET18_SHAPES)
+    cases = {"adamw": lambda: adaptlr.adamw(1e-3, weight_decay=0.01),
+             "eg, before round 10": lambda: _eg(True), "eg, round 10": lambda: _eg(False),
+             "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
+    for name, make in cases.items():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in RESNET18_SHAPES]
+        for p in params:
+            p.grad = torch.randn(p.shape) * 0.1
+        adapter = Optimizer(params, make())
+        adapter.step()
+        c = step_costs(adapter.step)
+        print(f"{name:22s} {adapter.fast_path:5s} {c.bytes / 4 / n:6.1f} words/param {c.launches:6d} aten ops")
+
+
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
+    if argv[0] == "costs":
+        costs()
+        return
     rounds = int(argv[0])
     make = _numpy_functional if len(argv) > 1 and argv[1] == "numpy" else _torch_adapter
     steps = {"adamw": make(adaptlr.adamw(1e-3, weight_decay=0.01)),
