@@ -84,6 +84,11 @@ __all__ = ["Optimizer"]
 STATE_DICT_FORMAT = 1
 SHARED_PREFIX = "shared."  # per-parameter state_dict keys that hold a copy of a shared field
 _FAST_MODES = ("auto", "flat", "foreach", "compile", "compile-flat")
+# The list step's parts (Optimizer._tensor_parts) hold at least this many elements: each part is one
+# update_leaves call, whose fixed cost (state assembly, 0-D work, validation) outweighs its
+# arithmetic on small tensors (500 tensors of 2K, DSA: one part per tensor 2.2x the time of parts of
+# 128K), while 11 temporaries of 128K float32 elements are 5.8 MB (docs/performance.md, round 10).
+LIST_PART_MIN_ELEMENTS = 1 << 17
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -468,8 +473,9 @@ class Optimizer(torch.optim.Optimizer):
                 active[i].add_(u)
 
     def _tensor_parts(self, active: list) -> list | None:
-        """Consecutive parameters in parts of at most the largest one's elements, for algorithms with
-        no sum across tensors (:func:`adaptlr.backends.fast.tensorwise`); None: one update.
+        """Consecutive parameters in parts of at most the largest one's elements (at least
+        :data:`LIST_PART_MIN_ELEMENTS`), for algorithms with no sum across tensors
+        (:func:`adaptlr.backends.fast.tensorwise`); None: one update.
 
         Where the sums within tensors are replayable over rows and a budget applies
         (:meth:`_row_block_budget`), parts of at most the budget instead, and each tensor above it
@@ -483,7 +489,7 @@ class Optimizer(torch.optim.Optimizer):
         budget = self._row_block_budget(active)
         if budget is None and len(active) < 2:
             return None
-        limit = budget or max(numels)
+        limit = budget or max(max(numels), LIST_PART_MIN_ELEMENTS)
         parts: list = [[]]
         size = 0
         for i, n in enumerate(numels):

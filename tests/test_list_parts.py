@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import adaptlr  # noqa: E402
+from adaptlr.backends import torch as torch_adapter  # noqa: E402
 from adaptlr.backends.bench import _torch_memory  # noqa: E402
 from adaptlr.backends.torch import Optimizer  # noqa: E402
 from tests.test_torch_adapter import _step_both  # noqa: E402
@@ -39,6 +40,7 @@ SHAPES = [(7, 5), (13,), (), (4, 3, 2, 2), (6, 4), (2, 3)]
 
 @pytest.mark.parametrize("name,make,in_parts", ALGORITHMS, ids=[a[0] for a in ALGORITHMS])
 def test_list_step_in_parts_equals_the_functional_api(name, make, in_parts, monkeypatch):
+    monkeypatch.setattr(torch_adapter, "LIST_PART_MIN_ELEMENTS", 1)  # parts of these small tensors
     g = torch.Generator().manual_seed(5)
     params = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
     torch_params = [torch.nn.Parameter(p.clone()) for p in params]
@@ -60,7 +62,8 @@ def test_list_step_in_parts_equals_the_functional_api(name, make, in_parts, monk
 
 
 @pytest.mark.parametrize("name,live", [("adamw", 7), ("dsa(adam)", 11)])  # temporaries per part, in tensors
-def test_a_list_step_in_parts_holds_temporaries_of_a_part_not_of_the_model(name, live):
+def test_a_list_step_in_parts_holds_temporaries_of_a_part_not_of_the_model(name, live, monkeypatch):
+    monkeypatch.setattr(torch_adapter, "LIST_PART_MIN_ELEMENTS", 1)
     make = next(m for n, m, _ in ALGORITHMS if n == name)
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(64, 64, generator=g)) for _ in range(12)]
@@ -74,3 +77,38 @@ def test_a_list_step_in_parts_holds_temporaries_of_a_part_not_of_the_model(name,
     whole = _torch_memory(torch, adapter.step, "cpu")
     assert in_parts <= live * tensor_bytes + 4096, in_parts / tensor_bytes  # (+ 0-D values)
     assert whole >= 3 * 12 * tensor_bytes, whole / tensor_bytes
+
+
+def test_small_tensors_share_a_part_of_at_least_the_minimum():
+    """Parts hold at least ``LIST_PART_MIN_ELEMENTS`` (each part is one ``update_leaves`` call with
+    its fixed cost): 40 tensors of 2K elements are one update, 80 of 4K parts of the minimum; the same result
+    as one part per tensor (float64, 3 steps)."""
+    from adaptlr.backends.bench import count_aten_ops
+
+    def adapter(shapes: list, minimum: int) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt = Optimizer(params, adaptlr.dsa(adaptlr.adam(1e-2)), fast=False)
+        old, torch_adapter.LIST_PART_MIN_ELEMENTS = torch_adapter.LIST_PART_MIN_ELEMENTS, minimum
+        try:
+            parts = opt._tensor_parts(params)
+            for _ in range(2):
+                opt.step()
+            ops = count_aten_ops(opt.step)
+        finally:
+            torch_adapter.LIST_PART_MIN_ELEMENTS = old
+        return parts, ops, params
+
+    minimum = torch_adapter.LIST_PART_MIN_ELEMENTS
+    assert minimum >= 1 << 16
+    parts, ops, params = adapter([(32, 64)] * 40, minimum)
+    per_tensor_parts, per_tensor_ops, per_tensor_params = adapter([(32, 64)] * 40, 1)
+    assert parts is None and len(per_tensor_parts) == 40
+    assert ops < per_tensor_ops
+    for p, q in zip(params, per_tensor_params):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+    parts, _, _ = adapter([(64, 64)] * 80, minimum)  # 327,680 elements: parts of `per` tensors
+    per = minimum // 4096
+    assert [len(part) for part in parts] == [per] * (80 // per) + ([80 % per] if 80 % per else [])
