@@ -2,6 +2,9 @@
 
     python docs/scripts/round10_ab.py ROUNDS [torch|numpy]
     python docs/scripts/round10_ab.py costs      # words moved per parameter and aten ops per step
+    python docs/scripts/round10_ab.py parts ROUNDS   # DSA(AdamW) on 500 tensors of 32x64, torch adapter
+                                                     # default: one part per tensor (before) and parts of
+                                                     # LIST_PART_MIN_ELEMENTS (after)
 
 EG(AdamW) as before round 10 (the exponent clipped by ``xp.maximum`` then ``xp.minimum``; ``s·p``
 formed at full size, then ``α·(s·p)``) and as now (one ``xp.clip``; ``s`` kept apart from ``p``, so
@@ -85,11 +88,50 @@ def costs() -> None:
         print(f"{name:22s} {adapter.fast_path:5s} {c.bytes / 4 / n:6.1f} words/param {c.launches:6d} aten ops")
 
 
+def parts(rounds: int) -> None:
+    """The list step's parts on small tensors, before (one per tensor) and after (at least the minimum)."""
+    import torch
+
+    from adaptlr.backends import torch as torch_adapter
+    from adaptlr.backends.bench import SMALL_SHAPES, count_aten_ops
+
+    def adapter(minimum: int):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in SMALL_SHAPES]
+        for p in params:
+            p.grad = torch.randn(p.shape) * 0.1
+        opt = torch_adapter.Optimizer(params, adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01)))
+        kept = torch_adapter.LIST_PART_MIN_ELEMENTS
+
+        def step() -> None:
+            torch_adapter.LIST_PART_MIN_ELEMENTS = minimum
+            try:
+                opt.step()
+            finally:
+                torch_adapter.LIST_PART_MIN_ELEMENTS = kept
+
+        step()
+        print(f"minimum {minimum:7d}: {count_aten_ops(step)} aten ops per step")
+        return step
+
+    steps = {"dsa, a part per tensor": adapter(1),
+             "dsa, parts of the minimum": adapter(torch_adapter.LIST_PART_MIN_ELEMENTS)}
+    runners = [Runner("small500", "", name, "", "adaptlr", step) for name, step in steps.items()]
+    time_runners(runners, rounds, warmup=2)
+    for runner in runners:
+        q = statistics.quantiles(runner.times, n=4)
+        print(f"{runner.algorithm:26s} {statistics.median(runner.times) * 1e3:7.1f} ms "
+              f"({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})")
+
+
 def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
     if argv[0] == "costs":
         costs()
+        return
+    if argv[0] == "parts":
+        parts(int(argv[1]))
         return
     rounds = int(argv[0])
     make = _numpy_functional if len(argv) > 1 and argv[1] == "numpy" else _torch_adapter
