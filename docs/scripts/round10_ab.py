@@ -25,7 +25,7 @@ from adaptlr.core import StepContext, StepSize
 from adaptlr.eg import EGState, EGStepSize
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from round9_ab import _numpy_functional, _torch_adapter  # the same set-up as round 9
+from round9_ab import _numpy_functional, _torch_adapter, interleaved  # the same set-up as round 9
 
 from adaptlr.backends.bench import Runner, time_runners
 
@@ -116,12 +116,7 @@ def parts(rounds: int) -> None:
 
     steps = {"dsa, a part per tensor": adapter(1),
              "dsa, parts of the minimum": adapter(torch_adapter.LIST_PART_MIN_ELEMENTS)}
-    runners = [Runner("small500", "", name, "", "adaptlr", step) for name, step in steps.items()]
-    time_runners(runners, rounds, warmup=2)
-    for runner in runners:
-        q = statistics.quantiles(runner.times, n=4)
-        print(f"{runner.algorithm:26s} {statistics.median(runner.times) * 1e3:7.1f} ms "
-              f"({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})")
+    interleaved(steps, rounds)
 
 
 def main(argv: list[str]) -> None:
