@@ -79,30 +79,27 @@ def test_a_list_step_in_parts_holds_temporaries_of_a_part_not_of_the_model(name,
     assert whole >= 3 * 12 * tensor_bytes, whole / tensor_bytes
 
 
-def test_small_tensors_share_a_part_of_at_least_the_minimum():
+def test_small_tensors_share_a_part_of_at_least_the_minimum(monkeypatch):
     """Parts hold at least ``LIST_PART_MIN_ELEMENTS`` (each part is one ``update_leaves`` call with
-    its fixed cost): 40 tensors of 2K elements are one update, 80 of 4K parts of the minimum; the same result
-    as one part per tensor (float64, 3 steps)."""
+    its fixed cost): 40 tensors of 2K elements are one update, 80 of 4K parts of the minimum; the
+    same result as one part per tensor (float64, 3 steps)."""
     from adaptlr.backends.bench import count_aten_ops
 
-    def adapter(shapes: list, minimum: int) -> tuple:
+    minimum = torch_adapter.LIST_PART_MIN_ELEMENTS
+    assert minimum >= 1 << 16
+
+    def adapter(shapes: list, part_minimum: int) -> tuple:
+        monkeypatch.setattr(torch_adapter, "LIST_PART_MIN_ELEMENTS", part_minimum)
         g = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in shapes]
         for p in params:
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
         opt = Optimizer(params, adaptlr.dsa(adaptlr.adam(1e-2)), fast=False)
-        old, torch_adapter.LIST_PART_MIN_ELEMENTS = torch_adapter.LIST_PART_MIN_ELEMENTS, minimum
-        try:
-            parts = opt._tensor_parts(params)
-            for _ in range(2):
-                opt.step()
-            ops = count_aten_ops(opt.step)
-        finally:
-            torch_adapter.LIST_PART_MIN_ELEMENTS = old
-        return parts, ops, params
+        parts = opt._tensor_parts(params)
+        for _ in range(2):
+            opt.step()
+        return parts, count_aten_ops(opt.step), params
 
-    minimum = torch_adapter.LIST_PART_MIN_ELEMENTS
-    assert minimum >= 1 << 16
     parts, ops, params = adapter([(32, 64)] * 40, minimum)
     per_tensor_parts, per_tensor_ops, per_tensor_params = adapter([(32, 64)] * 40, 1)
     assert parts is None and len(per_tensor_parts) == 40
