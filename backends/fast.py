@@ -477,6 +477,17 @@ def _copy_into(dst: Any, src: Any) -> None:
         dst[...] = src
 
 
+def _flat_view(x: Any, like: Any) -> Any:
+    """``x`` as a 1-D view of its own storage, where it is C-contiguous and has ``like``'s shape and
+    dtype; else None (the caller copies it)."""
+    if tuple(x.shape) != tuple(like.shape) or x.dtype != like.dtype:
+        return None
+    if _is_torch(x):
+        return x.view(-1) if x.is_contiguous() else None
+    flags = getattr(x, "flags", None)  # NumPy and CuPy
+    return x.reshape(-1) if flags is not None and flags.c_contiguous else None
+
+
 def _snapshot(x: Any) -> Any:
     return x.clone() if _is_torch(x) else x.copy()
 
@@ -545,7 +556,9 @@ class FlatOptimizer:
     ``FlatOptimizer(opt, params)`` copies the parameters into flat buffers; :attr:`params` are views
     into them (in the order of ``params``): either the model uses them from then on, or, as the torch
     adapter does (parameters keep their own storage), the caller copies its parameters in before
-    and the views back out after each step (``torch._foreach_copy_``). :attr:`grads` are views into
+    and the views back out after each step (``torch._foreach_copy_``); in the blocked mode,
+    :meth:`step_on` steps the caller's parameters where they live instead, copying only the small
+    ones (the adapter's default on a large CPU model). :attr:`grads` are views into
     flat gradient buffers: gradients written there (or passed to :meth:`step` as those very views)
     need no copy. :meth:`step` runs the pure update on the flat buffers and writes params and state
     in place, like ``torch.optim``.
@@ -616,6 +629,7 @@ class FlatOptimizer:
         else:
             self.mode = "flat"
         self.block_size = block_size
+        self._member_plan: tuple[list[tuple], list[bool]] | None = None
         self._num = len(params)
         self._scalar_cache: dict = {}
         if self.mode == "per-tensor":
@@ -658,6 +672,8 @@ class FlatOptimizer:
 
     def _setup_flat(self, params: list) -> None:
         xp = self.xp
+        if self.mode == "blocked":
+            self._small_members_first()
         views: list = [None] * len(params)
         grad_views: list = [None] * len(params)
         for bucket in self._buckets:
@@ -677,6 +693,20 @@ class FlatOptimizer:
         else:
             self._layout = ListLayout(len(flat_params))
             self.state = self._own(self.opt.init(flat_params))
+
+    def _small_members_first(self) -> None:
+        """Lay out each buffer with its parameters below half a block first (in their order), then the
+        others: :meth:`step_on` copies the small ones and cuts them into blocks together, and gives
+        the others blocks of their own (:meth:`_member_blocks`), so a small parameter between two
+        large ones does not make a block of its own."""
+        block = self.block_size
+        assert block is not None
+        for bucket in self._buckets:
+            members = sorted(bucket.members, key=lambda m: 2 * m[2] >= block)  # stable: order kept within each
+            offset, bucket.members = 0, []
+            for i, _, n, shape in members:
+                bucket.members.append((i, offset, n, shape))
+                offset += n
 
     def _own(self, state: Any) -> Any:
         """A copy of ``state`` in which every array is its own buffer.
@@ -712,6 +742,101 @@ class FlatOptimizer:
                 self._step(grads, alpha, weight_decay)
         else:
             self._step(grads, alpha, weight_decay)
+
+    def step_on(
+        self,
+        params: Sequence[Any],
+        grads: Sequence[Any],
+        *,
+        alpha: Sequence[Any] | None = None,
+        weight_decay: Sequence[float] | None = None,
+    ) -> None:
+        """One blocked step that reads ``params`` and ``grads`` where they are and writes the new
+        parameters into ``params`` (mode ``"blocked"`` only), in place of copying them into the flat
+        buffers before :meth:`step` and out after it.
+
+        The blocks follow the parameters (:meth:`_member_blocks`): a parameter of at least half a
+        block has blocks of its own, which are views of its storage and of its gradient's
+        (``p.reshape(-1)[a:b]`` of a C-contiguous tensor), so the step moves no copy of it; the
+        smaller parameters, and those whose storage has another layout, are copied into the flat
+        buffers before the step (and their parameters out after it), as :meth:`step` does with all of
+        them. The state stays in the flat buffers. The same update as :meth:`step` on every element;
+        the sums of a step in two passes are added up over other blocks (equal to rounding).
+
+        Args:
+            params: the parameter leaves the flat buffers were made for (same order, shapes and
+                dtypes), written in place.
+            grads: their gradients.
+            alpha: as for :meth:`step`.
+            weight_decay: as for :meth:`step`.
+        """
+        if self.mode != "blocked":
+            raise ValueError(f"step_on needs the blocked mode (block_size), this optimizer runs {self.mode!r}")
+        if len(params) != self._num or len(grads) != self._num:
+            raise ValueError(f"params and grads need {self._num} leaves each, got {len(params)} and {len(grads)}")
+        if self._torch:
+            import torch
+
+            with torch.no_grad():
+                self._step_on(list(params), list(grads), alpha, weight_decay)
+        else:
+            self._step_on(list(params), list(grads), alpha, weight_decay)
+
+    def _step_on(self, params: list, grads: list, alpha: Sequence[Any] | None,
+                 weight_decay: Sequence[float] | None) -> None:
+        blocks, direct = self._member_blocks()
+        p_flat = [_flat_view(p, self.params[i]) if direct[i] else None for i, p in enumerate(params)]
+        g_flat = [_flat_view(g, self.grads[i]) if direct[i] else None for i, g in enumerate(grads)]
+        staged_p = [i for i, v in enumerate(p_flat) if v is None]
+        staged_g = [i for i, v in enumerate(g_flat) if v is None]
+        self._copy_all([self.params[i] for i in staged_p], [params[i] for i in staged_p])
+        self._copy_all([self.grads[i] for i in staged_g], [grads[i] for i in staged_g])
+        bucket_alpha = None if alpha is None else [self._scalar(alpha[b.members[0][0]], b) for b in self._buckets]
+        bucket_decay = None if weight_decay is None else [float(weight_decay[b.members[0][0]]) for b in self._buckets]
+        self._step_blocked(bucket_alpha, bucket_decay, blocks, (p_flat, g_flat))
+        self._copy_all([params[i] for i in staged_p], [self.params[i] for i in staged_p])
+
+    def _copy_all(self, dst: list, src: list) -> None:
+        if not dst:
+            return
+        if self._torch:
+            import torch
+
+            torch._foreach_copy_(dst, src)
+        else:
+            for d, s in zip(dst, src):
+                _copy_into(d, s)
+
+    def _member_blocks(self) -> tuple[list[tuple], list[bool]]:
+        """The blocks of :meth:`step_on` and, per leaf, whether it has blocks of its own.
+
+        A parameter of at least half a block (``block_size``) is cut into the fewest equal pieces of
+        at most a block, ``(bucket, start, stop, (leaf, offset))``; each run of smaller parameters
+        between them is cut into blocks of ``block_size``, ``(bucket, start, stop, None)``, which may
+        straddle parameters (these are staged in the flat buffers).
+        """
+        if self._member_plan is not None:
+            return self._member_plan
+        block = self.block_size
+        assert block is not None
+        blocks: list[tuple] = []
+        direct = [False] * self._num
+        for b, bucket in enumerate(self._buckets):
+            run = None  # where the current run of small parameters starts
+            for i, offset, n, _ in bucket.members:
+                if 2 * n < block:
+                    run = offset if run is None else run
+                    continue
+                if run is not None:
+                    blocks.extend((b, s, min(s + block, offset), None) for s in range(run, offset, block))
+                    run = None
+                size = -(-n // -(-n // block))  # the fewest pieces of at most a block, equal
+                blocks.extend((b, offset + s, offset + min(s + size, n), (i, offset)) for s in range(0, n, size))
+                direct[i] = True
+            if run is not None:
+                blocks.extend((b, s, min(s + block, bucket.size), None) for s in range(run, bucket.size, block))
+        self._member_plan = (blocks, direct)
+        return self._member_plan
 
     def _step(self, grads: Sequence[Any] | None, alpha: Sequence[Any] | None,
               weight_decay: Sequence[float] | None) -> None:
@@ -772,12 +897,17 @@ class FlatOptimizer:
             _add_into(p, u)
         return [x for x in optree.tree_leaves(new_state) if x.ndim == 0]
 
-    def _step_blocked(self, alpha: list | None, weight_decay: list | None) -> None:
+    def _step_blocked(self, alpha: list | None, weight_decay: list | None, blocks: list[tuple] | None = None,
+                      sources: tuple[list, list] | None = None) -> None:
         """The update over blocks of each buffer, each block written before the next is computed
         (:func:`adaptlr.backends.part_sums.run_parts`): blockwise algorithms in one pass; the others
         (one buffer, replayable sums) in one pass that refuses sums (AutoDrop between epoch
         boundaries), or, where the step sums, in two (each block's partial sums, then every block
-        with the whole sums)."""
+        with the whole sums).
+
+        ``blocks``: ``(bucket, start, stop, member)`` (default: ``block_size`` strides of each buffer,
+        member None); a block whose member is ``(leaf, offset)`` reads and writes ``sources`` (the
+        flat views of :meth:`step_on`, per leaf: parameters, gradients; None: the flat buffers')."""
         from adaptlr.backends import part_sums
 
         xp, layout, block = self.xp, self._layout, self.block_size
@@ -787,15 +917,22 @@ class FlatOptimizer:
         # and reused by the others (not across passes: the first pass's sums are partial).
         step_scalars: dict[tuple, Scalars] = {}
 
-        def run_block(part: tuple[int, int, int], reducer: Any, write: bool) -> None:
-            b, start, stop = part
+        def run_block(part: tuple, reducer: Any, write: bool) -> None:
+            b, start, stop, member = part
             bucket, state = self._buckets[b], self.state[b]
+            p_flat = g_flat = None
+            offset = 0
+            if member is not None and sources is not None:
+                i, offset = member
+                p_flat, g_flat = sources[0][i], sources[1][i]
+            params = bucket.params[start:stop] if p_flat is None else p_flat[start - offset:stop - offset]
+            grads = bucket.grads[start:stop] if g_flat is None else g_flat[start - offset:stop - offset]
             key = (type(reducer), b)
             if key not in step_scalars:
                 step_scalars[key] = Scalars.of_step(xp, state, [bucket.params])
             chunk = optree.tree_map(lambda x: x[start:stop] if x.ndim == 1 else x, state)
             updates, new_chunk = self.opt.update_leaves(
-                xp, layout, [bucket.grads[start:stop]], chunk, [bucket.params[start:stop]],
+                xp, layout, [grads], chunk, [params],
                 alpha=None if alpha is None else [alpha[b]],
                 weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
                 scalars=step_scalars[key],
@@ -805,11 +942,12 @@ class FlatOptimizer:
                 # scalars of the whole sums) are the same for every block and are written once, after
                 # the last.
                 _write_state(chunk, new_chunk, skip_scalars=True)
-                _add_into(bucket.params[start:stop], updates[0])
+                _add_into(params, updates[0])
                 last[b] = new_chunk
 
-        blocks = [(b, start, min(start + block, bucket.size))
-                  for b, bucket in enumerate(self._buckets) for start in range(0, bucket.size, block)]
+        if blocks is None:
+            blocks = [(b, start, min(start + block, bucket.size), None)
+                      for b, bucket in enumerate(self._buckets) for start in range(0, bucket.size, block)]
         part_sums.run_parts(xp, blocks, run_block, "none" if self._blockwise else "try")
         for b, new_state in last.items():
             _write_state(self.state[b], new_state, only_scalars=True)
@@ -881,7 +1019,8 @@ def _split_node(node: Any, xp: Any, buckets: list, num_buckets: int, num: int) -
 
 def _merge(per_bucket: list, buckets: list, num: int) -> Any:
     """Merge per-buffer states (each split into its members) into one state in the params' order."""
-    return _merge_nodes(per_bucket, [i for b in buckets for i, *_ in b.members], num)
+    # (each bucket's leaves come from _split_node in the order of their index)
+    return _merge_nodes(per_bucket, [i for b in buckets for i in sorted(m[0] for m in b.members)], num)
 
 
 def _merge_nodes(nodes: list, order: list[int], num: int) -> Any:

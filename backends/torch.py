@@ -871,10 +871,14 @@ class Optimizer(torch.optim.Optimizer):
         t = self._global["count"] + 1 if self._schedule is not None else None
         alphas = [self._alpha(g["lr"], dtype, device, t) for g, dtype, device in flat.kinds]
         decays = [float(g["weight_decay"]) for g, _, _ in flat.kinds]
+        alpha, weight_decay = [alphas[k] for k in flat.kind_of], [decays[k] for k in flat.kind_of]
+        if fo.mode == "blocked":  # blocks of the parameters' own storage; only small ones are copied
+            fo.step_on(active, [p.grad for p in active], alpha=alpha, weight_decay=weight_decay)
+            return True
         # (under step's no_grad: the parameters themselves, no detach() per tensor)
         torch._foreach_copy_(fo.params, active)  # the parameters may have changed since the last step
         torch._foreach_copy_(fo.grads, [p.grad for p in active])
-        fo.step(None, alpha=[alphas[k] for k in flat.kind_of], weight_decay=[decays[k] for k in flat.kind_of])
+        fo.step(None, alpha=alpha, weight_decay=weight_decay)
         torch._foreach_copy_(active, fo.params)  # bumps the parameters' versions, as p.add_ would
         return True
 
