@@ -97,24 +97,37 @@ def computed_once(x: Any) -> Any:
     return x
 
 
-def cast_like(xp: Any, x: Any, like: Sequence[Any]) -> list:
-    """The 0-D scalar ``x`` in the dtype of each array of ``like``, cast once per distinct dtype."""
+def cast_like(xp: Any, x: Any, like: Sequence[Any], scalars: Any = None, name: str = "") -> list:
+    """The 0-D scalar ``x`` in the dtype of each array of ``like``, cast once per distinct dtype.
+
+    With the step's :class:`adaptlr.core.Scalars` (and a ``name`` for ``x``), each cast is also kept
+    for the other parts of the step while ``x`` is the same array (``Scalars.once``)."""
     by_dtype: dict = {}
     for a in like:
         if a.dtype not in by_dtype:
-            by_dtype[a.dtype] = computed_once(xp.astype(x, a.dtype))
+            if scalars is None:
+                by_dtype[a.dtype] = computed_once(xp.astype(x, a.dtype))
+            else:
+                by_dtype[a.dtype] = scalars.once(("cast", name, a.dtype), (x,),
+                                                 lambda x, dtype=a.dtype: computed_once(xp.astype(x, dtype)))
     return [by_dtype[a.dtype] for a in like]
 
 
-def scalar_caster(xp: Any) -> Callable[[str, Any, Any], Any]:
+def scalar_caster(xp: Any, scalars: Any = None) -> Callable[[str, Any, Any], Any]:
     """A ``cast(name, x, like)``: the 0-D wide scalar ``x`` (named ``name``) in ``like``'s dtype, cast
-    once per name and dtype for the lifetime of the caster (one step's loop over the leaves)."""
+    once per name and dtype for the lifetime of the caster (one step's loop over the leaves).
+
+    With the step's :class:`adaptlr.core.Scalars`, a cast is also kept for the other parts of the
+    step (blocks, chunks) while ``x`` is the same array (``Scalars.once``)."""
     casts: dict = {}
 
     def cast(name: str, x: Any, like: Any) -> Any:
         key = (name, like.dtype)
         if key not in casts:
-            casts[key] = computed_once(xp.astype(x, like.dtype))
+            if scalars is None:
+                casts[key] = computed_once(xp.astype(x, like.dtype))
+            else:
+                casts[key] = scalars.once(("cast", key), (x,), lambda x: computed_once(xp.astype(x, like.dtype)))
         return casts[key]
 
     return cast

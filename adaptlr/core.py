@@ -245,6 +245,26 @@ class Scalars:
             self._cache[key] = make()
         return self._cache[key]
 
+    def once(self, key: Any, inputs: Sequence[Any], make: Callable[..., Any]) -> Any:
+        """``make(*inputs)``: 0-D results of 0-D ``inputs`` (state fields every leaf shares, the step's
+        sums over the whole model, step scalars), computed once for the same input arrays.
+
+        An execution path that runs one step over parts of the model (blocks of a flat buffer,
+        chunks of the lists) gives every part these scalars (:meth:`of_step`), the same 0-D state
+        fields and, in its second pass, the same whole-model sums: the first part computes, the
+        others reuse, instead of repeating the step's 0-D work (a learning-rate-free base's ``d``)
+        once per part. The inputs are compared by identity, so a part whose sums are its own (a
+        first pass's partial sums, the per-tensor sums of a row block) computes its own. ``key``
+        (hashable) names the computation; the last inputs seen under it are kept.
+        """
+        inputs = tuple(inputs)
+        found = self._cache.get(("once", key))
+        if found is not None and len(found[0]) == len(inputs) and all(a is b for a, b in zip(found[0], inputs)):
+            return found[1]
+        made = make(*inputs)
+        self._cache[("once", key)] = (inputs, made)
+        return made
+
     def per_dtype(self, name: str, dtype: Any, make: Callable[[Any], Any]) -> Any:
         """``make(dtype)``, computed once per step and dtype under ``name``."""
         key = (name, dtype)

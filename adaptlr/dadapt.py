@@ -113,11 +113,24 @@ class _DAdaptDirection(BaseDirection):
         self.growth_rate = growth_rate
 
 
+def _unit_scales(xp: Any, moved: Any, decay_scale: Any) -> tuple[Any, Any]:
+    """``α`` = 1 (0 where nothing moved) and the decoupled decay's ``decay_scale`` (0 where nothing
+    moved), in the widest float: the step size of a base whose direction is the whole update."""
+    one = xp.where(moved, xp.ones_like(decay_scale), xp.zeros_like(decay_scale))
+    return one, xp.where(moved, decay_scale, xp.zeros_like(decay_scale))
+
+
+def _unit_size(xp: Any, scalars: Any, size: StepSize, one: Any, decay: Any, like: list) -> StepSize:
+    """``size`` with ``α`` = ``one`` and the decay's multiplier ``decay`` (:func:`_unit_scales`), each cast
+    to the leaves' dtypes (once per step for the same 0-D values: ``Scalars.once``)."""
+    return size._replace(alpha=tuple(cast_like(xp, one, like, scalars, "unit alpha")),
+                         decay_kappa=tuple(cast_like(xp, decay, like, scalars, "unit decay")))
+
+
 def _unit_step(xp: Any, size: StepSize, moved: Any, decay_scale: Any, like: list) -> StepSize:
     """The step size of a base whose direction is the whole update: ``α`` = 1 (0 where nothing
     moved), decoupled decay scaled by ``decay_scale`` (0 where nothing moved)."""
-    one = xp.where(moved, xp.ones_like(decay_scale), xp.zeros_like(decay_scale))
-    decay = xp.where(moved, decay_scale, xp.zeros_like(decay_scale))
+    one, decay = _unit_scales(xp, moved, decay_scale)
     return size._replace(alpha=tuple(cast_like(xp, one, like)), decay_kappa=tuple(cast_like(xp, decay, like)))
 
 
@@ -161,32 +174,39 @@ class DAdaptAdamDirection(_DAdaptDirection):
         grads, d = ctx.objective_grads, state.d
 
         bias_correction = scalars.step_scalars("dadapt_adam", wide, self._bias_correction)
-        dlr = d * largest(xp, ctx.alpha, wide) * bias_correction
 
-        cast = scalar_caster(xp)  # each wide scalar cast once per dtype this step
+        def coefficients(d: Any, bias_correction: Any, *alpha: Any) -> tuple:
+            dlr = d * largest(xp, alpha, wide) * bias_correction
+            return dlr, dlr * (1.0 - b1), dlr * (1.0 - sqrt_b2)
 
-        m_coef, s_coef = dlr * (1.0 - b1), dlr * (1.0 - sqrt_b2)
+        # (0-D work once per step, not once per block: Scalars.once)
+        dlr, m_coef, s_coef = scalars.once("dadapt_adam", (d, bias_correction, *ctx.alpha), coefficients)
+        cast = scalar_caster(xp, scalars)  # each wide scalar cast once per dtype this step
 
         # The sums first (their terms as generators, which a part's second pass, given the whole
         # sums, does not evaluate: adaptlr.backends.part_sums), then the moments.
         old_s, old_nu = layout.leaves(state.s, "state.s"), layout.leaves(state.nu, "state.nu")
         terms = (g * (s / (xp.sqrt(nu) + eps)) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
-        numerator = sqrt_b2 * state.numerator + (1.0 - sqrt_b2) * (dlr * reduce.total(terms, wide))
+        dot = reduce.total(terms, wide)
         ss = [sqrt_b2 * s + g * cast("s", s_coef, g) for g, s in zip(grads, old_s)]
         s_l1 = reduce.total((xp.abs(s) for s in ss), wide)
         mus = [b1 * m + g * cast("m", m_coef, g) for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
         nus = [b2 * nu + (1.0 - b2) * (g * g) for g, nu in zip(grads, old_nu)]
 
-        moved = s_l1 > 0
-        d_hat = numerator / ((1.0 - sqrt_b2) * xp.where(moved, s_l1, xp.ones_like(s_l1)))
-        d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
-        numerator = xp.where(moved, numerator, state.numerator)
+        def estimate(dot: Any, s_l1: Any, d: Any, dlr: Any, bias_correction: Any, numerator: Any) -> tuple:
+            new_numerator = sqrt_b2 * numerator + (1.0 - sqrt_b2) * (dlr * dot)
+            moved = s_l1 > 0
+            d_hat = new_numerator / ((1.0 - sqrt_b2) * xp.where(moved, s_l1, xp.ones_like(s_l1)))
+            d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
+            one, decay = _unit_scales(xp, moved, d * bias_correction)
+            return (d_new, xp.asarray(xp.where(moved, new_numerator, numerator)),
+                    xp.asarray(d_new * self._bias_correction(scalars.t + 1.0)), one, decay)
 
+        d_new, numerator, lr_scale, one, decay = scalars.once(
+            "dadapt_adam d", (dot, s_l1, d, dlr, bias_correction, state.numerator), estimate)
         directions = [m / (xp.sqrt(nu) + eps) for m, nu in zip(mus, nus)]
-        size = _unit_step(xp, size, moved, d * bias_correction, grads)
-        lr_scale = xp.asarray(d_new * self._bias_correction(scalars.t + 1.0))
-        new_state = DAdaptAdamState(layout.tree(mus), layout.tree(nus), layout.tree(ss), d_new,
-                                    xp.asarray(numerator), lr_scale)
+        size = _unit_size(xp, scalars, size, one, decay, grads)
+        new_state = DAdaptAdamState(layout.tree(mus), layout.tree(nus), layout.tree(ss), d_new, numerator, lr_scale)
         return directions, size, new_state
 
 

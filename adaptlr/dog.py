@@ -153,7 +153,7 @@ class DoGDirection(BaseDirection):
         wide = scalars.wide
         grads, params = ctx.objective_grads, ctx.params
         x0 = layout.leaves(state.init_params, "state.init_params")
-        first = scalars.count == 1
+        first = scalars.per_step("t = 1", lambda: scalars.count == 1)  # one array per step (Scalars.once's inputs)
         # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
         diffs = (p - p0 for p, p0 in zip(params, x0))
         if self.layerwise:
@@ -162,16 +162,29 @@ class DoGDirection(BaseDirection):
             rbar_old = layout.leaves(state.rbar, "state.rbar")
             g_old = layout.leaves(state.grad_sq_sum, "state.grad_sq_sum")
         else:
-            dist = [xp.sqrt(reduce.total((d * d for d in diffs), wide))]
+            dist = [reduce.total((d * d for d in diffs), wide)]  # squared here, its root in estimate
             grad_sq = [reduce.total((g * g for g in grads), wide)]
             rbar_old, g_old = [state.rbar], [state.grad_sq_sum]
 
-        rbar = [xp.maximum(r, d) for r, d in zip(rbar_old, dist)]  # at t = 1 the distance is 0: r̄ = r_ε
-        grad_sq_sum = [g + gs for g, gs in zip(g_old, grad_sq)]
-        eta = [r / xp.sqrt(gs) for r, gs in zip(rbar, grad_sq_sum)]
-        if self.init_eta is not None:  # the first step is init_eta, whatever α (dog_optimizer)
-            alpha = [xp.astype(a, wide) for a in (ctx.alpha if self.layerwise else ctx.alpha[:1])]
-            eta = [xp.where(first, self.init_eta / a, e) for e, a in zip(eta, alpha)]
+        def estimate(first: Any, *values: Any) -> tuple[list, list, list]:
+            """r̄, Σ‖g‖² and η per estimate, from ``dist + grad_sq + rbar_old + g_old + alpha``."""
+            k = len(values) // 5
+            dist, grad_sq, rbar_old, g_old, alpha = (values[i * k:(i + 1) * k] for i in range(5))
+            if not self.layerwise:
+                dist = [xp.sqrt(d) for d in dist]
+            rbar = [xp.maximum(r, d) for r, d in zip(rbar_old, dist)]  # at t = 1 the distance is 0: r̄ = r_ε
+            grad_sq_sum = [g + gs for g, gs in zip(g_old, grad_sq)]
+            eta = [r / xp.sqrt(gs) for r, gs in zip(rbar, grad_sq_sum)]
+            if self.init_eta is not None:  # the first step is init_eta, whatever α (dog_optimizer)
+                eta = [xp.where(first, self.init_eta / xp.astype(a, wide), e) for e, a in zip(eta, alpha)]
+            return rbar, grad_sq_sum, eta
+
+        alpha = ctx.alpha if self.layerwise else ctx.alpha[:1]
+        values = (first, *dist, *grad_sq, *rbar_old, *g_old, *alpha)
+        if self.layerwise:  # per-tensor sums: nothing another part could reuse
+            rbar, grad_sq_sum, eta = estimate(*values)
+        else:  # (0-D work once per step, not once per block: Scalars.once)
+            rbar, grad_sq_sum, eta = scalars.once("dog", values, estimate)
 
         def tree(values: list) -> Any:
             return layout.tree(values) if self.layerwise else values[0]
@@ -179,7 +192,7 @@ class DoGDirection(BaseDirection):
         if self.layerwise:
             size = size.scaled([xp.astype(k, g.dtype) for k, g in zip(eta, grads)])
         else:
-            size = size.scaled(cast_like(xp, eta[0], grads))
+            size = size.scaled(cast_like(xp, eta[0], grads, scalars, "dog eta"))
         return list(grads), size, DoGState(state.init_params, tree(rbar), tree(grad_sq_sum), tree(eta))
 
 
@@ -213,10 +226,17 @@ class DoWGDirection(BaseDirection):
         x0 = layout.leaves(state.init_params, "state.init_params")
         # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
         sq_dist = ctx.reduce.total((d * d for d in (p - p0 for p, p0 in zip(params, x0))), wide)
-        estim_sq_dist = xp.maximum(state.estim_sq_dist, sq_dist)
-        weighted = estim_sq_dist * ctx.reduce.total((g * g for g in grads), wide) + state.weighted_sq_norm_grads
-        eta = estim_sq_dist / (xp.sqrt(weighted) + self.eps)
-        size = size.scaled(cast_like(xp, eta, grads))
+        grad_sq = ctx.reduce.total((g * g for g in grads), wide)
+
+        def estimate(sq_dist: Any, grad_sq: Any, estim_sq_dist: Any, weighted: Any) -> tuple:
+            estim_sq_dist = xp.maximum(estim_sq_dist, sq_dist)
+            weighted = estim_sq_dist * grad_sq + weighted
+            return estim_sq_dist, weighted, estim_sq_dist / (xp.sqrt(weighted) + self.eps)
+
+        # (0-D work once per step, not once per block: Scalars.once)
+        estim_sq_dist, weighted, eta = ctx.scalars.once(
+            "dowg", (sq_dist, grad_sq, state.estim_sq_dist, state.weighted_sq_norm_grads), estimate)
+        size = size.scaled(cast_like(xp, eta, grads, ctx.scalars, "dowg eta"))
         return list(grads), size, DoWGState(state.init_params, estim_sq_dist, weighted, eta)
 
 

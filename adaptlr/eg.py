@@ -125,8 +125,12 @@ class EGStepSize(Adaptation):
         if self.scale == "global":
             acc = state.scale.dtype
             alignment = ctx.reduce.total((pv * g for pv, g in zip(prev_steps, grads, strict=True)), acc)
-            return state._replace(
-                scale=state.scale * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, acc) * alignment)))
+
+            def rescaled(scale: Any, alignment: Any) -> Any:
+                return scale * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, acc) * alignment))
+
+            # (once per step, not once per block: Scalars.once; another EG has another s)
+            return state._replace(scale=scalars.once(("eg scale", id(self)), (state.scale, alignment), rescaled))
         wide_lr = scalars.constant(self.scale_lr, scalars.wide)  # ⟨v, g⟩ and exp in the widest float
         scales = [
             s * xp.astype(xp.exp(self._clip(ctx, wide_lr * ctx.reduce.leaf_sum(i, pv * g, dtype=scalars.wide))),
@@ -150,10 +154,15 @@ class EGStepSize(Adaptation):
 
         # s_t (before_direction), in each gradient's dtype
         if self.scale == "global":
-            by_dtype = {dt: xp.astype(state.scale, dt) for dt in {g.dtype for g in grads}}  # not scalars' cache:
-            scales = [by_dtype[g.dtype] for g in grads]  # another EG in the same optimizer has its own s
+            # s and -s in each gradient's dtype, once per step for this s (another EG has its own)
+            by_dtype = {dt: scalars.once(("eg s", dt), (state.scale,), lambda s, dt=dt: (xp.astype(s, dt),
+                                                                                          -xp.astype(s, dt)))
+                        for dt in {g.dtype for g in grads}}
+            scales = [by_dtype[g.dtype][0] for g in grads]
+            negated = [by_dtype[g.dtype][1] for g in grads]
         else:
             scales = layout.leaves(state.scale, "state.scale")
+            negated = [-s for s in scales]
 
         # v_t = α·κ_in · p_t ⊙ d_t
         prev_steps = [a * p * d for a, p, d in zip(size.effective(), gains, ctx.directions, strict=True)]
@@ -170,7 +179,7 @@ class EGStepSize(Adaptation):
         # step -α·κ_in·s·p ⊙ d is v_t·(-s), one pass, handed to the update (StepSize.with_step)
         size = size.scaled(scales, weight_decay_too=self.scale_weight_decay)
         size = size.scaled(gains, weight_decay_too=self.scale_weight_decay)
-        return size.with_step([v * -s for v, s in zip(prev_steps, scales, strict=True)]), new_state
+        return size.with_step([v * s for v, s in zip(prev_steps, negated, strict=True)]), new_state
 
     def _clip(self, ctx: StepContext, exponent: Any) -> Any:
         """``exponent`` bounded to ``±max_log_step`` (unchanged when that is None)."""

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._precision import widest_float
+from adaptlr._precision import cast_like, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
 from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize, scalar_device
@@ -122,9 +122,16 @@ class Hypergradient(Adaptation):
             acc = scalars.wide
             total = ctx.reduce.total
             h = total((g * d for g, d in zip(grads, d_prev, strict=True)), acc)
-            if multiplicative:
-                h = _cosine(xp, h, total((g * g for g in grads), acc), total((d * d for d in d_prev), acc))
-            return state._replace(lr=self._adapt(xp, state.lr, xp.astype(h, state.lr.dtype), scalars))
+            sums = (h, total((g * g for g in grads), acc), total((d * d for d in d_prev), acc)) if multiplicative \
+                else (h,)
+
+            def adapted(lr: Any, h: Any, *norms: Any) -> Any:
+                if norms:
+                    h = _cosine(xp, h, *norms)
+                return self._adapt(xp, lr, xp.astype(h, lr.dtype), scalars)
+
+            # (once per step, not once per block: Scalars.once; another HD has another rate)
+            return state._replace(lr=scalars.once(("hd lr", id(self)), (state.lr, *sums), adapted))
         lrs = []
         for i, (a, g, d) in enumerate(zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True)):
             if self.granularity == "tensor":  # sums in the widest float, then the state dtype
@@ -141,8 +148,8 @@ class Hypergradient(Adaptation):
     def step(
         self, ctx: StepContext, size: StepSize, state: HypergradientState
     ) -> tuple[StepSize, HypergradientState]:
-        if self.granularity == "global":
-            lrs = [ctx.xp.astype(state.lr, g.dtype) for g in ctx.objective_grads]
+        if self.granularity == "global":  # the rate in each gradient's dtype, once per step for this rate
+            lrs = cast_like(ctx.xp, state.lr, ctx.objective_grads, ctx.scalars, "hd lr")
         else:
             lrs = ctx.layout.leaves(state.lr, "state.lr")
         # The step is -a·κ ⊙ d, so the direction a multiplies (what the next H needs) is κ ⊙ d.

@@ -144,18 +144,21 @@ class ProdigyDirection(BaseDirection):
         d = state.d
 
         bias_correction = scalars.step_scalars("prodigy", wide, self._bias_correction)
-        dlr = d * largest(xp, ctx.alpha, wide) * bias_correction
-        s_coef = (d / d0) * (d if self.safeguard_warmup else dlr)
 
-        cast = scalar_caster(xp)  # each wide scalar cast once per dtype this step
+        def coefficients(d: Any, bias_correction: Any, *alpha: Any) -> tuple:
+            dlr = d * largest(xp, alpha, wide) * bias_correction
+            s_coef = (d / d0) * (d if self.safeguard_warmup else dlr)
+            return dlr, s_coef, d * (1.0 - b1), d * d * (1.0 - b2)
 
-        m_coef, v_coef = d * (1.0 - b1), d * d * (1.0 - b2)
+        # (0-D work once per step, not once per block: Scalars.once)
+        dlr, s_coef, m_coef, v_coef = scalars.once("prodigy", (d, bias_correction, *ctx.alpha), coefficients)
+        cast = scalar_caster(xp, scalars)  # each wide scalar cast once per dtype this step
 
         # The numerator and denominator of d̂ first (the sums; their terms as generators, which a
         # part's second pass, given the whole sums, does not evaluate: adaptlr.backends.part_sums).
         p0s = layout.leaves(state.p0, "state.p0")
         dots = (self._sliced(xp, g) * (p0 - self._sliced(xp, p)) for g, p, p0 in zip(grads, params, p0s))
-        numerator = beta3 * state.numerator + (d / d0) * dlr * reduce.total(dots, wide)
+        dot = reduce.total(dots, wide)
         new_s = [beta3 * s + self._sliced(xp, g) * cast("s", s_coef, g)
                  for g, s in zip(grads, layout.leaves(state.s, "state.s"))]
         denominator = reduce.total((xp.abs(s) for s in new_s), wide)
@@ -169,23 +172,30 @@ class ProdigyDirection(BaseDirection):
             new_nu.append(b2 * nu + cast("v", v_coef, g) * (g * g))
 
         # d̂ and the new d; nothing moves while Σ|s| = 0 (no gradient yet).
-        moved = denominator > 0
-        d_hat = self.d_coef * numerator / xp.where(moved, denominator, xp.ones_like(denominator))
-        d_new = xp.where(d == d0, xp.maximum(d, d_hat), d)
-        d_max = xp.maximum(state.d_max, d_hat)
-        d_new = xp.minimum(d_max, d_new * self.growth_rate)
-        d_new, d_max = xp.where(moved, d_new, d), xp.where(moved, d_max, state.d_max)
-        d_hat, numerator = xp.where(moved, d_hat, state.d_hat), xp.where(moved, numerator, state.numerator)
-        kappa = xp.where(moved, d * bias_correction, xp.zeros_like(d))
+        def estimate(dot: Any, denominator: Any, d: Any, dlr: Any, bias_correction: Any, d_max: Any, d_hat: Any,
+                     numerator: Any) -> tuple:
+            new_numerator = beta3 * numerator + (d / d0) * dlr * dot
+            moved = denominator > 0
+            new_d_hat = self.d_coef * new_numerator / xp.where(moved, denominator, xp.ones_like(denominator))
+            d_new = xp.where(d == d0, xp.maximum(d, new_d_hat), d)
+            new_d_max = xp.maximum(d_max, new_d_hat)
+            d_new = xp.minimum(new_d_max, d_new * self.growth_rate)
+            lr_scale = xp.asarray(d_new * self._bias_correction(scalars.t + 1.0))  # NumPy: 0-D array, not a scalar
+            return (xp.where(moved, d_new, d), xp.where(moved, new_d_max, d_max), xp.where(moved, new_d_hat, d_hat),
+                    xp.asarray(xp.where(moved, new_numerator, numerator)),
+                    xp.where(moved, d * bias_correction, xp.zeros_like(d)), xp.asarray(lr_scale))
+
+        d_new, d_max, d_hat, numerator, kappa, lr_scale = scalars.once(
+            "prodigy d", (dot, denominator, d, dlr, bias_correction, state.d_max, state.d_hat, state.numerator),
+            estimate)
 
         directions = []
         for i, (g, nu) in enumerate(zip(grads, new_nu)):
             denom = xp.sqrt(nu) + cast("eps", d_new * self.eps, g)
             directions.append(new_mu[i] / denom if self.b1 > 0 else g * cast("d", d_new, g) / denom)
 
-        lr_scale = xp.asarray(d_new * self._bias_correction(scalars.t + 1.0))  # NumPy: 0-D array, not a scalar
         new_state = ProdigyState(layout.tree(new_mu) if state.mu is not None else None, layout.tree(new_nu),
-                                 layout.tree(new_s), state.p0, d_new, d_max, d_hat, xp.asarray(numerator), lr_scale)
+                                 layout.tree(new_s), state.p0, d_new, d_max, d_hat, numerator, lr_scale)
         size = size.scaled([cast("kappa", kappa, g) for g in grads], weight_decay_too=True)
         return directions, size, new_state
 

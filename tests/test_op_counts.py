@@ -268,3 +268,70 @@ def test_a_blocked_step_computes_its_step_scalars_once_not_per_block():
             adapter.step()
             assert adapter.fast_path == "blocked"
             assert aten_ops_by_name(adapter.step, None).get(op, 0) == per_step, (op, block)
+
+
+def _zero_d_ops(step) -> int:
+    """How many operations ``step()`` dispatches on 0-D (one-element) tensors only."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = [0]
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            if tensors and all(t.numel() <= 1 for t in tensors):
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        step()
+    return count[0]
+
+
+@pytest.mark.parametrize("name,make,per_block", [
+    ("prodigy", lambda: adaptlr.prodigy(), 6),  # 54 per block before Scalars.once
+    ("dadapt_adam", lambda: adaptlr.dadapt_adam(), 3),  # 42
+    ("dog", lambda: adaptlr.dog(), 4),  # 11.9
+    ("dowg", lambda: adaptlr.dowg(), 4),  # 11.0
+    ("eg(adamw)", lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3), scale_lr=1e-3, gain_lr=1e-3), 2),  # 7.3
+    ("hd(adamw)", lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3), hyper_lr=1e-3), 3),  # 6.4
+    ("hd(adamw), multiplicative",
+     lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3), hyper_lr=1e-3, mode="multiplicative"), 5),  # 17.4
+])
+def test_a_blocked_step_with_sums_does_its_0d_work_once_per_pass_not_per_block(name, make, per_block):
+    """The 0-D work on the whole sums (``d``, η, EG's ``s``, HD's rate) is the same in every block
+    of a pass (``Scalars.once``): 12 more blocks add only the per-block remainder (the update's
+    ``-α·κ``, adding up the partial sums: AdamW alone adds 1.8 per block), not the whole 0-D
+    work again (the numbers before are in the comments)."""
+    counts = []
+    for block in (1 << 12, 1 << 10):  # 5 and 17 blocks, two passes each
+        adapter = Optimizer(_params([(96, 64), (5000,), (2, 3000)]), make(), fast={"block_size": block})
+        adapter.step()
+        assert adapter.fast_path == "blocked"
+        counts.append(_zero_d_ops(adapter.step))
+    assert counts[1] - counts[0] <= 12 * per_block, counts
+
+
+def test_scalars_once_reuses_a_result_only_for_the_same_input_arrays():
+    """``Scalars.once`` compares its inputs by identity: the same arrays (a second block's 0-D state
+    and whole sums) reuse the result; equal values in other arrays (a first pass's partial sums)
+    compute again."""
+    import numpy as np
+
+    from adaptlr.core import Scalars
+
+    scalars = Scalars(np, np.asarray(3), None)
+    calls = []
+
+    def make(a, b):
+        calls.append((a, b))
+        return a + b
+
+    a, b = np.asarray(1.0), np.asarray(2.0)
+    first = scalars.once("k", (a, b), make)
+    assert scalars.once("k", (a, b), make) is first and len(calls) == 1
+    again = scalars.once("k", (a, np.asarray(2.0)), make)  # equal, not the same array
+    assert len(calls) == 2 and again == first and again is not first
+    scalars.once("other", (a, b), make)  # another key
+    assert len(calls) == 3
