@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 
 import adaptlr
-from adaptlr.backends.fast import FlatOptimizer, flat_safety, jit_step, jit_update, sums_cheaply
+from adaptlr.backends.fast import (
+    FlatOptimizer,
+    base_sums_replayable,
+    flat_safety,
+    jit_step,
+    jit_update,
+    sums_cheaply,
+)
 from adaptlr.core import Adaptation
 from tests.conftest import max_rel_err
 
@@ -387,8 +394,14 @@ def test_recommended_options_cpu_by_model_size() -> None:
     assert recommended_options(rare_sums, large) == {"block_size": 1 << 17}
     assert recommended_options(early_sums, large) == {"block_size": 1 << 17}
     assert recommended_options(early_sums, small) == {}
-    assert recommended_options(adaptlr.prodigy(), large) is None  # its 0-D work on d in every block
+    # learning-rate-free bases (sums in the base only): blocks in two passes on torch
+    for lr_free in (adaptlr.prodigy(), adaptlr.dadapt_adam(), adaptlr.dog(), adaptlr.dowg()):
+        assert recommended_options(lr_free, large) == {"block_size": 1 << 17}, lr_free.name
+        assert recommended_options(lr_free, [t.numpy() for t in large]) is None, lr_free.name  # not measured
+    assert recommended_options(adaptlr.dog(layerwise=True), large) is None  # per-tensor sums: not flat
     assert recommended_options(adaptlr.dadapt_sgd(), large) is None  # sums not replayable
+    assert recommended_options(adaptlr.active(adaptlr.prodigy(), steps_per_epoch=10), large) == {"block_size": 1 << 17}
+    assert recommended_options(adaptlr.autodrop(adaptlr.prodigy(), steps_per_epoch=10), large) is None  # two summers
     assert recommended_options(global_sums, large) is None
     assert recommended_options(adaptlr.adamw(), [t.numpy() for t in large]) == {"block_size": 1 << 17}
     assert recommended_options(global_sums, [t.numpy() for t in large]) is None
@@ -412,7 +425,7 @@ def test_cpu_block_size_keeps_the_temporaries_within_the_largest_tensor() -> Non
 
 def _blocks_by_default_on_a_large_cpu_model(opt: Any) -> bool:
     flat, blockwise, _ = flat_safety(opt)
-    return flat and (blockwise or sums_cheaply(opt))
+    return flat and (blockwise or sums_cheaply(opt) or base_sums_replayable(opt))
 
 
 def test_blocked_torch_steps_keep_at_most_the_bounded_number_of_block_temporaries() -> None:
