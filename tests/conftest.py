@@ -52,6 +52,18 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20261122)
 
 
+def random_problem(library: str, shapes: list, steps: int, seed: int) -> tuple[list, list]:
+    """Float64 parameters of ``shapes`` and ``steps`` lists of gradient noise (NumPy or torch arrays)."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s) for s in shapes]
+    noise = [[rng.standard_normal(s) for s in shapes] for _ in range(steps)]
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        params = [torch.asarray(p) for p in params]
+        noise = [[torch.asarray(n) for n in ns] for ns in noise]
+    return params, noise
+
+
 def max_rel_err(actual, expected, floor: float = 1e-300) -> float:
     """Normwise relative error ``max|a - e| / max|e|`` per tensor, maximised over a list of tensors.
 

@@ -18,7 +18,7 @@ from adaptlr.backends import part_sums
 from adaptlr.backends.bench import _tracemalloc_peak
 from adaptlr.backends.fast import FlatOptimizer, recommended_options, sums_cheaply, sums_rarely, sums_replayable
 from adaptlr.core import Adaptation
-from tests.conftest import aten_ops_by_name, max_rel_err
+from tests.conftest import aten_ops_by_name, max_rel_err, random_problem
 
 SHAPES = [(6, 5), (11,), (3, 4, 2), ()]  # 65 elements: blocks of 7 straddle every tensor boundary
 BLOCK = 7
@@ -46,14 +46,7 @@ def _algorithms() -> dict:
 
 
 def _problem(library: str = "numpy"):
-    rng = np.random.default_rng(3)
-    params = [rng.standard_normal(s) for s in SHAPES]
-    noise = [[rng.standard_normal(s) for s in SHAPES] for _ in range(STEPS)]
-    if library == "torch":
-        torch = pytest.importorskip("torch")
-        params = [torch.asarray(p) for p in params]
-        noise = [[torch.asarray(n) for n in ns] for ns in noise]
-    return params, noise
+    return random_problem(library, SHAPES, STEPS, seed=3)
 
 
 def _grad(p, n):

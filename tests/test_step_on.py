@@ -16,7 +16,7 @@ import pytest
 
 import adaptlr
 from adaptlr.backends.fast import FlatOptimizer
-from tests.conftest import max_rel_err
+from tests.conftest import max_rel_err, random_problem
 
 # Block 8: (6, 5) and (3, 4, 2) have blocks of their own (30 -> 4 pieces of 8, 8, 8, 6; 24 -> 3 of 8),
 # (11,) too (2 pieces of 6 and 5); (3,), (2,) and () are below half a block and share the flat buffers.
@@ -39,14 +39,7 @@ def _algorithms() -> dict:
 
 
 def _problem(library: str):
-    rng = np.random.default_rng(5)
-    params = [rng.standard_normal(s) for s in SHAPES]
-    noise = [[rng.standard_normal(s) for s in SHAPES] for _ in range(STEPS)]
-    if library == "torch":
-        torch = pytest.importorskip("torch")
-        params = [torch.asarray(p) for p in params]
-        noise = [[torch.asarray(n) for n in ns] for ns in noise]
-    return params, noise
+    return random_problem(library, SHAPES, STEPS, seed=5)
 
 
 def _copy(x):

@@ -131,16 +131,10 @@ def lr_free(rounds: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not argv:
+    modes = {"costs": costs, "wrappers": wrappers, "lr-free": lr_free}
+    if not argv or argv[0] not in modes:
         raise SystemExit(__doc__)
-    if argv[0] == "costs":
-        costs()
-    elif argv[0] == "wrappers":
-        wrappers(int(argv[1]))
-    elif argv[0] == "lr-free":
-        lr_free(int(argv[1]))
-    else:
-        raise SystemExit(__doc__)
+    modes[argv[0]](*(int(a) for a in argv[1:]))
 
 
 if __name__ == "__main__":
