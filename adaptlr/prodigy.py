@@ -179,11 +179,11 @@ class ProdigyDirection(BaseDirection):
             new_d_hat = self.d_coef * new_numerator / xp.where(moved, denominator, xp.ones_like(denominator))
             d_new = xp.where(d == d0, xp.maximum(d, new_d_hat), d)
             new_d_max = xp.maximum(d_max, new_d_hat)
-            d_new = xp.minimum(new_d_max, d_new * self.growth_rate)
+            d_new = xp.where(moved, xp.minimum(new_d_max, d_new * self.growth_rate), d)
             lr_scale = xp.asarray(d_new * self._bias_correction(scalars.t + 1.0))  # NumPy: 0-D array, not a scalar
-            return (xp.where(moved, d_new, d), xp.where(moved, new_d_max, d_max), xp.where(moved, new_d_hat, d_hat),
+            return (d_new, xp.where(moved, new_d_max, d_max), xp.where(moved, new_d_hat, d_hat),
                     xp.asarray(xp.where(moved, new_numerator, numerator)),
-                    xp.where(moved, d * bias_correction, xp.zeros_like(d)), xp.asarray(lr_scale))
+                    xp.where(moved, d * bias_correction, xp.zeros_like(d)), lr_scale)
 
         d_new, d_max, d_hat, numerator, kappa, lr_scale = scalars.once(
             "prodigy d", (dot, denominator, d, dlr, bias_correction, state.d_max, state.d_hat, state.numerator),
