@@ -168,6 +168,20 @@ def test_zero_gradients_do_not_move():
     assert np.all(updates[0] == 0) and float(state.base.d) == 1e-6 and float(state.base.numerator) == 0
 
 
+def test_a_step_with_no_weighted_gradients_keeps_d_and_the_reported_rate():
+    """Σ|s| = 0 with ``d > d_0`` and ``d_max`` above ``d``: ``d``, ``d_max`` and the rate the next
+    step applies (``lr_scale = d·c_{t+1}``) stay; the growth-capped ``min(d_max, d·growth)`` is not
+    taken (it is only where something moved)."""
+    opt = adaptlr.prodigy(growth_rate=2.0)
+    params = [np.ones(3)]
+    state = opt.init(params)
+    base = state.base._replace(d=np.asarray(2e-6), d_max=np.asarray(5e-6), lr_scale=np.asarray(2e-6))
+    updates, state = opt.update([np.zeros(3)], state._replace(base=base), params)
+    assert np.all(updates[0] == 0)
+    assert float(state.base.d) == 2e-6 and float(state.base.d_max) == 5e-6
+    assert float(state.base.lr_scale) == 2e-6  # not min(5e-6, 2·2e-6) = 4e-6
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"learning_rate": 0.0}, "learning_rate"), ({"b1": 1.0}, "b1"), ({"beta3": -0.1}, "beta3"),
     ({"eps": 0.0}, "eps"), ({"d0": 0.0}, "d0"), ({"d_coef": -1.0}, "d_coef"),
