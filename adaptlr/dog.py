@@ -157,34 +157,29 @@ class DoGDirection(BaseDirection):
         # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
         diffs = (p - p0 for p, p0 in zip(params, x0))
         if self.layerwise:
-            dist = [xp.sqrt(reduce.leaf_sum(i, d * d, dtype=wide)) for i, d in enumerate(diffs)]
+            sq_dist = [reduce.leaf_sum(i, d * d, dtype=wide) for i, d in enumerate(diffs)]
             grad_sq = [reduce.leaf_sum(i, g * g, dtype=wide) for i, g in enumerate(grads)]
             rbar_old = layout.leaves(state.rbar, "state.rbar")
             g_old = layout.leaves(state.grad_sq_sum, "state.grad_sq_sum")
         else:
-            dist = [reduce.total((d * d for d in diffs), wide)]  # squared here, its root in estimate
+            sq_dist = [reduce.total((d * d for d in diffs), wide)]
             grad_sq = [reduce.total((g * g for g in grads), wide)]
             rbar_old, g_old = [state.rbar], [state.grad_sq_sum]
 
-        def estimate(first: Any, *values: Any) -> tuple[list, list, list]:
-            """r̄, Σ‖g‖² and η per estimate, from ``dist + grad_sq + rbar_old + g_old + alpha``."""
-            k = len(values) // 5
-            dist, grad_sq, rbar_old, g_old, alpha = (values[i * k:(i + 1) * k] for i in range(5))
-            if not self.layerwise:
-                dist = [xp.sqrt(d) for d in dist]
-            rbar = [xp.maximum(r, d) for r, d in zip(rbar_old, dist)]  # at t = 1 the distance is 0: r̄ = r_ε
-            grad_sq_sum = [g + gs for g, gs in zip(g_old, grad_sq)]
-            eta = [r / xp.sqrt(gs) for r, gs in zip(rbar, grad_sq_sum)]
+        def estimate(sq_dist: Any, grad_sq: Any, rbar_old: Any, g_old: Any, alpha: Any, first: Any) -> tuple:
+            """One estimate's r̄, Σ‖g‖² and η."""
+            rbar = xp.maximum(rbar_old, xp.sqrt(sq_dist))  # at t = 1 the distance is 0: r̄ = r_ε
+            grad_sq_sum = g_old + grad_sq
+            eta = rbar / xp.sqrt(grad_sq_sum)
             if self.init_eta is not None:  # the first step is init_eta, whatever α (dog_optimizer)
-                eta = [xp.where(first, self.init_eta / xp.astype(a, wide), e) for e, a in zip(eta, alpha)]
+                eta = xp.where(first, self.init_eta / xp.astype(alpha, wide), eta)
             return rbar, grad_sq_sum, eta
 
-        alpha = ctx.alpha if self.layerwise else ctx.alpha[:1]
-        values = (first, *dist, *grad_sq, *rbar_old, *g_old, *alpha)
+        inputs = [(*values, first) for values in zip(sq_dist, grad_sq, rbar_old, g_old, ctx.alpha)]
         if self.layerwise:  # per-tensor sums: nothing another part could reuse
-            rbar, grad_sq_sum, eta = estimate(*values)
+            rbar, grad_sq_sum, eta = (list(x) for x in zip(*(estimate(*values) for values in inputs)))
         else:  # (0-D work once per step, not once per block: Scalars.once)
-            rbar, grad_sq_sum, eta = scalars.once("dog", values, estimate)
+            rbar, grad_sq_sum, eta = ([x] for x in scalars.once("dog", inputs[0], estimate))
 
         def tree(values: list) -> Any:
             return layout.tree(values) if self.layerwise else values[0]

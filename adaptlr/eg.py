@@ -155,8 +155,10 @@ class EGStepSize(Adaptation):
         # s_t (before_direction), in each gradient's dtype
         if self.scale == "global":
             # s and -s in each gradient's dtype, once per step for this s (another EG has its own)
-            by_dtype = {dt: scalars.once(("eg s", dt), (state.scale,), lambda s, dt=dt: (xp.astype(s, dt),
-                                                                                          -xp.astype(s, dt)))
+            def in_dtype(s: Any, dt: Any) -> tuple:
+                return xp.astype(s, dt), -xp.astype(s, dt)
+
+            by_dtype = {dt: scalars.once(("eg s", id(self), dt), (state.scale,), lambda s, dt=dt: in_dtype(s, dt))
                         for dt in {g.dtype for g in grads}}
             scales = [by_dtype[g.dtype][0] for g in grads]
             negated = [by_dtype[g.dtype][1] for g in grads]

@@ -122,8 +122,9 @@ class Hypergradient(Adaptation):
             acc = scalars.wide
             total = ctx.reduce.total
             h = total((g * d for g, d in zip(grads, d_prev, strict=True)), acc)
-            sums = (h, total((g * g for g in grads), acc), total((d * d for d in d_prev), acc)) if multiplicative \
-                else (h,)
+            sums = (h,)
+            if multiplicative:
+                sums += (total((g * g for g in grads), acc), total((d * d for d in d_prev), acc))
 
             def adapted(lr: Any, h: Any, *norms: Any) -> Any:
                 if norms:

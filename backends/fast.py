@@ -809,9 +809,7 @@ class FlatOptimizer:
         staged_g = [i for i, v in enumerate(g_flat) if v is None]
         self._copy_all([self.params[i] for i in staged_p], [params[i] for i in staged_p])
         self._copy_all([self.grads[i] for i in staged_g], [grads[i] for i in staged_g])
-        bucket_alpha = None if alpha is None else [self._scalar(alpha[b.members[0][0]], b) for b in self._buckets]
-        bucket_decay = None if weight_decay is None else [float(weight_decay[b.members[0][0]]) for b in self._buckets]
-        self._step_blocked(bucket_alpha, bucket_decay, blocks, (p_flat, g_flat))
+        self._step_blocked(*self._bucket_overrides(alpha, weight_decay), blocks, (p_flat, g_flat))
         self._copy_all([params[i] for i in staged_p], [self.params[i] for i in staged_p])
 
     def _copy_all(self, dst: list, src: list) -> None:
@@ -867,8 +865,7 @@ class FlatOptimizer:
         if self.mode == "per-tensor":
             self._step_per_tensor(alpha, weight_decay)
             return
-        bucket_alpha = None if alpha is None else [self._scalar(alpha[b.members[0][0]], b) for b in self._buckets]
-        bucket_decay = None if weight_decay is None else [float(weight_decay[b.members[0][0]]) for b in self._buckets]
+        bucket_alpha, bucket_decay = self._bucket_overrides(alpha, weight_decay)
         if self.mode == "blocked":
             self._step_blocked(bucket_alpha, bucket_decay)
         elif self.mode == "compiled":
@@ -883,6 +880,14 @@ class FlatOptimizer:
                 _copy_into(dst, src)
         else:
             self._flat_step(self.state, bucket_alpha, bucket_decay)
+
+    def _bucket_overrides(self, alpha: Sequence[Any] | None,
+                          weight_decay: Sequence[float] | None) -> tuple[list | None, list | None]:
+        """The per-leaf ``alpha`` and ``weight_decay`` overrides as one value per buffer (its first
+        member's: leaves of one group agree)."""
+        bucket_alpha = None if alpha is None else [self._scalar(alpha[b.members[0][0]], b) for b in self._buckets]
+        bucket_decay = None if weight_decay is None else [float(weight_decay[b.members[0][0]]) for b in self._buckets]
+        return bucket_alpha, bucket_decay
 
     def _scalar(self, value: Any, bucket: _Bucket) -> Any:
         if not isinstance(value, (int, float)):
