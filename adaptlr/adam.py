@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
@@ -73,9 +74,9 @@ class AdamDirection(BaseDirection):
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
             scale, eps_t = scalars.step_scalars("adam", g.dtype, corrections)
-            m = b1 * m + (1.0 - b1) * g
-            nu = b2 * nu + (1.0 - b2) * (g * g)
-            directions.append(m / (xp.sqrt(nu) + eps_t) * scale)
+            m = add_(b1 * m, (1.0 - b1) * g)
+            nu = add_(b2 * nu, mul_(g * g, 1.0 - b2))
+            directions.append(mul_(m / add_(xp.sqrt(nu), eps_t), scale))
             mus.append(m)
             nus.append(nu)
         return directions, AdamState(layout.tree(mus), layout.tree(nus))

@@ -44,6 +44,7 @@ import array_api_compat
 
 from adaptlr import _validation as v
 from adaptlr._boundary import at_boundary
+from adaptlr._inplace import add_
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -304,7 +305,7 @@ class AutoDrop(Adaptation):
             for x, a, old_shift in zip(xs, layout.leaves(state.weighted_param_sum, "state.weighted_param_sum"),
                                        size.shift):
                 zero = scalars.constant(0.0, x.dtype)
-                a = a + xp.astype(weight, x.dtype) * x
+                a = add_(xp.astype(weight, x.dtype) * x, a)
                 jump = xp.where(dropped, a / scalars.constant(total, x.dtype) - x, zero)
                 shifts.append(jump if old_shift is None else old_shift + jump)
                 sums.append(xp.where(dropped, zero, a))

@@ -41,6 +41,7 @@ import numpy as np
 import optree
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_, sub_
 from adaptlr._precision import cast_like, computed_once, counter_dtype, next_count, widest_float
 from adaptlr._reduce import Reducer, leaf_split_axes
 from adaptlr._tree import Layout
@@ -597,13 +598,16 @@ class Optimizer:
                 # -(α·κ) as (-α)·κ: the same numbers (rounding is symmetric in the sign), and no pass
                 # to negate a full-size κ (ActiveLR, DSA, element-wise HD).
                 neg_lr: Array = _times(_times(-size.alpha[i], size.scale[i]), size.kappa[i])  # α is never None
-                u = d * neg_lr
+                # neg_lr is made here (-α is new): a full-size one takes the product
+                u = mul_(neg_lr, d) if neg_lr.ndim else d * neg_lr
+            # u is now this step's own array (a known step too: made for this update), and so is the
+            # decay's factor: the rest is written into them (adaptlr._inplace)
             if decoupled[i]:
                 decay: Array = _times(alpha[i], size.decay_kappa[i])
                 decay = decay * decoupled[i]
-                u = u - decay * p
+                u = sub_(u, mul_(decay, p))
             if size.shift[i] is not None:
-                u = u + size.shift[i]
+                u = add_(u, size.shift[i])
             updates.append(u)
         for i, adaptation in enumerate(self.adaptations):
             if isinstance(adaptation, UpdateWrapper):

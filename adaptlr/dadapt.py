@@ -44,6 +44,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_
 from adaptlr._precision import cast_like, largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
@@ -186,12 +187,12 @@ class DAdaptAdamDirection(_DAdaptDirection):
         # The sums first (their terms as generators, which a part's second pass, given the whole
         # sums, does not evaluate: adaptlr.backends.part_sums), then the moments.
         old_s, old_nu = layout.leaves(state.s, "state.s"), layout.leaves(state.nu, "state.nu")
-        terms = (g * (s / (xp.sqrt(nu) + eps)) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
+        terms = (mul_(s / add_(xp.sqrt(nu), eps), g) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
         dot = reduce.total(terms, wide)
-        ss = [sqrt_b2 * s + g * cast("s", s_coef, g) for g, s in zip(grads, old_s)]
+        ss = [add_(sqrt_b2 * s, g * cast("s", s_coef, g)) for g, s in zip(grads, old_s)]
         s_l1 = reduce.total((xp.abs(s) for s in ss), wide)
-        mus = [b1 * m + g * cast("m", m_coef, g) for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
-        nus = [b2 * nu + (1.0 - b2) * (g * g) for g, nu in zip(grads, old_nu)]
+        mus = [add_(b1 * m, g * cast("m", m_coef, g)) for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
+        nus = [add_(b2 * nu, mul_(g * g, 1.0 - b2)) for g, nu in zip(grads, old_nu)]
 
         def estimate(dot: Any, s_l1: Any, d: Any, dlr: Any, bias_correction: Any, numerator: Any) -> tuple:
             new_numerator = sqrt_b2 * numerator + (1.0 - sqrt_b2) * (dlr * dot)
@@ -204,7 +205,7 @@ class DAdaptAdamDirection(_DAdaptDirection):
 
         d_new, numerator, lr_scale, one, decay = scalars.once(
             "dadapt_adam d", (dot, s_l1, d, dlr, bias_correction, state.numerator), estimate)
-        directions = [m / (xp.sqrt(nu) + eps) for m, nu in zip(mus, nus)]
+        directions = [m / add_(xp.sqrt(nu), eps) for m, nu in zip(mus, nus)]
         size = _unit_size(xp, scalars, size, one, decay, grads)
         new_state = DAdaptAdamState(layout.tree(mus), layout.tree(nus), layout.tree(ss), d_new, numerator, lr_scale)
         return directions, size, new_state
@@ -243,7 +244,7 @@ class DAdaptSGDDirection(_DAdaptDirection):
 
         numerator = state.numerator + dlr * reduce.total(
             [g * s for g, s in zip(grads, layout.leaves(state.s, "state.s"))], wide)
-        ss = [s + g * c for g, s, c in zip(grads, layout.leaves(state.s, "state.s"), cast_like(xp, dlr, grads))]
+        ss = [add_(g * c, s) for g, s, c in zip(grads, layout.leaves(state.s, "state.s"), cast_like(xp, dlr, grads))]
         s_sq = reduce.total([s * s for s in ss], wide)
 
         moved = s_sq > 0
@@ -254,7 +255,7 @@ class DAdaptSGDDirection(_DAdaptDirection):
         # θ_t = μ·θ + (1-μ)·(x_0 - s): the direction is θ - θ_t, taken with α = 1.
         directions = []
         for p, x0, s in zip(params, layout.leaves(state.x0, "state.x0"), ss):
-            new = p * (1.0 - (1.0 - mu)) + (x0 - s) * (1.0 - mu) if mu else x0 - s
+            new = add_(p * (1.0 - (1.0 - mu)), mul_(x0 - s, 1.0 - mu)) if mu else x0 - s
             directions.append(p - new)
         size = _unit_step(xp, size, moved, xp.zeros_like(d), grads)
         new_state = DAdaptSGDState(layout.tree(ss), state.x0, d_new, xp.asarray(numerator), g0_norm,

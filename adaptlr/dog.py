@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._inplace import mul_
 from adaptlr._precision import cast_like, widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
@@ -157,12 +158,12 @@ class DoGDirection(BaseDirection):
         # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
         diffs = (p - p0 for p, p0 in zip(params, x0))
         if self.layerwise:
-            sq_dist = [reduce.leaf_sum(i, d * d, dtype=wide) for i, d in enumerate(diffs)]
+            sq_dist = [reduce.leaf_sum(i, mul_(d, d), dtype=wide) for i, d in enumerate(diffs)]
             grad_sq = [reduce.leaf_sum(i, g * g, dtype=wide) for i, g in enumerate(grads)]
             rbar_old = layout.leaves(state.rbar, "state.rbar")
             g_old = layout.leaves(state.grad_sq_sum, "state.grad_sq_sum")
         else:
-            sq_dist = [reduce.total((d * d for d in diffs), wide)]
+            sq_dist = [reduce.total((mul_(d, d) for d in diffs), wide)]
             grad_sq = [reduce.total((g * g for g in grads), wide)]
             rbar_old, g_old = [state.rbar], [state.grad_sq_sum]
 
@@ -220,7 +221,7 @@ class DoWGDirection(BaseDirection):
         grads, params = ctx.objective_grads, ctx.params
         x0 = layout.leaves(state.init_params, "state.init_params")
         # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
-        sq_dist = ctx.reduce.total((d * d for d in (p - p0 for p, p0 in zip(params, x0))), wide)
+        sq_dist = ctx.reduce.total((mul_(d, d) for d in (p - p0 for p, p0 in zip(params, x0))), wide)
         grad_sq = ctx.reduce.total((g * g for g in grads), wide)
 
         def estimate(sq_dist: Any, grad_sq: Any, estim_sq_dist: Any, weighted: Any) -> tuple:

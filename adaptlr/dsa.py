@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_
 from adaptlr._precision import is_half_precision
 from adaptlr._reduce import Reducer
 from adaptlr._tree import Layout
@@ -199,9 +200,9 @@ class DSA(Adaptation):
             dots, g_sq, p_sq = (_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))
             updated = {}
             for kind, factor in factors.items():
-                norms = xp.sqrt(g_sq[kind]) * xp.sqrt(p_sq[kind])
-                cos = xp.clip(dots[kind] / (norms + eps), -1.0, 1.0)
-                updated[kind] = factor * xp.astype(xp.exp(beta * cos), factor.dtype, copy=False)
+                norms = mul_(xp.sqrt(g_sq[kind]), xp.sqrt(p_sq[kind]))
+                cos = xp.clip(dots[kind] / add_(norms, eps), -1.0, 1.0)
+                updated[kind] = mul_(xp.astype(xp.exp(mul_(cos, beta)), factor.dtype, copy=False), factor)
             new_factors.append(updated)
         return state._replace(factors=layout.tree(new_factors))
 

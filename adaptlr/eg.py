@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -148,7 +149,7 @@ class EGStepSize(Adaptation):
 
         # p_t = p_{t-1} ⊙ exp(clip(γ_p · m_{t-1} ⊙ g_t))
         gains = [
-            p * xp.exp(self._clip(ctx, scalars.constant(self.gain_lr, g.dtype) * m * g))
+            mul_(xp.exp(self._clip(ctx, mul_(scalars.constant(self.gain_lr, g.dtype) * m, g))), p)
             for p, m, g in zip(gains, grad_emas, grads, strict=True)
         ]
 
@@ -167,12 +168,12 @@ class EGStepSize(Adaptation):
             negated = [-s for s in scales]
 
         # v_t = α·κ_in · p_t ⊙ d_t
-        prev_steps = [a * p * d for a, p, d in zip(size.effective(), gains, ctx.directions, strict=True)]
+        prev_steps = [mul_(a * p, d) for a, p, d in zip(size.effective(), gains, ctx.directions, strict=True)]
 
         # m_t = β·m_{t-1} + (1-β)·g_t
         beta = self.gain_decay
         grad_emas = [
-            scalars.constant(beta, g.dtype) * m + scalars.constant(1.0 - beta, g.dtype) * g
+            add_(scalars.constant(beta, g.dtype) * m, scalars.constant(1.0 - beta, g.dtype) * g)
             for m, g in zip(grad_emas, grads, strict=True)
         ]
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_
 from adaptlr._precision import cast_like, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
@@ -161,9 +162,9 @@ class Hypergradient(Adaptation):
         """``a + β·H`` or ``a·(1 + β·cos)``, then clipped to ``[min_lr, max_lr]``."""
         beta = scalars.constant(self.hyper_lr, a.dtype)
         if self.mode == "additive":
-            a = a + beta * h
+            a = add_(beta * h, a)
         else:
-            a = a * (scalars.constant(1.0, a.dtype) + beta * h)
+            a = mul_(add_(beta * h, scalars.constant(1.0, a.dtype)), a)
         if self.min_lr is not None:
             a = xp.maximum(a, scalars.constant(self.min_lr, a.dtype))
         if self.max_lr is not None:

@@ -37,6 +37,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_
 from adaptlr._precision import largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
@@ -157,9 +158,9 @@ class ProdigyDirection(BaseDirection):
         # The numerator and denominator of d̂ first (the sums; their terms as generators, which a
         # part's second pass, given the whole sums, does not evaluate: adaptlr.backends.part_sums).
         p0s = layout.leaves(state.p0, "state.p0")
-        dots = (self._sliced(xp, g) * (p0 - self._sliced(xp, p)) for g, p, p0 in zip(grads, params, p0s))
+        dots = (mul_(p0 - self._sliced(xp, p), self._sliced(xp, g)) for g, p, p0 in zip(grads, params, p0s))
         dot = reduce.total(dots, wide)
-        new_s = [beta3 * s + self._sliced(xp, g) * cast("s", s_coef, g)
+        new_s = [add_(beta3 * s, self._sliced(xp, g) * cast("s", s_coef, g))
                  for g, s in zip(grads, layout.leaves(state.s, "state.s"))]
         denominator = reduce.total((xp.abs(s) for s in new_s), wide)
 
@@ -168,8 +169,8 @@ class ProdigyDirection(BaseDirection):
         new_mu, new_nu = [], []
         for g, m, nu in zip(grads, mus, layout.leaves(state.nu, "state.nu")):
             if m is not None:
-                new_mu.append(b1 * m + g * cast("m", m_coef, g))
-            new_nu.append(b2 * nu + cast("v", v_coef, g) * (g * g))
+                new_mu.append(add_(b1 * m, g * cast("m", m_coef, g)))
+            new_nu.append(add_(b2 * nu, mul_(g * g, cast("v", v_coef, g))))
 
         # d̂ and the new d; nothing moves while Σ|s| = 0 (no gradient yet).
         def estimate(dot: Any, denominator: Any, d: Any, dlr: Any, bias_correction: Any, d_max: Any, d_hat: Any,
@@ -191,7 +192,7 @@ class ProdigyDirection(BaseDirection):
 
         directions = []
         for i, (g, nu) in enumerate(zip(grads, new_nu)):
-            denom = xp.sqrt(nu) + cast("eps", d_new * self.eps, g)
+            denom = add_(xp.sqrt(nu), cast("eps", d_new * self.eps, g))
             directions.append(new_mu[i] / denom if self.b1 > 0 else g * cast("d", d_new, g) / denom)
 
         new_state = ProdigyState(layout.tree(new_mu) if state.mu is not None else None, layout.tree(new_nu),

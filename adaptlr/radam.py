@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaptlr import _validation as v
+from adaptlr._inplace import add_, mul_
 from adaptlr._rectification import rectification, rectification_condition
 from adaptlr._tree import Layout
 from adaptlr.adam import AdamState, bias_correction_condition
@@ -52,10 +53,10 @@ class RAdamDirection(BaseDirection):
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
             rectified, inv_bc1, scale = scalars.step_scalars("radam", g.dtype, step_scalars)
-            m = b1 * m + (1.0 - b1) * g
-            nu = b2 * nu + (1.0 - b2) * (g * g)
+            m = add_(b1 * m, (1.0 - b1) * g)
+            nu = add_(b2 * nu, mul_(g * g, 1.0 - b2))
             m_hat = m * inv_bc1
-            directions.append(xp.where(rectified, m_hat * scale / (xp.sqrt(nu) + eps), m_hat))
+            directions.append(xp.where(rectified, m_hat * scale / add_(xp.sqrt(nu), eps), m_hat))
             mus.append(m)
             nus.append(nu)
         return directions, AdamState(layout.tree(mus), layout.tree(nus))

@@ -245,6 +245,7 @@ class StepCosts:
     launches: int  # dispatched aten operations: kernel launches on a GPU
     syncs: int  # host synchronisations on the parameters' device (``.item()`` of a device tensor)
     bytes: int  # bytes read and written by the operations (views and 0-D tensors not counted)
+    fresh: int = 0  # of those, bytes written into new tensors (results not written into an argument)
 
 
 def step_costs(step: Callable[[], Any]) -> StepCosts:
@@ -273,7 +274,9 @@ def step_costs(step: Callable[[], Any]) -> StepCosts:
             if func is torch.ops.aten._local_scalar_dense.default:
                 self.costs.syncs += 1
             if not func.is_view:
-                self.costs.bytes += _bytes_moved(torch, func, args, kwargs, out)
+                moved, fresh = _bytes_moved(torch, func, args, kwargs, out)
+                self.costs.bytes += moved
+                self.costs.fresh += fresh
             return out
 
     counter = Counter()
@@ -282,7 +285,8 @@ def step_costs(step: Callable[[], Any]) -> StepCosts:
     return counter.costs
 
 
-def _bytes_moved(torch: Any, func: Any, args: Any, kwargs: dict, out: Any) -> int:
+def _bytes_moved(torch: Any, func: Any, args: Any, kwargs: dict, out: Any) -> tuple[int, int]:
+    """The bytes ``func`` reads and writes, and of those the bytes of its results in new tensors."""
     from torch.utils._pytree import tree_leaves
 
     def tensors(tree: Any) -> list:
@@ -294,8 +298,9 @@ def _bytes_moved(torch: Any, func: Any, args: Any, kwargs: dict, out: Any) -> in
         if argument.alias_info is not None and argument.alias_info.is_write:
             written.extend(tensors(args[i] if i < len(args) else kwargs.get(argument.name)))
     inputs = {id(t) for t in read}
-    written.extend(t for t in tensors(out) if id(t) not in inputs)
-    return sum(t.numel() * t.element_size() for t in read + written)
+    fresh = [t for t in tensors(out) if id(t) not in inputs]
+    return (sum(t.numel() * t.element_size() for t in read + written + fresh),
+            sum(t.numel() * t.element_size() for t in fresh))
 
 
 def _torch_peak_mode(torch: Any) -> Any:

@@ -79,8 +79,33 @@ class ForeachArray:
             raise NotImplementedError("a ForeachArray meets a tensor with dimensions")
         return ForeachArray([op(a, other) for a in self.tensors])
 
+    def _inplace(self, other: Any, foreach_: Callable, with_tensor_: Callable | None) -> Any:
+        """``self ∘= other`` with one in-place ``_foreach`` op where it keeps ``self``'s dtype (a list of
+        the same dtype, a Python number, a 0-D tensor of ``self``'s dtype and device); otherwise
+        NotImplemented, and Python computes ``self ∘ other`` out of place (adaptlr._inplace)."""
+        if isinstance(other, ForeachArray):
+            if other.dtype != self.dtype:
+                return NotImplemented
+            foreach_(self.tensors, other.tensors)
+        elif _is_number(other):
+            foreach_(self.tensors, other)
+        elif with_tensor_ is not None and _same_scalar(other, self):
+            with_tensor_(self.tensors, other)
+        else:
+            return NotImplemented
+        return self
+
     def __add__(self, other: Any) -> ForeachArray:
         return self._binary(other, torch._foreach_add, torch.add, _ADD_TENSOR)
+
+    def __iadd__(self, other: Any) -> ForeachArray:
+        return self._inplace(other, torch._foreach_add_, _ADD_TENSOR_)
+
+    def __isub__(self, other: Any) -> ForeachArray:
+        return self._inplace(other, torch._foreach_sub_, _foreach_sub_tensor_)
+
+    def __imul__(self, other: Any) -> ForeachArray:
+        return self._inplace(other, torch._foreach_mul_, _MUL_TENSOR_)
 
     __radd__ = __add__
 
@@ -156,6 +181,8 @@ def _tensor_overload(name: str) -> Callable | None:
 _ADD_TENSOR = _tensor_overload("_foreach_add")
 _MUL_TENSOR = _tensor_overload("_foreach_mul")
 _DIV_TENSOR = _tensor_overload("_foreach_div")
+_ADD_TENSOR_ = _tensor_overload("_foreach_add_")
+_MUL_TENSOR_ = _tensor_overload("_foreach_mul_")
 
 
 def _foreach_sub_tensor(tensors: list, other: torch.Tensor) -> list:
@@ -163,6 +190,15 @@ def _foreach_sub_tensor(tensors: list, other: torch.Tensor) -> list:
     if _ADD_TENSOR is None:
         return [torch.sub(t, other) for t in tensors]
     return _ADD_TENSOR(tensors, other, alpha=-1)
+
+
+def _foreach_sub_tensor_(tensors: list, other: torch.Tensor) -> None:
+    """``tensors -= other`` for a 0-D tensor ``other``, in place."""
+    if _ADD_TENSOR_ is None:
+        for t in tensors:
+            t.sub_(other)
+    else:
+        _ADD_TENSOR_(tensors, other, alpha=-1)
 
 
 def _same_scalar(x: Any, like: ForeachArray) -> bool:

@@ -12,7 +12,8 @@ Per algorithm × installed backend (the ``backend`` fixture of ``conftest.py``):
   params' device; the state's tree structure, shapes and dtypes stay those of ``init`` over two
   epochs (three steps where the algorithm has no epochs);
 - the update is pure: it writes into none of params, grads, state (read-only NumPy arrays on
-  NumPy, a before/after comparison elsewhere);
+  NumPy, a before/after comparison elsewhere), and its arithmetic written into its own temporaries
+  (``adaptlr._inplace``) gives bitwise the numbers computed out of place;
 - zero gradients leave the params unchanged (where the base has no weight decay), and so does
   ``learning_rate=0`` (where the registry entry says so: additive HD's rate grows from 0);
 - a ``save_state``/``load_state`` round trip mid-epoch continues bit-identically;
@@ -235,6 +236,26 @@ def test_update_is_pure(name, backend):
         updates, state = opt.update(grads, state, params)
         _assert_bitwise([backend.to_numpy(x) for x in _state_arrays(inputs)], before, f"inputs of step {t}")
         params = adaptlr.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_arithmetic_written_into_temporaries_changes_no_number(name, backend, monkeypatch):
+    """``adaptlr._inplace`` writes into the step's own temporaries: two epochs in float32 give
+    bitwise the params and state of the same steps computed out of place (every helper refused)."""
+    import adaptlr._inplace
+
+    opt = _algorithm(name).build()
+
+    def trajectory() -> tuple[list, list]:
+        params = _on(backend, _host_params("float32"))
+        params, state = _run(opt, backend, params, opt.init(params), range(1, _two_epochs(opt) + 1))
+        return _to_host(backend, params), _host_state(backend, state)
+
+    in_place = trajectory()
+    monkeypatch.setattr(adaptlr._inplace, "_fits", lambda a, b: False)
+    out_of_place = trajectory()
+    _assert_bitwise(in_place[0], out_of_place[0], "params")
+    _assert_bitwise(in_place[1], out_of_place[1], "state")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,139 @@
+"""Interleaved A/B of round 12's change (arithmetic into the step's own temporaries), in one process.
+
+    python docs/scripts/round12_ab.py costs              # words moved per parameter and aten ops per step
+    python docs/scripts/round12_ab.py torch ROUNDS       # AdamW and the wrappers, torch adapter default
+                                                         # path, out of place (before) and in place
+                                                         # (after); torch.optim.AdamW(foreach)
+    python docs/scripts/round12_ab.py lr-free ROUNDS     # Prodigy, D-Adapt Adam, DoG: the torch adapter's
+                                                         # default before/after, the upstream
+    python docs/scripts/round12_ab.py numpy ROUNDS       # AdamW and the wrappers, NumPy update + apply_updates
+    python docs/scripts/round12_ab.py foreach ROUNDS     # the foreach path (the GPU default) on the CPU
+
+"Before" runs the same code with ``adaptlr._inplace._fits`` patched to refuse every in-place
+operation, so each helper computes out of place as the code did before. ResNet-18 parameter shapes,
+float32; each round runs every variant once in a fresh random order
+(``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+import adaptlr
+import adaptlr._inplace
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from round9_ab import interleaved  # the same timing loop as rounds 9 to 11
+from round11_ab import LR_FREE, WRAPPERS, _params
+
+WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
+
+
+def _out_of_place(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` with every in-place helper computing out of place (the code before round 12)."""
+    fits = adaptlr._inplace._fits
+
+    def run() -> None:
+        adaptlr._inplace._fits = lambda a, b: False
+        try:
+            step()
+        finally:
+            adaptlr._inplace._fits = fits
+
+    return run
+
+
+def _adapter(opt: adaptlr.Optimizer, fast: object = "auto") -> Callable[[], None]:
+    from adaptlr.backends.torch import Optimizer
+
+    adapter = Optimizer(_params(), opt, fast=fast)
+    adapter.step()
+    return adapter.step
+
+
+def _numpy(opt: adaptlr.Optimizer) -> Callable[[], None]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    params = [p.detach().numpy().copy() for p in _params()]
+    grads = [(rng.standard_normal(p.shape) * 0.01).astype(np.float32) for p in params]
+    box = {"params": params, "state": opt.init(params)}
+
+    def step() -> None:
+        updates, box["state"] = opt.update(grads, box["state"], box["params"])
+        box["params"] = adaptlr.apply_updates(box["params"], updates)
+
+    step()
+    return step
+
+
+def _pairs(makers: dict, build: Callable) -> dict:
+    steps = {}
+    for name, make in makers.items():
+        steps[f"{name}, before"] = _out_of_place(build(make()))
+        steps[f"{name}, after"] = build(make())
+    return steps
+
+
+def costs() -> None:
+    """``bench.step_costs`` of one torch adapter step (default path), before and after (deterministic)."""
+    from adaptlr.backends.bench import RESNET18_SHAPES, step_costs
+
+    n = sum(math.prod(s) for s in RESNET18_SHAPES)
+    for name, make in {**WRAPPERS, **LR_FREE}.items():
+        for before in (True, False):
+            step = _adapter(make())
+            c = step_costs(_out_of_place(step) if before else step)
+            print(f"{name:14s} {'before' if before else 'after ':6s} {c.bytes / 4 / n:6.1f} words/param "
+                  f"{c.fresh / 4 / n:6.1f} of them into new tensors {c.launches:6d} aten ops")
+
+
+def torch_default(rounds: int) -> None:
+    import torch
+
+    steps = _pairs(WRAPPERS, _adapter)
+    native = torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.01, foreach=True)
+    native.step()
+    steps["torch.optim.AdamW(foreach)"] = native.step
+    interleaved(steps, rounds)
+
+
+def lr_free(rounds: int) -> None:
+    from adaptlr.backends.bench import _upstream_torch
+
+    steps = _pairs(LR_FREE, _adapter)
+    for name in LR_FREE:
+        upstream = _upstream_torch(name)
+        if upstream is not None:
+            native = upstream[1](_params())
+            native.step()
+            steps[f"{name}, {upstream[0]}"] = native.step
+    interleaved(steps, rounds)
+
+
+def numpy(rounds: int) -> None:
+    interleaved(_pairs(WRAPPERS, _numpy), rounds)
+
+
+def foreach(rounds: int) -> None:
+    import torch
+
+    makers = {k: WRAPPERS[k] for k in ("adamw", "active", "eg_step_size")}
+    steps = _pairs(makers, lambda opt: _adapter(opt, "foreach"))
+    native = torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.01, foreach=True)
+    native.step()
+    steps["torch.optim.AdamW(foreach)"] = native.step
+    interleaved(steps, rounds)
+
+
+def main(argv: list[str]) -> None:
+    modes = {"costs": costs, "torch": torch_default, "lr-free": lr_free, "numpy": numpy, "foreach": foreach}
+    if not argv or argv[0] not in modes:
+        raise SystemExit(__doc__)
+    modes[argv[0]](*(int(a) for a in argv[1:]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
