@@ -10,6 +10,9 @@ so the same code is correct everywhere.
 
 The standard allows an in-place operation only where the result has the left operand's dtype and
 shape; these helpers check that and otherwise compute out of place, so they never change a number.
+They also compute out of place where torch's autograd records the operand (``requires_grad``: a
+step differentiated with ``torch.autograd`` may need the value, as ``sqrt`` and ``exp`` keep their
+results for the backward pass); the adapters step under ``torch.no_grad()``.
 A Python ``float`` is a weak scalar and always fits. They must be given, as ``a``, only an array
 the calling step created and has not handed to anyone (not an input, not a state field, not a
 direction that an adaptation reads).
@@ -23,7 +26,10 @@ __all__ = ["add_", "mul_", "sub_"]
 
 
 def _fits(a: Any, b: Any) -> bool:
-    """Whether ``a ∘= b`` keeps ``a``'s dtype and shape (so it is ``a ∘ b``, written into ``a``)."""
+    """Whether ``a ∘= b`` keeps ``a``'s dtype and shape (so it is ``a ∘ b``, written into ``a``), and
+    no autograd tape records ``a`` (a derivative through the step may need its value)."""
+    if getattr(a, "requires_grad", False):
+        return False
     if isinstance(b, float | int) and not isinstance(b, bool):
         return True
     dtype = getattr(b, "dtype", None)

@@ -77,3 +77,32 @@ def test_a_foreach_array_is_written_in_place_by_one_op_per_operation():
         assert result is not a and result.dtype == torch.float32, helper
         for x, y in zip(result.tensors, plain(make(0), wider).tensors):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", ["adamw", "eg", "adabelief"])
+def test_a_step_differentiated_by_torch_autograd_is_the_out_of_place_one(make, monkeypatch):
+    """Under torch's autograd (params that require grad, no ``no_grad``), the helpers leave the
+    recorded temporaries alone: ``backward`` through two functional steps works and gives the
+    gradient of the out-of-place steps (``sqrt`` and ``exp`` keep their results for it)."""
+    torch = pytest.importorskip("torch")
+    import adaptlr
+    import adaptlr._inplace
+
+    build = {"adamw": lambda: adaptlr.adamw(1e-2, weight_decay=0.1),
+             "eg": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-2), 1e-2, 1e-2),
+             "adabelief": lambda: adaptlr.adabelief(1e-2, weight_decay=0.1)}[make]
+
+    def gradient() -> torch.Tensor:
+        start = torch.linspace(-1.0, 2.0, 12, dtype=torch.float64).reshape(3, 4).requires_grad_()
+        opt, params = build(), [start]
+        state = opt.init([start.detach()])
+        for _ in range(2):
+            grads = [2.0 * params[0] + 0.5]  # f = Σ θ² + θ/2: the gradient depends on θ
+            updates, state = opt.update(grads, state, params)
+            params = adaptlr.apply_updates(params, updates)
+        (params[0] ** 2).sum().backward()
+        return start.grad
+
+    in_place = gradient()
+    monkeypatch.setattr(adaptlr._inplace, "_fits", lambda a, b: False)
+    torch.testing.assert_close(in_place, gradient(), rtol=0, atol=0)
