@@ -1,6 +1,7 @@
 """Interleaved A/B of round 12's change (arithmetic into the step's own temporaries), in one process.
 
-    python docs/scripts/round12_ab.py costs              # words moved per parameter and aten ops per step
+    python docs/scripts/round12_ab.py costs              # words moved per parameter (and of them into new
+                                                         # tensors) and aten ops per step; the upstreams
     python docs/scripts/round12_ab.py torch ROUNDS       # AdamW and the wrappers, torch adapter default
                                                          # path, out of place (before) and in place
                                                          # (after); torch.optim.AdamW(foreach)
@@ -88,6 +89,18 @@ def costs() -> None:
             c = step_costs(_out_of_place(step) if before else step)
             print(f"{name:14s} {'before' if before else 'after ':6s} {c.bytes / 4 / n:6.1f} words/param "
                   f"{c.fresh / 4 / n:6.1f} of them into new tensors {c.launches:6d} aten ops")
+    import torch
+
+    from adaptlr.backends.bench import _upstream_torch
+
+    natives = {"torch.optim.AdamW(foreach)": lambda params: torch.optim.AdamW(params, foreach=True)}
+    natives.update(dict(_upstream_torch(name) for name in LR_FREE if _upstream_torch(name) is not None))
+    for label, make in natives.items():
+        native = make(_params())
+        native.step()
+        c = step_costs(native.step)
+        print(f"{label:28s} {c.bytes / 4 / n:6.1f} words/param {c.fresh / 4 / n:6.1f} of them into new tensors "
+              f"{c.launches:6d} aten ops")
 
 
 def torch_default(rounds: int) -> None:
