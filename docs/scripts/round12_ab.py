@@ -89,41 +89,39 @@ def costs() -> None:
             c = step_costs(_out_of_place(step) if before else step)
             print(f"{name:14s} {'before' if before else 'after ':6s} {c.bytes / 4 / n:6.1f} words/param "
                   f"{c.fresh / 4 / n:6.1f} of them into new tensors {c.launches:6d} aten ops")
-    import torch
-
-    from adaptlr.backends.bench import _upstream_torch
-
-    natives = {"torch.optim.AdamW(foreach)": lambda params: torch.optim.AdamW(params, foreach=True)}
-    natives.update(dict(_upstream_torch(name) for name in LR_FREE if _upstream_torch(name) is not None))
-    for label, make in natives.items():
-        native = make(_params())
-        native.step()
-        c = step_costs(native.step)
+    for label, step in {**_foreach_adamw(), **_upstreams()}.items():
+        c = step_costs(step)
         print(f"{label:28s} {c.bytes / 4 / n:6.1f} words/param {c.fresh / 4 / n:6.1f} of them into new tensors "
               f"{c.launches:6d} aten ops")
 
 
-def torch_default(rounds: int) -> None:
+def _stepped(optimizer: object) -> Callable[[], object]:
+    optimizer.step()  # type: ignore[attr-defined]
+    return optimizer.step  # type: ignore[attr-defined]
+
+
+def _foreach_adamw() -> dict:
     import torch
 
-    steps = _pairs(WRAPPERS, _adapter)
-    native = torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.01, foreach=True)
-    native.step()
-    steps["torch.optim.AdamW(foreach)"] = native.step
-    interleaved(steps, rounds)
+    return {"torch.optim.AdamW(foreach)": _stepped(torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.01,
+                                                                    foreach=True))}
+
+
+def _upstreams() -> dict:
+    """The upstream PyTorch optimizer of each learning-rate-free base (those installed), stepped once."""
+    from adaptlr.backends.bench import _upstream_torch
+
+    found = [_upstream_torch(name) for name in LR_FREE]
+    return {label: _stepped(make(_params())) for label, make in (u for u in found if u is not None)}
+
+
+def torch_default(rounds: int) -> None:
+
+    interleaved({**_pairs(WRAPPERS, _adapter), **_foreach_adamw()}, rounds)
 
 
 def lr_free(rounds: int) -> None:
-    from adaptlr.backends.bench import _upstream_torch
-
-    steps = _pairs(LR_FREE, _adapter)
-    for name in LR_FREE:
-        upstream = _upstream_torch(name)
-        if upstream is not None:
-            native = upstream[1](_params())
-            native.step()
-            steps[f"{name}, {upstream[0]}"] = native.step
-    interleaved(steps, rounds)
+    interleaved({**_pairs(LR_FREE, _adapter), **_upstreams()}, rounds)
 
 
 def numpy(rounds: int) -> None:
@@ -131,14 +129,9 @@ def numpy(rounds: int) -> None:
 
 
 def foreach(rounds: int) -> None:
-    import torch
 
     makers = {k: WRAPPERS[k] for k in ("adamw", "active", "eg_step_size")}
-    steps = _pairs(makers, lambda opt: _adapter(opt, "foreach"))
-    native = torch.optim.AdamW(_params(), lr=1e-3, weight_decay=0.01, foreach=True)
-    native.step()
-    steps["torch.optim.AdamW(foreach)"] = native.step
-    interleaved(steps, rounds)
+    interleaved({**_pairs(makers, lambda opt: _adapter(opt, "foreach")), **_foreach_adamw()}, rounds)
 
 
 def main(argv: list[str]) -> None:
