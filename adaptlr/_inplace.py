@@ -16,13 +16,22 @@ results for the backward pass); the adapters step under ``torch.no_grad()``.
 A Python ``float`` is a weak scalar and always fits. They must be given, as ``a``, only an array
 the calling step created and has not handed to anyone (not an input, not a state field, not a
 direction that an adaptation reads).
+
+An executor that owns the state it passes to a step and copies the new state into it afterwards
+(the torch adapter's blocks and foreach chunks) may *donate* those arrays for the step
+(:func:`donating`); :func:`mul_donated` then writes the decay of a state field (``β1·m`` on its way
+to ``m_t``) into the field itself, and the copy back has nothing left to do. A step given
+arrays it does not own computes out of place, as before.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["add_", "mul_", "sub_"]
+__all__ = ["add_", "add_donated", "donating", "mul_", "mul_donated", "sub_"]
+
 
 
 def _fits(a: Any, b: Any) -> bool:
@@ -58,3 +67,49 @@ def mul_(a: Any, b: Any) -> Any:
         a *= b
         return a
     return a * b
+
+
+def mul_donated(scalars: Any, x: Any, b: Any, *, b_temporary: bool = False) -> Any:
+    """``x · b`` for an input state array ``x`` that the step reads once, to make its new value:
+    written into ``x`` where the executor donated it for this step (``scalars``, the step's
+    :class:`adaptlr.core.Scalars`: :func:`donating`), else into ``b`` where it is a temporary of
+    the calling step (``b_temporary``, as :func:`mul_`), else a new array.
+
+    The caller must not read ``x``'s old value after this call. ``x · b`` and ``b · x`` are the
+    same number (IEEE multiplication commutes)."""
+    if scalars.donated and id(x) in scalars.donated and _fits(x, b):
+        x *= b
+        return x
+    return mul_(b, x) if b_temporary else x * b
+
+
+def add_donated(scalars: Any, x: Any, b: Any) -> Any:
+    """``x + b`` for an input state array ``x`` that the step reads once (ActiveLR's gradient sum
+    ``C + g``): written into ``x`` where the executor donated it (:func:`donating`), else a new
+    array. Addition commutes too."""
+    if scalars.donated and id(x) in scalars.donated and _fits(x, b):
+        x += b
+        return x
+    return x + b
+
+
+@contextmanager
+def donating(scalars: Any, arrays: Iterable[Any]) -> Iterator[None]:
+    """Within the block, the step that ``scalars`` (its :class:`adaptlr.core.Scalars`) are given to
+    may write into ``arrays`` (:func:`mul_donated`, :func:`add_donated`).
+
+    For executors that own these arrays (state they copy the step's new state into afterwards),
+    and only where nothing reads their old values after the step: not under a guard that restores
+    the old state (:attr:`adaptlr.Optimizer.donation_safe`), and not in a pass that may be abandoned
+    and run again (the first part of a pass of :func:`adaptlr.backends.part_sums.run_parts`). The
+    set travels with the step's scalars, not in a global, so it is per step and per thread and
+    ``torch.compile`` traces through it (a compiled step is given none)."""
+    donated = scalars.donated  # changed in place: the scalars of with_count share it
+    before = set(donated)
+    donated.clear()
+    donated.update(id(a) for a in arrays)
+    try:
+        yield
+    finally:
+        donated.clear()
+        donated.update(before)

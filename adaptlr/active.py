@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
 from adaptlr._boundary import at_boundary
+from adaptlr._inplace import add_donated
 from adaptlr._tree import Layout
 from adaptlr.adabelief import adabelief
 from adaptlr.adam import adamw
@@ -88,7 +89,10 @@ class ActiveLR(Adaptation):
         adjust = scalars.per_step(("epoch_end_adjust", S), lambda: xp.logical_and(epoch_end, (t // S) >= 2))
 
         gammas = layout.leaves(state.gamma, "state.gamma")
-        sums = [c + g for c, g in zip(layout.leaves(state.epoch_grad_sum, "state.epoch_grad_sum"), ctx.grads)]
+        # C + g: into C where the executor donated it (G_prev may become this array at the boundary:
+        # the executors read a new field that is another's old buffer before writing)
+        sums = [add_donated(scalars, c, g)
+                for c, g in zip(layout.leaves(state.epoch_grad_sum, "state.epoch_grad_sum"), ctx.grads)]
         prev_sums = layout.leaves(state.prev_epoch_grad_sum, "state.prev_epoch_grad_sum")
 
         def boundary(gammas: list, sums: list, prev_sums: list) -> tuple[list, list, list]:

@@ -162,6 +162,29 @@ def _times(a: Array | None, b: Array | None) -> Array | None:
     return a * b
 
 
+def _negative_rate(scalars: Scalars, alpha: Array, scale: Array | None, kappa: Array | None) -> Array:
+    """``(-α·scale)·κ``: computed once per step where all three are 0-D (the parts of a blocked step
+    share them), else per leaf. ``-(α·κ)`` as ``(-α)·κ`` is the same number (rounding is symmetric in
+    the sign), without a pass to negate a full-size κ (ActiveLR, DSA, element-wise HD)."""
+    def make(a: Array, s: Array | None, k: Array | None) -> Array:
+        return _times(_times(-a, s), k)  # type: ignore[return-value]  # α is never None
+
+    if all(x is None or x.ndim == 0 for x in (scale, kappa)):
+        return scalars.once("negative_rate", (alpha, scale, kappa), make)
+    return make(alpha, scale, kappa)
+
+
+def _decay_times(scalars: Scalars, alpha: Array, decay_kappa: Array | None, lam: float, p: Array) -> Array:
+    """``α·κ^decay·λ ⊙ θ``, the decoupled weight decay; its 0-D factor computed once per step (as in
+    :func:`_negative_rate`), a full-size one (κ^decay per element) written into by the product."""
+    def make(a: Array, k: Array | None) -> Array:
+        return _times(a, k) * lam  # type: ignore[operator]
+
+    if decay_kappa is None or decay_kappa.ndim == 0:
+        return scalars.once(("decay", lam), (alpha, decay_kappa), make) * p  # never into the shared factor
+    return mul_(make(alpha, decay_kappa), p)
+
+
 class StepContext(NamedTuple):
     """What every adaptation sees during a step (leaf lists in params order).
 
@@ -199,7 +222,7 @@ class Scalars:
     to the dtype of the tensors they meet (:meth:`step_scalars`).
     """
 
-    __slots__ = ("_cache", "count", "device", "t", "wide", "xp")
+    __slots__ = ("_cache", "count", "device", "donated", "t", "wide", "xp")
 
     def __init__(self, xp: Any, count: Array, device: Any) -> None:
         self.xp = xp
@@ -208,6 +231,9 @@ class Scalars:
         self.wide = widest_float(xp, device)
         self.t = xp.astype(count, self.wide)
         self._cache: dict = {}
+        # ids of the state arrays the executor lets this step write into (adaptlr._inplace.donating;
+        # one set, changed in place, shared with the scalars of with_count)
+        self.donated: set[int] = set()
 
     @classmethod
     def of_step(cls, xp: Any, state: OptimizerState, params: Sequence[Array]) -> Scalars:
@@ -229,6 +255,7 @@ class Scalars:
             if scalars.count is count:
                 return scalars
         made.append(Scalars(self.xp, count, self.device))
+        made[-1].donated = self.donated  # the same set: what is donated to the step, is to its parts
         return made[-1]
 
     def constant(self, value: float, dtype: Any) -> Array:
@@ -490,6 +517,13 @@ class Optimizer:
         return f"<adaptlr.Optimizer {self.name}>"
 
     @property
+    def donation_safe(self) -> bool:
+        """Whether an executor may donate the state it owns to a step (:func:`adaptlr._inplace.donating`):
+        no adaptation reads the input state after the new one is made (the guard of
+        :func:`adaptlr.skip_nonfinite` returns the old state where a step is not finite)."""
+        return all(getattr(adaptation, "guard", None) is None for adaptation in self.adaptations)
+
+    @property
     def scalar_condition(self) -> float:
         """The condition of the base's step scalars (:meth:`BaseDirection.scalar_condition`)."""
         return self.base.scalar_condition()
@@ -597,15 +631,13 @@ class Optimizer:
             else:
                 # -(α·κ) as (-α)·κ: the same numbers (rounding is symmetric in the sign), and no pass
                 # to negate a full-size κ (ActiveLR, DSA, element-wise HD).
-                neg_lr: Array = _times(_times(-size.alpha[i], size.scale[i]), size.kappa[i])  # α is never None
+                neg_lr = _negative_rate(scalars, size.alpha[i], size.scale[i], size.kappa[i])
                 # neg_lr is made here (-α is new): a full-size one takes the product
                 u = mul_(neg_lr, d) if neg_lr.ndim else d * neg_lr
-            # u is now this step's own array (a known step too: made for this update), and so is the
-            # decay's factor: the rest is written into them (adaptlr._inplace)
+            # u is now this step's own array (a known step too: made for this update), and so is a
+            # full-size decay factor: the rest is written into them (adaptlr._inplace)
             if decoupled[i]:
-                decay: Array = _times(alpha[i], size.decay_kappa[i])
-                decay = decay * decoupled[i]
-                u = sub_(u, mul_(decay, p))
+                u = sub_(u, _decay_times(scalars, alpha[i], size.decay_kappa[i], decoupled[i], p))
             if size.shift[i] is not None:
                 u = add_(u, size.shift[i])
             updates.append(u)

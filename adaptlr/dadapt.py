@@ -44,7 +44,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_
+from adaptlr._inplace import add_, mul_, mul_donated
 from adaptlr._precision import cast_like, largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
@@ -189,10 +189,11 @@ class DAdaptAdamDirection(_DAdaptDirection):
         old_s, old_nu = layout.leaves(state.s, "state.s"), layout.leaves(state.nu, "state.nu")
         terms = (mul_(s / add_(xp.sqrt(nu), eps), g) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
         dot = reduce.total(terms, wide)
-        ss = [add_(sqrt_b2 * s, g * cast("s", s_coef, g)) for g, s in zip(grads, old_s)]
+        ss = [add_(mul_donated(scalars, s, sqrt_b2), g * cast("s", s_coef, g)) for g, s in zip(grads, old_s)]
         s_l1 = reduce.total((xp.abs(s) for s in ss), wide)
-        mus = [add_(b1 * m, g * cast("m", m_coef, g)) for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
-        nus = [add_(b2 * nu, mul_(g * g, 1.0 - b2)) for g, nu in zip(grads, old_nu)]
+        mus = [add_(mul_donated(scalars, m, b1), g * cast("m", m_coef, g))
+               for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
+        nus = [add_(mul_donated(scalars, nu, b2), mul_(g * g, 1.0 - b2)) for g, nu in zip(grads, old_nu)]
 
         def estimate(dot: Any, s_l1: Any, d: Any, dlr: Any, bias_correction: Any, numerator: Any) -> tuple:
             new_numerator = sqrt_b2 * numerator + (1.0 - sqrt_b2) * (dlr * dot)

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_
+from adaptlr._inplace import add_, mul_, mul_donated
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -149,7 +149,8 @@ class EGStepSize(Adaptation):
 
         # p_t = p_{t-1} ⊙ exp(clip(γ_p · m_{t-1} ⊙ g_t))
         gains = [
-            mul_(xp.exp(self._clip(ctx, mul_(scalars.constant(self.gain_lr, g.dtype) * m, g))), p)
+            mul_donated(scalars, p, xp.exp(self._clip(ctx, mul_(scalars.constant(self.gain_lr, g.dtype) * m, g))),
+                        b_temporary=True)
             for p, m, g in zip(gains, grad_emas, grads, strict=True)
         ]
 
@@ -173,7 +174,7 @@ class EGStepSize(Adaptation):
         # m_t = β·m_{t-1} + (1-β)·g_t
         beta = self.gain_decay
         grad_emas = [
-            add_(scalars.constant(beta, g.dtype) * m, scalars.constant(1.0 - beta, g.dtype) * g)
+            add_(mul_donated(scalars, m, scalars.constant(beta, g.dtype)), scalars.constant(1.0 - beta, g.dtype) * g)
             for m, g in zip(grad_emas, grads, strict=True)
         ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_
+from adaptlr._inplace import add_, mul_, mul_donated
 from adaptlr._rectification import rectification, rectification_condition
 from adaptlr._tree import Layout
 from adaptlr.adam import AdamState, bias_correction_condition
@@ -53,8 +53,8 @@ class RAdamDirection(BaseDirection):
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
             rectified, inv_bc1, scale = scalars.step_scalars("radam", g.dtype, step_scalars)
-            m = add_(b1 * m, (1.0 - b1) * g)
-            nu = add_(b2 * nu, mul_(g * g, 1.0 - b2))
+            m = add_(mul_donated(scalars, m, b1), (1.0 - b1) * g)
+            nu = add_(mul_donated(scalars, nu, b2), mul_(g * g, 1.0 - b2))
             m_hat = m * inv_bc1
             directions.append(xp.where(rectified, m_hat * scale / add_(xp.sqrt(nu), eps), m_hat))
             mus.append(m)

@@ -35,6 +35,7 @@ from typing import Any
 import array_api_compat
 import optree
 
+from adaptlr._inplace import donating
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
@@ -48,10 +49,11 @@ __all__ = [
 # Bytes of params up to which whole flat buffers pay off on CPU (temporaries below glibc's mmap threshold).
 _CPU_FLAT_BYTES_LIMIT = 16 << 20
 # The most block-sized temporaries alive at once in a blocked torch step, over every registered algorithm
-# that takes blocks on the CPU by default, ordinary and epoch-boundary steps (adaptlr.backends.bench's peak
-# counter: AdamW 8, ActiveLR(AdamW) 11 and 15 at a boundary, DSA per element 15, AutoDrop(ActiveLR) 16;
-# tests/test_fast_paths.py checks the bound).
-CPU_BLOCK_LIVE_TEMPORARIES = 16
+# that takes blocks on the CPU by default, ordinary and epoch-boundary steps, and DSA's row blocks
+# (adaptlr.backends.bench's peak counter, round 13, with the arithmetic written into temporaries and the
+# state donated: AdamW 3.8, ActiveLR(AdamW) 7.5 at a boundary, DSA per element 7.5, DSA's row blocks 8.0,
+# AutoDrop(ActiveLR) 8.3; 16 before round 12; tests/test_fast_paths.py and test_row_blocks.py check it).
+CPU_BLOCK_LIVE_TEMPORARIES = 9
 _CPU_BLOCK_LARGE = 1 << 18  # elements: the fastest block size measured on large models (torch, ResNet-18)
 _CPU_BLOCK_QUANTUM = 1 << 14
 _BASE_MODULES = {"adaptlr.sgd", "adaptlr.adam", "adaptlr.radam", "adaptlr.adabelief"}
@@ -276,7 +278,7 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
       (42 ms against 30 in one process, 38 against 76 in another). Not NumPy (not measured).
     - CPU, larger model, torch: 256K-element blocks, smaller where the model's largest tensor is
       below :data:`CPU_BLOCK_LIVE_TEMPORARIES` such blocks, so that the step's temporaries stay
-      within the largest tensor (:func:`cpu_block_size`; ResNet-18 shapes: 144K).
+      within the largest tensor (:func:`cpu_block_size`; ResNet-18 shapes: 256K, 144K before round 13).
     - JAX params: None (use :func:`jit_step`).
 
     Args:
@@ -940,7 +942,9 @@ class FlatOptimizer:
         # and reused by the others (not across passes: the first pass's sums are partial).
         step_scalars: dict[tuple, Scalars] = {}
 
-        def run_block(part: tuple, reducer: Any, write: bool) -> None:
+        donation_safe = self.opt.donation_safe
+
+        def run_block(part: tuple, reducer: Any, write: bool, donate: bool) -> None:
             b, start, stop, member = part
             bucket, state = self._buckets[b], self.state[b]
             p_flat = g_flat = None
@@ -954,12 +958,16 @@ class FlatOptimizer:
             if key not in step_scalars:
                 step_scalars[key] = Scalars.of_step(xp, state, [bucket.params])
             chunk = optree.tree_map(lambda x: x[start:stop] if x.ndim == 1 else x, state)
-            updates, new_chunk = self.opt.update_leaves(
-                xp, layout, [grads], chunk, [params],
-                alpha=None if alpha is None else [alpha[b]],
-                weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
-                scalars=step_scalars[key],
-            )
+            # The block's per-element state (views of the buffers, written back below) may be written
+            # into by the step itself; the 0-D fields are every block's.
+            donated = [x for x in optree.tree_leaves(chunk) if x.ndim] if donate and donation_safe else []
+            with donating(step_scalars[key], donated):
+                updates, new_chunk = self.opt.update_leaves(
+                    xp, layout, [grads], chunk, [params],
+                    alpha=None if alpha is None else [alpha[b]],
+                    weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
+                    scalars=step_scalars[key],
+                )
             if write:
                 # Per-element fields: write the block now; 0-D fields (count, learning rate, the global
                 # scalars of the whole sums) are the same for every block and are written once, after
@@ -1071,6 +1079,6 @@ def _write_state(dst: Any, src: Any, *, skip_scalars: bool = False, only_scalars
     src_leaves = [_snapshot(s) if position.get(id(s), k) != k else s for k, s in enumerate(src_leaves)]
     for d, s in zip(dst_leaves, src_leaves):
         scalar = d.ndim == 0
-        if (scalar and skip_scalars) or (not scalar and only_scalars):
+        if (scalar and skip_scalars) or (not scalar and only_scalars) or d is s:  # d is s: written in place
             continue
         _copy_into(d, s)

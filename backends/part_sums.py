@@ -146,15 +146,20 @@ def whole_sums(partials: list[list]) -> list:
     return sums
 
 
-def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | None, bool], None],
+def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | None, bool, bool], None],
               sums: str, rows: bool = False) -> None:
     """One step over ``parts``, each part written before the next is computed.
 
     Args:
         xp: the array namespace of the parts' arrays (the reducers' sums).
         parts: the parts, in order.
-        run_part: ``run_part(part, reducer, write)`` runs the step on ``part`` with ``reducer`` as its
-            ``ctx.reduce`` (None: plain sums) and writes its results where ``write`` is true.
+        run_part: ``run_part(part, reducer, write, donate)`` runs the step on ``part`` with ``reducer``
+            as its ``ctx.reduce`` (None: plain sums) and writes its results where ``write`` is true.
+            ``donate``: the part's step may write into the part's own state
+            (:func:`adaptlr._inplace.donating`): true in a writing pass once an earlier part of it has
+            completed, so that no part that may still be abandoned (``"try"``'s first part, or a
+            path's fallback when the first part meets an operation it lacks) and run again has
+            changed its state.
         sums: ``"none"`` (the step makes no sum over elements: one pass); ``"replay"`` (two passes:
             :class:`Recorder`, then :class:`Replayer` with the :func:`whole_sums`); ``"try"`` (one pass
             with :class:`NoSums`; a step that sums makes its first part ask before anything is
@@ -165,14 +170,14 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
     if sums not in ("none", "replay", "try"):
         raise ValueError(f"sums must be 'none', 'replay' or 'try', got {sums!r}")
     if sums == "none":
-        for part in parts:
-            run_part(part, None, True)
+        for k, part in enumerate(parts):
+            run_part(part, None, True, k > 0)
         return
     if sums == "try":
         try:
             for k, part in enumerate(parts):
                 try:
-                    run_part(part, NoSums(xp, rows), True)
+                    run_part(part, NoSums(xp, rows), True, k > 0)
                 except SumsRequested as error:
                     if k:  # every part runs the same operations: the first one asks
                         raise RuntimeError("a part asked for a sum after earlier parts were written") from error
@@ -186,12 +191,12 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
         # on, the pass stops at the last of them.
         recorder = Recorder(xp, len(recorders[0].partials) if recorders else None, rows)
         try:
-            run_part(part, recorder, False)
+            run_part(part, recorder, False, False)
         except PartSummed:
             pass
         recorders.append(recorder)
     sums_of_model = whole_sums([r.partials for r in recorders])
-    for part in parts:
+    for k, part in enumerate(parts):
         replayer = Replayer(xp, sums_of_model, rows)
-        run_part(part, replayer, True)
+        run_part(part, replayer, True, k > 0)
         replayer.check_all_used()

@@ -45,7 +45,10 @@ How the torch concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
 - Storage: no execution path changes the storage of a parameter or its ``.grad``. The step runs
   ``opt.update_leaves`` over the lists of per-parameter tensors, writes the new state into the
   state tensors in place (``copy_``; 0-D fields such as the step counter are replaced) and adds the
-  update with ``p.add_(u)``. ``fast`` chooses how (see :class:`Optimizer`); inside a function that
+  update with ``p.add_(u)``. On the paths that step the model in parts (blocks, foreach chunks) the
+  parts after the first are given their state to write into (:func:`adaptlr._inplace.donating`):
+  the decays ``β1·m``, ``β2·v`` are written into the state tensors and nothing is copied back.
+  ``fast`` chooses how (see :class:`Optimizer`); inside a function that
   ``torch.compile`` traces, the step always takes the list path, which Dynamo traces into the
   caller's graph.
 - Schedule-Free (:func:`adaptlr.schedule_free`): as with ``schedulefree``'s optimizers, the model
@@ -72,6 +75,7 @@ import torch
 
 from adaptlr import _validation, core
 from adaptlr import checkpoint as _checkpoint
+from adaptlr._inplace import donating
 from adaptlr._precision import counter_dtype, widest_float
 from adaptlr._state_tree import Node, dtype_name, field_values, rebuild_state, split_state
 from adaptlr._tree import Layout
@@ -540,7 +544,7 @@ class Optimizer(torch.optim.Optimizer):
         scalars: list = []
         step_scalars: dict[bool, core.Scalars] = {}  # one per pass (a first pass's sums are partial)
 
-        def run_block(rows: slice, reducer: Any, write: bool) -> None:
+        def run_block(rows: slice, reducer: Any, write: bool, donate: bool) -> None:  # donate: not used here
             if write not in step_scalars:
                 step_scalars[write] = core.Scalars.of_step(xp_torch, state, [param])
             cut: set[int] = set()
@@ -705,10 +709,11 @@ class Optimizer(torch.optim.Optimizer):
         chunks, two_pass = self._foreach_plan(active, members, entries, per_element, one_rate)
         written = False
 
-        def run_chunk(chunk: list, reducer: Any, write: bool) -> None:
+        def run_chunk(chunk: list, reducer: Any, write: bool, donate: bool) -> None:
             nonlocal written
             self._foreach_chunk(opt, active, entries, chunk, per_element, old_global, old_rates, alpha, decay,
-                                reducer, new_global if write else None, new_rates if write else None)
+                                reducer, new_global if write else None, new_rates if write else None,
+                                donate=donate and opt.donation_safe)
             written = written or write
 
         try:
@@ -757,11 +762,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def _foreach_chunk(self, opt: core.Optimizer, active: list, entries: list[dict], chunk: list,
                        per_element: dict[str, bool], old_global: dict, old_rates: dict, alpha: list, decay: list,
-                       reducer: Any = None, new_global: dict | None = None, new_rates: list | None = None) -> None:
+                       reducer: Any = None, new_global: dict | None = None, new_rates: list | None = None,
+                       donate: bool = False) -> None:
         """One chunk of the foreach step: its per-element state written and its parameters updated in
         place; the new global and per-parameter 0-D values collected into ``new_global`` /
         ``new_rates`` (assigned after the last chunk: every chunk reads the old ones). With
-        ``new_global=None`` only the update runs (the first pass, ``reducer`` recording its sums)."""
+        ``new_global=None`` only the update runs (the first pass, ``reducer`` recording its sums).
+        ``donate``: the step may write into the chunk's per-element state (:func:`adaptlr._inplace.donating`)."""
         from adaptlr.backends import foreach
 
         def piece(t: torch.Tensor, where: slice | None) -> torch.Tensor:
@@ -779,19 +786,27 @@ class Optimizer(torch.optim.Optimizer):
         state = rebuild_state(self._skeleton, values)
         params = [foreach.ForeachArray([piece(active[i], w) for i, w in pieces]) for _, pieces in chunk]
         grads = [foreach.ForeachArray([piece(active[i].grad, w) for i, w in pieces]) for _, pieces in chunk]
-        updates, new_state = opt.update_leaves(
-            foreach.namespace, ListLayout(len(chunk)), grads, state, params,
-            alpha=[alpha[k] for k, _ in chunk], weight_decay=[decay[k] for k, _ in chunk], reducer=reducer)
+        scalars = core.Scalars.of_step(foreach.namespace, state, params)
+        donated = [x for value in values if isinstance(value, list) for x in value
+                   if isinstance(x, foreach.ForeachArray)] if donate else []
+        with donating(scalars, donated):
+            updates, new_state = opt.update_leaves(
+                foreach.namespace, ListLayout(len(chunk)), grads, state, params,
+                alpha=[alpha[k] for k, _ in chunk], weight_decay=[decay[k] for k, _ in chunk], reducer=reducer,
+                scalars=scalars)
         if new_global is None or new_rates is None:
             return
         old_values, new_values = values, self._values(new_state)
-        # a new value that is an old tensor of another field is read before that field is written
+        # a new value that is an old tensor of another field (ActiveLR's G_prev ← C at an epoch
+        # boundary, C written into by a donated step) is read before any field is written: every
+        # copy is planned (and such a value cloned) first, then made
         owner = {}
         for k, old in enumerate(old_values):
             if isinstance(old, list):
                 for slot in old:
                     for x in slot.tensors if isinstance(slot, foreach.ForeachArray) else [slot]:
                         owner[id(x)] = k
+        copies = []
         for k, ((path, per_param), old, new) in enumerate(zip(self._field_kinds, old_values, new_values)):
             if not per_param:
                 new_global[path] = new
@@ -808,9 +823,11 @@ class Optimizer(torch.optim.Optimizer):
                             dst.append(d)
                             src.append(s.clone() if owner.get(id(s), k) != k else s)
                     if dst:
-                        torch._foreach_copy_(dst, src)
+                        copies.append((dst, src))
                 else:
                     new_rates.extend((i, path, new_slot) for i, _ in pieces)
+        for dst, src in copies:
+            torch._foreach_copy_(dst, src)
         for (_, pieces), u in zip(chunk, updates):
             torch._foreach_add_([piece(active[i], w) for i, w in pieces], u.tensors)
 

@@ -282,7 +282,7 @@ def test_replayer_and_recorder_check_the_calls() -> None:
     with pytest.raises(RuntimeError, match="different numbers"):
         part_sums.whole_sums([[1.0], [1.0, 2.0]])
     with pytest.raises(ValueError, match="sums must be"):
-        part_sums.run_parts(xp, [], lambda part, reducer, write: None, "twice")
+        part_sums.run_parts(xp, [], lambda part, reducer, write, donate: None, "twice")
 
 
 def test_the_first_pass_stops_each_later_part_at_its_last_sum() -> None:
@@ -291,7 +291,10 @@ def test_the_first_pass_stops_each_later_part_at_its_last_sum() -> None:
     xp = np
     ran: list = []
 
-    def run_part(part: int, reducer: Any, write: bool) -> None:
+    donated: list = []
+
+    def run_part(part: int, reducer: Any, write: bool, donate: bool) -> None:
+        donated.append((part, write, donate))
         first = reducer.total([np.full(2, float(part))])
         ran.append(("between", part, write))
         second = reducer.total([np.ones(part)])
@@ -301,6 +304,31 @@ def test_the_first_pass_stops_each_later_part_at_its_last_sum() -> None:
     assert ran == [("between", 1, False), ("after", 1, False, 2.0, 1.0),  # the first part: to its end
                    ("between", 2, False), ("between", 3, False),  # the others: up to their 2nd sum
                    *[x for p in (1, 2, 3) for x in (("between", p, True), ("after", p, True, 12.0, 6.0))]]
+    # the state is donated only in the writing pass, from its second part on
+    assert donated == [(1, False, False), (2, False, False), (3, False, False),
+                       (1, True, False), (2, True, True), (3, True, True)]
+
+
+@pytest.mark.parametrize("sums", ["none", "try"])
+def test_one_pass_donates_from_the_second_part(sums: str) -> None:
+    """A part that may be abandoned and run again (the first of ``"try"``, or of a path that falls
+    back when the first part meets an operation it lacks) is never given its state to write into."""
+    calls: list = []
+    part_sums.run_parts(np, [1, 2, 3], lambda part, reducer, write, donate: calls.append((part, write, donate)),
+                        sums)
+    assert calls == [(1, True, False), (2, True, True), (3, True, True)]
+
+
+def test_try_takes_two_passes_with_nothing_donated_to_the_abandoned_part() -> None:
+    calls: list = []
+
+    def run_part(part: int, reducer: Any, write: bool, donate: bool) -> None:
+        calls.append((part, write, donate))
+        reducer.total([np.ones(2)])
+
+    part_sums.run_parts(np, [1, 2], run_part, "try")
+    assert calls == [(1, True, False),  # asked for a sum: abandoned, then two passes
+                     (1, False, False), (2, False, False), (1, True, False), (2, True, True)]
 
 
 def test_blocked_autodrop_peak_is_blocks_not_the_model() -> None:

@@ -104,7 +104,7 @@ def test_blocks_that_used_their_own_sums_would_not_be_the_same_step(monkeypatch)
 
     def own_partials(xp, parts, run_part, sums, rows=False):
         for part in parts:  # one pass, each block's sums its own (a Recorder returns the partials)
-            run_part(part, part_sums.Recorder(xp, None, rows=True), True)
+            run_part(part, part_sums.Recorder(xp, None, rows=True), True, False)
 
     monkeypatch.setattr(part_sums, "run_parts", own_partials)
     wrong, _ = _run(ROW_REPLAYABLE["dsa"], 50)
@@ -134,7 +134,7 @@ def test_large_cpu_models_take_row_blocks_by_default_and_keep_temporaries_within
         assert opt.fast_path == "list"
         peaks[setting] = counter.peak / largest
         if setting == "auto":
-            assert opt._row_block_budget(params) == fast.cpu_block_size(1024 * 288) == 1 << 14
+            assert opt._row_block_budget(params) == fast.cpu_block_size(1024 * 288) == 1 << 15
     assert peaks["auto"] <= 1.0, peaks
     assert peaks[False] >= 3.0, peaks
 

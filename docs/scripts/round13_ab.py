@@ -1,0 +1,156 @@
+"""Interleaved A/B of round 13's change (the state donated to the parts of a step; the step's 0-D
+rate and decay factors once per step), in one process.
+
+    python docs/scripts/round13_ab.py costs              # words moved per parameter (and of them into new
+                                                         # tensors) and aten ops per step, before/after;
+                                                         # torch.optim and the upstreams
+    python docs/scripts/round13_ab.py torch ROUNDS       # AdamW and the wrappers, torch adapter default
+                                                         # path, before/after; torch.optim.AdamW(foreach)
+    python docs/scripts/round13_ab.py lr-free ROUNDS     # Prodigy, D-Adapt Adam, DoG: the torch adapter's
+                                                         # default before/after, the upstream
+    python docs/scripts/round13_ab.py numpy ROUNDS       # AdamW and the wrappers, NumPy blocked path
+    python docs/scripts/round13_ab.py foreach ROUNDS     # the foreach path (the GPU default) on the CPU
+
+"Before" runs the same code as round 12 did: nothing donated (``adaptlr.Optimizer.donation_safe``
+patched to False: each part's new state is copied back into the executor's buffers) and the 0-D
+factors ``-α·scale·κ`` and ``α·κ^decay·λ`` computed per part (``adaptlr.core._negative_rate`` and
+``_decay_times`` patched to their round-12 form), on round 12's blocks (144K elements on ResNet-18
+shapes, ``fast.CPU_BLOCK_LIVE_TEMPORARIES = 16`` when the adapter is built). ResNet-18 parameter
+shapes, float32; each round runs every variant once in a fresh random order
+(``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+
+import adaptlr
+import adaptlr.core
+from adaptlr._inplace import mul_
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from round9_ab import interleaved  # the same timing loop as rounds 9 to 12
+from round11_ab import LR_FREE, WRAPPERS, _params
+from round12_ab import _foreach_adamw, _upstreams
+
+WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
+
+
+def _round12_negative_rate(scalars: object, alpha: object, scale: object, kappa: object) -> object:
+    times = adaptlr.core._times
+    return times(times(-alpha, scale), kappa)  # type: ignore[operator]
+
+
+def _round12_decay_times(scalars: object, alpha: object, decay_kappa: object, lam: float, p: object) -> object:
+    return mul_(adaptlr.core._times(alpha, decay_kappa) * lam, p)  # type: ignore[operator]
+
+
+def _before(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` as round 12 ran it (see the module docstring)."""
+    core = adaptlr.core
+    saved = (core.Optimizer.donation_safe, core._negative_rate, core._decay_times)
+
+    def run() -> None:
+        core.Optimizer.donation_safe = property(lambda self: False)  # type: ignore[assignment]
+        core._negative_rate, core._decay_times = _round12_negative_rate, _round12_decay_times
+        try:
+            step()
+        finally:
+            core.Optimizer.donation_safe, core._negative_rate, core._decay_times = saved  # type: ignore[misc]
+
+    return run
+
+
+def _adapter(opt: adaptlr.Optimizer, fast: object = "auto") -> Callable[[], None]:
+    from adaptlr.backends.torch import Optimizer
+
+    adapter = Optimizer(_params(), opt, fast=fast)
+    adapter.step()
+    return adapter.step
+
+
+def _numpy_blocked(opt: adaptlr.Optimizer) -> Callable[[], None]:
+    import numpy as np
+
+    from adaptlr.backends.fast import FlatOptimizer, recommended_options
+
+    rng = np.random.default_rng(0)
+    params = [p.detach().numpy().copy() for p in _params()]
+    grads = [(rng.standard_normal(p.shape) * 0.01).astype(np.float32) for p in params]
+    flat = FlatOptimizer(opt, params, **(recommended_options(opt, params) or {}))
+    flat_grads = flat.grads
+    for g, view in zip(grads, flat_grads):
+        view[...] = g.reshape(view.shape)
+
+    def step() -> None:
+        flat.step(flat_grads)
+
+    step()
+    return step
+
+
+def _built_before(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], None]:
+    """``build(opt)`` with round 12's block size (16 block temporaries in the largest tensor: 144K
+    on ResNet-18 shapes), stepped as round 12 stepped."""
+    from adaptlr.backends import fast
+
+    saved = fast.CPU_BLOCK_LIVE_TEMPORARIES
+    fast.CPU_BLOCK_LIVE_TEMPORARIES = 16
+    try:
+        return _before(build(opt))
+    finally:
+        fast.CPU_BLOCK_LIVE_TEMPORARIES = saved
+
+
+def _pairs(makers: dict, build: Callable) -> dict:
+    steps = {}
+    for name, make in makers.items():
+        steps[f"{name}, before"] = _built_before(build, make())
+        steps[f"{name}, after"] = build(make())
+    return steps
+
+
+def costs() -> None:
+    """``bench.step_costs`` of one torch adapter step (default path), before and after (deterministic)."""
+    from adaptlr.backends.bench import RESNET18_SHAPES, step_costs
+
+    n = sum(math.prod(s) for s in RESNET18_SHAPES)
+    for name, make in {**WRAPPERS, **LR_FREE}.items():
+        for before in (True, False):
+            c = step_costs(_built_before(_adapter, make()) if before else _adapter(make()))
+            print(f"{name:14s} {'before' if before else 'after ':6s} {c.bytes / 4 / n:6.1f} words/param "
+                  f"{c.fresh / 4 / n:6.1f} of them into new tensors {c.launches:6d} aten ops")
+    for label, step in {**_foreach_adamw(), **_upstreams()}.items():
+        c = step_costs(step)
+        print(f"{label:28s} {c.bytes / 4 / n:6.1f} words/param {c.fresh / 4 / n:6.1f} of them into new tensors "
+              f"{c.launches:6d} aten ops")
+
+
+def torch_default(rounds: int) -> None:
+    interleaved({**_pairs(WRAPPERS, _adapter), **_foreach_adamw()}, rounds)
+
+
+def lr_free(rounds: int) -> None:
+    interleaved({**_pairs(LR_FREE, _adapter), **_upstreams()}, rounds)
+
+
+def numpy(rounds: int) -> None:
+    interleaved(_pairs({k: v for k, v in WRAPPERS.items() if k != "dsa"}, _numpy_blocked), rounds)
+
+
+def foreach(rounds: int) -> None:
+    makers = {k: WRAPPERS[k] for k in ("adamw", "active", "eg_step_size")}
+    interleaved({**_pairs(makers, lambda opt: _adapter(opt, "foreach")), **_foreach_adamw()}, rounds)
+
+
+def main(argv: list[str]) -> None:
+    modes = {"costs": costs, "torch": torch_default, "lr-free": lr_free, "numpy": numpy, "foreach": foreach}
+    if not argv or argv[0] not in modes:
+        raise SystemExit(__doc__)
+    modes[argv[0]](*(int(a) for a in argv[1:]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
