@@ -33,7 +33,7 @@ from adaptlr._inplace import mul_
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from round9_ab import interleaved  # the same timing loop as rounds 9 to 12
 from round11_ab import LR_FREE, WRAPPERS, _params
-from round12_ab import _foreach_adamw, _upstreams
+from round12_ab import _adapter, _foreach_adamw, _upstreams
 
 WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
 
@@ -61,14 +61,6 @@ def _before(step: Callable[[], object]) -> Callable[[], None]:
             core.Optimizer.donation_safe, core._negative_rate, core._decay_times = saved  # type: ignore[misc]
 
     return run
-
-
-def _adapter(opt: adaptlr.Optimizer, fast: object = "auto") -> Callable[[], None]:
-    from adaptlr.backends.torch import Optimizer
-
-    adapter = Optimizer(_params(), opt, fast=fast)
-    adapter.step()
-    return adapter.step
 
 
 def _numpy_blocked(opt: adaptlr.Optimizer) -> Callable[[], None]:
