@@ -29,8 +29,12 @@ from adaptlr import _validation as v
 __all__ = ["at_boundary", "select_both"]
 
 
-def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple) -> tuple:
-    """``boundary(*operands)`` where the 0-D boolean ``pred`` is true, else ``operands`` unchanged."""
+def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None) -> tuple:
+    """``boundary(*operands)`` where the 0-D boolean ``pred`` is true, else ``operands`` unchanged.
+
+    ``scalars`` (the step's :class:`adaptlr.core.Scalars`): the host's reading of ``pred`` is made once
+    per step, not once per part of a step run over parts (the torch adapter's blocks).
+    """
     if isinstance(pred, (bool, np.bool_)):  # NumPy gives 0-D results as scalars
         return tuple(boundary(*operands)) if pred else tuple(operands)
     library = v.library_of(pred)
@@ -38,14 +42,18 @@ def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tupl
         from adaptlr.backends.jax_boundary import only_when  # pyright: ignore[reportMissingImports]
 
         return only_when(pred, boundary, operands)
-    due = _host_value(pred, library)
+    if scalars is None:
+        due = _host_value(pred, library)
+    else:
+        due = scalars.once(("boundary due", id(pred)), (pred,), lambda p: _host_value(p, library))
     if due is not None:
         return tuple(boundary(*operands)) if due else tuple(operands)
     return select_both(xp, pred, boundary, operands)
 
 
-def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple) -> tuple:
-    """The boundary work at every step, selected elementwise with ``xp.where(pred, ...)``."""
+def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None) -> tuple:
+    """The boundary work at every step, selected elementwise with ``xp.where(pred, ...)`` (``scalars``:
+    unused; :func:`at_boundary`'s signature, so that tests can put one in the other's place)."""
     due: Any = tuple(boundary(*operands))  # optree's PyTree type does not take a tuple of Any
     unchanged: Any = tuple(operands)
     return tuple(optree.tree_map(lambda a, b: xp.where(pred, a, b), due, unchanged, none_is_leaf=False))

@@ -112,7 +112,8 @@ class ActiveLR(Adaptation):
 
         # Only at the boundary (a Python branch on the host-side count, lax.cond under JAX; _boundary).
         # Otherwise γ, C + g and G_prev come back unchanged.
-        new_gammas, new_sums, new_prev_sums = at_boundary(xp, epoch_end, boundary, (gammas, sums, prev_sums))
+        new_gammas, new_sums, new_prev_sums = at_boundary(xp, epoch_end, boundary, (gammas, sums, prev_sums),
+                                                                scalars)
 
         # This step uses the γ from before the adjustment above.
         size = size.scaled(gammas, weight_decay_too=self.scale_weight_decay)

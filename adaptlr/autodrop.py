@@ -287,8 +287,11 @@ class AutoDrop(Adaptation):
         previous_params, previous_displacement, previous_sq_norm, detector = at_boundary(
             xp, epoch_start, boundary,
             (layout.leaves(state.previous_params, "state.previous_params"),
-             layout.leaves(state.previous_displacement, "state.previous_displacement"), state.previous_sq_norm, old))
-        dropped = detector.drop_count != old.drop_count
+             layout.leaves(state.previous_displacement, "state.previous_displacement"), state.previous_sq_norm, old),
+            scalars)
+        # (once per step where the detector came back unchanged: Scalars.once)
+        dropped = scalars.once(("autodrop dropped", id(self)), (detector.drop_count, old.drop_count),
+                               lambda new, old: new != old)
 
         shift = size.shift
         weighted_sum = None

@@ -23,6 +23,11 @@ oracles ``dadaptation.DAdaptAdam`` and ``DAdaptSGD`` 3.2 (``facebookresearch/dad
     d⁺ = max(d, min(2·r_t / ‖s_t‖, d·growth_rate))
     θ_t = μ·θ_{t-1} + (1-μ)·(x_0 - s_t)
 
+D-Adapt SGD's ``‖s_t‖`` is summed from terms that no other sum of the step scales: at the step
+where ``‖g_1‖`` becomes known, every earlier step added ``0·g`` to ``s``, so ``s_{t-1} = 0`` and
+``‖s_t‖² = η²·‖g‖²``; at the others ``η`` comes from the state. The step therefore runs over parts
+of the model in two passes (:mod:`adaptlr.backends.part_sums`), as the other bases do.
+
 A step where ``Σ|s_t|`` (``‖s_t‖``) is 0 (every gradient so far zero) leaves the parameters, ``d``
 and ``r`` as they are, as upstream. Here the learning rate ``α`` is inside the moments (``m`` and
 ``s`` accumulate ``η·g``), so the base returns the whole update as its direction and sets the step's
@@ -44,7 +49,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_, mul_donated
+from adaptlr._inplace import add_, add_donated, mul_, mul_donated
 from adaptlr._precision import cast_like, largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
@@ -100,6 +105,9 @@ class _DAdaptDirection(BaseDirection):
     """What D-Adapt Adam and SGD share: α > 0, λ >= 0, ``d0`` > 0, ``growth_rate`` >= 1."""
 
     flat_safe, blockwise = True, False  # global sums: the same on one flat buffer, not on blocks
+    # sums through ctx.reduce.total, none depending on another: replayable over chunks and blocks
+    # (adaptlr.backends.fast.sums_replayable); made first, so a part's first pass stops early
+    replayable_sums = True
 
     def __init__(self, learning_rate: Any, weight_decay: float, d0: float, growth_rate: float) -> None:
         self.learning_rate = v.check_learning_rate(learning_rate)
@@ -128,20 +136,10 @@ def _unit_size(xp: Any, scalars: Any, size: StepSize, one: Any, decay: Any, like
                          decay_kappa=tuple(cast_like(xp, decay, like, scalars, "unit decay")))
 
 
-def _unit_step(xp: Any, size: StepSize, moved: Any, decay_scale: Any, like: list) -> StepSize:
-    """The step size of a base whose direction is the whole update: ``α`` = 1 (0 where nothing
-    moved), decoupled decay scaled by ``decay_scale`` (0 where nothing moved)."""
-    one, decay = _unit_scales(xp, moved, decay_scale)
-    return size._replace(alpha=tuple(cast_like(xp, one, like)), decay_kappa=tuple(cast_like(xp, decay, like)))
-
-
 class DAdaptAdamDirection(_DAdaptDirection):
     """D-Adapt Adam's base (build it with :func:`dadapt_adam`)."""
 
     state_class = DAdaptAdamState
-    # sums through ctx.reduce.total, none depending on another: replayable over chunks
-    # (adaptlr.backends.fast.sums_replayable); made first, so a part's first pass stops early
-    replayable_sums = True
 
     def __init__(self, learning_rate: float | Schedule, b1: float, b2: float, eps: float, weight_decay: float,
                  decouple: bool, use_bias_correction: bool, d0: float, growth_rate: float) -> None:
@@ -233,36 +231,64 @@ class DAdaptSGDDirection(_DAdaptDirection):
 
     def step(self, ctx: StepContext, size: StepSize, state: DAdaptSGDState) -> tuple[list, StepSize, DAdaptSGDState]:
         xp, layout, scalars, reduce = ctx.xp, ctx.layout, ctx.scalars, ctx.reduce
-        wide, mu, d = scalars.wide, self.momentum, state.d
+        wide, mu = scalars.wide, self.momentum
         grads, params = ctx.objective_grads, ctx.params
+        old_ss = layout.leaves(state.s, "state.s")
+        cast = scalar_caster(xp, scalars)  # each wide scalar cast once per dtype this step
 
-        # ‖g_1‖ of the raw gradient (DAdaptSGD's decay there is not in place), fixed once nonzero
+        def per_norm(g0_norm: Any, value: Any) -> Any:
+            """``value / ‖g_1‖`` (0 while ``‖g_1‖`` is 0)."""
+            known = g0_norm > 0
+            return xp.where(known, value / xp.where(known, g0_norm, xp.ones_like(g0_norm)), xp.zeros_like(value))
+
+        def rate(d: Any, g0_norm: Any, *alpha: Any) -> Any:
+            """``η = d·a / ‖g_1‖``, with ``a = max α``."""
+            return per_norm(g0_norm, d * largest(xp, alpha, wide))
+
+        # The sums first, each from the step's inputs and the state only (none from another sum of the
+        # step), so the step runs over parts in two passes (adaptlr.backends.part_sums); generators,
+        # which a part's second pass, given the whole sums, does not evaluate.
+        # ‖g_t‖² of the raw gradient (DAdaptSGD's decay there is not in place): ‖g_1‖ once nonzero
         # (upstream divides by zero after an all-zero first gradient; here nothing moves until then).
-        g0_norm = xp.where(state.g0_norm > 0, state.g0_norm, xp.sqrt(reduce.total([g * g for g in ctx.grads], wide)))
-        known = g0_norm > 0
-        safe_g0 = xp.where(known, g0_norm, xp.ones_like(g0_norm))
-        dlr = xp.where(known, d * largest(xp, ctx.alpha, wide) / safe_g0, xp.zeros_like(d))
+        raw_sq = reduce.total((g * g for g in ctx.grads), wide)
+        # Σ (g + λθ)² too, even where no leaf here has coupled decay: every part of a step run over
+        # parts (some with decay, some without) must make the same sums
+        objective_sq = reduce.total((g * g for g in grads), wide)
+        dot = reduce.total((g * s for g, s in zip(grads, old_ss)), wide)
+        # Σ s_t² with the η of a ‖g_1‖ known before this step (0 if none: then the terms are s² = 0)
+        rate_before = scalars.once("dadapt_sgd rate before", (state.d, state.g0_norm, *ctx.alpha), rate)
+        s_sq_before = reduce.total((mul_(s_t, s_t) for s_t in (add_(g * cast("s before", rate_before, g), s)
+                                                              for g, s in zip(grads, old_ss))), wide)
 
-        numerator = state.numerator + dlr * reduce.total(
-            [g * s for g, s in zip(grads, layout.leaves(state.s, "state.s"))], wide)
-        ss = [add_(g * c, s) for g, s, c in zip(grads, layout.leaves(state.s, "state.s"), cast_like(xp, dlr, grads))]
-        s_sq = reduce.total([s * s for s in ss], wide)
+        def estimate(raw_sq: Any, objective_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any,
+                     numerator: Any, *alpha: Any) -> tuple:
+            g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_sq))
+            dlr = rate(d, g0_norm, *alpha)
+            new_numerator = numerator + dlr * dot
+            # ‖g_1‖ known from this step on: every earlier step added 0·g to s (η = 0), so s_{t-1} = 0
+            # and Σ s_t² = η²·Σ g²; otherwise η is the one the sum's terms used.
+            s_sq = xp.where(g0_before > 0, s_sq_before, dlr * dlr * objective_sq)
+            moved = s_sq > 0
+            d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
+            d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
+            one, decay = _unit_scales(xp, moved, xp.zeros_like(d))
+            return (dlr, d_new, xp.asarray(xp.where(moved, new_numerator, numerator)), g0_norm,
+                    xp.asarray(per_norm(g0_norm, d_new)), one, decay)
 
-        moved = s_sq > 0
-        d_hat = 2.0 * numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
-        d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
-        numerator = xp.where(moved, numerator, state.numerator)
+        # (0-D work once per step, not once per block: Scalars.once)
+        dlr, d_new, numerator, g0_norm, lr_scale, one, decay = scalars.once(
+            "dadapt_sgd d", (raw_sq, objective_sq, dot, s_sq_before, state.d, state.g0_norm, state.numerator,
+                             *ctx.alpha), estimate)
+        ss = [add_donated(scalars, s, g * cast("s", dlr, g)) for g, s in zip(grads, old_ss)]
 
         # θ_t = μ·θ + (1-μ)·(x_0 - s): the direction is θ - θ_t, taken with α = 1.
         directions = []
         for p, x0, s in zip(params, layout.leaves(state.x0, "state.x0"), ss):
             new = add_(p * (1.0 - (1.0 - mu)), mul_(x0 - s, 1.0 - mu)) if mu else x0 - s
             directions.append(p - new)
-        size = _unit_step(xp, size, moved, xp.zeros_like(d), grads)
-        new_state = DAdaptSGDState(layout.tree(ss), state.x0, d_new, xp.asarray(numerator), g0_norm,
-                                   xp.where(known, d_new / safe_g0, xp.zeros_like(d_new)))
+        size = _unit_size(xp, scalars, size, one, decay, grads)
+        new_state = DAdaptSGDState(layout.tree(ss), state.x0, d_new, numerator, g0_norm, lr_scale)
         return directions, size, new_state
-
 
 def dadapt_adam(
     learning_rate: float | Schedule = 1.0,

@@ -147,8 +147,8 @@ def sums_replayable(opt: Optimizer) -> bool:
     True for flat-safe algorithms whose every part is partitionable (:func:`partitionable`) or
     declares ``replayable_sums = True``: each of its sums over elements goes through
     ``ctx.reduce.total`` and no sum's terms depend on another sum of the same step (Prodigy,
-    D-Adapt Adam, DoG, DoWG, AutoDrop, HD and EG global, Mechanic). Not D-Adapt SGD (its first
-    step's ``‖g_1‖`` scales the terms of ``Σ s²``) nor ``skip_nonfinite`` (per-leaf sums).
+    D-Adapt Adam and SGD, DoG, DoWG, AutoDrop, HD and EG global, Mechanic). Not ``skip_nonfinite``
+    (per-leaf sums).
     """
     flat, _, _ = flat_safety(opt)
     if not flat:

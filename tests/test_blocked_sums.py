@@ -37,6 +37,7 @@ def _algorithms() -> dict:
         "eg_global(sgd)": lambda: adaptlr.eg_step_size(adaptlr.sgd(0.05), scale_lr=0.1, gain_lr=0.1),
         "prodigy": lambda: adaptlr.prodigy(d0=1e-3, weight_decay=0.01, use_bias_correction=True),
         "dadapt_adam": lambda: adaptlr.dadapt_adam(d0=1e-3),
+        "dadapt_sgd(momentum, coupled decay)": lambda: adaptlr.dadapt_sgd(d0=1e-3, momentum=0.5, weight_decay=0.01),
         "dog": lambda: adaptlr.dog(),
         "dowg": lambda: adaptlr.dowg(),
         "mechanic(adamw)": lambda: adaptlr.mechanic(adaptlr.adamw(1e-2), s_decay=0.1),
@@ -184,11 +185,12 @@ def test_blocks_with_sums_need_one_buffer_and_replayable_sums() -> None:
         == "blocked"
     assert FlatOptimizer(_algorithms()["autodrop(adamw)"](), [np.ones(5), np.ones(3)], groups=["a", "b"],
                          block_size=3).mode == "flat"
-    # Sums that depend on other sums of the step (D-Adapt SGD's Σ s² on ‖g_1‖) or per-leaf sums
-    # (skip_nonfinite's counts) cannot be replayed: whole buffers.
-    for opt in (adaptlr.dadapt_sgd(), adaptlr.skip_nonfinite(adaptlr.adamw())):
-        assert not sums_replayable(opt)
-        assert FlatOptimizer(opt, [np.ones(5)], block_size=3).mode == "flat"
+    # Per-leaf sums (skip_nonfinite's counts) cannot be replayed: whole buffers. D-Adapt SGD's Σ s²
+    # is summed from terms no other sum scales (its ‖g_1‖ enters where it is first known): blocks.
+    assert not sums_replayable(adaptlr.skip_nonfinite(adaptlr.adamw()))
+    assert FlatOptimizer(adaptlr.skip_nonfinite(adaptlr.adamw()), [np.ones(5)], block_size=3).mode == "flat"
+    assert sums_replayable(adaptlr.dadapt_sgd())
+    assert FlatOptimizer(adaptlr.dadapt_sgd(), [np.ones(5)], block_size=3).mode == "blocked"
 
 
 class _SumsInShortBlocks(Adaptation):

@@ -89,6 +89,26 @@ def test_dadapt_sgd_matches_dadaptation(case, backend):
     _check(case, backend, trajectory, ds, expected, expected_d, kwargs.get("d0", 1e-6))
 
 
+@pytest.mark.parametrize("case", ["default", "momentum-wd"])
+def test_dadapt_sgd_after_all_zero_gradients_matches_dadaptation_from_the_first_nonzero(case, backend):
+    """Steps with an all-zero raw gradient leave everything in place (upstream would divide by ‖g_1‖ = 0);
+    from the first nonzero one on, adaptlr is upstream started there. That step takes ``Σ s_t²`` as
+    ``η²·Σ g²`` (``s_{t-1} = 0``: the earlier steps added ``0·g``), with ``g = g_t + λθ`` under coupled
+    decay (``momentum-wd``: the zero steps' ``g`` is ``λθ ≠ 0``)."""
+    kwargs, zeros = SGD_CASES[case], 2
+    init, grad = _problem()
+    expected, expected_d = _dadapt_reference("sgd", kwargs, init, grad)
+
+    def late_grad(params, t):
+        return [np.zeros_like(p) for p in params] if t < zeros else grad(params, t - zeros)
+
+    trajectory, ds, _ = _run(adaptlr.dadapt_sgd(**kwargs), backend, init, late_grad)
+    for t in range(zeros):
+        assert max_rel_err(trajectory[t], init) == 0.0 and ds[t] == kwargs.get("d0", 1e-6)
+    _check(case, backend, trajectory[zeros:], ds[zeros:], expected[:-zeros], expected_d[:-zeros],
+           kwargs.get("d0", 1e-6))
+
+
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_jit(name, backend):
     if backend.library != "jax":

@@ -33,6 +33,7 @@ DONATING = {
     "eg(adamw), two passes": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-2), scale_lr=0.1, gain_lr=0.1),
     "prodigy, two passes": lambda: adaptlr.prodigy(weight_decay=0.1),
     "dadapt_adam, two passes": lambda: adaptlr.dadapt_adam(),
+    "dadapt_sgd, two passes": lambda: adaptlr.dadapt_sgd(momentum=0.5, weight_decay=0.1),
 }
 SHAPES = [(40, 30), (7,), (20, 5, 3), (260,)]  # 1,767 elements: 14 blocks of 128
 STEPS = 7  # ActiveLR adjusts γ at steps 4 and 6; AutoDrop's boundaries are steps 3 and 6

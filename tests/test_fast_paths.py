@@ -396,11 +396,10 @@ def test_recommended_options_cpu_by_model_size() -> None:
     assert recommended_options(early_sums, large) == {"block_size": ninth}
     assert recommended_options(early_sums, small) == {}
     # learning-rate-free bases (sums in the base only): blocks in two passes on torch
-    for lr_free in (adaptlr.prodigy(), adaptlr.dadapt_adam(), adaptlr.dog(), adaptlr.dowg()):
+    for lr_free in (adaptlr.prodigy(), adaptlr.dadapt_adam(), adaptlr.dadapt_sgd(), adaptlr.dog(), adaptlr.dowg()):
         assert recommended_options(lr_free, large) == {"block_size": ninth}, lr_free.name
         assert recommended_options(lr_free, [t.numpy() for t in large]) is None, lr_free.name  # not measured
     assert recommended_options(adaptlr.dog(layerwise=True), large) is None  # per-tensor sums: not flat
-    assert recommended_options(adaptlr.dadapt_sgd(), large) is None  # sums not replayable
     assert recommended_options(adaptlr.active(adaptlr.prodigy(), steps_per_epoch=10), large) == {"block_size": ninth}
     assert recommended_options(adaptlr.autodrop(adaptlr.prodigy(), steps_per_epoch=10), large) is None  # two summers
     assert recommended_options(global_sums, large) is None

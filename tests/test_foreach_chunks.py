@@ -39,7 +39,8 @@ ALGORITHMS = [
     ("dadapt_adam", lambda: adaptlr.dadapt_adam(weight_decay=0.1), "two passes"),
     ("dog", lambda: adaptlr.dog(weight_decay=0.1), "two passes"),
     ("dowg", lambda: adaptlr.dowg(), "two passes"),
-    ("dadapt_sgd", lambda: adaptlr.dadapt_sgd(), "whole lists"),  # Σ s² depends on this step's ‖g_1‖
+    ("dadapt_sgd", lambda: adaptlr.dadapt_sgd(), "two passes"),
+    ("dadapt_sgd(momentum, coupled decay)", lambda: adaptlr.dadapt_sgd(momentum=0.5, weight_decay=0.1), "two passes"),
     ("mechanic(adamw)", lambda: adaptlr.mechanic(adaptlr.adamw(1e-2)), "two passes"),
     ("mechanic(sgd, store_delta)", lambda: adaptlr.mechanic(adaptlr.sgd(0.05), s_decay=0.1, store_delta=True),
      "two passes"),

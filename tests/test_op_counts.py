@@ -144,6 +144,24 @@ def test_step_costs_count_launches_syncs_and_bytes():
     assert step_costs(lambda: x.view(10, 100)).bytes == 0  # a view moves nothing
 
 
+@pytest.mark.parametrize("name", ["active(adamw)", "autodrop(adamw)"])
+def test_cpu_blocks_read_the_epoch_boundary_on_the_host_once_per_step(name):
+    """On the CPU the boundary is a host read of the step count (adaptlr._boundary): one per step, not
+    one per block of the torch adapter's blocked default (and the 0-D work around it once too)."""
+    from adaptlr.backends.bench import step_costs
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(300, 200), (500,), (100, 100)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    adapter = Optimizer(params, ALGORITHMS[name](), fast={"block_size": 4096})  # 21 blocks
+    adapter.step()
+    assert adapter.fast_path == "blocked"
+    before = aten_ops_by_name(adapter.step)
+    assert step_costs(adapter.step).syncs == 1
+    assert before.get("ne", 0) <= 1  # AutoDrop's "dropped" once per step
+
+
 @pytest.mark.parametrize("fast", ["foreach", False])
 @pytest.mark.parametrize("name", list(_PACKAGES))
 def test_learning_rate_free_steps_make_no_host_sync_where_the_upstream_makes_one_per_parameter(name, fast):
