@@ -290,6 +290,7 @@ class DAdaptSGDDirection(_DAdaptDirection):
         new_state = DAdaptSGDState(layout.tree(ss), state.x0, d_new, numerator, g0_norm, lr_scale)
         return directions, size, new_state
 
+
 def dadapt_adam(
     learning_rate: float | Schedule = 1.0,
     b1: float = 0.9,
