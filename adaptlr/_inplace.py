@@ -33,7 +33,6 @@ from typing import Any
 __all__ = ["add_", "add_donated", "donating", "mul_", "mul_donated", "sub_"]
 
 
-
 def _fits(a: Any, b: Any) -> bool:
     """Whether ``a ∘= b`` keeps ``a``'s dtype and shape (so it is ``a ∘ b``, written into ``a``), and
     no autograd tape records ``a`` (a derivative through the step may need its value)."""

@@ -291,7 +291,7 @@ class AutoDrop(Adaptation):
             scalars)
         # (once per step where the detector came back unchanged: Scalars.once)
         dropped = scalars.once(("autodrop dropped", id(self)), (detector.drop_count, old.drop_count),
-                               lambda new, old: new != old)
+                               lambda after, before: after != before)
 
         shift = size.shift
         weighted_sum = None

@@ -26,7 +26,7 @@ import adaptlr
 from adaptlr.core import Scalars
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from round9_ab import interleaved  # the same timing loop as rounds 9 and 10
+from round9_ab import interleaved, run_mode  # the same timing loop as rounds 9 and 10
 
 WRAPPERS: dict[str, Callable[[], adaptlr.Optimizer]] = {
     "adamw": lambda: adaptlr.adamw(1e-3, weight_decay=0.01),
@@ -132,9 +132,7 @@ def lr_free(rounds: int) -> None:
 
 def main(argv: list[str]) -> None:
     modes = {"costs": costs, "wrappers": wrappers, "lr-free": lr_free}
-    if not argv or argv[0] not in modes:
-        raise SystemExit(__doc__)
-    modes[argv[0]](*(int(a) for a in argv[1:]))
+    run_mode(modes, argv, __doc__)
 
 
 if __name__ == "__main__":

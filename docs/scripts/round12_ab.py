@@ -26,7 +26,7 @@ import adaptlr
 import adaptlr._inplace
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from round9_ab import interleaved  # the same timing loop as rounds 9 to 11
+from round9_ab import interleaved, run_mode  # the same timing loop as rounds 9 to 11
 from round11_ab import LR_FREE, WRAPPERS, _params
 
 WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
@@ -136,9 +136,7 @@ def foreach(rounds: int) -> None:
 
 def main(argv: list[str]) -> None:
     modes = {"costs": costs, "torch": torch_default, "lr-free": lr_free, "numpy": numpy, "foreach": foreach}
-    if not argv or argv[0] not in modes:
-        raise SystemExit(__doc__)
-    modes[argv[0]](*(int(a) for a in argv[1:]))
+    run_mode(modes, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import adaptlr
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from round9_ab import interleaved  # the same timing loop as rounds 9 to 13
+from round9_ab import interleaved, run_mode  # the same timing loop as rounds 9 to 13
 from round11_ab import WRAPPERS, _params
 from round12_ab import _adapter, _foreach_adamw, _stepped
 
@@ -77,9 +77,7 @@ def boundary(rounds: int) -> None:
 
 def main(argv: list[str]) -> None:
     modes = {"dadapt-sgd": dadapt_sgd, "boundary": boundary}
-    if not argv or argv[0] not in modes:
-        raise SystemExit(__doc__)
-    modes[argv[0]](*(int(a) for a in argv[1:]))
+    run_mode(modes, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,14 @@ def interleaved(steps: dict, rounds: int) -> None:
               f"({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})")
 
 
+def run_mode(modes: dict, argv: list[str], usage: str | None) -> None:
+    """``modes[argv[0]](*int(argv[1:]))``: the command line of the A/B scripts (``usage``, their
+    docstring, where the mode is missing or unknown)."""
+    if not argv or argv[0] not in modes:
+        raise SystemExit(usage)
+    modes[argv[0]](*(int(a) for a in argv[1:]))
+
+
 def main(argv: list[str]) -> None:
     if argv[0] == "adam":
         backend, rounds = argv[1], int(argv[2])
