@@ -115,28 +115,25 @@ def _upstreams() -> dict:
     return {label: _stepped(make(_params())) for label, make in (u for u in found if u is not None)}
 
 
-def torch_default(rounds: int) -> None:
-
-    interleaved({**_pairs(WRAPPERS, _adapter), **_foreach_adamw()}, rounds)
-
-
-def lr_free(rounds: int) -> None:
-    interleaved({**_pairs(LR_FREE, _adapter), **_upstreams()}, rounds)
-
-
-def numpy(rounds: int) -> None:
-    interleaved(_pairs(WRAPPERS, _numpy), rounds)
-
-
-def foreach(rounds: int) -> None:
-
-    makers = {k: WRAPPERS[k] for k in ("adamw", "active", "eg_step_size")}
-    interleaved({**_pairs(makers, lambda opt: _adapter(opt, "foreach")), **_foreach_adamw()}, rounds)
+def modes(pairs: Callable[[dict, Callable], dict], costs: Callable[[], None], wrappers: dict,
+          numpy_build: Callable, numpy_makers: dict) -> dict:
+    """The timing modes of a round's A/B script, with its own ``pairs(makers, build)`` (each maker's
+    step before and after the round's change): ``torch`` (the wrappers on the torch adapter's default
+    path, ``torch.optim.AdamW(foreach)``), ``lr-free`` (the learning-rate-free bases, their upstreams),
+    ``numpy`` (``numpy_build`` of ``numpy_makers``), ``foreach`` (the GPU default path on the CPU)."""
+    foreach_makers = {k: wrappers[k] for k in ("adamw", "active", "eg_step_size")}
+    return {
+        "costs": costs,
+        "torch": lambda rounds: interleaved({**pairs(wrappers, _adapter), **_foreach_adamw()}, rounds),
+        "lr-free": lambda rounds: interleaved({**pairs(LR_FREE, _adapter), **_upstreams()}, rounds),
+        "numpy": lambda rounds: interleaved(pairs(numpy_makers, numpy_build), rounds),
+        "foreach": lambda rounds: interleaved(
+            {**pairs(foreach_makers, lambda opt: _adapter(opt, "foreach")), **_foreach_adamw()}, rounds),
+    }
 
 
 def main(argv: list[str]) -> None:
-    modes = {"costs": costs, "torch": torch_default, "lr-free": lr_free, "numpy": numpy, "foreach": foreach}
-    run_mode(modes, argv, __doc__)
+    run_mode(modes(_pairs, costs, WRAPPERS, _numpy, WRAPPERS), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ import adaptlr.core
 from adaptlr._inplace import mul_
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from round9_ab import interleaved, run_mode  # the same timing loop as rounds 9 to 12
+from round9_ab import run_mode  # the command line of rounds 11 to 14
 from round11_ab import LR_FREE, WRAPPERS, _params
-from round12_ab import _adapter, _foreach_adamw, _upstreams
+from round12_ab import _adapter, _foreach_adamw, _upstreams, modes
 
 WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
 
@@ -120,26 +120,9 @@ def costs() -> None:
               f"{c.launches:6d} aten ops")
 
 
-def torch_default(rounds: int) -> None:
-    interleaved({**_pairs(WRAPPERS, _adapter), **_foreach_adamw()}, rounds)
-
-
-def lr_free(rounds: int) -> None:
-    interleaved({**_pairs(LR_FREE, _adapter), **_upstreams()}, rounds)
-
-
-def numpy(rounds: int) -> None:
-    interleaved(_pairs({k: v for k, v in WRAPPERS.items() if k != "dsa"}, _numpy_blocked), rounds)
-
-
-def foreach(rounds: int) -> None:
-    makers = {k: WRAPPERS[k] for k in ("adamw", "active", "eg_step_size")}
-    interleaved({**_pairs(makers, lambda opt: _adapter(opt, "foreach")), **_foreach_adamw()}, rounds)
-
-
 def main(argv: list[str]) -> None:
-    modes = {"costs": costs, "torch": torch_default, "lr-free": lr_free, "numpy": numpy, "foreach": foreach}
-    run_mode(modes, argv, __doc__)
+    numpy_makers = {k: v for k, v in WRAPPERS.items() if k != "dsa"}
+    run_mode(modes(_pairs, costs, WRAPPERS, _numpy_blocked, numpy_makers), argv, __doc__)
 
 
 if __name__ == "__main__":
