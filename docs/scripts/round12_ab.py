@@ -70,29 +70,43 @@ def _numpy(opt: adaptlr.Optimizer) -> Callable[[], None]:
     return step
 
 
-def _pairs(makers: dict, build: Callable) -> dict:
-    steps = {}
-    for name, make in makers.items():
-        steps[f"{name}, before"] = _out_of_place(build(make()))
-        steps[f"{name}, after"] = build(make())
-    return steps
+def pairs_with(before: Callable[[Callable, adaptlr.Optimizer], Callable]) -> Callable[[dict, Callable], dict]:
+    """``pairs(makers, build)``: each maker's step built by ``build`` as the round's change left it
+    ("after") and as ``before(build, opt)`` builds it ("before")."""
+
+    def pairs(makers: dict, build: Callable) -> dict:
+        steps = {}
+        for name, make in makers.items():
+            steps[f"{name}, before"] = before(build, make())
+            steps[f"{name}, after"] = build(make())
+        return steps
+
+    return pairs
 
 
-def costs() -> None:
-    """``bench.step_costs`` of one torch adapter step (default path), before and after (deterministic)."""
-    from adaptlr.backends.bench import RESNET18_SHAPES, step_costs
+def costs_with(before: Callable[[Callable, adaptlr.Optimizer], Callable]) -> Callable[[], None]:
+    """The ``costs`` mode: ``bench.step_costs`` of one torch adapter step (default path), before
+    (``before(_adapter, opt)``) and after (deterministic); ``torch.optim`` and the upstreams."""
 
-    n = sum(math.prod(s) for s in RESNET18_SHAPES)
-    for name, make in {**WRAPPERS, **LR_FREE}.items():
-        for before in (True, False):
-            step = _adapter(make())
-            c = step_costs(_out_of_place(step) if before else step)
-            print(f"{name:14s} {'before' if before else 'after ':6s} {c.bytes / 4 / n:6.1f} words/param "
-                  f"{c.fresh / 4 / n:6.1f} of them into new tensors {c.launches:6d} aten ops")
-    for label, step in {**_foreach_adamw(), **_upstreams()}.items():
-        c = step_costs(step)
-        print(f"{label:28s} {c.bytes / 4 / n:6.1f} words/param {c.fresh / 4 / n:6.1f} of them into new tensors "
-              f"{c.launches:6d} aten ops")
+    def costs() -> None:
+        from adaptlr.backends.bench import RESNET18_SHAPES, step_costs
+
+        n = sum(math.prod(s) for s in RESNET18_SHAPES)
+        for name, make in {**WRAPPERS, **LR_FREE}.items():
+            for is_before in (True, False):
+                c = step_costs(before(_adapter, make()) if is_before else _adapter(make()))
+                print(f"{name:14s} {'before' if is_before else 'after ':6s} {c.bytes / 4 / n:6.1f} words/param "
+                      f"{c.fresh / 4 / n:6.1f} of them into new tensors {c.launches:6d} aten ops")
+        for label, step in {**_foreach_adamw(), **_upstreams()}.items():
+            c = step_costs(step)
+            print(f"{label:28s} {c.bytes / 4 / n:6.1f} words/param {c.fresh / 4 / n:6.1f} of them into new "
+                  f"tensors {c.launches:6d} aten ops")
+
+    return costs
+
+
+def _before(build: Callable, opt: adaptlr.Optimizer) -> Callable:
+    return _out_of_place(build(opt))
 
 
 def _stepped(optimizer: object) -> Callable[[], object]:
@@ -133,7 +147,7 @@ def modes(pairs: Callable[[dict, Callable], dict], costs: Callable[[], None], wr
 
 
 def main(argv: list[str]) -> None:
-    run_mode(modes(_pairs, costs, WRAPPERS, _numpy, WRAPPERS), argv, __doc__)
+    run_mode(modes(pairs_with(_before), costs_with(_before), WRAPPERS, _numpy, WRAPPERS), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ shapes, float32; each round runs every variant once in a fresh random order
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 
@@ -32,8 +31,8 @@ from adaptlr._inplace import mul_
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from round9_ab import run_mode  # the command line of rounds 11 to 14
-from round11_ab import LR_FREE, WRAPPERS, _params
-from round12_ab import _adapter, _foreach_adamw, _upstreams, modes
+from round11_ab import WRAPPERS, _params
+from round12_ab import costs_with, modes, pairs_with
 
 WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
 
@@ -96,33 +95,10 @@ def _built_before(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], None]
         fast.CPU_BLOCK_LIVE_TEMPORARIES = saved
 
 
-def _pairs(makers: dict, build: Callable) -> dict:
-    steps = {}
-    for name, make in makers.items():
-        steps[f"{name}, before"] = _built_before(build, make())
-        steps[f"{name}, after"] = build(make())
-    return steps
-
-
-def costs() -> None:
-    """``bench.step_costs`` of one torch adapter step (default path), before and after (deterministic)."""
-    from adaptlr.backends.bench import RESNET18_SHAPES, step_costs
-
-    n = sum(math.prod(s) for s in RESNET18_SHAPES)
-    for name, make in {**WRAPPERS, **LR_FREE}.items():
-        for before in (True, False):
-            c = step_costs(_built_before(_adapter, make()) if before else _adapter(make()))
-            print(f"{name:14s} {'before' if before else 'after ':6s} {c.bytes / 4 / n:6.1f} words/param "
-                  f"{c.fresh / 4 / n:6.1f} of them into new tensors {c.launches:6d} aten ops")
-    for label, step in {**_foreach_adamw(), **_upstreams()}.items():
-        c = step_costs(step)
-        print(f"{label:28s} {c.bytes / 4 / n:6.1f} words/param {c.fresh / 4 / n:6.1f} of them into new tensors "
-              f"{c.launches:6d} aten ops")
-
-
 def main(argv: list[str]) -> None:
     numpy_makers = {k: v for k, v in WRAPPERS.items() if k != "dsa"}
-    run_mode(modes(_pairs, costs, WRAPPERS, _numpy_blocked, numpy_makers), argv, __doc__)
+    run_mode(modes(pairs_with(_built_before), costs_with(_built_before), WRAPPERS, _numpy_blocked, numpy_makers),
+             argv, __doc__)
 
 
 if __name__ == "__main__":
