@@ -139,4 +139,7 @@ def largest(xp: Any, values: Sequence[Any], dtype: Any) -> Any:
         return xp.astype(values[0], dtype)
     if len({v.dtype for v in values}) > 1:
         values = [xp.astype(v, dtype) for v in values]
-    return xp.astype(xp.max(xp.stack(list(values))), dtype)
+    # the last of the sorted values, not xp.max: XLA rewrites a max over stacked 0-D arrays into a
+    # chain of n - 1 maxima and fuses that chain into every loop that reads the result (n² work
+    # to compile, see adaptlr._reduce.add_all); it does not fuse a sort
+    return xp.astype(xp.sort(xp.stack(list(values)))[-1], dtype)
