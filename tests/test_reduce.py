@@ -48,6 +48,14 @@ def test_the_chain_order_is_what_the_test_checks():
     assert functools.reduce(operator.add, values) != functools.reduce(operator.add, values[::-1])
 
 
+def test_add_all_promotes_mixed_dtypes_as_addition_does(backend):
+    xp = backend.xp
+    parts = [backend.asarray(np.asarray(0.1), "float32"), backend.asarray(np.asarray(1e-9))]
+    total = add_all(xp, parts)
+    assert total.dtype == (parts[0] + parts[1]).dtype == xp.float64
+    assert backend.to_numpy(total) == backend.to_numpy(parts[0] + parts[1])
+
+
 def test_largest_is_the_maximum(backend):
     values = [3.0, -1.0, 7.5, 7.25, 0.0]
     got = largest(backend.xp, [backend.asarray(np.asarray(x)) for x in values], backend.xp.float64)
