@@ -448,7 +448,7 @@ def _ahead_of_time(jitted: Any, donated: tuple[int, ...]) -> Callable:
     """``compile(grads, state, params)``: the step compiled ahead of time for these shapes and dtypes.
 
     The result is called like the jitted step and has ``memory_analysis()`` (XLA's buffer sizes of
-    that very executable), so a benchmark compiles each step once.
+    that very executable) and ``as_text()`` (its optimized HLO), so a benchmark compiles each step once.
     """
 
     def compile(grads: Any, state: OptimizerState, params: Any) -> Callable:
@@ -459,6 +459,7 @@ def _ahead_of_time(jitted: Any, donated: tuple[int, ...]) -> Callable:
             return first, _with_rates(new_state, state)
 
         run.memory_analysis = compiled.memory_analysis
+        run.as_text = compiled.as_text  # the optimized HLO (adaptlr.backends.xla_copies reads it)
         return run
 
     return compile

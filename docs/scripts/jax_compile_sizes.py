@@ -1,12 +1,13 @@
 """How long ``jax.jit`` takes to compile a whole step, and how large it gets (docs/performance.md, round 15).
 
-For each algorithm of ``adaptlr bench``, the step (``opt.update`` and ``apply_updates``) over
+For each algorithm of ``adaptlr bench``, the whole step (``adaptlr.backends.fast.jit_step``: ``opt.update``
+and ``apply_updates``, without donation) over
 ``LEAVES`` float32 tensors of 32×64 (the bench's ``small500`` set has 500) is lowered and compiled
 once: the seconds that takes, the instructions of the optimized HLO (deterministic on a given
 jax/jaxlib) and the process's peak resident memory so far. A step whose size grows with the
 square of the leaves has a chain of 0-D operations that XLA copied into every leaf's loop.
 
-    python docs/scripts/jax_compile_sizes.py [LEAVES] [ALGORITHM,...]    # default: 200, all
+    python docs/scripts/jax_compile_sizes.py [LEAVES] [ALGORITHM,...]    # default: 200, every bench algorithm
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import adaptlr
-from adaptlr.backends.bench import ALGORITHMS, DEFAULT_ALGORITHMS
+from adaptlr.backends.bench import ALGORITHMS
+from adaptlr.backends.fast import jit_step
 from adaptlr.backends.xla_copies import instruction_count
 
 
@@ -30,20 +31,15 @@ def compiled_size(make, leaves: int) -> tuple[float, int]:
     rng = np.random.default_rng(0)
     params = [jnp.asarray(rng.standard_normal((32, 64), dtype=np.float32)) for _ in range(leaves)]
     grads = [p * 0.1 for p in params]
-
-    def step(g, s, p):
-        updates, s = opt.update(g, s, p)
-        return adaptlr.apply_updates(p, updates), s
-
     started = time.perf_counter()
-    text = jax.jit(step).lower(grads, opt.init(params), params).compile().as_text()
-    return time.perf_counter() - started, instruction_count(text)
+    compiled = jit_step(opt, donate=False).compile(grads, opt.init(params), params)
+    return time.perf_counter() - started, instruction_count(compiled.as_text())
 
 
 def main(argv: list[str]) -> int:
     jax.config.update("jax_enable_x64", True)  # step scalars in float64, as adaptlr's tests and bench run
     leaves = int(argv[0]) if argv else 200
-    names = argv[1].split(",") if len(argv) > 1 else list(DEFAULT_ALGORITHMS)
+    names = argv[1].split(",") if len(argv) > 1 else list(ALGORITHMS)
     print(f"jax {jax.__version__}, {jax.default_backend()}; {leaves} float32 tensors of 32×64\n")
     print("| algorithm | compile s | HLO instructions | per leaf | peak RSS GB |")
     print("|---|---|---|---|---|")
