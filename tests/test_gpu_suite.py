@@ -150,6 +150,22 @@ def test_jax_runners_on_a_chosen_device(monkeypatch) -> None:
     assert all(len(r.times) == 1 for r in runners)
 
 
+def test_jax_donated_runners_update_in_place() -> None:
+    """The donated AdamW steps, adaptlr's and the optax reference, need no temporary array (XLA's
+    memory analysis: a few 0-D step scalars, less than one 512-byte tensor) on tensors of one
+    repeated shape: each output takes its own input's buffer. Returned as ``(params, state)``,
+    both copied the donated buffers (4,228 bytes of temporaries here, round 16)."""
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    runners = bench.jax_runners("repeated", [(8, 16)] * 4 + [(16,)], ["adamw"])
+    donated = {r.algorithm: r for r in runners if r.path == "jit-donate"}
+    assert set(donated) == {"adamw", "optax.adamw"}
+    one_tensor = 8 * 16 * 4
+    assert all(r.memory() < one_tensor for r in donated.values()), {n: r.memory() for n, r in donated.items()}
+    bench.time_runners(runners, repeats=2)  # the donated copy bound runs repeatedly on its own buffer
+    assert all(len(r.times) == 2 for r in runners)
+
+
 def test_jax_runners_donation_paths() -> None:
     """Every algorithm on ``jit`` and ``jit-donate`` by default; the GPU suite's ``undonated`` keeps the
     wrappers to ``jit-donate`` (fewer compilations within its time budget)."""

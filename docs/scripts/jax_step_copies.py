@@ -1,8 +1,10 @@
-"""The copies XLA adds to a jitted step on ResNet-18 shapes (docs/performance.md, rounds 4 and 5).
+"""The copies XLA adds to a jitted step on ResNet-18 shapes (docs/performance.md, rounds 4, 5 and 16).
 
 For AdamW, ActiveLR(AdamW) and AutoDrop(AdamW), with and without donating the state: the number of
-``copy`` instructions on float32 arrays in the optimized HLO of ``jax.jit(opt.update)`` and the
-elements they copy per parameter (each copied element is read and written: two words of traffic),
+``copy`` instructions on float32 arrays in the optimized HLO of the jitted update
+(``adaptlr.backends.fast.jit_update``; before round 16 this script jitted ``opt.update`` itself, whose
+outputs come in another order than the donated state; ``optax.adamw``'s ``jax.jit(tx.update)`` for
+comparison) and the elements they copy per parameter (each copied element is read and written: two words of traffic),
 in all and in the entry computation (the rest are in the branches of the epoch-boundary
 ``lax.cond``, one of which runs). Deterministic on a given jax/jaxlib; run on the CPU.
 
@@ -16,9 +18,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import adaptlr
 from adaptlr.backends.bench import RESNET18_SHAPES
+from adaptlr.backends.fast import jit_update
 from adaptlr.backends.xla_copies import ENTRY, copies_per_computation
 
 ALGORITHMS = {
@@ -39,14 +43,24 @@ def main() -> int:
     for name, make in ALGORITHMS.items():
         opt = make()
         state = opt.init(params)
-        for donated in ((), (1,)):
-            jitted = jax.jit(lambda g, s, p, opt=opt: opt.update(g, s, p), donate_argnums=donated)
-            hlo = jitted.lower(params, state, params).compile().as_text()
-            copies = copies_per_computation(hlo)
-            count, elements = sum(c for c, _ in copies.values()), sum(e for _, e in copies.values())
-            entry = copies.get(ENTRY, (0, 0))[1]
-            print(f"| {name} | {'yes' if donated else 'no'} | {count} | {elements / n:.2f} | {entry / n:.2f} |")
+        for donated in (False, True):
+            hlo = jit_update(opt, donate_state=donated).compile(params, state, params).as_text()
+            print(_row(name, donated, hlo, n))
+    # optax.adamw jitted as its users write it, the updates first and the state after: with the
+    # state donated, JAX pairs the first moments' buffers with the updates (round 16)
+    tx = optax.adamw(1e-3)
+    for donated in ((), (1,)):
+        jitted = jax.jit(tx.update, donate_argnums=donated)
+        hlo = jitted.lower(params, tx.init(params), params).compile().as_text()
+        print(_row("optax.adamw (`jax.jit(tx.update)`)", bool(donated), hlo, n))
     return 0
+
+
+def _row(name: str, donated: bool, hlo: str, n: int) -> str:
+    copies = copies_per_computation(hlo)
+    count, elements = sum(c for c, _ in copies.values()), sum(e for _, e in copies.values())
+    entry = copies.get(ENTRY, (0, 0))[1]
+    return f"| {name} | {'yes' if donated else 'no'} | {count} | {elements / n:.2f} | {entry / n:.2f} |"
 
 
 if __name__ == "__main__":
