@@ -42,6 +42,7 @@ import optree
 
 from adaptlr import _validation as v
 from adaptlr._inplace import add_, mul_, sub_
+from adaptlr._ordering import ordered_after
 from adaptlr._precision import cast_like, computed_once, counter_dtype, next_count, widest_float
 from adaptlr._reduce import Reducer, leaf_split_axes
 from adaptlr._tree import Layout
@@ -616,6 +617,12 @@ class Optimizer:
         ctx = StepContext(xp, layout, count, grads, objective_grads, [], params, alpha, scalars,
                           reducer or Reducer(xp))
         prepared = [a.before_direction(ctx, s) for a, s in zip(self.adaptations, state.adaptations)]
+        # the base reads the gradients only after the sums over the old state (adaptlr._ordering)
+        read = [*grads, *objective_grads]
+        ordered = ordered_after(xp, read, state.adaptations, prepared)
+        if ordered is not read:
+            grads, objective_grads = ordered[: len(grads)], ordered[len(grads) :]
+            ctx = ctx._replace(grads=grads, objective_grads=objective_grads)
         directions, size, base_state = base.step(ctx, StepSize.of(alpha), state.base)
         ctx = ctx._replace(directions=directions)
         adaptation_states = []

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
 from adaptlr._inplace import add_, add_donated, mul_, mul_donated
+from adaptlr._ordering import wait_for
 from adaptlr._precision import cast_like, largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
@@ -187,6 +188,7 @@ class DAdaptAdamDirection(_DAdaptDirection):
         old_s, old_nu = layout.leaves(state.s, "state.s"), layout.leaves(state.nu, "state.nu")
         terms = (mul_(s / add_(xp.sqrt(nu), eps), g) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
         dot = reduce.total(terms, wide)
+        grads = wait_for(xp, grads, (dot,))  # the old s and v read before they are overwritten (under jit)
         ss = [add_(mul_donated(scalars, s, sqrt_b2), g * cast("s", s_coef, g)) for g, s in zip(grads, old_s)]
         s_l1 = reduce.total((xp.abs(s) for s in ss), wide)
         mus = [add_(mul_donated(scalars, m, b1), g * cast("m", m_coef, g))
@@ -279,6 +281,7 @@ class DAdaptSGDDirection(_DAdaptDirection):
         dlr, d_new, numerator, g0_norm, lr_scale, one, decay = scalars.once(
             "dadapt_sgd d", (raw_sq, objective_sq, dot, s_sq_before, state.d, state.g0_norm, state.numerator,
                              *ctx.alpha), estimate)
+        grads = wait_for(xp, grads, (dot, s_sq_before))  # the old s read before it is overwritten (under jit)
         ss = [add_donated(scalars, s, g * cast("s", dlr, g)) for g, s in zip(grads, old_ss)]
 
         # θ_t = μ·θ + (1-μ)·(x_0 - s): the direction is θ - θ_t, taken with α = 1.

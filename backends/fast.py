@@ -383,7 +383,34 @@ def _with_rates(new_state: OptimizerState, state: OptimizerState) -> OptimizerSt
     return new_state
 
 
-def _in_donated_order(first: Any, state: OptimizerState, lr: Any) -> tuple:
+def _left_out_unchanged(new: tuple, old: tuple, forwarded: list) -> tuple:
+    """``new`` (the step's new base and adaptation states) with ``None`` where a leaf is the input's
+    own leaf (``old``, not donated), and ``forwarded[0] = True`` if there is one.
+
+    Without donation, each such output is a copy of its input in XLA (JAX does not forward it):
+    D-Adapt SGD's, Prodigy's and DoG's initial parameters, 2 words per parameter and step (round
+    17). :func:`_with_unchanged` puts the input's arrays back, as the step would have returned them.
+    """
+    new_leaves, spec = optree.tree_flatten(new, none_is_leaf=True)
+    old_leaves, old_spec = optree.tree_flatten(old, none_is_leaf=True)
+    if spec != old_spec:
+        return new
+    same = [a is b and a is not None for a, b in zip(new_leaves, old_leaves)]
+    if not any(same):
+        return new
+    forwarded[0] = True
+    return optree.tree_unflatten(spec, [None if s else a for s, a in zip(same, new_leaves)])
+
+
+def _with_unchanged(out: tuple, old: tuple) -> tuple:
+    """``out`` with ``old``'s arrays where :func:`_left_out_unchanged` left them out."""
+    out_leaves, spec = optree.tree_flatten(out, none_is_leaf=True)
+    old_leaves = optree.tree_leaves(old, none_is_leaf=True)
+    return optree.tree_unflatten(spec, [b if a is None else a for a, b in zip(out_leaves, old_leaves)])
+
+
+def _in_donated_order(first: Any, state: OptimizerState, lr: Any, inputs: tuple | None = None,
+                      forwarded: list | None = None) -> tuple:
     """A jitted step's outputs, the new state's donatable parts first, in the order of the donated
     inputs: ``(base, adaptations, first, count, learning_rate)`` (``first``: the new params or the
     updates, which follow ``base`` and ``adaptations`` in the inputs too).
@@ -394,15 +421,25 @@ def _in_donated_order(first: Any, state: OptimizerState, lr: Any) -> tuple:
     of 32×64), and XLA copied each donated buffer to keep the values it still had to read:
     measured, 2,000 copies of 4.1M elements per step on 500 tensors, more time with donation than
     without (docs/performance.md, round 16). In this order each output takes its own input's buffer.
+
+    With ``inputs`` (the step's ``(base, adaptations)``, when they are not donated) the leaves the
+    step returns unchanged are left out (:func:`_left_out_unchanged`, recorded in ``forwarded``).
     """
     state = _without_unchanged_rates(state, lr)
-    return state.base, state.adaptations, first, state.count, state.learning_rate
+    base, adaptations = state.base, state.adaptations
+    if inputs is not None and forwarded is not None:
+        base, adaptations = _left_out_unchanged((base, adaptations), inputs, forwarded)
+    return base, adaptations, first, state.count, state.learning_rate
 
 
-def _from_donated_order(outputs: tuple, state: OptimizerState) -> tuple[Any, OptimizerState]:
+def _from_donated_order(outputs: tuple, state: OptimizerState, forwarded: list | None = None
+                        ) -> tuple[Any, OptimizerState]:
     """``(first, new_state)`` from :func:`_in_donated_order`'s outputs (``state``: the step's input
-    state, whose learning rates come back where the step left them out)."""
+    state, whose learning rates, and unchanged leaves where ``forwarded[0]``, come back where the
+    step left them out)."""
     base, adaptations, first, count, learning_rate = outputs
+    if forwarded is not None and forwarded[0]:
+        base, adaptations = _with_unchanged((base, adaptations), (state.base, state.adaptations))
     return first, _with_rates(OptimizerState(count, learning_rate, base, adaptations), state)
 
 
@@ -421,17 +458,20 @@ def jit_update(opt: Optimizer, *, donate_state: bool = True) -> Callable:
 
     _check_opt(opt)
 
+    forwarded = [False]  # whether a trace left unchanged state out (not donated: _left_out_unchanged)
+
     def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
         updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
-        return _in_donated_order(updates, state, lr)
+        inputs = None if donate_state else (base, adaptations)
+        return _in_donated_order(updates, state, lr, inputs, forwarded)
 
     donated = (3, 4) if donate_state else ()  # base, adaptations (the rates may come back unchanged)
     jitted = jax.jit(inner, donate_argnums=donated)
 
     def update(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
-        return _from_donated_order(jitted(*_donatable((grads, *state, params), donated)), state)
+        return _from_donated_order(jitted(*_donatable((grads, *state, params), donated)), state, forwarded)
 
-    update.compile = _ahead_of_time(jitted, donated)
+    update.compile = _ahead_of_time(jitted, donated, forwarded)
     return update
 
 
@@ -454,21 +494,24 @@ def jit_step(opt: Optimizer, *, donate: bool = True) -> Callable:
 
     _check_opt(opt)
 
+    forwarded = [False]  # whether a trace left unchanged state out (not donated: _left_out_unchanged)
+
     def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
         updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
-        return _in_donated_order(apply_updates(params, updates), state, lr)
+        inputs = None if donate else (base, adaptations)
+        return _in_donated_order(apply_updates(params, updates), state, lr, inputs, forwarded)
 
     donated = (3, 4, 5) if donate else ()  # base, adaptations, params (the rates may come back unchanged)
     jitted = jax.jit(inner, donate_argnums=donated)
 
     def step(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
-        return _from_donated_order(jitted(*_donatable((grads, *state, params), donated)), state)
+        return _from_donated_order(jitted(*_donatable((grads, *state, params), donated)), state, forwarded)
 
-    step.compile = _ahead_of_time(jitted, donated)
+    step.compile = _ahead_of_time(jitted, donated, forwarded)
     return step
 
 
-def _ahead_of_time(jitted: Any, donated: tuple[int, ...]) -> Callable:
+def _ahead_of_time(jitted: Any, donated: tuple[int, ...], forwarded: list) -> Callable:
     """``compile(grads, state, params)``: the step compiled ahead of time for these shapes and dtypes.
 
     The result is called like the jitted step and has ``memory_analysis()`` (XLA's buffer sizes of
@@ -479,7 +522,7 @@ def _ahead_of_time(jitted: Any, donated: tuple[int, ...]) -> Callable:
         compiled = jitted.lower(grads, *state, params).compile()
 
         def run(grads: Any, state: OptimizerState, params: Any) -> Any:
-            return _from_donated_order(compiled(*_donatable((grads, *state, params), donated)), state)
+            return _from_donated_order(compiled(*_donatable((grads, *state, params), donated)), state, forwarded)
 
         run.memory_analysis = compiled.memory_analysis
         run.as_text = compiled.as_text  # the optimized HLO (adaptlr.backends.xla_copies reads it)

@@ -53,6 +53,8 @@ def make(name: str) -> adaptlr.Optimizer:
         "adamw": lambda: adaptlr.adamw(0.01, weight_decay=0.05),
         "radam": lambda: adaptlr.radam(0.01),
         "adabelief": lambda: adaptlr.adabelief(0.01),
+        "dadapt_adam": lambda: adaptlr.dadapt_adam(weight_decay=0.01),
+        "dadapt_sgd": lambda: adaptlr.dadapt_sgd(momentum=0.9),
     }
     if name in bases:
         return bases[name]()
@@ -379,6 +381,71 @@ def test_donated_jitted_steps_write_each_buffer_in_place(name: str, helper: str)
     hlo = run.compile(grads, opt.init(params), params).as_text()
     assert "input_output_alias" in hlo  # the buffers are donated
     assert copies_per_computation(hlo, "f32") == {}
+
+
+@pytest.mark.skipif(not has_jax, reason="jax is not installed")
+@pytest.mark.parametrize(("name", "most"), [("hd_global", 0.0), ("hd_tensor", 0.0), ("eg_global", 1.0),
+                                            ("eg_tensor", 1.0), ("dadapt_adam", 0.0), ("dadapt_sgd", 0.0)])
+@pytest.mark.parametrize("helper", ["jit_step", "jit_update"])
+def test_donated_steps_read_the_old_state_before_writing_it(name: str, most: float, helper: str) -> None:
+    """HD's ``Σ g ⊙ d_{t-1}``, EG's ``⟨v_{t-1}, g⟩`` and D-Adaptation's ``⟨g, s_{t-1}⟩`` read old state
+    that the step overwrites; the new state did not depend on those sums, so XLA copied each such
+    buffer (f32 elements copied per parameter: HD 2, EG 3, D-Adapt Adam 2, D-Adapt SGD 1).
+    ``adaptlr._ordering`` makes the new state wait for the sums: none left but EG's one (its gains
+    and its gradient average both read the old average, in two loops)."""
+    import jax.numpy as jnp
+
+    from adaptlr.backends.xla_copies import copies_per_computation
+
+    opt = make(name)
+    shapes = [(8, 16)] * 6 + [(16,), (4, 8, 16)]
+    params = [jnp.full(s, 0.5 + k / 10, dtype=jnp.float32) for k, s in enumerate(shapes)]
+    grads = [jnp.full(s, 0.1 - k / 100, dtype=jnp.float32) for k, s in enumerate(shapes)]
+    run = jit_step(opt, donate=True) if helper == "jit_step" else jit_update(opt, donate_state=True)
+    hlo = run.compile(grads, opt.init(params), params).as_text()
+    copied = sum(elements for _, elements in copies_per_computation(hlo, "f32").values())
+    assert copied / sum(math.prod(s) for s in shapes) <= most
+
+
+@pytest.mark.skipif(not has_jax, reason="jax is not installed")
+@pytest.mark.parametrize("name", ["dadapt_sgd", "prodigy", "dog", "hd_global"])
+@pytest.mark.parametrize("helper", ["jit_step", "jit_update"])
+def test_undonated_jitted_steps_return_unchanged_state_without_copying(name: str, helper: str) -> None:
+    """Without donation, a state leaf the step returns unchanged (D-Adapt SGD's, Prodigy's and
+    DoG's initial parameters) was an XLA copy of its input every step (2 words per parameter; JAX
+    does not forward it). The jitted steps leave such leaves out and return the input's array; the
+    steps agree with the pure update (float64)."""
+    import jax.numpy as jnp
+    import optree
+
+    from adaptlr.backends.xla_copies import copies_per_computation
+
+    factories = {"dadapt_sgd": lambda: adaptlr.dadapt_sgd(momentum=0.9), "prodigy": lambda: adaptlr.prodigy(),
+                 "dog": lambda: adaptlr.dog()}
+    opt = factories[name]() if name in factories else make(name)
+    want_params, want_state = pure_run(opt, "float64")
+    params0, noise = _problem("float64")
+    run = jit_step(opt, donate=False) if helper == "jit_step" else jit_update(opt, donate_state=False)
+    params = [jnp.asarray(p) for p in params0]
+    state = opt.init(params)
+    hlo = run.compile(params, state, params).as_text()
+    assert copies_per_computation(hlo, "f64") == {}
+    for t in range(STEPS):
+        grads = [_grad(p, jnp.asarray(n)) for p, n in zip(params, noise[t])]
+        before = state
+        if helper == "jit_step":
+            params, state = run(grads, state, params)
+        else:
+            updates, state = run(grads, state, params)
+            params = adaptlr.apply_updates(params, updates)
+        parts = (before.base, before.adaptations), (state.base, state.adaptations)  # (rates: not here)
+        kept = {id(x) for x in optree.tree_leaves(parts[0])} & {id(x) for x in optree.tree_leaves(parts[1])}
+        assert bool(kept) == (name != "hd_global")  # the unchanged leaves are the input's own arrays
+    assert err(params, want_params, "float64") <= F64_TOL
+    assert optree.tree_structure(state) == optree.tree_structure(want_state)
+    for g, w in zip(optree.tree_leaves(state), optree.tree_leaves(want_state)):
+        if np.issubdtype(np.asarray(w).dtype, np.floating):
+            assert err([g], [w], "float64") <= F64_TOL
 
 
 @pytest.mark.skipif(not has_jax, reason="jax is not installed")

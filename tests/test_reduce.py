@@ -69,6 +69,11 @@ MAKERS = {
     "autodrop(adamw)": lambda: adaptlr.autodrop(adaptlr.adamw(1e-3), steps_per_epoch=10),
     "hypergradient(adamw)": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3), hyper_lr=1e-4),
     "eg_step_size(adamw)": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3), 0.01, 0.01),
+    # a 0-D value per tensor that the base waits for under jit (adaptlr._ordering)
+    "dsa(adamw)": lambda: adaptlr.dsa(adaptlr.adamw(1e-3)),
+    "hypergradient(adamw) per tensor": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3), hyper_lr=1e-4,
+                                                                     granularity="tensor"),
+    "eg_step_size(adamw) per tensor": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3), 0.01, 0.01, scale="tensor"),
 }
 
 

@@ -1,0 +1,67 @@
+"""The new state computed after the sums that read the old one, where a compiler could reorder them.
+
+Under ``jax.jit`` with the state donated, each new state buffer is written into its old one. HD's
+``H = Σ g ⊙ d_{t-1}`` and EG's ``⟨v_{t-1}, g⟩`` (in :meth:`adaptlr.core.Adaptation.before_direction`)
+and D-Adaptation's ``⟨g, s_{t-1}⟩`` read state that the same step overwrites; the new state does not
+depend on those sums, so nothing orders the read before the write, and XLA's copy insertion copies
+each such buffer (round 16: HD 2.00, EG 3.00, D-Adapt Adam 2.00, D-Adapt SGD 1.00 f32 copies per
+parameter and step on ResNet-18 shapes). ``jax.lax.optimization_barrier`` does not help on the CPU:
+XLA:CPU expands barriers before copy insertion. Here the gradients that make the new state depend on
+those 0-D values through ``g' = where(s > ∞, NaN, g)``, which is ``g`` for every ``s`` (NaN
+included) and which XLA cannot fold, so the sums run first and the state is updated in place (HD
+and D-Adaptation no copy left, EG one; docs/performance.md, round 17):
+
+- :func:`ordered_after` (the core, between the adaptations' ``before_direction`` and the base): on
+  the 0-D values the adaptations computed (an elementwise HD rate has none, and keeps its copies);
+- :func:`wait_for` (a base's own step, D-Adaptation): on the sums it names.
+
+Only under JAX tracing; everything else runs the step in program order already, and the values
+come back as they are (no extra pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optree
+
+from adaptlr import _validation as v
+from adaptlr._reduce import add_all
+
+__all__ = ["ordered_after", "wait_for"]
+
+
+def ordered_after(xp: Any, values: list, before: Any, after: Any) -> list:
+    """``values`` (arrays), made to depend on the 0-D arrays of ``after`` that are not arrays of
+    ``before`` (what the adaptations computed from it) when JAX traces the step; else ``values``."""
+    if not _traced(values):
+        return values
+    old = set(map(id, optree.tree_leaves(before, none_is_leaf=False)))
+    leaves = optree.tree_leaves(after, none_is_leaf=False)
+    return wait_for(xp, values, [x for x in leaves if id(x) not in old and getattr(x, "ndim", None) == 0])
+
+
+def wait_for(xp: Any, values: list, sums: Sequence[Any]) -> list:
+    """``values`` (arrays), made to depend on the 0-D ``sums`` when JAX traces the step; else ``values``.
+
+    A base that reads its old state in sums and then writes the new state (D-Adaptation) passes
+    its gradients through this between the two."""
+    if not sums or not _traced(values):
+        return values
+    # false for every value, NaN included; over many sums (a factor per tensor) one scan, not a chain
+    # of n - 1 operations, which XLA would copy into every reader's loop (adaptlr._reduce.add_all)
+    never = add_all(xp, [xp.astype(x > xp.inf, xp.int32) for x in sums]) > 0 if len(sums) > 1 else sums[0] > xp.inf
+    ordered: dict[int, Any] = {}
+    for x in values:  # grads and objective_grads share their arrays where there is no coupled decay
+        if id(x) not in ordered:
+            ordered[id(x)] = xp.where(never, xp.asarray(xp.nan, dtype=x.dtype), x)
+    return [ordered[id(x)] for x in values]
+
+
+def _traced(values: list) -> bool:
+    if not values or v.library_of(values[0]) != "jax":
+        return False
+    from jax.core import Tracer  # the array is a JAX array: jax is imported
+
+    return isinstance(values[0], Tracer)
