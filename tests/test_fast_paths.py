@@ -369,18 +369,24 @@ def test_donated_jitted_steps_write_each_buffer_in_place(name: str, helper: str)
     the outputs in another order than the donated inputs, JAX gave the first moments' buffers to
     the new params and XLA copied every donated buffer (AdamW: 4 elements per parameter for the
     step, 2 for the update; DSA 6 and 4)."""
-    import jax.numpy as jnp
-
     from adaptlr.backends.xla_copies import copies_per_computation
+
+    hlo, _ = _donated_hlo(name, helper)
+    assert "input_output_alias" in hlo  # the buffers are donated
+    assert copies_per_computation(hlo, "f32") == {}
+
+
+def _donated_hlo(name: str, helper: str) -> tuple[str, int]:
+    """The optimized HLO of ``make(name)``'s donated jitted step (``helper``: ``jit_step`` or
+    ``jit_update``) on 6 tensors of one shape and two others, and the number of parameters."""
+    import jax.numpy as jnp
 
     opt = make(name)
     shapes = [(8, 16)] * 6 + [(16,), (4, 8, 16)]
     params = [jnp.full(s, 0.5 + k / 10, dtype=jnp.float32) for k, s in enumerate(shapes)]
     grads = [jnp.full(s, 0.1 - k / 100, dtype=jnp.float32) for k, s in enumerate(shapes)]
     run = jit_step(opt, donate=True) if helper == "jit_step" else jit_update(opt, donate_state=True)
-    hlo = run.compile(grads, opt.init(params), params).as_text()
-    assert "input_output_alias" in hlo  # the buffers are donated
-    assert copies_per_computation(hlo, "f32") == {}
+    return run.compile(grads, opt.init(params), params).as_text(), sum(math.prod(s) for s in shapes)
 
 
 @pytest.mark.skipif(not has_jax, reason="jax is not installed")
@@ -393,18 +399,11 @@ def test_donated_steps_read_the_old_state_before_writing_it(name: str, most: flo
     buffer (f32 elements copied per parameter: HD 2, EG 3, D-Adapt Adam 2, D-Adapt SGD 1).
     ``adaptlr._ordering`` makes the new state wait for the sums: none left but EG's one (its gains
     and its gradient average both read the old average, in two loops)."""
-    import jax.numpy as jnp
-
     from adaptlr.backends.xla_copies import copies_per_computation
 
-    opt = make(name)
-    shapes = [(8, 16)] * 6 + [(16,), (4, 8, 16)]
-    params = [jnp.full(s, 0.5 + k / 10, dtype=jnp.float32) for k, s in enumerate(shapes)]
-    grads = [jnp.full(s, 0.1 - k / 100, dtype=jnp.float32) for k, s in enumerate(shapes)]
-    run = jit_step(opt, donate=True) if helper == "jit_step" else jit_update(opt, donate_state=True)
-    hlo = run.compile(grads, opt.init(params), params).as_text()
-    copied = sum(elements for _, elements in copies_per_computation(hlo, "f32").values())
-    assert copied / sum(math.prod(s) for s in shapes) <= most
+    hlo, n = _donated_hlo(name, helper)
+    assert "input_output_alias" in hlo  # the buffers are donated
+    assert sum(elements for _, elements in copies_per_computation(hlo, "f32").values()) / n <= most
 
 
 @pytest.mark.skipif(not has_jax, reason="jax is not installed")

@@ -55,12 +55,17 @@ def _compiler(opt: Any, options: dict | None) -> Callable:
     return compile
 
 
-def main(names: list[str], rounds: int) -> None:
+def resnet18_arrays() -> tuple[list, list, int]:
+    """``(params, grads, number of parameters)``: fixed random float32 JAX arrays of ResNet-18's shapes."""
     rng = np.random.default_rng(0)
     shapes = list(RESNET18_SHAPES)
     params = [jax.numpy.asarray(rng.standard_normal(s).astype(np.float32) * 0.1) for s in shapes]
     grads = [jax.numpy.asarray(rng.standard_normal(s).astype(np.float32) * 0.01) for s in shapes]
-    n = sum(math.prod(s) for s in shapes)
+    return params, grads, sum(math.prod(s) for s in shapes)
+
+
+def main(names: list[str], rounds: int) -> None:
+    params, grads, n = resnet18_arrays()
     steps = {}
     for name in names:
         for label, options in (("now", None), ("region", REGION)):

@@ -20,14 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from round9_ab import interleaved  # the same timing loop as rounds 9 to 16
+from round16_region import resnet18_arrays
 
 import adaptlr.core
 from adaptlr.backends import fast
-from adaptlr.backends.bench import ALGORITHMS, RESNET18_SHAPES
+from adaptlr.backends.bench import ALGORITHMS
 from adaptlr.backends.xla_copies import copies_per_computation
 
 jax.config.update("jax_enable_x64", True)  # step scalars in float64, as the bench
@@ -51,12 +51,8 @@ def _compiled(opt: Any, donate: bool, ordered: bool, grads: list, state: Any, pa
 
 
 def main(names: list[str], rounds: int) -> None:
-    rng = np.random.default_rng(0)
-    shapes = list(RESNET18_SHAPES)
-    params = [jax.numpy.asarray(rng.standard_normal(s).astype(np.float32) * 0.1) for s in shapes]
-    grads = [jax.numpy.asarray(rng.standard_normal(s).astype(np.float32) * 0.01) for s in shapes]
-    n = sum(math.prod(s) for s in shapes)
-    largest = max(math.prod(s) for s in shapes) * 4
+    params, grads, n = resnet18_arrays()
+    largest = max(math.prod(p.shape) for p in params) * 4
     print(f"jax {jax.__version__}, {jax.default_backend()}; {n / 1e6:.1f}M float32 parameters")
     steps = {}
     for name in names:
