@@ -55,6 +55,8 @@ def make(name: str) -> adaptlr.Optimizer:
         "adabelief": lambda: adaptlr.adabelief(0.01),
         "dadapt_adam": lambda: adaptlr.dadapt_adam(weight_decay=0.01),
         "dadapt_sgd": lambda: adaptlr.dadapt_sgd(momentum=0.9),
+        "prodigy": lambda: adaptlr.prodigy(),
+        "dog": lambda: adaptlr.dog(),
     }
     if name in bases:
         return bases[name]()
@@ -419,9 +421,7 @@ def test_undonated_jitted_steps_return_unchanged_state_without_copying(name: str
 
     from adaptlr.backends.xla_copies import copies_per_computation
 
-    factories = {"dadapt_sgd": lambda: adaptlr.dadapt_sgd(momentum=0.9), "prodigy": lambda: adaptlr.prodigy(),
-                 "dog": lambda: adaptlr.dog()}
-    opt = factories[name]() if name in factories else make(name)
+    opt = make(name)
     want_params, want_state = pure_run(opt, "float64")
     params0, noise = _problem("float64")
     run = jit_step(opt, donate=False) if helper == "jit_step" else jit_update(opt, donate_state=False)
