@@ -26,11 +26,15 @@ arrays it does not own computes out of place, as before.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["add_", "add_donated", "donating", "mul_", "mul_donated", "sub_"]
+from adaptlr._validation import library_of
+
+__all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "donating", "ema_donated", "mul_", "mul_donated",
+           "sub_"]
 
 
 def _fits(a: Any, b: Any) -> bool:
@@ -68,6 +72,50 @@ def mul_(a: Any, b: Any) -> Any:
     return a * b
 
 
+def _has_fused(a: Any) -> bool:
+    """Whether ``a`` is a torch tensor, or an array type that declares torch's fused operations
+    (``fused_operations = "torch"``: the adapter's ForeachArray), :mod:`adaptlr.backends.torch_fused`."""
+    return getattr(type(a), "fused_operations", None) == "torch" or library_of(a) == "torch"
+
+
+def add_scaled_(a: Any, y: Any, c: Any) -> Any:
+    """``a + c·y`` (``c`` a Python float or a 0-D array), written into ``a`` (a temporary of the
+    calling step, as :func:`add_`) where the standard allows it.
+
+    One pass where the backend has the fused operation (torch: ``a.add_(y, alpha=c)``,
+    ``a.addcmul_(y, c)``: :mod:`adaptlr.backends.torch_fused`), else two: ``c·y``, then the sum. The
+    fused operation may round ``c·y`` and the sum once (a fused multiply-add) where the two
+    operations round twice: at most an ulp of ``a + c·y`` apart."""
+    if not (_fits(a, y) and _fits(a, c)):
+        return a + c * y
+    if _has_fused(a):
+        from adaptlr.backends.torch_fused import add_scaled_ as fused  # pyright: ignore[reportMissingImports]
+
+        if fused(a, y, c):
+            return a
+    a += c * y
+    return a
+
+
+def add_product_(a: Any, x: Any, y: Any, c: Any, *, x_temporary: bool = False) -> Any:
+    """``a + (x·y)·c`` (``c`` a Python float or a 0-D array), written into ``a`` (a temporary of the
+    calling step, as :func:`add_`) where the standard allows it: one pass on torch for a float
+    ``c`` (``a.addcmul_(x, y, value=c)``), two for a 0-D array (``x·c``, then ``addcmul_``), three
+    elsewhere (``x·y``, times ``c``, the sum); the fused forms may round once where these round
+    twice or three times (:func:`add_scaled_`). ``x_temporary``: ``x`` is the step's own array too,
+    and the unfused form may write ``x·y`` into it."""
+    product = mul_ if x_temporary else operator.mul
+    if not (_fits(a, x) and _fits(a, y) and _fits(a, c)):
+        return a + mul_(product(x, y), c)
+    if _has_fused(a):
+        from adaptlr.backends.torch_fused import add_product_ as fused  # pyright: ignore[reportMissingImports]
+
+        if fused(a, x, y, c):
+            return a
+    a += mul_(product(x, y), c)
+    return a
+
+
 def mul_donated(scalars: Any, x: Any, b: Any, *, b_temporary: bool = False) -> Any:
     """``x · b`` for an input state array ``x`` that the step reads once, to make its new value:
     written into ``x`` where the executor donated it for this step (``scalars``, the step's
@@ -80,6 +128,27 @@ def mul_donated(scalars: Any, x: Any, b: Any, *, b_temporary: bool = False) -> A
         x *= b
         return x
     return mul_(b, x) if b_temporary else x * b
+
+
+def ema_donated(scalars: Any, x: Any, y: Any, beta: Any, one_minus_beta: Any = None) -> Any:
+    """``β·x + (1-β)·y``, the moving average of an input state array ``x`` (read once, as in
+    :func:`mul_donated`) with ``y`` (``β`` a Python float or a 0-D array of ``x``'s dtype, and
+    ``one_minus_beta`` its ``1-β`` in the same form; None: ``1.0 - β``).
+
+    On torch, for a Python float ``β``, one pass, ``torch.optim``'s own: ``x + (1-β)·(y - x)``
+    (``lerp``; into ``x`` where it is donated, :mod:`adaptlr.backends.torch_fused`), within a few
+    roundings of the two-pass form ``β·x`` (:func:`mul_donated`) ``+ (1-β)·y``
+    (:func:`add_scaled_`) that every other backend, and torch for a 0-D ``β``, computes (bitwise as
+    before on the others)."""
+    weight = 1.0 - beta if one_minus_beta is None else one_minus_beta
+    if _has_fused(x) and _fits(x, y) and _fits(x, weight):
+        from adaptlr.backends.torch_fused import lerp  # pyright: ignore[reportMissingImports]
+
+        donated = bool(scalars.donated) and id(x) in scalars.donated
+        done = lerp(x, y, weight, into=donated)
+        if done is not None:
+            return done
+    return add_scaled_(mul_donated(scalars, x, beta), y, weight)
 
 
 def add_donated(scalars: Any, x: Any, b: Any) -> Any:

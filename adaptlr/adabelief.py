@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_, mul_donated
+from adaptlr._inplace import add_, add_product_, ema_donated, mul_, mul_donated
 from adaptlr._rectification import rectification, rectification_condition
 from adaptlr._tree import Layout
 from adaptlr.adam import bias_correction_condition
@@ -67,9 +67,9 @@ class AdaBeliefDirection(BaseDirection):
         mus, beliefs, directions = [], [], []
         for g, m, s in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.belief, "state.belief")):
             rectified, inv_bc1, scale, eps_t, rect_scale = scalars.step_scalars("adabelief", g.dtype, step_scalars)
-            m = add_(mul_donated(scalars, m, b1), (1.0 - b1) * g)
+            m = ema_donated(scalars, m, g, b1)
             residual = g - m
-            s = add_(add_(mul_donated(scalars, s, b2), mul_(mul_(residual, residual), 1.0 - b2)), eps)
+            s = add_(add_product_(mul_donated(scalars, s, b2), residual, residual, 1.0 - b2, x_temporary=True), eps)
             if self.rectify:
                 d = xp.where(rectified, m * rect_scale / add_(xp.sqrt(s), eps), m * inv_bc1)
             else:

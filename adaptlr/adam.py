@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_, mul_donated
+from adaptlr._inplace import add_, add_product_, ema_donated, mul_, mul_donated
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
@@ -74,8 +74,8 @@ class AdamDirection(BaseDirection):
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
             scale, eps_t = scalars.step_scalars("adam", g.dtype, corrections)
-            m = add_(mul_donated(scalars, m, b1), (1.0 - b1) * g)
-            nu = add_(mul_donated(scalars, nu, b2), mul_(g * g, 1.0 - b2))
+            m = ema_donated(scalars, m, g, b1)
+            nu = add_product_(mul_donated(scalars, nu, b2), g, g, 1.0 - b2)
             directions.append(mul_(m / add_(xp.sqrt(nu), eps_t), scale))
             mus.append(m)
             nus.append(nu)

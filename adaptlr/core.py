@@ -41,7 +41,7 @@ import numpy as np
 import optree
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_, sub_
+from adaptlr._inplace import add_, add_scaled_, mul_, sub_
 from adaptlr._ordering import ordered_after
 from adaptlr._precision import cast_like, computed_once, counter_dtype, next_count, widest_float
 from adaptlr._reduce import Reducer, leaf_split_axes
@@ -175,15 +175,20 @@ def _negative_rate(scalars: Scalars, alpha: Array, scale: Array | None, kappa: A
     return make(alpha, scale, kappa)
 
 
-def _decay_times(scalars: Scalars, alpha: Array, decay_kappa: Array | None, lam: float, p: Array) -> Array:
-    """``α·κ^decay·λ ⊙ θ``, the decoupled weight decay; its 0-D factor computed once per step (as in
-    :func:`_negative_rate`), a full-size one (κ^decay per element) written into by the product."""
+def _subtract_decay(scalars: Scalars, u: Array, alpha: Array, decay_kappa: Array | None, lam: float, p: Array) -> Array:
+    """``u - α·κ^decay·λ ⊙ θ``, the decoupled weight decay, written into ``u`` (the step's own update).
+
+    A 0-D factor is computed once per step (as in :func:`_negative_rate`) and negated there:
+    ``u + (-(αλ))·θ`` is the same number as ``u - (αλ)·θ``, and one fused pass on torch
+    (:func:`adaptlr._inplace.add_scaled_`); a full-size one (κ^decay per element) is written into
+    by the product."""
     def make(a: Array, k: Array | None) -> Array:
         return _times(a, k) * lam  # type: ignore[operator]
 
     if decay_kappa is None or decay_kappa.ndim == 0:
-        return scalars.once(("decay", lam), (alpha, decay_kappa), make) * p  # never into the shared factor
-    return mul_(make(alpha, decay_kappa), p)
+        negative = scalars.once(("negative decay", lam), (alpha, decay_kappa), lambda a, k: -make(a, k))
+        return add_scaled_(u, p, negative)
+    return sub_(u, mul_(make(alpha, decay_kappa), p))
 
 
 class StepContext(NamedTuple):
@@ -644,7 +649,7 @@ class Optimizer:
             # u is now this step's own array (a known step too: made for this update), and so is a
             # full-size decay factor: the rest is written into them (adaptlr._inplace)
             if decoupled[i]:
-                u = sub_(u, _decay_times(scalars, alpha[i], size.decay_kappa[i], decoupled[i], p))
+                u = _subtract_decay(scalars, u, alpha[i], size.decay_kappa[i], decoupled[i], p)
             if size.shift[i] is not None:
                 u = add_(u, size.shift[i])
             updates.append(u)

@@ -49,7 +49,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, add_donated, mul_, mul_donated
+from adaptlr._inplace import add_, add_donated, add_product_, add_scaled_, mul_, mul_donated
 from adaptlr._ordering import wait_for
 from adaptlr._precision import cast_like, largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
@@ -189,11 +189,11 @@ class DAdaptAdamDirection(_DAdaptDirection):
         terms = (mul_(s / add_(xp.sqrt(nu), eps), g) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
         dot = reduce.total(terms, wide)
         grads = wait_for(xp, grads, (dot,))  # the old s and v read before they are overwritten (under jit)
-        ss = [add_(mul_donated(scalars, s, sqrt_b2), g * cast("s", s_coef, g)) for g, s in zip(grads, old_s)]
+        ss = [add_scaled_(mul_donated(scalars, s, sqrt_b2), g, cast("s", s_coef, g)) for g, s in zip(grads, old_s)]
         s_l1 = reduce.total((xp.abs(s) for s in ss), wide)
-        mus = [add_(mul_donated(scalars, m, b1), g * cast("m", m_coef, g))
+        mus = [add_scaled_(mul_donated(scalars, m, b1), g, cast("m", m_coef, g))
                for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
-        nus = [add_(mul_donated(scalars, nu, b2), mul_(g * g, 1.0 - b2)) for g, nu in zip(grads, old_nu)]
+        nus = [add_product_(mul_donated(scalars, nu, b2), g, g, 1.0 - b2) for g, nu in zip(grads, old_nu)]
 
         def estimate(dot: Any, s_l1: Any, d: Any, dlr: Any, bias_correction: Any, numerator: Any) -> tuple:
             new_numerator = sqrt_b2 * numerator + (1.0 - sqrt_b2) * (dlr * dot)

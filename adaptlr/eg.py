@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_, mul_donated
+from adaptlr._inplace import ema_donated, mul_, mul_donated
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -174,7 +174,7 @@ class EGStepSize(Adaptation):
         # m_t = β·m_{t-1} + (1-β)·g_t
         beta = self.gain_decay
         grad_emas = [
-            add_(mul_donated(scalars, m, scalars.constant(beta, g.dtype)), scalars.constant(1.0 - beta, g.dtype) * g)
+            ema_donated(scalars, m, g, scalars.constant(beta, g.dtype), scalars.constant(1.0 - beta, g.dtype))
             for m, g in zip(grad_emas, grads, strict=True)
         ]
 

@@ -37,7 +37,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_, mul_donated
+from adaptlr._inplace import add_, add_product_, add_scaled_, mul_, mul_donated
 from adaptlr._precision import largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
@@ -160,7 +160,7 @@ class ProdigyDirection(BaseDirection):
         p0s = layout.leaves(state.p0, "state.p0")
         dots = (mul_(p0 - self._sliced(xp, p), self._sliced(xp, g)) for g, p, p0 in zip(grads, params, p0s))
         dot = reduce.total(dots, wide)
-        new_s = [add_(mul_donated(scalars, s, beta3), self._sliced(xp, g) * cast("s", s_coef, g))
+        new_s = [add_scaled_(mul_donated(scalars, s, beta3), self._sliced(xp, g), cast("s", s_coef, g))
                  for g, s in zip(grads, layout.leaves(state.s, "state.s"))]
         denominator = reduce.total((xp.abs(s) for s in new_s), wide)
 
@@ -169,8 +169,8 @@ class ProdigyDirection(BaseDirection):
         new_mu, new_nu = [], []
         for g, m, nu in zip(grads, mus, layout.leaves(state.nu, "state.nu")):
             if m is not None:
-                new_mu.append(add_(mul_donated(scalars, m, b1), g * cast("m", m_coef, g)))
-            new_nu.append(add_(mul_donated(scalars, nu, b2), mul_(g * g, cast("v", v_coef, g))))
+                new_mu.append(add_scaled_(mul_donated(scalars, m, b1), g, cast("m", m_coef, g)))
+            new_nu.append(add_product_(mul_donated(scalars, nu, b2), g, g, cast("v", v_coef, g)))
 
         # d̂ and the new d; nothing moves while Σ|s| = 0 (no gradient yet).
         def estimate(dot: Any, denominator: Any, d: Any, dlr: Any, bias_correction: Any, d_max: Any, d_hat: Any,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_, mul_donated
+from adaptlr._inplace import add_, add_product_, ema_donated, mul_donated
 from adaptlr._rectification import rectification, rectification_condition
 from adaptlr._tree import Layout
 from adaptlr.adam import AdamState, bias_correction_condition
@@ -53,8 +53,8 @@ class RAdamDirection(BaseDirection):
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
             rectified, inv_bc1, scale = scalars.step_scalars("radam", g.dtype, step_scalars)
-            m = add_(mul_donated(scalars, m, b1), (1.0 - b1) * g)
-            nu = add_(mul_donated(scalars, nu, b2), mul_(g * g, 1.0 - b2))
+            m = ema_donated(scalars, m, g, b1)
+            nu = add_product_(mul_donated(scalars, nu, b2), g, g, 1.0 - b2)
             m_hat = m * inv_bc1
             directions.append(xp.where(rectified, m_hat * scale / add_(xp.sqrt(nu), eps), m_hat))
             mus.append(m)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_donated
+from adaptlr._inplace import add_, add_scaled_, mul_donated
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
@@ -57,7 +57,7 @@ class SGDDirection(BaseDirection):
             # b_0 = 0, so b_1 = μ·0 + c·g with c = 1 at t = 1 and c = 1 - τ after: no full-size where.
             c = scalars.per_dtype("sgd_c", g.dtype, lambda dt: xp.where(
                 scalars.count == 1, scalars.constant(1.0, dt), scalars.constant(1.0 - self.dampening, dt)))
-            b = add_(mul_donated(scalars, b, mu), c * g)
+            b = add_scaled_(mul_donated(scalars, b, mu), g, c)
             new_buffers.append(b)
             directions.append(add_(mu * b, g) if self.nesterov else b)
         return directions, SGDState(layout.tree(new_buffers))

@@ -37,6 +37,7 @@ class ForeachArray:
     """
 
     __slots__ = ("tensors",)
+    fused_operations = "torch"  # adaptlr._inplace's fused forms: adaptlr.backends.torch_fused
     __array_priority__ = 1000  # Python floats and 0-D tensors defer to our reflected operators
     ndim = 1
 

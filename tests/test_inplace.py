@@ -9,11 +9,12 @@ the numbers are bitwise those of ``a ∘ b``.
 from __future__ import annotations
 
 import operator
+import types
 
 import numpy as np
 import pytest
 
-from adaptlr._inplace import add_, mul_, sub_
+from adaptlr._inplace import add_, add_product_, add_scaled_, mul_, sub_
 
 HELPERS = {"add_": (add_, operator.add), "sub_": (sub_, operator.sub), "mul_": (mul_, operator.mul)}
 MUTABLE = ("numpy", "torch", "cupy", "array_api_strict")
@@ -46,6 +47,129 @@ def test_a_helper_computes_the_operator_and_writes_into_a_only_where_the_standar
         np.testing.assert_array_equal(backend.to_numpy(result), backend.to_numpy(expected), err_msg=name)
         if backend.library in MUTABLE:
             assert (result is a) == in_place, name
+
+
+FUSED = {  # helper: (call, the unfused expression it stands for)
+    "add_scaled_": (lambda a, x, y, c: add_scaled_(a, y, c), lambda a, x, y, c: a + c * y),
+    "add_product_": (lambda a, x, y, c: add_product_(a, x, y, c), lambda a, x, y, c: a + (x * y) * c),
+}
+
+
+def _fused_cases(backend, dtype: str):
+    rng = np.random.default_rng(11)
+    a, x, y = (rng.standard_normal((5, 7)) for _ in range(3))
+
+    def arr(values, dtype):  # a copy: torch.asarray may share a float64 array's memory
+        return backend.asarray(np.array(values), dtype)
+
+    return [  # (name, a, x, y, c, written into a)
+        ("float c", lambda: arr(a, dtype), arr(x, dtype), arr(y, dtype), 0.1, True),
+        ("0-D c of a's dtype", lambda: arr(a, dtype), arr(x, dtype), arr(y, dtype), arr(np.asarray(0.37), dtype), True),
+        ("0-D c of a wider dtype", lambda: arr(a, "float32"), arr(x, "float32"), arr(y, "float32"),
+         arr(np.asarray(0.37), "float64"), False),
+        ("y wider", lambda: arr(a, "float32"), arr(x, "float32"), arr(y, "float64"), 0.1, False),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("helper", FUSED)
+def test_a_fused_helper_is_its_expression_to_an_ulp_and_bitwise_where_unfused(helper, dtype, backend):
+    """``a + c·y`` and ``a + (x·y)·c``: the dtype and shape of the plain expression; the numbers
+    bitwise those of the expression on every backend without a fused operation, and on torch, whose
+    plain tensors take ``add_(alpha=)``/``addcmul_``, within the roundings the two forms may differ
+    by (a fused multiply-add rounds once, and ``addcmul_`` multiplies ``c·x`` first):
+    ``4ε·(|a| + |c·x·y|)``. Written into ``a`` where the standard
+    allows it, as :func:`add_`."""
+    fused, plain = FUSED[helper]
+    for name, make_a, x, y, c, in_place in _fused_cases(backend, dtype):
+        expected = plain(make_a(), x, y, c)
+        a = make_a()
+        result = fused(a, x, y, c)
+        assert result.dtype == expected.dtype and tuple(result.shape) == tuple(expected.shape), name
+        got, want = backend.to_numpy(result), backend.to_numpy(expected)
+        if backend.library == "torch" and in_place:
+            start = backend.to_numpy(make_a())
+            bound = 4 * np.finfo(got.dtype).eps * (np.abs(start) + np.abs(want - start))
+            assert np.all(np.abs(got - want) <= bound), name
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        if backend.library in MUTABLE:
+            assert (result is a) == in_place, name
+
+
+@pytest.mark.parametrize("helper", FUSED)
+def test_torch_takes_the_fused_operation_only_for_plain_tensors_without_autograd(helper):
+    """On plain tensors: one in-place op (``add_``/``addcmul_``) for a float ``c``; for a 0-D tensor
+    ``c`` one ``addcmul_`` (``a + c·y``) or ``x·c`` then ``addcmul_``. A tensor subclass (DTensor's
+    case), or operands an autograd tape records, keep the standard operations: ``c·y`` (or ``x·y``,
+    ``·c``) into a temporary, then ``+=``."""
+    torch = pytest.importorskip("torch")
+    from tests.conftest import aten_ops_by_name
+
+    fused, _ = FUSED[helper]
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    fused_ops = {("add_scaled_", "float"): {"add_": 1}, ("add_scaled_", "0-D"): {"addcmul_": 1},
+                 ("add_product_", "float"): {"addcmul_": 1}, ("add_product_", "0-D"): {"mul": 1, "addcmul_": 1}}
+    for kind, c in (("float", 0.25), ("0-D", torch.tensor(0.25))):
+        a = torch.randn(6, 4, generator=g)
+        ops = aten_ops_by_name(lambda a=a, c=c: fused(a, x, y, c))
+        assert ops == fused_ops[helper, kind], (kind, ops)
+
+    class Subclass(torch.Tensor):
+        pass
+
+    unfused = {"add_scaled_": 2, "add_product_": 3}[helper]  # full-size operations, each its own pass
+    sub = torch.randn(6, 4, generator=g).as_subclass(Subclass)
+    ops = aten_ops_by_name(lambda: fused(sub, x, y, 0.25))
+    assert sum(n for name, n in ops.items() if name not in ("detach", "alias")) == unfused, ops
+    recorded = torch.randn(6, 4, generator=g).requires_grad_()
+    a = torch.randn(6, 4, generator=g)
+    ops = aten_ops_by_name(lambda: fused(a, recorded, recorded, 0.25))
+    assert "addcmul_" not in ops and ops.get("add_") == 1, ops
+    fresh = torch.randn(6, 4, generator=g)
+    with torch.no_grad():  # nothing is recorded: fused again
+        ops = aten_ops_by_name(lambda: fused(fresh, recorded, recorded, 0.25))
+    assert ops == fused_ops[helper, "float"], ops
+
+
+def test_a_foreach_array_takes_the_fused_forms_with_each_tensors_numbers():
+    """The foreach path's lists (``ForeachArray``) take the ``torch._foreach_*`` forms of the fused
+    helpers: each tensor's numbers bitwise those of the helper on that tensor alone (so the foreach
+    and list paths agree, tests/test_foreach_chunks.py), written into ``a``'s own tensors, and a
+    ``lerp`` only for a Python float weight (a 0-D weight: the two-pass form, on every path)."""
+    torch = pytest.importorskip("torch")
+    from adaptlr._inplace import ema_donated
+    from adaptlr.backends.foreach import ForeachArray
+    from tests.conftest import aten_ops_by_name
+
+    shapes = [(3, 2), (5,), ()]
+
+    def lists(seed: int) -> list:
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+    c0 = torch.tensor(0.37, dtype=torch.float64)
+    step = types.SimpleNamespace(donated=set())  # the step's Scalars, as far as ema_donated reads them
+    calls = {
+        "add_scaled_ float": lambda a, x, y: add_scaled_(a, y, 0.3),
+        "add_scaled_ 0-D": lambda a, x, y: add_scaled_(a, y, c0),
+        "add_product_ float": lambda a, x, y: add_product_(a, x, y, 0.3),
+        "add_product_ 0-D": lambda a, x, y: add_product_(a, x, y, c0),
+        "ema float": lambda a, x, y: ema_donated(step, x, y, 0.9),
+        "ema 0-D": lambda a, x, y: ema_donated(step, x, y, c0, 1.0 - c0),
+    }
+    for name, call in calls.items():
+        a, x, y = ForeachArray(lists(0)), ForeachArray(lists(1)), ForeachArray(lists(2))
+        kept = list(a.tensors)
+        result: list = []
+        ops = aten_ops_by_name(lambda call=call, a=a, x=x, y=y, out=result: out.append(call(a, x, y)))
+        if name.startswith("add"):
+            assert result[0] is a and all(t is k for t, k in zip(a.tensors, kept)), name
+        for i, got in enumerate(result[0].tensors):
+            alone = call(lists(0)[i], lists(1)[i], lists(2)[i])
+            assert torch.equal(got, alone), (name, i)
+        assert ("lerp" in str(ops)) == (name == "ema float"), (name, ops)
 
 
 def test_a_foreach_array_is_written_in_place_by_one_op_per_operation():

@@ -241,9 +241,17 @@ def test_update_is_pure(name, backend):
 @pytest.mark.parametrize("name", NAMES)
 def test_arithmetic_written_into_temporaries_changes_no_number(name, backend, monkeypatch):
     """``adaptlr._inplace`` writes into the step's own temporaries: two epochs in float32 give
-    bitwise the params and state of the same steps computed out of place (every helper refused)."""
+    bitwise the params and state of the same steps computed out of place (every helper refused).
+    torch's fused forms (``adaptlr.backends.torch_fused``), which round differently on purpose, are
+    off in both runs: what is compared is the writing alone."""
     import adaptlr._inplace
 
+    if backend.library == "torch":
+        from adaptlr.backends import torch_fused
+
+        monkeypatch.setattr(torch_fused, "add_scaled_", lambda *args: False)
+        monkeypatch.setattr(torch_fused, "add_product_", lambda *args: False)
+        monkeypatch.setattr(torch_fused, "lerp", lambda *args, **kwargs: None)
     opt = _algorithm(name).build()
 
     def trajectory() -> tuple[list, list]:
