@@ -40,7 +40,7 @@ import array_api_compat
 import optree
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_
+from adaptlr._inplace import add_scaled_, mul_
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import adamw
@@ -160,7 +160,7 @@ class ScheduleFree(UpdateWrapper):
         zs, cs = layout.leaves(state.z, "state.z"), layout.leaves(state.c, "state.c")
         for u, y, z, c in zip(updates, ctx.params, zs, cs):
             keep = xp.astype(1.0 - b1 * (1.0 - c), u.dtype)
-            new_updates.append(add_(mul_(z - y, xp.astype(c, u.dtype)), keep * u))
+            new_updates.append(add_scaled_(mul_(z - y, xp.astype(c, u.dtype)), u, keep))  # + keep·u: one pass on torch
             new_z.append(z + u)
         return new_updates, state._replace(z=layout.tree(new_z))
 

@@ -172,6 +172,24 @@ def test_a_foreach_array_takes_the_fused_forms_with_each_tensors_numbers():
         assert ("lerp" in str(ops)) == (name == "ema float"), (name, ops)
 
 
+def test_a_foreach_array_keeps_a_zero_d_coefficient_in_two_multi_tensor_ops_off_the_cpu():
+    """``a + c·y`` with a 0-D tensor ``c`` on the foreach path: on the CPU one ``_foreach_addcmul_``
+    (per tensor there, the list path's numbers); on another device (``meta`` stands for a GPU, where
+    that form would be one launch per tensor) the standard two multi-tensor ops, ``c·y`` and
+    ``+=``; a float ``c`` one ``_foreach_add_`` everywhere."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.foreach import ForeachArray
+    from tests.conftest import aten_ops_by_name
+
+    shapes = [(3, 2), (5,), ()]
+    for device, expected in (("cpu", {"_foreach_addcmul_": 1}), ("meta", {"_foreach_mul": 1, "_foreach_add_": 1})):
+        a = ForeachArray([torch.zeros(s, device=device) for s in shapes])
+        y = ForeachArray([torch.ones(s, device=device) for s in shapes])
+        c = torch.zeros((), device=device)
+        assert aten_ops_by_name(lambda a=a, y=y, c=c: add_scaled_(a, y, c)) == expected, device
+        assert aten_ops_by_name(lambda a=a, y=y: add_scaled_(a, y, 0.5)) == {"_foreach_add_": 1}, device
+
+
 def test_a_foreach_array_is_written_in_place_by_one_op_per_operation():
     """The foreach path's list arrays (``adaptlr.backends.foreach``): ``+=``, ``-=``, ``*=`` with a
     list, a number or a 0-D tensor of their dtype are one in-place ``_foreach`` op on the same
