@@ -135,11 +135,10 @@ def ema_donated(scalars: Any, x: Any, y: Any, beta: Any, one_minus_beta: Any = N
     :func:`mul_donated`) with ``y`` (``β`` a Python float or a 0-D array of ``x``'s dtype, and
     ``one_minus_beta`` its ``1-β`` in the same form; None: ``1.0 - β``).
 
-    On torch, for a Python float ``β``, one pass, ``torch.optim``'s own: ``x + (1-β)·(y - x)``
+    On torch, for a Python float ``β``: one pass, ``torch.optim``'s own ``x + (1-β)·(y - x)``
     (``lerp``; into ``x`` where it is donated, :mod:`adaptlr.backends.torch_fused`), within a few
-    roundings of the two-pass form ``β·x`` (:func:`mul_donated`) ``+ (1-β)·y``
-    (:func:`add_scaled_`) that every other backend, and torch for a 0-D ``β``, computes (bitwise as
-    before on the others)."""
+    roundings of the two-pass form. Elsewhere, and on torch for a 0-D ``β``: the two-pass form,
+    ``β·x`` (:func:`mul_donated`) then ``+ (1-β)·y`` (:func:`add_scaled_`)."""
     weight = 1.0 - beta if one_minus_beta is None else one_minus_beta
     if _has_fused(x) and _fits(x, y) and _fits(x, weight):
         from adaptlr.backends.torch_fused import lerp  # pyright: ignore[reportMissingImports]
