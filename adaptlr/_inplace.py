@@ -34,7 +34,7 @@ from typing import Any
 from adaptlr._validation import library_of
 
 __all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "donating", "ema_donated", "mul_", "mul_donated",
-           "sub_"]
+           "mul_into_donated", "sub_"]
 
 
 def _fits(a: Any, b: Any) -> bool:
@@ -148,6 +148,22 @@ def ema_donated(scalars: Any, x: Any, y: Any, beta: Any, one_minus_beta: Any = N
         if done is not None:
             return done
     return add_scaled_(mul_donated(scalars, x, beta), y, weight)
+
+
+def mul_into_donated(scalars: Any, dest: Any, x: Any, y: Any) -> Any:
+    """``x · y``, the new value of an input state array ``dest`` that the step no longer reads (EG's
+    ``v_t``, made from other arrays): written into ``dest`` where the executor donated it
+    (:func:`donating`) and the backend writes a product into a given array (torch:
+    ``torch.mul(x, y, out=dest)``, :mod:`adaptlr.backends.torch_fused`), so the executor's copy of
+    the new state into ``dest`` has nothing left to do; else a new array. The same number either
+    way. ``x`` or ``y`` must have ``dest``'s shape (the other may be 0-D)."""
+    if (scalars.donated and id(dest) in scalars.donated and _has_fused(dest) and _fits(dest, x) and _fits(dest, y)
+            and dest.shape in (getattr(x, "shape", None), getattr(y, "shape", None))):
+        from adaptlr.backends.torch_fused import mul_into  # pyright: ignore[reportMissingImports]
+
+        if mul_into(dest, x, y):
+            return dest
+    return x * y
 
 
 def add_donated(scalars: Any, x: Any, b: Any) -> Any:

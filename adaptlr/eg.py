@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import ema_donated, mul_, mul_donated
+from adaptlr._inplace import ema_donated, mul_, mul_donated, mul_into_donated
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -168,15 +168,15 @@ class EGStepSize(Adaptation):
             scales = layout.leaves(state.scale, "state.scale")
             negated = [-s for s in scales]
 
-        # v_t = α·κ_in · p_t ⊙ d_t
-        prev_steps = [mul_(a * p, d) for a, p, d in zip(size.effective(), gains, ctx.directions, strict=True)]
+        # v_t = α·κ_in · p_t ⊙ d_t (into v_{t-1}'s array where the executor donated it: the sum that
+        # read v_{t-1} was made in before_direction)
+        prev_steps = [mul_(mul_into_donated(scalars, v, a, p), d) for v, a, p, d in
+                      zip(layout.leaves(state.prev_step, "state.prev_step"), size.effective(), gains,
+                          ctx.directions, strict=True)]
 
-        # m_t = β·m_{t-1} + (1-β)·g_t
+        # m_t = β·m_{t-1} + (1-β)·g_t (Python floats: weak scalars, the arrays' dtype; torch's lerp)
         beta = self.gain_decay
-        grad_emas = [
-            ema_donated(scalars, m, g, scalars.constant(beta, g.dtype), scalars.constant(1.0 - beta, g.dtype))
-            for m, g in zip(grad_emas, grads, strict=True)
-        ]
+        grad_emas = [ema_donated(scalars, m, g, beta, 1.0 - beta) for m, g in zip(grad_emas, grads, strict=True)]
 
         new_state = EGState(state.scale, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
         # s (0-D) and p apart: α·s is multiplied first, then p once (not s·p, then α·(s·p)); the

@@ -37,13 +37,15 @@ import array_api_compat
 import optree
 
 from adaptlr._inplace import donating
+from adaptlr._state_tree import rebuild_state, split_state
 from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
 __all__ = [
-    "CPU_BLOCK_LIVE_TEMPORARIES", "FlatOptimizer", "ListLayout", "base_sums_replayable", "cpu_block_size",
-    "flat_safety", "jit_step", "jit_update", "large_cpu_model", "partitionable", "recommended_options",
-    "sums_cheaply", "sums_rarely", "sums_replayable", "sums_replayable_by_rows", "tensorwise",
+    "CPU_BLOCK_LIVE_TEMPORARIES", "FIRST_PASS_BLOCKS_PER_CALL", "FlatOptimizer", "ListLayout",
+    "base_sums_replayable", "cpu_block_size", "flat_safety", "jit_step", "jit_update", "large_cpu_model",
+    "partitionable", "recommended_options", "sums_before_direction", "sums_cheaply", "sums_rarely",
+    "sums_replayable", "sums_replayable_by_rows", "tensorwise",
 ]
 
 # Every base direction of adaptlr is elementwise (spec §1); allow-listed by module.
@@ -57,6 +59,12 @@ _CPU_FLAT_BYTES_LIMIT = 16 << 20
 CPU_BLOCK_LIVE_TEMPORARIES = 9
 _CPU_BLOCK_LARGE = 1 << 18  # elements: the fastest block size measured on large models (torch, ResNet-18)
 _CPU_BLOCK_QUANTUM = 1 << 14
+# Blocks per call in the first pass of a step whose sums all come before its base direction
+# (:func:`sums_before_direction`): the pass only sums, so one call over several blocks holds the
+# sums' temporaries (a product and its float64 copy: 3 blocks) plus, under coupled weight decay,
+# one objective gradient per block: 4 + 3 <= CPU_BLOCK_LIVE_TEMPORARIES. Each call costs the
+# update's Python and dispatch work (~70 µs on the 2-core VM, docs/performance.md round 19).
+FIRST_PASS_BLOCKS_PER_CALL = 4
 _BASE_MODULES = {"adaptlr.sgd", "adaptlr.adam", "adaptlr.radam", "adaptlr.adabelief"}
 
 
@@ -190,6 +198,15 @@ def sums_cheaply(opt: Optimizer) -> bool:
     bases, whose first pass computes most of their step (:func:`base_sums_replayable`)."""
     return _every_summing_adaptation(
         opt, lambda a: _sums_rarely(a) or getattr(a, "sums_before_direction", False) is True)
+
+
+def sums_before_direction(opt: Optimizer) -> bool:
+    """Whether every sum of ``opt``'s step is made before its base direction, from the step's
+    inputs: its sums are replayable, none is the base's, and each adaptation that sums declares
+    ``sums_before_direction = True`` (HD and EG global). The first pass of a step over blocks then
+    computes only the sums' terms (one temporary at a time: ``ctx.reduce.total`` takes them from a
+    generator) and may run over several blocks in one call (:data:`FIRST_PASS_BLOCKS_PER_CALL`)."""
+    return _every_summing_adaptation(opt, lambda a: getattr(a, "sums_before_direction", False) is True)
 
 
 def base_sums_replayable(opt: Optimizer) -> bool:
@@ -995,7 +1012,10 @@ class FlatOptimizer:
         (:func:`adaptlr.backends.part_sums.run_parts`): blockwise algorithms in one pass; the others
         (one buffer, replayable sums) in one pass that refuses sums (AutoDrop between epoch
         boundaries), or, where the step sums, in two (each block's partial sums, then every block
-        with the whole sums).
+        with the whole sums). Where every sum comes before the base direction
+        (:func:`sums_before_direction`: HD, EG global), the first pass after its first block takes
+        :data:`FIRST_PASS_BLOCKS_PER_CALL` blocks per call, each a leaf of one update: it only
+        sums, and each call costs the update's Python and dispatch work.
 
         ``blocks``: ``(bucket, start, stop, member)`` (default: ``block_size`` strides of each buffer,
         member None); a block whose member is ``(leaf, offset)`` reads and writes ``sources`` (the
@@ -1011,16 +1031,23 @@ class FlatOptimizer:
 
         donation_safe = self.opt.donation_safe
 
-        def run_block(part: tuple, reducer: Any, write: bool, donate: bool) -> None:
+        def block_inputs(part: tuple) -> tuple[Any, Any]:
+            """The block's parameters and gradients: views of the flat buffers or of ``sources``."""
             b, start, stop, member = part
-            bucket, state = self._buckets[b], self.state[b]
-            p_flat = g_flat = None
+            bucket = self._buckets[b]
+            p_flat = g_flat = None  # a leaf's own flat storage, None where it is staged in the buffers
             offset = 0
             if member is not None and sources is not None:
                 i, offset = member
                 p_flat, g_flat = sources[0][i], sources[1][i]
             params = bucket.params[start:stop] if p_flat is None else p_flat[start - offset:stop - offset]
             grads = bucket.grads[start:stop] if g_flat is None else g_flat[start - offset:stop - offset]
+            return params, grads
+
+        def run_block(part: tuple, reducer: Any, write: bool, donate: bool) -> None:
+            b, start, stop, _ = part
+            bucket, state = self._buckets[b], self.state[b]
+            params, grads = block_inputs(part)
             key = (type(reducer), b)
             if key not in step_scalars:
                 step_scalars[key] = Scalars.of_step(xp, state, [bucket.params])
@@ -1043,10 +1070,41 @@ class FlatOptimizer:
                 _add_into(params, updates[0])
                 last[b] = new_chunk
 
+        fields_of: dict[int, tuple] = {}
+
+        def run_group(group: list[tuple], reducer: Any) -> None:
+            """The first pass over consecutive blocks of one buffer in one call, each block a leaf
+            (:func:`sums_before_direction`: the pass stops at its last sum, writing nothing)."""
+            b = group[0][0]
+            if any(part[0] != b for part in group):  # one buffer per call: its state and α
+                for part in group:
+                    run_block(part, reducer, False, False)
+                return
+            bucket, state = self._buckets[b], self.state[b]
+            inputs = [block_inputs(part) for part in group]
+            key = (type(reducer), b)
+            if key not in step_scalars:
+                step_scalars[key] = Scalars.of_step(xp, state, [bucket.params])
+            if b not in fields_of:  # once per step and buffer: (skeleton, [(per_param, value)])
+                skeleton, fields = split_state(state, layout.treespec)
+                fields_of[b] = skeleton, [(f.per_param, f.value[0] if f.per_param else f.value) for f in fields]
+            skeleton, fields = fields_of[b]
+            values = [[_block_of(slot, start, stop) for _, start, stop, _ in group] if per_param else slot
+                      for per_param, slot in fields]
+            self.opt.update_leaves(
+                xp, ListLayout(len(group)), [g for _, g in inputs], rebuild_state(skeleton, values),
+                [p for p, _ in inputs],
+                alpha=None if alpha is None else [alpha[b]] * len(group),
+                weight_decay=None if weight_decay is None else [weight_decay[b]] * len(group),
+                reducer=reducer, scalars=step_scalars[key],
+            )
+
         if blocks is None:
             blocks = [(b, start, min(start + block, bucket.size), None)
                       for b, bucket in enumerate(self._buckets) for start in range(0, bucket.size, block)]
-        part_sums.run_parts(xp, blocks, run_block, "none" if self._blockwise else "try")
+        groups = None if self._blockwise or not sums_before_direction(self.opt) else (FIRST_PASS_BLOCKS_PER_CALL,
+                                                                                     run_group)
+        part_sums.run_parts(xp, blocks, run_block, "none" if self._blockwise else "try", first_pass_groups=groups)
         for b, new_state in last.items():
             _write_state(self.state[b], new_state, only_scalars=True)
 
@@ -1133,6 +1191,14 @@ def _merge_nodes(nodes: list, order: list[int], num: int) -> Any:
         items = [_merge_nodes([n[k] for n in nodes], order, num) for k in range(len(first))]
         return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
     return first
+
+
+def _block_of(slot: Any, start: int, stop: int) -> Any:
+    """A block of a flat buffer's per-parameter slot: its 1-D arrays cut to ``[start:stop]``, its 0-D
+    ones (a per-leaf learning rate) as they are."""
+    if hasattr(slot, "ndim"):
+        return slot[start:stop] if slot.ndim == 1 else slot
+    return optree.tree_map(lambda x: x[start:stop] if x.ndim == 1 else x, slot)
 
 
 def _write_state(dst: Any, src: Any, *, skip_scalars: bool = False, only_scalars: bool = False) -> None:

@@ -147,7 +147,8 @@ def whole_sums(partials: list[list]) -> list:
 
 
 def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | None, bool, bool], None],
-              sums: str, rows: bool = False) -> None:
+              sums: str, rows: bool = False,
+              first_pass_groups: tuple[int, Callable[[list, Reducer], None]] | None = None) -> None:
     """One step over ``parts``, each part written before the next is computed.
 
     Args:
@@ -166,10 +167,15 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
             written, and then takes the two passes).
         rows: the parts are row blocks of one tensor (leaf sums over the first dimension are
             completed across them; see :class:`_PartSums`).
+        first_pass_groups: ``(size, run_group)``: the first pass, after its first part, runs
+            ``run_group(group, recorder)`` on groups of up to ``size`` consecutive parts, one step
+            over all of them (a step whose sums come before anything else it computes, so a group
+            holds only its sums' temporaries: :func:`adaptlr.backends.fast.sums_before_direction`).
+            The first part runs alone: it runs to the step's end, to count the sums.
     """
     if sums not in ("none", "replay", "try"):
         raise ValueError(f"sums must be 'none', 'replay' or 'try', got {sums!r}")
-    if sums == "none":
+    if sums == "none" or not parts:
         for k, part in enumerate(parts):
             run_part(part, None, True, k > 0)
         return
@@ -186,15 +192,26 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
         except SumsRequested:
             pass
     recorders: list[Recorder] = []
-    for part in parts:  # first pass: each part's partial sums, nothing written
+
+    def record(run: Callable[[Recorder], None]) -> None:
         # Every part makes the sums the first one made (the same operations): from the second part
         # on, the pass stops at the last of them.
         recorder = Recorder(xp, len(recorders[0].partials) if recorders else None, rows)
         try:
-            run_part(part, recorder, False, False)
+            run(recorder)
         except PartSummed:
             pass
         recorders.append(recorder)
+
+    # first pass: each part's partial sums, nothing written
+    record(lambda recorder: run_part(parts[0], recorder, False, False))
+    if first_pass_groups is not None and recorders[0].partials:
+        size, run_group = first_pass_groups
+        for k in range(1, len(parts), size):
+            record(lambda recorder, group=list(parts[k:k + size]): run_group(group, recorder))
+    else:
+        for part in parts[1:]:
+            record(lambda recorder, part=part: run_part(part, recorder, False, False))
     sums_of_model = whole_sums([r.partials for r in recorders])
     for k, part in enumerate(parts):
         replayer = Replayer(xp, sums_of_model, rows)

@@ -23,8 +23,11 @@ and on a GPU, where that form is not one multi-tensor kernel, the standard two (
 which keep the launches at two. ``lerp`` takes only a Python float weight, on every path (a 0-D
 weight has no one-kernel foreach form).
 
-``add_scaled_`` and ``add_product_`` return whether they wrote the result into ``a``; ``lerp`` returns
-the result, or None.
+``mul_into`` writes a product into a given tensor (a state field the step no longer reads, donated
+by the executor: :func:`adaptlr._inplace.mul_into_donated`), so the executor has nothing to copy.
+
+``add_scaled_``, ``add_product_`` and ``mul_into`` return whether they wrote the result; ``lerp``
+returns the result, or None.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 
 from adaptlr.backends.foreach import _MUL_TENSOR, ForeachArray
 
-__all__ = ["add_product_", "add_scaled_", "lerp"]
+__all__ = ["add_product_", "add_scaled_", "lerp", "mul_into"]
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -119,3 +122,15 @@ def lerp(x: Any, y: Any, weight: Any, *, into: bool) -> Any:
     if not _plain(x, y) or y.device != x.device:
         return None
     return x.lerp_(y, weight) if into else torch.lerp(x, y, weight)
+
+
+def mul_into(dest: Any, x: Any, y: Any) -> bool:
+    """``dest ← x·y`` (``torch.mul(x, y, out=dest)``: the product written into an existing tensor);
+    False: not done (a ForeachArray: torch has no foreach form with an output list)."""
+    if isinstance(dest, ForeachArray):
+        return False
+    tensors = [t for t in (x, y) if isinstance(t, torch.Tensor)]
+    if not _plain(dest, *tensors) or any(t.ndim and t.device != dest.device for t in tensors):
+        return False
+    torch.mul(x, y, out=dest)
+    return True

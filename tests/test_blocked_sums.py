@@ -16,7 +16,15 @@ import pytest
 import adaptlr
 from adaptlr.backends import part_sums
 from adaptlr.backends.bench import _tracemalloc_peak
-from adaptlr.backends.fast import FlatOptimizer, recommended_options, sums_cheaply, sums_rarely, sums_replayable
+from adaptlr.backends.fast import (
+    FIRST_PASS_BLOCKS_PER_CALL,
+    FlatOptimizer,
+    recommended_options,
+    sums_before_direction,
+    sums_cheaply,
+    sums_rarely,
+    sums_replayable,
+)
 from adaptlr.core import Adaptation
 from tests.conftest import aten_ops_by_name, max_rel_err, random_problem
 
@@ -129,12 +137,50 @@ def test_autodrop_sums_only_at_boundaries_and_takes_two_passes_only_there() -> N
     # A boundary step: the first block refuses its sum (nothing written), then two full passes.
     boundary, ordinary = 1 + 2 * blocks, blocks
     assert _passes(opt) == [boundary if t % EPOCH == 0 else ordinary for t in range(STEPS)]
-    # Sums on every step: one refused block and two passes every step.
+    # Sums on every step: one refused block and two passes every step; HD sums before its direction,
+    # so its first pass runs the first block alone (to its end, counting the sums), then groups of
+    # FIRST_PASS_BLOCKS_PER_CALL blocks in one call each.
     hd = _algorithms()["hd_global(adamw)"]()
-    assert not sums_rarely(hd)
-    assert _passes(hd, 3) == [1 + 2 * blocks] * 3
+    assert not sums_rarely(hd) and sums_before_direction(hd)
+    grouped = 1 + -(-(blocks - 1) // FIRST_PASS_BLOCKS_PER_CALL)
+    assert FIRST_PASS_BLOCKS_PER_CALL > 1 and grouped < blocks
+    assert _passes(hd, 3) == [1 + grouped + blocks] * 3
     # No sums at all: one pass every step.
     assert _passes(_algorithms()["schedule_free_adamw"](), 3) == [blocks] * 3
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("name", ["hd_global(adamw)", "eg_global(sgd)"])
+def test_a_first_pass_over_several_blocks_per_call_gives_the_steps_of_one_block_per_call(name, backend,
+                                                                                        monkeypatch) -> None:
+    """The first pass of HD and EG global (sums before the direction) runs groups of blocks in one
+    call, each block a leaf: the sums are the same partial sums added in another order (float64),
+    so the steps agree with one block per call to float64 rounding; only these two group."""
+    pytest.importorskip(backend)
+    from adaptlr.backends import fast
+
+    assert sums_before_direction(_algorithms()[name]())
+    assert not any(sums_before_direction(_algorithms()[n]()) for n in ("autodrop(adamw)", "prodigy", "dadapt_adam"))
+    runs = []
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(fast, "sums_before_direction", lambda opt: False)
+        params, noise = _problem(backend)
+        fo = FlatOptimizer(_algorithms()[name](), params, block_size=BLOCK)
+        calls: list[int] = []
+
+        def counted(*args, calls=calls, original=fo.opt.update_leaves, **kwargs):
+            calls.append(len(args[2]))  # the leaves of this call: blocks
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(fo.opt, "update_leaves", counted)
+        for t in range(STEPS):
+            fo.step([_grad(p, n) for p, n in zip(fo.params, noise[t])])
+        runs.append(([np.asarray(p).copy() for p in fo.params], calls))
+    (grouped_params, grouped_calls), (single_params, single_calls) = runs
+    assert max(grouped_calls) == FIRST_PASS_BLOCKS_PER_CALL and max(single_calls) == 1
+    assert len(grouped_calls) < len(single_calls)
+    assert max(max_rel_err(a, b) for a, b in zip(grouped_params, single_params)) <= 1e-13
 
 
 def test_sums_before_the_direction_end_the_first_pass_before_it() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import adaptlr
-from adaptlr._inplace import add_donated, donating, mul_donated
+from adaptlr._inplace import add_donated, donating, mul_donated, mul_into_donated
 from adaptlr.backends.fast import FlatOptimizer
 from adaptlr.core import Scalars
 
@@ -63,6 +63,48 @@ def test_a_donated_field_is_written_in_place_and_an_other_is_not(backend):
             if backend.library in MUTABLE:
                 assert (result is a) == donate, (op, donate)
     assert not scalars.donated  # the set is the step's only within the block
+
+
+def test_a_product_is_written_into_a_donated_field_where_the_backend_has_an_output_form(backend):
+    """``mul_into_donated``: ``x·y`` into the donated field on torch (``torch.mul(out=)``), a new
+    array elsewhere and where nothing is donated; the same number either way."""
+    xp = backend.xp
+    scalars = Scalars(xp, xp.asarray(1, device=backend.device), backend.device)
+    rng = np.random.default_rng(5)
+    y_host = rng.standard_normal(6).astype(np.float32)
+    a, y = backend.asarray(np.asarray(0.3), "float32"), backend.asarray(y_host, "float32")
+    for donate in (False, True):
+        dest = backend.asarray(np.zeros(6), "float32")
+        with donating(scalars, [dest] if donate else []):
+            result = mul_into_donated(scalars, dest, a, y)
+        np.testing.assert_array_equal(backend.to_numpy(result), np.float32(0.3) * y_host, err_msg=str(donate))
+        assert (result is dest) == (donate and backend.library == "torch"), donate
+        if result is not dest:
+            np.testing.assert_array_equal(backend.to_numpy(dest), np.zeros(6, np.float32))
+
+
+def test_eg_writes_its_step_into_the_donated_state_and_copies_nothing_back(monkeypatch):
+    """EG's ``v_t`` goes into its state array on the donated blocks of the torch adapter: a blocked
+    step copies only the first (undonated) block's five per-element fields back; without the output
+    form each later block copies ``v_t`` too."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends import torch_fused
+    from adaptlr.backends.torch import Optimizer
+    from tests.conftest import aten_ops_by_name
+
+    n = 4096
+    copies = []
+    for output_form in (True, False):
+        if not output_form:
+            monkeypatch.setattr(torch_fused, "mul_into", lambda *args: False)
+        p = torch.nn.Parameter(torch.randn(3 * n, generator=torch.Generator().manual_seed(0)))
+        p.grad = torch.randn(3 * n, generator=torch.Generator().manual_seed(1))
+        opt = Optimizer([p], adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-2, 1e-2),
+                        fast={"block_size": n})
+        opt.step()
+        assert opt.fast_path == "blocked"
+        copies.append(aten_ops_by_name(opt.step, n).get("copy_", 0))
+    assert copies == [5, 5 + 2], copies  # m, v, p, m_t, v_t of the first block; v_t of blocks 2 and 3
 
 
 def test_a_temporary_factor_is_written_into_where_the_field_is_not_donated(backend):
