@@ -150,20 +150,23 @@ def ema_donated(scalars: Any, x: Any, y: Any, beta: Any, one_minus_beta: Any = N
     return add_scaled_(mul_donated(scalars, x, beta), y, weight)
 
 
-def mul_into_donated(scalars: Any, dest: Any, x: Any, y: Any) -> Any:
+def mul_into_donated(scalars: Any, dest: Any, x: Any, y: Any, *, x_temporary: bool = False) -> Any:
     """``x · y``, the new value of an input state array ``dest`` that the step no longer reads (EG's
-    ``v_t``, made from other arrays): written into ``dest`` where the executor donated it
-    (:func:`donating`) and the backend writes a product into a given array (torch:
+    ``v_t``, made from other arrays; HD's ``d_{t-1}``, which takes the base direction:
+    :attr:`adaptlr.core.Scalars.directions_into`): written into ``dest`` where the executor donated
+    it (:func:`donating`) and the backend writes a product into a given array (torch:
     ``torch.mul(x, y, out=dest)``, :mod:`adaptlr.backends.torch_fused`), so the executor's copy of
-    the new state into ``dest`` has nothing left to do; else a new array. The same number either
-    way. ``x`` or ``y`` must have ``dest``'s shape (the other may be 0-D)."""
-    if (scalars.donated and id(dest) in scalars.donated and _has_fused(dest) and _fits(dest, x) and _fits(dest, y)
-            and dest.shape in (getattr(x, "shape", None), getattr(y, "shape", None))):
+    the new state into ``dest`` has nothing left to do; else into ``x`` where it is a temporary of
+    the calling step (``x_temporary``, as :func:`mul_`), else a new array. The same number every
+    way. ``x`` or ``y`` must have ``dest``'s shape (the other may be 0-D); ``dest`` may be None."""
+    shapes = (getattr(x, "shape", None), getattr(y, "shape", None))
+    if (dest is not None and scalars.donated and id(dest) in scalars.donated and _has_fused(dest)
+            and _fits(dest, x) and _fits(dest, y) and dest.shape in shapes):
         from adaptlr.backends.torch_fused import mul_into  # pyright: ignore[reportMissingImports]
 
         if mul_into(dest, x, y):
             return dest
-    return x * y
+    return mul_(x, y) if x_temporary else x * y
 
 
 def add_donated(scalars: Any, x: Any, b: Any) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, add_product_, ema_donated, mul_, mul_donated
+from adaptlr._inplace import add_, add_product_, ema_donated, mul_donated, mul_into_donated
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
@@ -71,12 +71,15 @@ class AdamDirection(BaseDirection):
             sqrt_bc2 = xp.sqrt(1.0 - b2**t)
             return sqrt_bc2 / (1.0 - b1**t), eps * sqrt_bc2
 
+        into = scalars.directions_into  # (empty unless an executor donated a state field that keeps d)
         mus, nus, directions = [], [], []
         for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):
             scale, eps_t = scalars.step_scalars("adam", g.dtype, corrections)
             m = ema_donated(scalars, m, g, b1)
             nu = add_product_(mul_donated(scalars, nu, b2), g, g, 1.0 - b2)
-            directions.append(mul_(m / add_(xp.sqrt(nu), eps_t), scale))
+            # the last pass into the state array that keeps the direction, where one is donated (HD)
+            directions.append(mul_into_donated(scalars, into.get(id(g)) if into else None,
+                                               m / add_(xp.sqrt(nu), eps_t), scale, x_temporary=True))
             mus.append(m)
             nus.append(nu)
         return directions, AdamState(layout.tree(mus), layout.tree(nus))

@@ -228,7 +228,7 @@ class Scalars:
     to the dtype of the tensors they meet (:meth:`step_scalars`).
     """
 
-    __slots__ = ("_cache", "count", "device", "donated", "t", "wide", "xp")
+    __slots__ = ("_cache", "count", "device", "directions_into", "donated", "t", "wide", "xp")
 
     def __init__(self, xp: Any, count: Array, device: Any) -> None:
         self.xp = xp
@@ -240,6 +240,10 @@ class Scalars:
         # ids of the state arrays the executor lets this step write into (adaptlr._inplace.donating;
         # one set, changed in place, shared with the scalars of with_count)
         self.donated: set[int] = set()
+        # id(objective gradient of a leaf) -> an array its base direction may be written into (a
+        # donated state field that keeps the direction, HD's d_{t-1}: adaptlr._inplace.mul_into_donated);
+        # set by an adaptation in before_direction, cleared by each update_leaves call, shared as donated
+        self.directions_into: dict[int, Any] = {}
 
     @classmethod
     def of_step(cls, xp: Any, state: OptimizerState, params: Sequence[Array]) -> Scalars:
@@ -262,6 +266,7 @@ class Scalars:
                 return scalars
         made.append(Scalars(self.xp, count, self.device))
         made[-1].donated = self.donated  # the same set: what is donated to the step, is to its parts
+        made[-1].directions_into = self.directions_into
         return made[-1]
 
     def constant(self, value: float, dtype: Any) -> Array:
@@ -606,6 +611,8 @@ class Optimizer:
         grads = self._in_state_dtype(xp, grads)
         if scalars is None:
             scalars = Scalars.of_step(xp, state, params)
+        if scalars.directions_into:  # this call's adaptations say where its directions may go
+            scalars.directions_into.clear()
         count = scalars.count
         if alpha is None:
             # A schedule, or a 0-D array that may change between steps (optax.inject_hyperparams).

@@ -114,10 +114,18 @@ class Hypergradient(Adaptation):
 
     def before_direction(self, ctx: StepContext, state: HypergradientState) -> HypergradientState:
         """``a_t`` from ``a_{t-1}``, the gradient and ``d_prev``: the sums read nothing else."""
+        scalars, grads = ctx.scalars, ctx.objective_grads
+        d_prev = ctx.layout.leaves(state.d_prev, "state.d_prev")
+        new_state = self._adapted(ctx, state, grads, d_prev, self.mode == "multiplicative")
+        # What reads d_{t-1} is done: where the executor donated it, the base may write its
+        # direction there (the new d_prev; Scalars.directions_into), and nothing is copied back.
+        if scalars.donated:
+            scalars.directions_into.update((id(g), d) for g, d in zip(grads, d_prev) if id(d) in scalars.donated)
+        return new_state
+
+    def _adapted(self, ctx: StepContext, state: HypergradientState, grads: list, d_prev: list,
+                 multiplicative: bool) -> HypergradientState:
         xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
-        grads = ctx.objective_grads
-        d_prev = layout.leaves(state.d_prev, "state.d_prev")
-        multiplicative = self.mode == "multiplicative"
 
         if self.granularity == "global":
             acc = scalars.wide

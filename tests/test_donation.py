@@ -31,6 +31,9 @@ DONATING = {
     "active(adamw)": lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2),
     "autodrop(adamw), try": lambda: adaptlr.autodrop(adaptlr.adamw(1e-2), steps_per_epoch=3),
     "eg(adamw), two passes": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-2), scale_lr=0.1, gain_lr=0.1),
+    "hd(adamw), two passes": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-2, weight_decay=0.1), hyper_lr=1e-3),
+    "hd(active(adam)), multiplicative": lambda: adaptlr.hypergradient(
+        adaptlr.active(adaptlr.adam(1e-2), steps_per_epoch=2), hyper_lr=1e-2, mode="multiplicative"),
     "prodigy, two passes": lambda: adaptlr.prodigy(weight_decay=0.1),
     "dadapt_adam, two passes": lambda: adaptlr.dadapt_adam(),
     "dadapt_sgd, two passes": lambda: adaptlr.dadapt_sgd(momentum=0.5, weight_decay=0.1),
@@ -83,10 +86,17 @@ def test_a_product_is_written_into_a_donated_field_where_the_backend_has_an_outp
             np.testing.assert_array_equal(backend.to_numpy(dest), np.zeros(6, np.float32))
 
 
-def test_eg_writes_its_step_into_the_donated_state_and_copies_nothing_back(monkeypatch):
-    """EG's ``v_t`` goes into its state array on the donated blocks of the torch adapter: a blocked
-    step copies only the first (undonated) block's five per-element fields back; without the output
-    form each later block copies ``v_t`` too."""
+@pytest.mark.parametrize("name, make, first_block", [
+    # m, v, p, m_t, v_t of the first block; v_t of each later block without the output form
+    ("eg", lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-2, 1e-2), 5),
+    # m, v, d_prev of the first block; d_prev (the base direction, Scalars.directions_into) of the later ones
+    ("hd", lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-8), 3),
+])
+def test_a_state_field_made_by_a_product_is_written_in_place_and_not_copied_back(name, make, first_block,
+                                                                                  monkeypatch):
+    """EG's ``v_t`` and HD's ``d_t`` (the base direction's last pass) go into their state arrays on
+    the donated blocks of the torch adapter: a blocked step copies only the first (undonated)
+    block's per-element fields back; without the output form each later block copies one more."""
     torch = pytest.importorskip("torch")
     from adaptlr.backends import torch_fused
     from adaptlr.backends.torch import Optimizer
@@ -99,12 +109,11 @@ def test_eg_writes_its_step_into_the_donated_state_and_copies_nothing_back(monke
             monkeypatch.setattr(torch_fused, "mul_into", lambda *args: False)
         p = torch.nn.Parameter(torch.randn(3 * n, generator=torch.Generator().manual_seed(0)))
         p.grad = torch.randn(3 * n, generator=torch.Generator().manual_seed(1))
-        opt = Optimizer([p], adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-2, 1e-2),
-                        fast={"block_size": n})
+        opt = Optimizer([p], make(), fast={"block_size": n})
         opt.step()
         assert opt.fast_path == "blocked"
         copies.append(aten_ops_by_name(opt.step, n).get("copy_", 0))
-    assert copies == [5, 5 + 2], copies  # m, v, p, m_t, v_t of the first block; v_t of blocks 2 and 3
+    assert copies == [first_block, first_block + 2], (name, copies)
 
 
 def test_a_temporary_factor_is_written_into_where_the_field_is_not_donated(backend):

@@ -1,6 +1,6 @@
 """Interleaved A/B of round 19's change (the first pass of a blocked step whose sums all come before
 its base direction runs over several blocks per call, ``adaptlr.backends.fast.FIRST_PASS_BLOCKS_PER_CALL``;
-EG's two passes fewer), in one process.
+EG's two passes fewer, HD's copy of the direction gone), in one process.
 
     python docs/scripts/round19_ab.py costs              # words moved per parameter and aten ops per
                                                          # step, before/after (deterministic)
@@ -9,11 +9,13 @@ EG's two passes fewer), in one process.
                                                          # first pass and the writing pass, before/after
     python docs/scripts/round19_ab.py torch ROUNDS       # AdamW and the wrappers, torch adapter default
                                                          # path, before/after; torch.optim.AdamW(foreach)
+    python docs/scripts/round19_ab.py summing ROUNDS     # AdamW, HD and EG only, torch adapter default
     python docs/scripts/round19_ab.py numpy ROUNDS       # HD and EG through NumPy's blocked FlatOptimizer
 
 Round 19 also writes EG's ``v_t`` into its state array where the executor donated it
-(``adaptlr._inplace.mul_into_donated``: ``torch.mul(out=)``, no copy back) and gives EG's moving
-average Python-float weights (torch's one-pass ``lerp``, as Adam's). "Before" runs round 18's step:
+(``adaptlr._inplace.mul_into_donated``: ``torch.mul(out=)``, no copy back), likewise Adam's
+direction into HD's ``d_{t-1}`` (``Scalars.directions_into``), and gives EG's moving average
+Python-float weights (torch's one-pass ``lerp``, as Adam's). "Before" runs round 18's step:
 the first pass one block per call (``fast.sums_before_direction`` patched to False: ``FlatOptimizer``
 then passes no ``first_pass_groups`` to ``part_sums.run_parts``), ``torch_fused.mul_into`` patched
 to "not done", EG's average with 0-D weights.
@@ -33,7 +35,7 @@ import adaptlr
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from round9_ab import run_mode  # the command line of rounds 11 to 19
 from round11_ab import WRAPPERS
-from round12_ab import costs_with, modes, pairs_with
+from round12_ab import _adapter, costs_with, interleaved, modes, pairs_with
 
 WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
 SUMMING = {k: WRAPPERS[k] for k in ("adamw", "hypergradient", "eg_step_size")}
@@ -140,6 +142,7 @@ def calls() -> None:
 def main(argv: list[str]) -> None:
     all_modes = modes(pairs_with(_before), costs_with(_before), WRAPPERS, _numpy_blocked, SUMMING)
     all_modes["calls"] = calls
+    all_modes["summing"] = lambda rounds: interleaved(pairs_with(_before)(SUMMING, _adapter), rounds)
     del all_modes["lr-free"], all_modes["foreach"]  # unchanged: no sums before the direction, no donation
     run_mode(all_modes, argv, __doc__)
 
