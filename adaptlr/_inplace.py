@@ -33,8 +33,8 @@ from typing import Any
 
 from adaptlr._validation import library_of
 
-__all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "donating", "ema_donated", "mul_", "mul_donated",
-           "mul_into_donated", "sub_"]
+__all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "donating", "ema_donated", "is_donated", "mul_",
+           "mul_donated", "mul_into_donated", "sub_"]
 
 
 def _fits(a: Any, b: Any) -> bool:
@@ -70,6 +70,12 @@ def mul_(a: Any, b: Any) -> Any:
         a *= b
         return a
     return a * b
+
+
+def is_donated(scalars: Any, x: Any) -> bool:
+    """Whether the executor donated the state array ``x`` to the step that ``scalars`` (its
+    :class:`adaptlr.core.Scalars`) belong to (:func:`donating`): the step may write into it."""
+    return bool(scalars.donated) and id(x) in scalars.donated
 
 
 def _has_fused(a: Any) -> bool:
@@ -124,7 +130,7 @@ def mul_donated(scalars: Any, x: Any, b: Any, *, b_temporary: bool = False) -> A
 
     The caller must not read ``x``'s old value after this call. ``x · b`` and ``b · x`` are the
     same number (IEEE multiplication commutes)."""
-    if scalars.donated and id(x) in scalars.donated and _fits(x, b):
+    if is_donated(scalars, x) and _fits(x, b):
         x *= b
         return x
     return mul_(b, x) if b_temporary else x * b
@@ -143,8 +149,7 @@ def ema_donated(scalars: Any, x: Any, y: Any, beta: Any, one_minus_beta: Any = N
     if _has_fused(x) and _fits(x, y) and _fits(x, weight):
         from adaptlr.backends.torch_fused import lerp  # pyright: ignore[reportMissingImports]
 
-        donated = bool(scalars.donated) and id(x) in scalars.donated
-        done = lerp(x, y, weight, into=donated)
+        done = lerp(x, y, weight, into=is_donated(scalars, x))
         if done is not None:
             return done
     return add_scaled_(mul_donated(scalars, x, beta), y, weight)
@@ -160,7 +165,7 @@ def mul_into_donated(scalars: Any, dest: Any, x: Any, y: Any, *, x_temporary: bo
     the calling step (``x_temporary``, as :func:`mul_`), else a new array. The same number every
     way. ``x`` or ``y`` must have ``dest``'s shape (the other may be 0-D); ``dest`` may be None."""
     shapes = (getattr(x, "shape", None), getattr(y, "shape", None))
-    if (dest is not None and scalars.donated and id(dest) in scalars.donated and _has_fused(dest)
+    if (dest is not None and is_donated(scalars, dest) and _has_fused(dest)
             and _fits(dest, x) and _fits(dest, y) and dest.shape in shapes):
         from adaptlr.backends.torch_fused import mul_into  # pyright: ignore[reportMissingImports]
 
@@ -173,7 +178,7 @@ def add_donated(scalars: Any, x: Any, b: Any) -> Any:
     """``x + b`` for an input state array ``x`` that the step reads once (ActiveLR's gradient sum
     ``C + g``): written into ``x`` where the executor donated it (:func:`donating`), else a new
     array. Addition commutes too."""
-    if scalars.donated and id(x) in scalars.donated and _fits(x, b):
+    if is_donated(scalars, x) and _fits(x, b):
         x += b
         return x
     return x + b

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_
+from adaptlr._inplace import add_, is_donated, mul_
 from adaptlr._precision import cast_like, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
@@ -120,7 +120,7 @@ class Hypergradient(Adaptation):
         # What reads d_{t-1} is done: where the executor donated it, the base may write its
         # direction there (the new d_prev; Scalars.directions_into), and nothing is copied back.
         if scalars.donated:
-            scalars.directions_into.update((id(g), d) for g, d in zip(grads, d_prev) if id(d) in scalars.donated)
+            scalars.directions_into.update((id(g), d) for g, d in zip(grads, d_prev) if is_donated(scalars, d))
         return new_state
 
     def _adapted(self, ctx: StepContext, state: HypergradientState, grads: list, d_prev: list,
