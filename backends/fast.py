@@ -27,6 +27,7 @@ decides, and anything unknown is not flat-safe.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
 __all__ = [
-    "CPU_BLOCK_LIVE_TEMPORARIES", "FIRST_PASS_BLOCKS_PER_CALL", "FlatOptimizer", "ListLayout",
+    "CPU_BLOCK_LIVE_TEMPORARIES", "FIRST_PASS_BLOCKS_PER_CALL", "REPLAY_BLOCKS", "FlatOptimizer", "ListLayout",
     "base_sums_replayable", "cpu_block_size", "flat_safety", "jit_step", "jit_update", "large_cpu_model",
     "partitionable", "recommended_options", "sums_before_direction", "sums_cheaply", "sums_rarely",
     "sums_replayable", "sums_replayable_by_rows", "tensorwise",
@@ -65,6 +66,10 @@ _CPU_BLOCK_QUANTUM = 1 << 14
 # one objective gradient per block: 4 + 3 <= CPU_BLOCK_LIVE_TEMPORARIES. Each call costs the
 # update's Python and dispatch work (~70 µs on the 2-core VM, docs/performance.md round 19).
 FIRST_PASS_BLOCKS_PER_CALL = 4
+# torch's blocked step runs the first writing block of each buffer and pass and replays its aten
+# operations on the next blocks (adaptlr.backends.block_tape): the same operations, without the ~130 µs
+# of Python per block that chose them. False: every block runs the step (A/B runs, tests).
+REPLAY_BLOCKS = True
 _BASE_MODULES = {"adaptlr.sgd", "adaptlr.adam", "adaptlr.radam", "adaptlr.adabelief"}
 
 
@@ -1015,7 +1020,10 @@ class FlatOptimizer:
         with the whole sums). Where every sum comes before the base direction
         (:func:`sums_before_direction`: HD, EG global), the first pass after its first block takes
         :data:`FIRST_PASS_BLOCKS_PER_CALL` blocks per call, each a leaf of one update: it only
-        sums, and each call costs the update's Python and dispatch work.
+        sums, and each call costs the update's Python and dispatch work. On torch the blocks of a
+        buffer after the first of a writing pass (and of a first pass that stops at its last sum)
+        replay the aten operations of the first such block (:data:`REPLAY_BLOCKS`,
+        :mod:`adaptlr.backends.block_tape`): the same operations, without the update's Python.
 
         ``blocks``: ``(bucket, start, stop, member)`` (default: ``block_size`` strides of each buffer,
         member None); a block whose member is ``(leaf, offset)`` reads and writes ``sources`` (the
@@ -1044,31 +1052,71 @@ class FlatOptimizer:
             grads = bucket.grads[start:stop] if g_flat is None else g_flat[start - offset:stop - offset]
             return params, grads
 
+        # Per buffer and kind of pass: this step's tape of a writing block, replayed on the next ones
+        # (adaptlr.backends.block_tape; None: its operations refused a replay).
+        tapes: dict[tuple, Any] = {}
+        per_element: dict[int, list] = {}  # per buffer: its per-element state fields, in the state's order
+
+        def replayed(part: tuple, key: tuple, params: Any, grads: Any, reducer: Any) -> bool:
+            """Whether the block's step ran as a replay of this step's tape for its buffer and pass."""
+            tape = tapes.get(key)
+            if tape is None:
+                return False
+            b, start, stop, _ = part
+            if b not in per_element:
+                per_element[b] = [x for x in optree.tree_leaves(self.state[b]) if x.ndim == 1]
+            inputs = [params, grads, *[x[start:stop] for x in per_element[b]]]
+            if not tape.fits(inputs):
+                return False
+            results = tape.replay(inputs)
+            if reducer is not None:
+                reducer.replayed(results)
+            return True
+
         def run_block(part: tuple, reducer: Any, write: bool, donate: bool) -> None:
             b, start, stop, _ = part
             bucket, state = self._buckets[b], self.state[b]
             params, grads = block_inputs(part)
             key = (type(reducer), b)
+            # Replays (adaptlr.backends.block_tape): a writing block after the first (the parts that
+            # may be abandoned and run again do not donate), and a first-pass block that stops at its
+            # last sum (its partial sums are the tape's results), replay the tape of the first such
+            # block of its buffer and pass.
+            replays = self._torch and REPLAY_BLOCKS and (
+                (write and donate) or (isinstance(reducer, part_sums.Recorder) and reducer.sums is not None))
+            if replays and replayed(part, key, params, grads, reducer):
+                return
             if key not in step_scalars:
                 step_scalars[key] = Scalars.of_step(xp, state, [bucket.params])
             chunk = optree.tree_map(lambda x: x[start:stop] if x.ndim == 1 else x, state)
             # The block's per-element state (views of the buffers, written back below) may be written
             # into by the step itself; the 0-D fields are every block's.
-            donated = [x for x in optree.tree_leaves(chunk) if x.ndim] if donate and donation_safe else []
-            with donating(step_scalars[key], donated):
-                updates, new_chunk = self.opt.update_leaves(
-                    xp, layout, [grads], chunk, [params],
-                    alpha=None if alpha is None else [alpha[b]],
-                    weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
-                    scalars=step_scalars[key],
-                )
-            if write:
-                # Per-element fields: write the block now; 0-D fields (count, learning rate, the global
-                # scalars of the whole sums) are the same for every block and are written once, after
-                # the last.
-                _write_state(chunk, new_chunk, skip_scalars=True)
-                _add_into(params, updates[0])
-                last[b] = new_chunk
+            fields = [x for x in optree.tree_leaves(chunk) if x.ndim == 1]
+            donated = fields if donate and donation_safe else []
+            recorder: Any = contextlib.nullcontext()
+            if replays and key not in tapes:
+                from adaptlr.backends import block_tape  # pyright: ignore[reportMissingImports]
+
+                recorder = block_tape.recording(block_tape.Tape(2 + len(fields), stop - start),
+                                                [params, grads, *fields])
+            try:
+                with recorder, donating(step_scalars[key], donated):
+                    updates, new_chunk = self.opt.update_leaves(
+                        xp, layout, [grads], chunk, [params],
+                        alpha=None if alpha is None else [alpha[b]],
+                        weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
+                        scalars=step_scalars[key],
+                    )
+                    if write:
+                        # Per-element fields: write the block now; 0-D fields (count, learning rate, the
+                        # global scalars of the whole sums) are the same for every block and are written
+                        # once, after the last.
+                        _write_state(chunk, new_chunk, skip_scalars=True)
+                        _add_into(params, updates[0])
+                        last[b] = new_chunk
+            finally:  # a first pass's block stops at its last sum (part_sums.PartSummed)
+                if not isinstance(recorder, contextlib.nullcontext):
+                    tapes[key] = recorder.finish(reducer.partials if isinstance(reducer, part_sums.Recorder) else [])
 
         fields_of: dict[int, tuple] = {}
 

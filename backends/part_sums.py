@@ -80,6 +80,9 @@ class NoSums(_PartSums):
 
     __slots__ = ()
 
+    def replayed(self, results: list) -> None:
+        """A replay of another part's step, which made no sum (:mod:`adaptlr.backends.block_tape`)."""
+
     def _across(self, part: Callable[[], Any]) -> Any:
         raise SumsRequested("this step sums over elements")
 
@@ -103,6 +106,11 @@ class Recorder(_PartSums):
         super().__init__(xp, rows)
         self.partials: list = []
         self.sums = sums
+
+    def replayed(self, results: list) -> None:
+        """The part's step was a replay of another part's (:mod:`adaptlr.backends.block_tape`):
+        ``results`` are its partial sums."""
+        self.partials.extend(results)
 
     def _across(self, part: Callable[[], Any]) -> Any:
         value = part()
@@ -128,6 +136,11 @@ class Replayer(_PartSums):
             raise RuntimeError("a part's second pass asked for more sums than its first pass made")
         self.used += 1
         return self.sums[self.used - 1]
+
+    def replayed(self, results: list) -> None:
+        """The part's step was a replay of another part's (:mod:`adaptlr.backends.block_tape`), which
+        used every sum: so does this one."""
+        self.used = len(self.sums)
 
     def check_all_used(self) -> None:
         if self.used != len(self.sums):

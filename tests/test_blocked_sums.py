@@ -34,6 +34,15 @@ STEPS = 13
 EPOCH = 4  # AutoDrop: boundaries at t = 1, 5, 9, 13
 
 
+@pytest.fixture(autouse=True)
+def _every_block_runs_its_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests count a blocked step's calls and passes: torch's replays of a block's operations
+    (``adaptlr.backends.block_tape``, bit for bit the same steps: tests/test_block_tape.py) make none."""
+    from adaptlr.backends import fast
+
+    monkeypatch.setattr(fast, "REPLAY_BLOCKS", False)
+
+
 def _algorithms() -> dict:
     return {
         "autodrop(adamw)": lambda: adaptlr.autodrop(adaptlr.adamw(1e-2), steps_per_epoch=EPOCH, theta=30.0,

@@ -1,0 +1,130 @@
+"""Interleaved A/B of round 20's change (torch's blocked step replays the aten operations of a
+buffer's first writing block on its next blocks, ``adaptlr.backends.block_tape``), in one process.
+
+    python docs/scripts/round20_ab.py calls              # Python and dispatch cost per step, 51 blocks of
+                                                         # 1K elements (ResNet-18's block count), before/after
+    python docs/scripts/round20_ab.py torch ROUNDS       # AdamW and the wrappers, torch adapter default
+                                                         # path, before/after; torch.optim.AdamW(foreach)
+    python docs/scripts/round20_ab.py lr-free ROUNDS     # the learning-rate-free bases, before/after, and
+                                                         # their upstream PyTorch optimizers
+    python docs/scripts/round20_ab.py blocks ROUNDS      # AdamW, HD and EG with replays at block sizes
+                                                         # 64K-512K (the default: 256K on these shapes)
+    python docs/scripts/round20_ab.py grouping ROUNDS    # HD and EG with replays: the first pass in
+                                                         # groups of blocks (round 19) or block by block
+
+"Before" runs every block's step (``adaptlr.backends.fast.REPLAY_BLOCKS`` patched to False). The
+arithmetic is the same operations either way (``tests/test_block_tape.py``: bit for bit), so the
+words moved and aten ops per step (``round19_ab.py costs``) do not change.
+ResNet-18 parameter shapes, float32; each round runs every variant once in a fresh random order
+(``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import adaptlr
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from round9_ab import run_mode  # the command line of rounds 11 to 20
+from round11_ab import WRAPPERS
+from round12_ab import _adapter, interleaved, modes, pairs_with
+
+WRAPPERS = {**WRAPPERS, "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01))}
+CALLS = {**{k: WRAPPERS[k] for k in ("adamw", "active", "hypergradient", "eg_step_size")},
+         "prodigy": adaptlr.prodigy, "dadapt_adam": adaptlr.dadapt_adam, "dog": adaptlr.dog}
+
+
+def _every_block(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` as round 19 ran it: every block runs the step (no replays)."""
+    from adaptlr.backends import fast
+
+    def run() -> None:
+        fast.REPLAY_BLOCKS = False
+        try:
+            step()
+        finally:
+            fast.REPLAY_BLOCKS = True
+
+    return run
+
+
+def _before(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], None]:
+    return _every_block(build(opt))
+
+
+def calls() -> None:
+    """The step's time with 51 blocks of 1,024 elements: the per-block cost, not the arithmetic."""
+    import torch
+
+    from adaptlr.backends import fast
+
+    for name, make in CALLS.items():
+        for is_before in (True, False):
+            params, grads = [torch.zeros(51 << 10)], [torch.full((51 << 10,), 0.01)]
+            fo = fast.FlatOptimizer(make(), params, block_size=1 << 10)
+
+            def step(fo: fast.FlatOptimizer = fo, params: list = params, grads: list = grads) -> None:
+                fo.step_on(params, grads)
+
+            run = _every_block(step) if is_before else step
+            for _ in range(5):
+                run()
+            totals = []
+            for _ in range(9):
+                start = time.perf_counter()
+                for _ in range(20):
+                    run()
+                totals.append((time.perf_counter() - start) / 20)
+            print(f"{name:14s} {'before' if is_before else 'after ':6s} step {statistics.median(totals) * 1e3:6.2f} ms"
+                  f"  ({statistics.median(totals) / 51 * 1e6:5.1f} µs per block; medians of 9 x 20 steps)")
+
+
+def blocks(rounds: int) -> None:
+    """AdamW, HD and EG on the torch adapter's blocked path at several block sizes (replays on)."""
+    steps = {}
+    for name in ("adamw", "hypergradient", "eg_step_size"):
+        for size in (16, 17, 18, 19):
+            steps[f"{name}, {1 << (size - 10)}K blocks"] = _adapter(WRAPPERS[name](), {"block_size": 1 << size})
+    interleaved(steps, rounds)
+
+
+def _block_by_block(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` with the first pass of HD and EG one block per call (each replayed), not in groups."""
+    from adaptlr.backends import fast
+
+    grouping = fast.sums_before_direction
+
+    def run() -> None:
+        fast.sums_before_direction = lambda opt: False  # type: ignore[assignment]
+        try:
+            step()
+        finally:
+            fast.sums_before_direction = grouping
+
+    return run
+
+
+def grouping(rounds: int) -> None:
+    steps = {}
+    for name in ("adamw", "hypergradient", "eg_step_size"):
+        steps[f"{name}, groups"] = _adapter(WRAPPERS[name]())
+        steps[f"{name}, block by block"] = _block_by_block(_adapter(WRAPPERS[name]()))
+    interleaved(steps, rounds)
+
+
+def main(argv: list[str]) -> None:
+    all_modes = modes(pairs_with(_before), lambda: None, WRAPPERS, lambda opt: None, {})
+    all_modes["calls"] = calls
+    all_modes["blocks"] = blocks
+    all_modes["grouping"] = grouping
+    for unchanged in ("costs", "numpy", "foreach"):  # the same operations; NumPy and foreach take no replays
+        del all_modes[unchanged]
+    run_mode(all_modes, argv, __doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
