@@ -34,7 +34,7 @@ from typing import Any
 from adaptlr._validation import library_of
 
 __all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "donating", "ema_donated", "is_donated", "mul_",
-           "mul_donated", "mul_into_donated", "sub_"]
+           "mul_donated", "mul_for_sum", "mul_into_donated", "sub_"]
 
 
 def _fits(a: Any, b: Any) -> bool:
@@ -171,6 +171,23 @@ def mul_into_donated(scalars: Any, dest: Any, x: Any, y: Any, *, x_temporary: bo
 
         if mul_into(dest, x, y):
             return dest
+    return mul_(x, y) if x_temporary else x * y
+
+
+def mul_for_sum(x: Any, y: Any, dtype: Any, *, x_temporary: bool = False) -> Any:
+    """``x · y`` (rounded in the arrays' dtype), a term of a sum the caller takes in ``dtype`` (a
+    wider float: spec §0.2's float64 accumulation): on torch's CPU, stored in a new array of
+    ``dtype`` as it is made (``torch.mul(x, y, out=...)``, :mod:`adaptlr.backends.torch_fused`), so
+    the sum reads it as it is; ``torch.sum(dtype=float64)`` of a float32 array first converts a
+    copy of it (three words per element more: round 20). Elsewhere ``x · y``, into ``x`` where it is
+    a temporary of the calling step (``x_temporary``, as :func:`mul_`): a GPU's reduction converts
+    as it reads. The same numbers every way (a float32 product is exact in float64)."""
+    if dtype is not None and dtype != x.dtype and _has_fused(x):
+        from adaptlr.backends.torch_fused import mul_widened  # pyright: ignore[reportMissingImports]
+
+        product = mul_widened(x, y, dtype)
+        if product is not None:
+            return product
     return mul_(x, y) if x_temporary else x * y
 
 

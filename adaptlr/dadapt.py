@@ -49,7 +49,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, add_donated, add_product_, add_scaled_, mul_, mul_donated
+from adaptlr._inplace import add_, add_donated, add_product_, add_scaled_, mul_, mul_donated, mul_for_sum
 from adaptlr._ordering import wait_for
 from adaptlr._precision import cast_like, largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
@@ -186,7 +186,8 @@ class DAdaptAdamDirection(_DAdaptDirection):
         # The sums first (their terms as generators, which a part's second pass, given the whole
         # sums, does not evaluate: adaptlr.backends.part_sums), then the moments.
         old_s, old_nu = layout.leaves(state.s, "state.s"), layout.leaves(state.nu, "state.nu")
-        terms = (mul_(s / add_(xp.sqrt(nu), eps), g) for g, s, nu in zip(grads, old_s, old_nu))  # previous s and v
+        terms = (mul_for_sum(s / add_(xp.sqrt(nu), eps), g, wide, x_temporary=True)  # previous s and v
+                 for g, s, nu in zip(grads, old_s, old_nu))
         dot = reduce.total(terms, wide)
         grads = wait_for(xp, grads, (dot,))  # the old s and v read before they are overwritten (under jit)
         ss = [add_scaled_(mul_donated(scalars, s, sqrt_b2), g, cast("s", s_coef, g)) for g, s in zip(grads, old_s)]
@@ -252,15 +253,15 @@ class DAdaptSGDDirection(_DAdaptDirection):
         # which a part's second pass, given the whole sums, does not evaluate.
         # ‖g_t‖² of the raw gradient (DAdaptSGD's decay there is not in place): ‖g_1‖ once nonzero
         # (upstream divides by zero after an all-zero first gradient; here nothing moves until then).
-        raw_sq = reduce.total((g * g for g in ctx.grads), wide)
+        raw_sq = reduce.total((mul_for_sum(g, g, wide) for g in ctx.grads), wide)
         # Σ (g + λθ)² too, even where no leaf here has coupled decay: every part of a step run over
         # parts (some with decay, some without) must make the same sums
-        objective_sq = reduce.total((g * g for g in grads), wide)
-        dot = reduce.total((g * s for g, s in zip(grads, old_ss)), wide)
+        objective_sq = reduce.total((mul_for_sum(g, g, wide) for g in grads), wide)
+        dot = reduce.total((mul_for_sum(g, s, wide) for g, s in zip(grads, old_ss)), wide)
         # Σ s_t² with the η of a ‖g_1‖ known before this step (0 if none: then the terms are s² = 0)
         rate_before = scalars.once("dadapt_sgd rate before", (state.d, state.g0_norm, *ctx.alpha), rate)
-        s_sq_before = reduce.total((mul_(s_t, s_t) for s_t in (add_(g * cast("s before", rate_before, g), s)
-                                                              for g, s in zip(grads, old_ss))), wide)
+        s_ts = (add_(g * cast("s before", rate_before, g), s) for g, s in zip(grads, old_ss))
+        s_sq_before = reduce.total((mul_for_sum(s_t, s_t, wide, x_temporary=True) for s_t in s_ts), wide)
 
         def estimate(raw_sq: Any, objective_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any,
                      numerator: Any, *alpha: Any) -> tuple:

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import mul_
+from adaptlr._inplace import mul_, mul_for_sum
 from adaptlr._precision import cast_like, widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
@@ -163,8 +163,8 @@ class DoGDirection(BaseDirection):
             rbar_old = layout.leaves(state.rbar, "state.rbar")
             g_old = layout.leaves(state.grad_sq_sum, "state.grad_sq_sum")
         else:
-            sq_dist = [reduce.total((mul_(d, d) for d in diffs), wide)]
-            grad_sq = [reduce.total((g * g for g in grads), wide)]
+            sq_dist = [reduce.total((mul_for_sum(d, d, wide, x_temporary=True) for d in diffs), wide)]
+            grad_sq = [reduce.total((mul_for_sum(g, g, wide) for g in grads), wide)]
             rbar_old, g_old = [state.rbar], [state.grad_sq_sum]
 
         def estimate(sq_dist: Any, grad_sq: Any, rbar_old: Any, g_old: Any, alpha: Any, first: Any) -> tuple:
@@ -221,8 +221,9 @@ class DoWGDirection(BaseDirection):
         grads, params = ctx.objective_grads, ctx.params
         x0 = layout.leaves(state.init_params, "state.init_params")
         # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
-        sq_dist = ctx.reduce.total((mul_(d, d) for d in (p - p0 for p, p0 in zip(params, x0))), wide)
-        grad_sq = ctx.reduce.total((g * g for g in grads), wide)
+        diffs = (p - p0 for p, p0 in zip(params, x0))
+        sq_dist = ctx.reduce.total((mul_for_sum(d, d, wide, x_temporary=True) for d in diffs), wide)
+        grad_sq = ctx.reduce.total((mul_for_sum(g, g, wide) for g in grads), wide)
 
         def estimate(sq_dist: Any, grad_sq: Any, estim_sq_dist: Any, weighted: Any) -> tuple:
             estim_sq_dist = xp.maximum(estim_sq_dist, sq_dist)

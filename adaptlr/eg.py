@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import ema_donated, mul_, mul_donated, mul_into_donated
+from adaptlr._inplace import ema_donated, mul_, mul_donated, mul_for_sum, mul_into_donated
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -125,7 +125,8 @@ class EGStepSize(Adaptation):
         # s_t = s_{t-1} · exp(clip(γ_s · ⟨v_{t-1}, g_t⟩))
         if self.scale == "global":
             acc = state.scale.dtype
-            alignment = ctx.reduce.total((pv * g for pv, g in zip(prev_steps, grads, strict=True)), acc)
+            products = (mul_for_sum(pv, g, acc) for pv, g in zip(prev_steps, grads, strict=True))
+            alignment = ctx.reduce.total(products, acc)
 
             def rescaled(scale: Any, alignment: Any) -> Any:
                 return scale * xp.exp(self._clip(ctx, scalars.constant(self.scale_lr, acc) * alignment))

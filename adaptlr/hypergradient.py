@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, is_donated, mul_
+from adaptlr._inplace import add_, is_donated, mul_, mul_for_sum
 from adaptlr._precision import cast_like, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
@@ -130,10 +130,12 @@ class Hypergradient(Adaptation):
         if self.granularity == "global":
             acc = scalars.wide
             total = ctx.reduce.total
-            h = total((g * d for g, d in zip(grads, d_prev, strict=True)), acc)
+            # (each product stored in the sum's float as it is made: mul_for_sum)
+            h = total((mul_for_sum(g, d, acc) for g, d in zip(grads, d_prev, strict=True)), acc)
             sums = (h,)
             if multiplicative:
-                sums += (total((g * g for g in grads), acc), total((d * d for d in d_prev), acc))
+                sums += (total((mul_for_sum(g, g, acc) for g in grads), acc),
+                         total((mul_for_sum(d, d, acc) for d in d_prev), acc))
 
             def adapted(lr: Any, h: Any, *norms: Any) -> Any:
                 if norms:

@@ -37,7 +37,7 @@ import math
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, add_product_, add_scaled_, mul_, mul_donated
+from adaptlr._inplace import add_, add_product_, add_scaled_, mul_donated, mul_for_sum
 from adaptlr._precision import largest, scalar_caster, widest_float
 from adaptlr._tree import Layout
 from adaptlr.adam import step_size_bias_correction
@@ -158,7 +158,8 @@ class ProdigyDirection(BaseDirection):
         # The numerator and denominator of d̂ first (the sums; their terms as generators, which a
         # part's second pass, given the whole sums, does not evaluate: adaptlr.backends.part_sums).
         p0s = layout.leaves(state.p0, "state.p0")
-        dots = (mul_(p0 - self._sliced(xp, p), self._sliced(xp, g)) for g, p, p0 in zip(grads, params, p0s))
+        dots = (mul_for_sum(p0 - self._sliced(xp, p), self._sliced(xp, g), wide, x_temporary=True)
+                for g, p, p0 in zip(grads, params, p0s))
         dot = reduce.total(dots, wide)
         new_s = [add_scaled_(mul_donated(scalars, s, beta3), self._sliced(xp, g), cast("s", s_coef, g))
                  for g, s in zip(grads, layout.leaves(state.s, "state.s"))]

@@ -26,8 +26,11 @@ weight has no one-kernel foreach form).
 ``mul_into`` writes a product into a given tensor (a state field the step no longer reads, donated
 by the executor: :func:`adaptlr._inplace.mul_into_donated`), so the executor has nothing to copy.
 
+``mul_widened`` writes a product into a new tensor of a wider float (a term of a float64 sum, on
+the CPU, where ``torch.sum(dtype=torch.float64)`` of a float32 tensor converts a copy of it first).
+
 ``add_scaled_``, ``add_product_`` and ``mul_into`` return whether they wrote the result; ``lerp``
-returns the result, or None.
+and ``mul_widened`` return the result, or None.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 
 from adaptlr.backends.foreach import _MUL_TENSOR, ForeachArray
 
-__all__ = ["add_product_", "add_scaled_", "lerp", "mul_into"]
+__all__ = ["add_product_", "add_scaled_", "lerp", "mul_into", "mul_widened"]
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -134,3 +137,16 @@ def mul_into(dest: Any, x: Any, y: Any) -> bool:
         return False
     torch.mul(x, y, out=dest)
     return True
+
+
+def mul_widened(x: Any, y: Any, dtype: Any) -> Any:
+    """``x·y`` rounded in their dtype, stored in a new CPU tensor of the wider float ``dtype``
+    (``torch.mul(x, y, out=torch.empty_like(x, dtype=dtype))``: torch computes in the inputs'
+    dtype and converts on store); None: not done (not plain CPU tensors of one dtype and shape, or
+    ``dtype`` not wider). A GPU's reduction converts as it reads, so it keeps the product narrow."""
+    if isinstance(x, ForeachArray) or not isinstance(y, torch.Tensor) or not _plain(x, y):
+        return None
+    if (x.device.type != "cpu" or y.device != x.device or y.dtype != x.dtype or y.shape != x.shape
+            or not x.dtype.is_floating_point or torch.finfo(dtype).bits <= torch.finfo(x.dtype).bits):
+        return None
+    return torch.mul(x, y, out=torch.empty_like(x, dtype=dtype))

@@ -248,3 +248,68 @@ def test_a_step_differentiated_by_torch_autograd_is_the_out_of_place_one(make, m
     in_place = gradient()
     monkeypatch.setattr(adaptlr._inplace, "_fits", lambda a, b: False)
     torch.testing.assert_close(in_place, gradient(), rtol=0, atol=0)
+
+
+# -- mul_for_sum: a float32 product stored in float64 as it is made (torch, CPU) -------------------
+
+
+def test_a_product_for_a_wide_sum_is_the_product_stored_wide_on_torch_cpu_and_the_product_elsewhere(backend):
+    from adaptlr._inplace import mul_for_sum
+
+    rng = np.random.default_rng(11)
+    x, y = (backend.asarray(rng.standard_normal(4096), "float32") for _ in range(2))
+    xp = backend.xp
+    product = mul_for_sum(x, y, xp.float64)
+    expected = backend.to_numpy(x) * backend.to_numpy(y)  # rounded in float32
+    widened = backend.library == "torch" and backend.device_name == "cpu"
+    assert product.dtype == (xp.float64 if widened else xp.float32)
+    np.testing.assert_array_equal(backend.to_numpy(product), expected.astype(np.float64 if widened else np.float32))
+    assert float(xp.sum(product, dtype=xp.float64)) == float(xp.sum(x * y, dtype=xp.float64))
+    # a temporary x takes the product where it stays narrow (mul_), a float64 x is not widened
+    same = mul_for_sum(backend.asarray(expected, "float64"), backend.asarray(expected, "float64"), xp.float64)
+    assert same.dtype == xp.float64
+
+
+def test_the_wide_products_change_no_step_of_the_algorithms_that_sum_them(monkeypatch):
+    """HD, EG, Prodigy, D-Adaptation, DoG and DoWG on the torch adapter's blocked path: bitwise the
+    steps with float32 products converted by the sums (``torch_fused.mul_widened`` off)."""
+    torch = pytest.importorskip("torch")
+    import adaptlr
+    from adaptlr.backends import torch_fused
+    from adaptlr.backends.torch import Optimizer
+
+    makers = {
+        "hd": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-2), hyper_lr=1e-3),
+        "hd multiplicative": lambda: adaptlr.hypergradient(adaptlr.adam(1e-2), hyper_lr=1e-2, mode="multiplicative"),
+        "eg": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-2), scale_lr=0.1, gain_lr=0.1),
+        "prodigy": lambda: adaptlr.prodigy(weight_decay=0.1),
+        "dadapt_adam": lambda: adaptlr.dadapt_adam(),
+        "dadapt_sgd": lambda: adaptlr.dadapt_sgd(momentum=0.5, weight_decay=0.1),
+        "dog": lambda: adaptlr.dog(),
+        "dowg": lambda: adaptlr.dowg(),
+    }
+    widened = []
+    original = torch_fused.mul_widened
+
+    def counted(*args):
+        product = original(*args)
+        widened.append(product is not None)
+        return product
+
+    for name, make in makers.items():
+        runs = []
+        for wide in (False, True):
+            monkeypatch.setattr(torch_fused, "mul_widened", counted if wide else (lambda *args: None))
+            widened.clear()
+            gen = torch.Generator().manual_seed(5)
+            params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((5000,), (300,), (2, 3500))]
+            opt = Optimizer(params, make(), fast={"block_size": 1024})
+            for _ in range(6):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+            assert opt.fast_path == "blocked", name
+            assert not wide or (widened and all(widened)), name
+            runs.append([p.detach().clone() for p in params])
+        for a, b in zip(*runs, strict=True):
+            assert torch.equal(a, b), name

@@ -1,5 +1,7 @@
-"""Interleaved A/B of round 20's change (torch's blocked step replays the aten operations of a
-buffer's first writing block on its next blocks, ``adaptlr.backends.block_tape``), in one process.
+"""Interleaved A/B of round 20's changes, in one process: torch's blocked step replays the aten
+operations of a buffer's first writing block on its next blocks (``adaptlr.backends.block_tape``),
+and the products of a float64 sum are stored in float64 as they are made on torch's CPU
+(``adaptlr._inplace.mul_for_sum``: no converted copy for the sum).
 
     python docs/scripts/round20_ab.py calls              # Python and dispatch cost per step, 51 blocks of
                                                          # 1K elements (ResNet-18's block count), before/after
@@ -12,9 +14,10 @@ buffer's first writing block on its next blocks, ``adaptlr.backends.block_tape``
     python docs/scripts/round20_ab.py grouping ROUNDS    # HD and EG with replays: the first pass in
                                                          # groups of blocks (round 19) or block by block
 
-"Before" runs every block's step (``adaptlr.backends.fast.REPLAY_BLOCKS`` patched to False). The
-arithmetic is the same operations either way (``tests/test_block_tape.py``: bit for bit), so the
-words moved and aten ops per step (``round19_ab.py costs``) do not change.
+"Before" runs every block's step (``adaptlr.backends.fast.REPLAY_BLOCKS`` patched to False) with
+float32 products (``adaptlr.backends.torch_fused.mul_widened`` patched to "not done"): round 19's
+step. The numbers are bit for bit the same either way (``tests/test_block_tape.py``,
+``tests/test_inplace.py``).
 ResNet-18 parameter shapes, float32; each round runs every variant once in a fresh random order
 (``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
 """
@@ -39,15 +42,20 @@ CALLS = {**{k: WRAPPERS[k] for k in ("adamw", "active", "hypergradient", "eg_ste
 
 
 def _every_block(step: Callable[[], object]) -> Callable[[], None]:
-    """``step`` as round 19 ran it: every block runs the step (no replays)."""
-    from adaptlr.backends import fast
+    """``step`` as round 19 ran it: every block runs the step (no replays), and the products of a
+    float64 sum stay float32 (the sum converts a copy)."""
+    from adaptlr.backends import fast, torch_fused
+
+    widened = torch_fused.mul_widened
 
     def run() -> None:
         fast.REPLAY_BLOCKS = False
+        torch_fused.mul_widened = lambda *args: None  # type: ignore[assignment]
         try:
             step()
         finally:
             fast.REPLAY_BLOCKS = True
+            torch_fused.mul_widened = widened
 
     return run
 
