@@ -33,8 +33,8 @@ from typing import Any
 
 from adaptlr._validation import library_of
 
-__all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "donating", "ema_donated", "is_donated", "mul_",
-           "mul_donated", "mul_for_sum", "mul_into_donated", "sub_"]
+__all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "clip_", "donating", "ema_donated", "exp_",
+           "is_donated", "mul_", "mul_donated", "mul_for_sum", "mul_into_donated", "sub_"]
 
 
 def _fits(a: Any, b: Any) -> bool:
@@ -70,6 +70,29 @@ def mul_(a: Any, b: Any) -> Any:
         a *= b
         return a
     return a * b
+
+
+def clip_(xp: Any, a: Any, low: float, high: float) -> Any:
+    """``clip(a, low, high)`` for Python-float bounds, written into ``a`` (a temporary of the calling
+    step, as :func:`add_`) where the backend clips in place (torch: ``clamp_``,
+    :mod:`adaptlr.backends.torch_fused`), else ``xp.clip`` (a new array). The same numbers."""
+    if _has_fused(a) and not getattr(a, "requires_grad", False):
+        from adaptlr.backends.torch_fused import clamp_  # pyright: ignore[reportMissingImports]
+
+        if clamp_(a, low, high):
+            return a
+    return xp.clip(a, low, high)
+
+
+def exp_(xp: Any, a: Any) -> Any:
+    """``exp(a)``, written into ``a`` (a temporary of the calling step) where the backend has the
+    in-place form (torch: ``exp_``), else ``xp.exp`` (a new array). The same numbers."""
+    if _has_fused(a) and not getattr(a, "requires_grad", False):
+        from adaptlr.backends.torch_fused import exp_ as fused  # pyright: ignore[reportMissingImports]
+
+        if fused(a):
+            return a
+    return xp.exp(a)
 
 
 def is_donated(scalars: Any, x: Any) -> bool:

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import ema_donated, mul_, mul_donated, mul_for_sum, mul_into_donated
+from adaptlr._inplace import clip_, ema_donated, exp_, mul_, mul_donated, mul_for_sum, mul_into_donated
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -150,7 +150,8 @@ class EGStepSize(Adaptation):
 
         # p_t = p_{t-1} ⊙ exp(clip(γ_p · m_{t-1} ⊙ g_t))
         gains = [
-            mul_donated(scalars, p, xp.exp(self._clip(ctx, mul_(scalars.constant(self.gain_lr, g.dtype) * m, g))),
+            mul_donated(scalars, p, exp_(xp, self._clip(ctx, mul_(scalars.constant(self.gain_lr, g.dtype) * m, g),
+                                                        temporary=True)),
                         b_temporary=True)
             for p, m, g in zip(gains, grad_emas, grads, strict=True)
         ]
@@ -186,11 +187,14 @@ class EGStepSize(Adaptation):
         size = size.scaled(gains, weight_decay_too=self.scale_weight_decay)
         return size.with_step([v * s for v, s in zip(prev_steps, negated, strict=True)]), new_state
 
-    def _clip(self, ctx: StepContext, exponent: Any) -> Any:
-        """``exponent`` bounded to ``±max_log_step`` (unchanged when that is None)."""
+    def _clip(self, ctx: StepContext, exponent: Any, *, temporary: bool = False) -> Any:
+        """``exponent`` bounded to ``±max_log_step`` (unchanged when that is None); written into it
+        where it is a temporary of the step (``temporary``: :func:`adaptlr._inplace.clip_`)."""
         if self.max_log_step is None:
             return exponent
         # one pass (xp.maximum then xp.minimum is two); Python-float bounds keep the exponent's dtype
+        if temporary:
+            return clip_(ctx.xp, exponent, -self.max_log_step, self.max_log_step)
         return ctx.xp.clip(exponent, -self.max_log_step, self.max_log_step)
 
 

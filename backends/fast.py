@@ -597,6 +597,12 @@ def _flat_view(x: Any, like: Any) -> Any:
     return x.reshape(-1) if flags is not None and flags.c_contiguous else None
 
 
+def _torch_compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def _snapshot(x: Any) -> Any:
     return x.clone() if _is_torch(x) else x.copy()
 
@@ -1038,6 +1044,8 @@ class FlatOptimizer:
         step_scalars: dict[tuple, Scalars] = {}
 
         donation_safe = self.opt.donation_safe
+        # (not while torch.compile traces the step: a dispatch mode would break its graph)
+        replaying = REPLAY_BLOCKS and self._torch and not _torch_compiling()
 
         def block_inputs(part: tuple) -> tuple[Any, Any]:
             """The block's parameters and gradients: views of the flat buffers or of ``sources``."""
@@ -1082,7 +1090,7 @@ class FlatOptimizer:
             # may be abandoned and run again do not donate), and a first-pass block that stops at its
             # last sum (its partial sums are the tape's results), replay the tape of the first such
             # block of its buffer and pass.
-            replays = self._torch and REPLAY_BLOCKS and (
+            replays = replaying and (
                 (write and donate) or (isinstance(reducer, part_sums.Recorder) and reducer.sums is not None))
             if replays and replayed(part, key, params, grads, reducer):
                 return

@@ -26,6 +26,9 @@ weight has no one-kernel foreach form).
 ``mul_into`` writes a product into a given tensor (a state field the step no longer reads, donated
 by the executor: :func:`adaptlr._inplace.mul_into_donated`), so the executor has nothing to copy.
 
+``clamp_`` and ``exp_`` clip and exponentiate a temporary of the step in place (EG's gains), where
+the standard's ``clip`` and ``exp`` each write a new tensor.
+
 ``mul_widened`` writes a product into a new tensor of a wider float (a term of a float64 sum, on
 the CPU, where ``torch.sum(dtype=torch.float64)`` of a float32 tensor converts a copy of it first).
 
@@ -41,7 +44,7 @@ import torch
 
 from adaptlr.backends.foreach import _MUL_TENSOR, ForeachArray
 
-__all__ = ["add_product_", "add_scaled_", "lerp", "mul_into", "mul_widened"]
+__all__ = ["add_product_", "add_scaled_", "clamp_", "exp_", "lerp", "mul_into", "mul_widened"]
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -150,3 +153,24 @@ def mul_widened(x: Any, y: Any, dtype: Any) -> Any:
             or not x.dtype.is_floating_point or torch.finfo(dtype).bits <= torch.finfo(x.dtype).bits):
         return None
     return torch.mul(x, y, out=torch.empty_like(x, dtype=dtype))
+
+
+def clamp_(a: Any, low: float, high: float) -> bool:
+    """``a ← clip(a, low, high)`` in place (a plain tensor: ``clamp_``); False: not done (a
+    ForeachArray keeps its two-op foreach form, a subclass or an autograd-recorded tensor the
+    standard one)."""
+    if isinstance(a, ForeachArray) or not _plain(a):
+        return False
+    a.clamp_(low, high)
+    return True
+
+
+def exp_(a: Any) -> bool:
+    """``a ← exp(a)`` in place (``exp_``, or ``_foreach_exp_`` on a ForeachArray); False: not done."""
+    if isinstance(a, ForeachArray):
+        torch._foreach_exp_(a.tensors)
+        return True
+    if not _plain(a):
+        return False
+    a.exp_()
+    return True

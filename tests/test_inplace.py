@@ -313,3 +313,23 @@ def test_the_wide_products_change_no_step_of_the_algorithms_that_sum_them(monkey
             runs.append([p.detach().clone() for p in params])
         for a, b in zip(*runs, strict=True):
             assert torch.equal(a, b), name
+
+
+def test_clip_and_exp_of_a_temporary_are_the_standard_ones_written_into_it_on_torch(backend):
+    from adaptlr._inplace import clip_, exp_
+
+    rng = np.random.default_rng(13)
+    values = rng.standard_normal(257) * 3
+    xp = backend.xp  # (copies: torch.asarray may share a float64 array's memory)
+    for dtype in ("float32", "float64"):
+        expected_clip = backend.to_numpy(xp.clip(backend.asarray(np.array(values), dtype), -1.0, 1.0))
+        expected_exp = backend.to_numpy(xp.exp(backend.asarray(np.array(values), dtype)))
+        a = backend.asarray(np.array(values), dtype)
+        clipped = clip_(xp, a, -1.0, 1.0)
+        np.testing.assert_array_equal(backend.to_numpy(clipped), expected_clip)
+        b = backend.asarray(np.array(values), dtype)
+        exponentiated = exp_(xp, b)
+        np.testing.assert_array_equal(backend.to_numpy(exponentiated), expected_exp)
+        assert clipped.dtype == a.dtype and exponentiated.dtype == b.dtype
+        if backend.library == "torch":
+            assert clipped is a and exponentiated is b

@@ -268,7 +268,7 @@ def test_eg_step_makes_one_pass_per_operation_of_its_update_rule():
     """EG(AdamW) on one 2-D parameter, the list path: the full-size elementwise passes are those of
     the equations, no more. Adam: m (1: ``lerp``, torch.optim's moving average), v (2: β2·v, then
     ``+ (1-β2)·g²`` fused: ``addcmul_``), the direction (4: sqrt, +, ÷, ·c_t). EG: ⟨v_{t-1}, g⟩ (1:
-    ·), p (5: γ·m, ·g, clip, exp, p·), v_t (2: α·p, ·d), m_t (1: ``lerp``: EG's Python-float β, as
+    ·), p (5: γ·m, ·g, clip, exp (both in place), p·), v_t (2: α·p, ·d), m_t (1: ``lerp``: EG's Python-float β, as
     Adam's). The step: v_t·(-s) (1: s is 0-D; StepSize.with_step), decay (1: ``+ (-λα)·θ`` fused).
     18 in all (19 in round 18, 25 before): a clip as maximum-then-minimum, the step formed from α,
     s, p and d, or any of the four unfused (``adaptlr._inplace``), adds at least one."""
@@ -279,7 +279,8 @@ def test_eg_step_makes_one_pass_per_operation_of_its_update_rule():
     ops = aten_ops_by_name(adapter.step, 40 * 30)
     assert _elementwise_passes(ops) == 1 + 2 + 4 + 1 + 5 + 2 + 1 + 1 + 1, ops
     assert ops.get("lerp") == 2 and ops.get("addcmul_") == 2, ops  # m, EG's m_t; v, the decay
-    assert ops.get("clamp") == 1 and "maximum" not in ops, ops
+    assert ops.get("clamp_") == 1 and "maximum" not in ops, ops  # clip and exp in the gain's temporary
+    assert ops.get("exp_") == 1 and "clamp" not in ops and "exp" not in ops, ops
 
 
 def test_a_blocked_step_computes_its_step_scalars_once_not_per_block():

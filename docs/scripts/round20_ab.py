@@ -1,7 +1,8 @@
 """Interleaved A/B of round 20's changes, in one process: torch's blocked step replays the aten
 operations of a buffer's first writing block on its next blocks (``adaptlr.backends.block_tape``),
-and the products of a float64 sum are stored in float64 as they are made on torch's CPU
-(``adaptlr._inplace.mul_for_sum``: no converted copy for the sum).
+the products of a float64 sum are stored in float64 as they are made on torch's CPU
+(``adaptlr._inplace.mul_for_sum``: no converted copy for the sum), and EG clips and exponentiates
+its gains' exponent in place (``adaptlr._inplace.clip_``, ``exp_``).
 
     python docs/scripts/round20_ab.py calls              # Python and dispatch cost per step, 51 blocks of
                                                          # 1K elements (ResNet-18's block count), before/after
@@ -13,11 +14,15 @@ and the products of a float64 sum are stored in float64 as they are made on torc
                                                          # 64K-512K (the default: 256K on these shapes)
     python docs/scripts/round20_ab.py grouping ROUNDS    # HD and EG with replays: the first pass in
                                                          # groups of blocks (round 19) or block by block
+    python docs/scripts/round20_ab.py widened ROUNDS     # HD, EG, Prodigy, DoG with replays: float32
+                                                         # products (the sum converts a copy) or float64
+    python docs/scripts/round20_ab.py ops STEPS          # AdamW, HD and EG, torch adapter default: time
+                                                         # inside each aten operation, by operation
 
 "Before" runs every block's step (``adaptlr.backends.fast.REPLAY_BLOCKS`` patched to False) with
-float32 products (``adaptlr.backends.torch_fused.mul_widened`` patched to "not done"): round 19's
-step. The numbers are bit for bit the same either way (``tests/test_block_tape.py``,
-``tests/test_inplace.py``).
+float32 products (``adaptlr.backends.torch_fused.mul_widened`` patched to "not done") and EG's
+clip and exp out of place (``torch_fused.clamp_``, ``exp_`` likewise): round 19's step. The
+numbers are bit for bit the same either way (``tests/test_block_tape.py``, ``tests/test_inplace.py``).
 ResNet-18 parameter shapes, float32; each round runs every variant once in a fresh random order
 (``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
 """
@@ -42,20 +47,21 @@ CALLS = {**{k: WRAPPERS[k] for k in ("adamw", "active", "hypergradient", "eg_ste
 
 
 def _every_block(step: Callable[[], object]) -> Callable[[], None]:
-    """``step`` as round 19 ran it: every block runs the step (no replays), and the products of a
-    float64 sum stay float32 (the sum converts a copy)."""
+    """``step`` as round 19 ran it: every block runs the step (no replays), the products of a
+    float64 sum stay float32 (the sum converts a copy), EG's clip and exp write new tensors."""
     from adaptlr.backends import fast, torch_fused
 
-    widened = torch_fused.mul_widened
+    saved = torch_fused.mul_widened, torch_fused.clamp_, torch_fused.exp_
 
     def run() -> None:
         fast.REPLAY_BLOCKS = False
         torch_fused.mul_widened = lambda *args: None  # type: ignore[assignment]
+        torch_fused.clamp_ = torch_fused.exp_ = lambda *args: False  # type: ignore[assignment]
         try:
             step()
         finally:
             fast.REPLAY_BLOCKS = True
-            torch_fused.mul_widened = widened
+            torch_fused.mul_widened, torch_fused.clamp_, torch_fused.exp_ = saved
 
     return run
 
@@ -124,11 +130,75 @@ def grouping(rounds: int) -> None:
     interleaved(steps, rounds)
 
 
+def _narrow(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` with the products of its float64 sums in float32 (the sums convert a copy of each)."""
+    from adaptlr.backends import torch_fused
+
+    widened = torch_fused.mul_widened
+
+    def run() -> None:
+        torch_fused.mul_widened = lambda *args: None  # type: ignore[assignment]
+        try:
+            step()
+        finally:
+            torch_fused.mul_widened = widened
+
+    return run
+
+
+def widened(rounds: int) -> None:
+    makers = {"hypergradient": WRAPPERS["hypergradient"], "eg_step_size": WRAPPERS["eg_step_size"],
+              "prodigy": adaptlr.prodigy, "dog": adaptlr.dog}
+    steps = {}
+    for name, make in makers.items():
+        steps[f"{name}, float32 products"] = _narrow(_adapter(make()))
+        steps[f"{name}, float64 products"] = _adapter(make())
+    interleaved(steps, rounds)
+
+
+def ops(steps: int) -> None:
+    """Where a step's time goes by aten operation: a dispatch mode times each operation's call
+    (the mode's own Python is outside the timed call, but the step runs slower under it)."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Timed(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spent: collections.Counter = collections.Counter()
+            self.calls: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            full = any(isinstance(a, torch.Tensor) and a.numel() > 1 for a in args)
+            key = func.overloadpacket.__name__ + ("" if full else " (0-D)")
+            self.spent[key] += time.perf_counter() - start
+            self.calls[key] += 1
+            return out
+
+    for name in ("adamw", "hypergradient", "eg_step_size"):
+        step = _adapter(WRAPPERS[name]())
+        for _ in range(2):
+            step()
+        timed = Timed()
+        with timed:
+            for _ in range(steps):
+                step()
+        print(f"{name}: {sum(timed.spent.values()) / steps * 1e3:.1f} ms per step inside aten operations")
+        for key, seconds in timed.spent.most_common(8):
+            print(f"  {key:20s} {seconds / steps * 1e3:6.2f} ms  {timed.calls[key] // steps:4d} calls")
+
+
 def main(argv: list[str]) -> None:
     all_modes = modes(pairs_with(_before), lambda: None, WRAPPERS, lambda opt: None, {})
     all_modes["calls"] = calls
     all_modes["blocks"] = blocks
     all_modes["grouping"] = grouping
+    all_modes["widened"] = widened
+    all_modes["ops"] = ops
     for unchanged in ("costs", "numpy", "foreach"):  # the same operations; NumPy and foreach take no replays
         del all_modes[unchanged]
     run_mode(all_modes, argv, __doc__)
