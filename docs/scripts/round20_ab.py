@@ -46,24 +46,29 @@ CALLS = {**{k: WRAPPERS[k] for k in ("adamw", "active", "hypergradient", "eg_ste
          "prodigy": adaptlr.prodigy, "dadapt_adam": adaptlr.dadapt_adam, "dog": adaptlr.dog}
 
 
+def _patched(step: Callable[[], object], changes: list[tuple[object, str, object]]) -> Callable[[], None]:
+    """``step`` run with each ``(module, name, value)`` of ``changes`` set, and restored after."""
+
+    def run() -> None:
+        saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
+        for module, name, value in changes:
+            setattr(module, name, value)
+        try:
+            step()
+        finally:
+            for module, name, value in saved:
+                setattr(module, name, value)
+
+    return run
+
+
 def _every_block(step: Callable[[], object]) -> Callable[[], None]:
     """``step`` as round 19 ran it: every block runs the step (no replays), the products of a
     float64 sum stay float32 (the sum converts a copy), EG's clip and exp write new tensors."""
     from adaptlr.backends import fast, torch_fused
 
-    saved = torch_fused.mul_widened, torch_fused.clamp_, torch_fused.exp_
-
-    def run() -> None:
-        fast.REPLAY_BLOCKS = False
-        torch_fused.mul_widened = lambda *args: None  # type: ignore[assignment]
-        torch_fused.clamp_ = torch_fused.exp_ = lambda *args: False  # type: ignore[assignment]
-        try:
-            step()
-        finally:
-            fast.REPLAY_BLOCKS = True
-            torch_fused.mul_widened, torch_fused.clamp_, torch_fused.exp_ = saved
-
-    return run
+    return _patched(step, [(fast, "REPLAY_BLOCKS", False), (torch_fused, "mul_widened", lambda *args: None),
+                           (torch_fused, "clamp_", lambda *args: False), (torch_fused, "exp_", lambda *args: False)])
 
 
 def _before(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], None]:
@@ -110,16 +115,7 @@ def _block_by_block(step: Callable[[], object]) -> Callable[[], None]:
     """``step`` with the first pass of HD and EG one block per call (each replayed), not in groups."""
     from adaptlr.backends import fast
 
-    grouping = fast.sums_before_direction
-
-    def run() -> None:
-        fast.sums_before_direction = lambda opt: False  # type: ignore[assignment]
-        try:
-            step()
-        finally:
-            fast.sums_before_direction = grouping
-
-    return run
+    return _patched(step, [(fast, "sums_before_direction", lambda opt: False)])
 
 
 def grouping(rounds: int) -> None:
@@ -134,16 +130,7 @@ def _narrow(step: Callable[[], object]) -> Callable[[], None]:
     """``step`` with the products of its float64 sums in float32 (the sums convert a copy of each)."""
     from adaptlr.backends import torch_fused
 
-    widened = torch_fused.mul_widened
-
-    def run() -> None:
-        torch_fused.mul_widened = lambda *args: None  # type: ignore[assignment]
-        try:
-            step()
-        finally:
-            torch_fused.mul_widened = widened
-
-    return run
+    return _patched(step, [(torch_fused, "mul_widened", lambda *args: None)])
 
 
 def widened(rounds: int) -> None:
