@@ -23,9 +23,10 @@ the replayed blocks' numbers are bit for bit those of running the step on them
 
 A tape is made for one step (the scalars it reads are that step's) and only where the recorded
 operations allow it (:attr:`Tape.replayable`): an operation on the block's arrays whose result is
-not an array (a host read: the step would branch on the block's values), or an argument that names
-the block's length (an array made with the block's shape), makes the tape refuse, and the blocks
-run their steps as before.
+not an array (a host read: the step would branch on the block's values) or that writes an array the
+blocks share, and an operation that writes into a result the replays would not make again, make
+the tape refuse, and the blocks run their steps as before; an argument that names the block's
+length (an array made with the block's shape) keeps the tape to blocks of that length.
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class _Recording(TorchDispatchMode):
         # id -> (weak reference, slot): the block's arrays, and the results made from them (a weak
         # reference, so a freed temporary's id, reused by another array, is not taken for it)
         self._where: dict[int, tuple[Any, int]] = {}
+        self._made: dict[int, Any] = {}  # id -> weak reference: what the step made from its scalars alone
         for slot, x in enumerate(inputs):
             self._bind(x, slot)
         self._lengths = {x.numel() for x in inputs} | {d for x in inputs for d in x.shape}
@@ -170,6 +172,16 @@ class _Recording(TorchDispatchMode):
                 return True
         return False
 
+    def _writes_made(self, func: Any, args: tuple, kwargs: dict) -> bool:
+        """Whether ``func`` writes into a result of an operation the tape does not replay."""
+        for position, name in _written(func):
+            value = args[position] if position < len(args) else kwargs.get(name)
+            for x in value if isinstance(value, list | tuple) else [value]:
+                found = self._made.get(id(x)) if isinstance(x, torch.Tensor) else None
+                if found is not None and found() is x:
+                    return True
+        return False
+
     def finish(self, results: list) -> Tape | None:
         """The tape, once the block's step has run (None where it refused a replay); ``results``:
         arrays the step handed to the executor (a first pass's partial sums), which a replay returns."""
@@ -192,11 +204,19 @@ class _Recording(TorchDispatchMode):
         arg_template = tuple(self._template(a, subs, k) for k, a in enumerate(args))
         kwarg_template = {key: self._template(a, subs, key) for key, a in kwargs.items()}
         if not subs:
-            if isinstance(result, torch.Tensor) and result.ndim:
-                tape.sized = True  # an array made without the block's arrays: the replays share it
-            if func._schema.is_mutable:  # writes an array of the step: every block's step does
+            if func._schema.is_mutable:
+                if self._writes_made(func, args, kwargs):
+                    # it writes what this block's step made: each block's step makes its own, a
+                    # replay would write the recorded block's again
+                    tape.replayable = False
+                    return result
+                # it writes an array the step was given (its state, its scalars): so does every block's
                 tape._ops.append((_callable(func), arg_template, kwarg_template, (), None, ()))
-            return result  # else computed once: the replays read this result
+            elif isinstance(result, torch.Tensor):
+                self._made[id(result)] = weakref.ref(result)
+                if result.ndim:
+                    tape.sized = True  # an array made without the block's arrays: the replays share it
+            return result  # computed once: the replays read this result
         if self._writes_shared(func, args, kwargs):
             # it writes, from the block's arrays, an array the step shares with the other blocks:
             # a replay would start from what the recorded block left there

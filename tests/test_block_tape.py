@@ -235,3 +235,29 @@ def test_a_replay_frees_each_result_after_its_last_read() -> None:
         tape.replay([p, torch.ones(8)])
     assert alive_at_add == [False]  # g·2 was freed once exp had read it
     assert torch.equal(p, torch.exp(torch.full((8,), 2.0)))
+
+
+def test_a_write_into_what_the_recorded_step_made_from_its_scalars_refuses_the_tape() -> None:
+    scale = torch.tensor(0.5)
+
+    def step(p: Any, g: Any) -> None:
+        c = scale * 3.0  # made by this block's step from the step's scalars: not replayed
+        c.mul_(scale)  # each block's step scales its own c; a replay would scale the recorded one again
+        p.sub_(g * c)
+
+    tape = _record(step, [torch.zeros(8), torch.ones(8)])
+    assert not tape.replayable
+
+
+def test_a_write_into_an_array_the_step_was_given_is_replayed_as_each_block_would_make_it() -> None:
+    calls = torch.zeros((), dtype=torch.int64)
+
+    def step(p: Any, g: Any) -> None:
+        calls.add_(1)  # the step's own counter, given to it: every block's step adds one
+        p.add_(g)
+
+    tape = _record(step, [torch.zeros(8), torch.ones(8)])
+    assert tape.replayable
+    for _ in range(3):
+        tape.replay([torch.zeros(8), torch.ones(8)])
+    assert int(calls) == 4
