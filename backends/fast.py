@@ -1027,9 +1027,10 @@ class FlatOptimizer:
         (:func:`sums_before_direction`: HD, EG global), the first pass after its first block takes
         :data:`FIRST_PASS_BLOCKS_PER_CALL` blocks per call, each a leaf of one update: it only
         sums, and each call costs the update's Python and dispatch work. On torch the blocks of a
-        buffer after the first of a writing pass (and of a first pass that stops at its last sum)
-        replay the aten operations of the first such block (:data:`REPLAY_BLOCKS`,
-        :mod:`adaptlr.backends.block_tape`): the same operations, without the update's Python.
+        buffer after the first of a writing pass (and of a first pass that stops at its last sum,
+        and the groups after the first of a grouped first pass) replay the aten operations of the
+        first such block or group (:data:`REPLAY_BLOCKS`, :mod:`adaptlr.backends.block_tape`): the
+        same operations, without the update's Python.
 
         ``blocks``: ``(bucket, start, stop, member)`` (default: ``block_size`` strides of each buffer,
         member None); a block whose member is ``(leaf, offset)`` reads and writes ``sources`` (the
@@ -1147,13 +1148,31 @@ class FlatOptimizer:
             skeleton, fields = fields_of[b]
             values = [[_block_of(slot, start, stop) for _, start, stop, _ in group] if per_param else slot
                       for per_param, slot in fields]
-            self.opt.update_leaves(
-                xp, ListLayout(len(group)), [g for _, g in inputs], rebuild_state(skeleton, values),
-                [p for p, _ in inputs],
-                alpha=None if alpha is None else [alpha[b]] * len(group),
-                weight_decay=None if weight_decay is None else [weight_decay[b]] * len(group),
-                reducer=reducer, scalars=step_scalars[key],
-            )
+            # A group after the first replays the first one's tape where it has as many arrays
+            # (adaptlr.backends.block_tape; the pass's last group may be shorter: it runs its step).
+            arrays = [*(p for p, _ in inputs), *(g for _, g in inputs),
+                      *(x for x in optree.tree_leaves(values) if x.ndim == 1)] if replaying else []
+            tape = tapes.get(("group", b))
+            if tape is not None and tape.fits(arrays):
+                reducer.replayed(tape.replay(arrays))
+                return
+            recorder: Any = contextlib.nullcontext()
+            if replaying and ("group", b) not in tapes:
+                from adaptlr.backends import block_tape  # pyright: ignore[reportMissingImports]
+
+                recorder = block_tape.recording(block_tape.Tape(len(arrays), group[0][2] - group[0][1]), arrays)
+            try:
+                with recorder:
+                    self.opt.update_leaves(
+                        xp, ListLayout(len(group)), [g for _, g in inputs], rebuild_state(skeleton, values),
+                        [p for p, _ in inputs],
+                        alpha=None if alpha is None else [alpha[b]] * len(group),
+                        weight_decay=None if weight_decay is None else [weight_decay[b]] * len(group),
+                        reducer=reducer, scalars=step_scalars[key],
+                    )
+            finally:  # the group stops at its last sum (part_sums.PartSummed)
+                if not isinstance(recorder, contextlib.nullcontext):
+                    tapes[("group", b)] = recorder.finish(reducer.partials)
 
         if blocks is None:
             blocks = [(b, start, min(start + block, bucket.size), None)

@@ -261,3 +261,29 @@ def test_a_write_into_an_array_the_step_was_given_is_replayed_as_each_block_woul
     for _ in range(3):
         tape.replay([torch.zeros(8), torch.ones(8)])
     assert int(calls) == 4
+
+
+def test_the_first_pass_groups_of_hd_and_eg_replay_the_first_groups_tape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HD and EG global run their first pass over groups of ``FIRST_PASS_BLOCKS_PER_CALL`` blocks per
+    call: the groups after the first replay its tape, except a shorter last group; the writing pass
+    replays every block after its first two. 20 blocks: 18 + (5 groups - the recorded one - the
+    short last one) = 21 replays a step, and the steps of running every group."""
+    from adaptlr.backends.fast import FIRST_PASS_BLOCKS_PER_CALL
+
+    assert FIRST_PASS_BLOCKS_PER_CALL == 4
+    replays = _counting_replays(monkeypatch)
+    makers = {"hd": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-2), hyper_lr=1e-3),
+              "eg": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-2), scale_lr=0.1, gain_lr=0.1)}
+    for name, make in makers.items():
+        runs = []
+        for replay in (False, True):
+            monkeypatch.setattr(fast, "REPLAY_BLOCKS", replay)
+            gen = torch.Generator().manual_seed(2)
+            params = [torch.randn(20 * BLOCK, generator=gen)]
+            fo = FlatOptimizer(make(), params, block_size=BLOCK)
+            for _ in range(4):
+                replays[0] = 0
+                fo.step_on(params, [torch.randn(20 * BLOCK, generator=gen)])
+                assert replays[0] == (21 if replay else 0), (name, replays[0])
+            runs.append(params[0].clone())
+        assert torch.equal(*runs), name
