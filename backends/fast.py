@@ -1066,21 +1066,40 @@ class FlatOptimizer:
         tapes: dict[tuple, Any] = {}
         per_element: dict[int, list] = {}  # per buffer: its per-element state fields, in the state's order
 
-        def replayed(part: tuple, key: tuple, params: Any, grads: Any, reducer: Any) -> bool:
-            """Whether the block's step ran as a replay of this step's tape for its buffer and pass."""
+        def replayed(key: tuple, arrays: Callable[[], list], reducer: Any) -> bool:
+            """Whether a part's step ran as a replay of this step's tape ``key`` on ``arrays()`` (its
+            parameters, gradients and per-element state views), its results handed to ``reducer``."""
             tape = tapes.get(key)
             if tape is None:
                 return False
-            b, start, stop, _ = part
-            if b not in per_element:
-                per_element[b] = [x for x in optree.tree_leaves(self.state[b]) if x.ndim == 1]
-            inputs = [params, grads, *[x[start:stop] for x in per_element[b]]]
+            inputs = arrays()
             if not tape.fits(inputs):
                 return False
             results = tape.replay(inputs)
             if reducer is not None:
                 reducer.replayed(results)
             return True
+
+        @contextlib.contextmanager
+        def taped(key: tuple, arrays: list, length: int, reducer: Any) -> Any:
+            """Records the part's step as this step's tape ``key`` (once per step and key)."""
+            if key in tapes:
+                yield
+                return
+            from adaptlr.backends import block_tape  # pyright: ignore[reportMissingImports]
+
+            recording = block_tape.recording(block_tape.Tape(len(arrays), length), arrays)
+            try:
+                with recording:
+                    yield
+            finally:  # also where a first pass's part stops at its last sum (part_sums.PartSummed)
+                tapes[key] = recording.finish(reducer.partials if isinstance(reducer, part_sums.Recorder) else [])
+
+        def block_arrays(part: tuple, params: Any, grads: Any) -> list:
+            b, start, stop, _ = part
+            if b not in per_element:
+                per_element[b] = [x for x in optree.tree_leaves(self.state[b]) if x.ndim == 1]
+            return [params, grads, *[x[start:stop] for x in per_element[b]]]
 
         def run_block(part: tuple, reducer: Any, write: bool, donate: bool) -> None:
             b, start, stop, _ = part
@@ -1093,7 +1112,7 @@ class FlatOptimizer:
             # block of its buffer and pass.
             replays = replaying and (
                 (write and donate) or (isinstance(reducer, part_sums.Recorder) and reducer.sums is not None))
-            if replays and replayed(part, key, params, grads, reducer):
+            if replays and replayed(key, lambda: block_arrays(part, params, grads), reducer):
                 return
             if key not in step_scalars:
                 step_scalars[key] = Scalars.of_step(xp, state, [bucket.params])
@@ -1102,30 +1121,22 @@ class FlatOptimizer:
             # into by the step itself; the 0-D fields are every block's.
             fields = [x for x in optree.tree_leaves(chunk) if x.ndim == 1]
             donated = fields if donate and donation_safe else []
-            recorder: Any = contextlib.nullcontext()
-            if replays and key not in tapes:
-                from adaptlr.backends import block_tape  # pyright: ignore[reportMissingImports]
-
-                recorder = block_tape.recording(block_tape.Tape(2 + len(fields), stop - start),
-                                                [params, grads, *fields])
-            try:
-                with recorder, donating(step_scalars[key], donated):
-                    updates, new_chunk = self.opt.update_leaves(
-                        xp, layout, [grads], chunk, [params],
-                        alpha=None if alpha is None else [alpha[b]],
-                        weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
-                        scalars=step_scalars[key],
-                    )
-                    if write:
-                        # Per-element fields: write the block now; 0-D fields (count, learning rate, the
-                        # global scalars of the whole sums) are the same for every block and are written
-                        # once, after the last.
-                        _write_state(chunk, new_chunk, skip_scalars=True)
-                        _add_into(params, updates[0])
-                        last[b] = new_chunk
-            finally:  # a first pass's block stops at its last sum (part_sums.PartSummed)
-                if not isinstance(recorder, contextlib.nullcontext):
-                    tapes[key] = recorder.finish(reducer.partials if isinstance(reducer, part_sums.Recorder) else [])
+            recorder = (taped(key, [params, grads, *fields], stop - start, reducer) if replays
+                        else contextlib.nullcontext())
+            with recorder, donating(step_scalars[key], donated):
+                updates, new_chunk = self.opt.update_leaves(
+                    xp, layout, [grads], chunk, [params],
+                    alpha=None if alpha is None else [alpha[b]],
+                    weight_decay=None if weight_decay is None else [weight_decay[b]], reducer=reducer,
+                    scalars=step_scalars[key],
+                )
+                if write:
+                    # Per-element fields: write the block now; 0-D fields (count, learning rate, the
+                    # global scalars of the whole sums) are the same for every block and are written
+                    # once, after the last.
+                    _write_state(chunk, new_chunk, skip_scalars=True)
+                    _add_into(params, updates[0])
+                    last[b] = new_chunk
 
         fields_of: dict[int, tuple] = {}
 
@@ -1152,27 +1163,18 @@ class FlatOptimizer:
             # (adaptlr.backends.block_tape; the pass's last group may be shorter: it runs its step).
             arrays = [*(p for p, _ in inputs), *(g for _, g in inputs),
                       *(x for x in optree.tree_leaves(values) if x.ndim == 1)] if replaying else []
-            tape = tapes.get(("group", b))
-            if tape is not None and tape.fits(arrays):
-                reducer.replayed(tape.replay(arrays))
+            if replaying and replayed(("group", b), lambda: arrays, reducer):
                 return
-            recorder: Any = contextlib.nullcontext()
-            if replaying and ("group", b) not in tapes:
-                from adaptlr.backends import block_tape  # pyright: ignore[reportMissingImports]
-
-                recorder = block_tape.recording(block_tape.Tape(len(arrays), group[0][2] - group[0][1]), arrays)
-            try:
-                with recorder:
-                    self.opt.update_leaves(
-                        xp, ListLayout(len(group)), [g for _, g in inputs], rebuild_state(skeleton, values),
-                        [p for p, _ in inputs],
-                        alpha=None if alpha is None else [alpha[b]] * len(group),
-                        weight_decay=None if weight_decay is None else [weight_decay[b]] * len(group),
-                        reducer=reducer, scalars=step_scalars[key],
-                    )
-            finally:  # the group stops at its last sum (part_sums.PartSummed)
-                if not isinstance(recorder, contextlib.nullcontext):
-                    tapes[("group", b)] = recorder.finish(reducer.partials)
+            recorder = (taped(("group", b), arrays, group[0][2] - group[0][1], reducer) if replaying
+                        else contextlib.nullcontext())
+            with recorder:
+                self.opt.update_leaves(
+                    xp, ListLayout(len(group)), [g for _, g in inputs], rebuild_state(skeleton, values),
+                    [p for p, _ in inputs],
+                    alpha=None if alpha is None else [alpha[b]] * len(group),
+                    weight_decay=None if weight_decay is None else [weight_decay[b]] * len(group),
+                    reducer=reducer, scalars=step_scalars[key],
+                )
 
         if blocks is None:
             blocks = [(b, start, min(start + block, bucket.size), None)

@@ -112,3 +112,12 @@ def cycles_made_by(fn) -> int:
         return gc.collect(0)
     finally:
         gc.enable()
+
+
+def blocks_on_a_large_cpu_model(opt) -> bool:
+    """Whether ``opt`` runs on blocks on a large CPU model by default (flat-safe, and blockwise or with
+    sums that two passes over blocks can make: ``adaptlr.backends.fast.recommended_options``)."""
+    from adaptlr.backends.fast import base_sums_replayable, flat_safety, sums_cheaply
+
+    flat, blockwise, _ = flat_safety(opt)
+    return flat and (blockwise or sums_cheaply(opt) or base_sums_replayable(opt))

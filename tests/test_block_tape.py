@@ -22,7 +22,8 @@ torch = pytest.importorskip("torch")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from adaptlr.backends import block_tape, fast  # noqa: E402
-from adaptlr.backends.fast import FlatOptimizer, base_sums_replayable, flat_safety, sums_cheaply  # noqa: E402
+from adaptlr.backends.fast import FlatOptimizer, base_sums_replayable  # noqa: E402
+from tests.conftest import blocks_on_a_large_cpu_model  # noqa: E402
 
 # Parameters that make blocks of several lengths: a parameter of its own blocks (5,000 elements in
 # 5 blocks of 1,000), one staged in the flat buffers (300), one in 7 blocks of 1,000.
@@ -30,16 +31,11 @@ SHAPES = ((5000,), (300,), (2, 3500))
 BLOCK = 1024
 
 
-def _blocks_on_a_large_cpu_model(opt: Any) -> bool:
-    flat, blockwise, _ = flat_safety(opt)
-    return flat and (blockwise or sums_cheaply(opt) or base_sums_replayable(opt))
-
-
 def _registry() -> dict:
     from adaptlr.conformance.algorithms import ALGORITHMS
 
     return {name: entry for name, entry in ALGORITHMS.items()
-            if not entry.missing() and _blocks_on_a_large_cpu_model(entry.build())}
+            if not entry.missing() and blocks_on_a_large_cpu_model(entry.build())}
 
 
 def _counting_replays(monkeypatch: pytest.MonkeyPatch) -> list[int]:

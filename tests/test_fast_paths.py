@@ -12,7 +12,6 @@ import importlib.util
 import math
 import sys
 import warnings
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,14 +19,12 @@ import pytest
 import adaptlr
 from adaptlr.backends.fast import (
     FlatOptimizer,
-    base_sums_replayable,
     flat_safety,
     jit_step,
     jit_update,
-    sums_cheaply,
 )
 from adaptlr.core import Adaptation
-from tests.conftest import max_rel_err
+from tests.conftest import blocks_on_a_large_cpu_model, max_rel_err
 
 F64_TOL = 1e-12
 F32_TOL = 1e-5  # relative to the largest |value| of each leaf
@@ -514,11 +511,6 @@ def test_cpu_block_size_keeps_the_temporaries_within_the_largest_tensor() -> Non
         assert block % (1 << 14) == 0 and block * CPU_BLOCK_LIVE_TEMPORARIES <= n
 
 
-def _blocks_by_default_on_a_large_cpu_model(opt: Any) -> bool:
-    flat, blockwise, _ = flat_safety(opt)
-    return flat and (blockwise or sums_cheaply(opt) or base_sums_replayable(opt))
-
-
 def test_blocked_torch_steps_keep_at_most_the_bounded_number_of_block_temporaries() -> None:
     """The bound behind :func:`cpu_block_size`: every registered algorithm that takes blocks on a
     large CPU model keeps at most ``CPU_BLOCK_LIVE_TEMPORARIES`` block-sized temporaries alive in a
@@ -533,7 +525,7 @@ def test_blocked_torch_steps_keep_at_most_the_bounded_number_of_block_temporarie
     block = 1 << 12
     ordinary, worst = {}, {}
     for name, entry in REGISTRY.items():
-        if entry.missing() or not _blocks_by_default_on_a_large_cpu_model(entry.build()):
+        if entry.missing() or not blocks_on_a_large_cpu_model(entry.build()):
             continue
         gen = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((96, 64), (5000,), (2, 3000))]
