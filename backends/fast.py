@@ -43,7 +43,8 @@ from adaptlr._tree import Layout
 from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
 __all__ = [
-    "CPU_BLOCK_LIVE_TEMPORARIES", "FIRST_PASS_BLOCKS_PER_CALL", "REPLAY_BLOCKS", "FlatOptimizer", "ListLayout",
+    "CPU_BLOCK_LIVE_TEMPORARIES", "FIRST_PASS_BLOCKS_PER_CALL", "NUMPY_BLOCK_LIVE_TEMPORARIES", "REPLAY_BLOCKS",
+    "FlatOptimizer", "ListLayout",
     "base_sums_replayable", "cpu_block_size", "flat_safety", "jit_step", "jit_update", "large_cpu_model",
     "partitionable", "recommended_options", "sums_before_direction", "sums_cheaply", "sums_rarely",
     "sums_replayable", "sums_replayable_by_rows", "tensorwise",
@@ -58,6 +59,11 @@ _CPU_FLAT_BYTES_LIMIT = 16 << 20
 # state donated: AdamW 3.8, ActiveLR(AdamW) 7.5 at a boundary, DSA per element 7.5, DSA's row blocks 8.0,
 # AutoDrop(ActiveLR) 8.3; 16 before round 12; tests/test_fast_paths.py and test_row_blocks.py check it).
 CPU_BLOCK_LIVE_TEMPORARIES = 9
+# The same for NumPy's blocked step (tracemalloc, round 21, blocks of 64K: AdamW 5.0, HD per element 8.1,
+# EG global 8.1, ActiveLR(AdamW) 10.1 at a boundary, DSA per element 10.1, AutoDrop(ActiveLR) 10.1; the
+# step returns new state arrays that the executor copies back, so more are alive than on torch, whose
+# blocks write into their donated state; tests/test_fast_paths.py checks it).
+NUMPY_BLOCK_LIVE_TEMPORARIES = 11
 _CPU_BLOCK_LARGE = 1 << 18  # elements: the fastest block size measured on large models (torch, ResNet-18)
 _CPU_BLOCK_QUANTUM = 1 << 14
 # Blocks per call in the first pass of a step whose sums all come before its base direction
@@ -302,6 +308,8 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     - CPU, larger model, torch: 256K-element blocks, smaller where the model's largest tensor is
       below :data:`CPU_BLOCK_LIVE_TEMPORARIES` such blocks, so that the step's temporaries stay
       within the largest tensor (:func:`cpu_block_size`; ResNet-18 shapes: 256K, 144K before round 13).
+      NumPy likewise with :data:`NUMPY_BLOCK_LIVE_TEMPORARIES` (ResNet-18 shapes: 208K; 128K before
+      round 21, 9–16 % slower: docs/performance.md, round 21).
     - JAX params: None (use :func:`jit_step`).
 
     Args:
@@ -326,7 +334,7 @@ def recommended_options(opt: Optimizer, params: Sequence[Any]) -> dict | None:
     # per-operation cost of eager evaluation on large models; small models prefer smaller ones.
     if _is_torch(params[0]):
         return {"block_size": (1 << 17) if small_model else cpu_block_size(max(sizes))}
-    return {"block_size": (1 << 15) if small_model else (1 << 17)}
+    return {"block_size": (1 << 15) if small_model else cpu_block_size(max(sizes), NUMPY_BLOCK_LIVE_TEMPORARIES)}
 
 
 def large_cpu_model(params: Sequence[Any]) -> bool:
@@ -335,14 +343,15 @@ def large_cpu_model(params: Sequence[Any]) -> bool:
     return sum(math.prod(p.shape) * getattr(p.dtype, "itemsize", 8) for p in params) > _CPU_FLAT_BYTES_LIMIT
 
 
-def cpu_block_size(largest: int) -> int:
-    """Elements per block of torch's blocked CPU path on a large model whose largest tensor has
-    ``largest`` elements: at most 256K, and at most ``largest / CPU_BLOCK_LIVE_TEMPORARIES`` (a
-    multiple of 16K, at least 16K), so the temporaries alive at once take no more memory than the
-    largest tensor (issue 20's target 5). Smaller blocks cost per-operation overhead (each block
+def cpu_block_size(largest: int, live: int = CPU_BLOCK_LIVE_TEMPORARIES) -> int:
+    """Elements per block of the blocked CPU path on a large model whose largest tensor has
+    ``largest`` elements: at most 256K, and at most ``largest / live`` (a multiple of 16K, at least
+    16K), so the ``live`` block-sized temporaries alive at once take no more memory than the largest
+    tensor (issue 20's target 5; torch :data:`CPU_BLOCK_LIVE_TEMPORARIES`, the default, NumPy
+    :data:`NUMPY_BLOCK_LIVE_TEMPORARIES`). Smaller blocks cost per-operation overhead (each block
     pays the update's Python and dispatch work; the step scalars are computed once per step,
     :meth:`adaptlr.core.Scalars.of_step`)."""
-    fitting = largest // CPU_BLOCK_LIVE_TEMPORARIES // _CPU_BLOCK_QUANTUM * _CPU_BLOCK_QUANTUM
+    fitting = largest // live // _CPU_BLOCK_QUANTUM * _CPU_BLOCK_QUANTUM
     return max(_CPU_BLOCK_QUANTUM, min(_CPU_BLOCK_LARGE, fitting))
 
 

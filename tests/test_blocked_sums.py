@@ -415,7 +415,7 @@ def test_blocked_autodrop_peak_is_blocks_not_the_model() -> None:
 def test_recommended_blocks_for_rare_sums_on_large_models() -> None:
     rare = _algorithms()["autodrop(adamw)"]()
     assert recommended_options(rare, [np.zeros(10)]) == {}
-    assert recommended_options(rare, [np.zeros(1 << 23, dtype=np.float32)] * 2) == {"block_size": 1 << 17}
+    assert recommended_options(rare, [np.zeros(1 << 23, dtype=np.float32)] * 2) == {"block_size": 1 << 18}
     assert recommended_options(_algorithms()["prodigy"](), [np.zeros(1 << 23, dtype=np.float32)] * 2) is None
 
 

@@ -490,7 +490,8 @@ def test_recommended_options_cpu_by_model_size() -> None:
     assert recommended_options(adaptlr.active(adaptlr.prodigy(), steps_per_epoch=10), large) == {"block_size": ninth}
     assert recommended_options(adaptlr.autodrop(adaptlr.prodigy(), steps_per_epoch=10), large) is None  # two summers
     assert recommended_options(global_sums, large) is None
-    assert recommended_options(adaptlr.adamw(), [t.numpy() for t in large]) == {"block_size": 1 << 17}
+    # NumPy: blocks of at most 1/11 of the largest tensor (NUMPY_BLOCK_LIVE_TEMPORARIES): 176K.
+    assert recommended_options(adaptlr.adamw(), [t.numpy() for t in large]) == {"block_size": 11 << 14}
     assert recommended_options(global_sums, [t.numpy() for t in large]) is None
     # The limit counts bytes: the same element count in float64 crosses it sooner.
     assert recommended_options(adaptlr.adamw(), [torch.empty(_CPU_FLAT_BYTES_LIMIT // 6, dtype=torch.float64)]) \
@@ -545,6 +546,39 @@ def test_blocked_torch_steps_keep_at_most_the_bounded_number_of_block_temporarie
     assert ordinary["adamw"] >= 3 and worst["active(adamw)"] > ordinary["active(adamw)"]  # the counter counts
     over = {n: b for n, b in worst.items() if b > CPU_BLOCK_LIVE_TEMPORARIES + 0.1}  # 0.1: the 0-D scalars
     assert not over, f"steps with more block temporaries alive than CPU_BLOCK_LIVE_TEMPORARIES: {over}"
+
+
+def test_blocked_numpy_steps_keep_at_most_the_bounded_number_of_block_temporaries() -> None:
+    """The bound behind NumPy's :func:`cpu_block_size`: every registered algorithm that NumPy's
+    :class:`FlatOptimizer` steps in blocks keeps at most ``NUMPY_BLOCK_LIVE_TEMPORARIES`` block-sized
+    temporaries alive in a step, ordinary or at an epoch boundary (tracemalloc, the bench's counter)."""
+    from adaptlr.backends.bench import _tracemalloc_peak
+    from adaptlr.backends.fast import NUMPY_BLOCK_LIVE_TEMPORARIES, FlatOptimizer, flat_safety, sums_replayable
+    from adaptlr.conformance.algorithms import ALGORITHMS as REGISTRY
+    from adaptlr.conformance.algorithms import S
+
+    block = 1 << 15
+    shapes = ((96, 320), (25_000,), (2, 15_000))
+    ordinary, worst = {}, {}
+    for name, entry in REGISTRY.items():
+        opt = None if entry.missing() else entry.build()
+        if opt is None or not (flat_safety(opt)[1] or sums_replayable(opt)):
+            continue
+        rng = np.random.default_rng(0)
+        flat = FlatOptimizer(opt, [rng.standard_normal(s).astype(np.float32) for s in shapes], block_size=block)
+        assert flat.mode == "blocked", name
+        peaks = []
+        for k in range(S + 2):  # steps 2..S+2: one epoch boundary; the first step allocates the state
+            grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+            if k:
+                peaks.append(_tracemalloc_peak(lambda f=flat, g=grads: f.step(g)) / (block * 4))
+            else:
+                flat.step(grads)
+        ordinary[name], worst[name] = float(np.median(peaks)), max(peaks)
+    assert len(ordinary) >= 20, ordinary
+    assert ordinary["adamw"] >= 3 and worst["active(adamw)"] > ordinary["active(adamw)"]  # the counter counts
+    over = {n: b for n, b in worst.items() if b > NUMPY_BLOCK_LIVE_TEMPORARIES}
+    assert not over, f"steps with more block temporaries alive than NUMPY_BLOCK_LIVE_TEMPORARIES: {over}"
 
 
 # -- the benchmark command (a tiny run: it reports, it asserts nothing about speed) ------------------
