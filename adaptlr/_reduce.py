@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["Reducer", "add_all", "leaf_split_axes", "reduced_dims"]
+__all__ = ["Reducer", "Term", "add_all", "leaf_split_axes", "reduced_dims", "term_value"]
 
 Completer = Callable[[Any, tuple], Any]
 
@@ -46,6 +46,31 @@ def add_all(xp: Any, parts: Sequence[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]
     return xp.cumulative_sum(xp.stack(list(parts)))[-1]
+
+
+class Term:
+    """A leaf's term of a sum (``g ⊙ d``), made when a sum first reads it (:meth:`Reducer.leaf_sum`),
+    then kept: a part's second pass, given the whole sums, does not make it
+    (:mod:`adaptlr.backends.part_sums`), as generators of ``total``'s terms are not evaluated there.
+    ``ndim``: the term's number of dimensions, known without making it."""
+
+    __slots__ = ("_make", "_value", "ndim")
+
+    def __init__(self, make: Callable[[], Any], ndim: int) -> None:
+        self._make: Callable[[], Any] | None = make
+        self._value: Any = None
+        self.ndim = ndim
+
+    def value(self) -> Any:
+        """The term's array (made on the first call)."""
+        if self._make is not None:
+            self._value, self._make = self._make(), None
+        return self._value
+
+
+def term_value(x: Any) -> Any:
+    """``x``'s array: a :class:`Term` made, anything else as it is."""
+    return x.value() if isinstance(x, Term) else x
 
 
 def _names(entry: Any) -> tuple:
@@ -95,7 +120,8 @@ class Reducer:
         return tuple(names)
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
-        """``Σ`` of leaf ``i``'s array ``x`` over ``axis`` (all by default), over every shard."""
+        """``Σ`` of leaf ``i``'s array ``x`` (or :class:`Term`) over ``axis`` (all by default), over every shard."""
+        x = term_value(x)
         total = self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
         if self.complete is None:
             return total

@@ -42,11 +42,17 @@ import array_api_compat
 from adaptlr import _validation as v
 from adaptlr._inplace import mul_, mul_for_sum
 from adaptlr._precision import cast_like, widest_float
+from adaptlr._reduce import Term
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSize, scalar_device
 
 __all__ = ["DoGDirection", "DoGState", "DoWGDirection", "DoWGState", "dog", "dowg"]
 
+
+
+def _squared(x: Any) -> Any:
+    """``x ⊙ x``, written into ``x`` (a temporary of the calling step)."""
+    return mul_(x, x)
 
 class DoGState(NamedTuple):
     """State of DoG / LDoG.
@@ -155,14 +161,15 @@ class DoGDirection(BaseDirection):
         grads, params = ctx.objective_grads, ctx.params
         x0 = layout.leaves(state.init_params, "state.init_params")
         first = scalars.per_step("t = 1", lambda: scalars.count == 1)  # one array per step (Scalars.once's inputs)
-        # Terms as generators: a part's second pass, given the whole sums, does not evaluate them.
-        diffs = (p - p0 for p, p0 in zip(params, x0))
-        if self.layerwise:
-            sq_dist = [reduce.leaf_sum(i, mul_(d, d), dtype=wide) for i, d in enumerate(diffs)]
-            grad_sq = [reduce.leaf_sum(i, g * g, dtype=wide) for i, g in enumerate(grads)]
+        # Terms as generators (and Terms): a part's second pass, given the whole sums, does not make them.
+        if self.layerwise:  # (terms made where a sum reads them: a row block's second pass does not)
+            sq_dist = [reduce.leaf_sum(i, Term(lambda p=p, p0=p0: _squared(p - p0), p.ndim), dtype=wide)
+                       for i, (p, p0) in enumerate(zip(params, x0))]
+            grad_sq = [reduce.leaf_sum(i, Term(lambda g=g: g * g, g.ndim), dtype=wide) for i, g in enumerate(grads)]
             rbar_old = layout.leaves(state.rbar, "state.rbar")
             g_old = layout.leaves(state.grad_sq_sum, "state.grad_sq_sum")
         else:
+            diffs = (p - p0 for p, p0 in zip(params, x0))
             sq_dist = [reduce.total((mul_for_sum(d, d, wide, x_temporary=True) for d in diffs), wide)]
             grad_sq = [reduce.total((mul_for_sum(g, g, wide) for g in grads), wide)]
             rbar_old, g_old = [state.rbar], [state.grad_sq_sum]

@@ -33,7 +33,7 @@ import array_api_compat
 from adaptlr import _validation as v
 from adaptlr._inplace import add_, mul_
 from adaptlr._precision import is_half_precision
-from adaptlr._reduce import Reducer
+from adaptlr._reduce import Reducer, Term
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 from adaptlr.hypergradient import _check_bounds, _check_optimizer
@@ -112,10 +112,10 @@ def leaf_structure(structure: tuple[str, ...] | None, ndim: int) -> tuple[str, .
     return tuple(dict.fromkeys(same[k] for k in structure))
 
 
-def _slice_sum(reduce: Reducer, i: int, x: Any, kind: str) -> Any:
+def _slice_sum(reduce: Reducer, i: int, x: Term, kind: str) -> Any:
     """Leaf ``i``'s ``x`` summed over the elements each factor value of ``kind`` covers (keeping its shape)."""
     if kind == "element":
-        return x
+        return x.value()
     if kind == "tensor":
         return reduce.leaf_sum(i, x)
     if kind == "row":
@@ -123,7 +123,7 @@ def _slice_sum(reduce: Reducer, i: int, x: Any, kind: str) -> Any:
     return reduce.leaf_sum(i, x, axis=0, keepdims=True)  # col
 
 
-def _slice_sums(reduce: Reducer, i: int, x: Any, kinds: tuple[str, ...]) -> dict[str, Any]:
+def _slice_sums(reduce: Reducer, i: int, x: Term, kinds: tuple[str, ...]) -> dict[str, Any]:
     """:func:`_slice_sum` for each of ``kinds``; the tensor's sum from its row (or column) sums where
     those are computed, so a tensor with row factors is read by two reductions, not three."""
     sums = {kind: _slice_sum(reduce, i, x, kind) for kind in kinds if kind != "tensor"}
@@ -195,7 +195,8 @@ class DSA(Adaptation):
             g, p = xp.astype(g, work, copy=False), xp.astype(p, work, copy=False)
             beta = scalars.constant(self.hyper_lr, work)
             eps = scalars.constant(EPS, work)
-            gp, gg, pp = g * p, g * g, p * p
+            # (made where a sum reads them: a row block's second pass, given every sum, does not)
+            gp, gg, pp = (Term(lambda a=a, b=b: a * b, g.ndim) for a, b in ((g, p), (g, g), (p, p)))
             kinds: tuple[str, ...] = tuple(str(kind) for kind in factors)
             dots, g_sq, p_sq = (_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))
             updated = {}

@@ -31,6 +31,7 @@ import array_api_compat
 from adaptlr import _validation as v
 from adaptlr._inplace import clip_, ema_donated, exp_, mul_, mul_donated, mul_for_sum, mul_into_donated
 from adaptlr._precision import widest_float
+from adaptlr._reduce import Term
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
 
@@ -134,9 +135,10 @@ class EGStepSize(Adaptation):
             # (once per step, not once per block: Scalars.once; another EG has another s)
             return state._replace(scale=scalars.once(("eg scale", id(self)), (state.scale, alignment), rescaled))
         wide_lr = scalars.constant(self.scale_lr, scalars.wide)  # ⟨v, g⟩ and exp in the widest float
+        # (terms made where a sum reads them: a row block's second pass does not)
         scales = [
-            s * xp.astype(xp.exp(self._clip(ctx, wide_lr * ctx.reduce.leaf_sum(i, pv * g, dtype=scalars.wide))),
-                          s.dtype)
+            s * xp.astype(xp.exp(self._clip(ctx, wide_lr * ctx.reduce.leaf_sum(
+                i, Term(lambda pv=pv, g=g: pv * g, g.ndim), dtype=scalars.wide))), s.dtype)
             for i, (s, pv, g) in enumerate(zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads,
                                                strict=True))
         ]

@@ -29,6 +29,7 @@ import array_api_compat
 from adaptlr import _validation as v
 from adaptlr._inplace import add_, is_donated, mul_, mul_for_sum
 from adaptlr._precision import cast_like, widest_float
+from adaptlr._reduce import Term
 from adaptlr._tree import Layout
 from adaptlr.adam import adam
 from adaptlr.core import Adaptation, BaseDirection, Optimizer, StepContext, StepSize, scalar_device
@@ -148,9 +149,11 @@ class Hypergradient(Adaptation):
         for i, (a, g, d) in enumerate(zip(layout.leaves(state.lr, "state.lr"), grads, d_prev, strict=True)):
             if self.granularity == "tensor":  # sums in the widest float, then the state dtype
                 wide, leaf_sum = scalars.wide, ctx.reduce.leaf_sum
-                h = leaf_sum(i, g * d, dtype=wide)
+                # (terms made where a sum reads them: a row block's second pass does not)
+                h = leaf_sum(i, Term(lambda g=g, d=d: g * d, g.ndim), dtype=wide)
                 if multiplicative:
-                    h = _cosine(xp, h, leaf_sum(i, g * g, dtype=wide), leaf_sum(i, d * d, dtype=wide))
+                    h = _cosine(xp, h, leaf_sum(i, Term(lambda g=g: g * g, g.ndim), dtype=wide),
+                                leaf_sum(i, Term(lambda d=d: d * d, d.ndim), dtype=wide))
                 h = xp.astype(h, a.dtype)
             else:
                 h = xp.sign(g * d) if multiplicative else g * d

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from adaptlr._reduce import Reducer, reduced_dims
+from adaptlr._reduce import Reducer, reduced_dims, term_value
 
 __all__ = ["NoSums", "PartSummed", "Recorder", "Replayer", "SumsRequested", "run_parts", "whole_sums"]
 
@@ -65,14 +65,18 @@ class _PartSums(Reducer):
                                "parts")
 
         def part() -> Any:
-            return self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
+            return self.xp.sum(term_value(x), axis=axis, keepdims=keepdims, dtype=dtype)
 
-        return self._across(part) if 0 in reduced_dims(x.ndim, axis) else part()
+        return self._across(part) if 0 in reduced_dims(x.ndim, axis) else self._own(part)
 
     def _across(self, part: Callable[[], Any]) -> Any:
         """What the step is to use for a sum over every part, of which ``part()`` is this part's share
         (a replayed sum does not compute it)."""
         raise NotImplementedError
+
+    def _own(self, part: Callable[[], Any]) -> Any:
+        """A row block's sum within its rows (DSA's row sums), complete in the block: ``part()``."""
+        return part()
 
 
 class NoSums(_PartSums):
@@ -100,11 +104,12 @@ class Recorder(_PartSums):
     the end.
     """
 
-    __slots__ = ("partials", "sums")
+    __slots__ = ("own", "partials", "sums")
 
     def __init__(self, xp: Any, sums: int | None = None, rows: bool = False) -> None:
         super().__init__(xp, rows)
         self.partials: list = []
+        self.own: list = []  # a row block's sums within its rows, complete here: its second pass reads them
         self.sums = sums
 
     def replayed(self, results: list) -> None:
@@ -119,17 +124,26 @@ class Recorder(_PartSums):
             raise PartSummed
         return value
 
+    def _own(self, part: Callable[[], Any]) -> Any:
+        value = part()
+        self.own.append(value)
+        return value
+
 
 class Replayer(_PartSums):
     """The second pass over a part: the ``k``-th sum is the whole model's ``k``-th sum (this part's
     share is not computed again); :meth:`check_all_used` after the part's step."""
 
-    __slots__ = ("sums", "used")
+    __slots__ = ("own", "own_used", "sums", "used")
 
-    def __init__(self, xp: Any, sums: list, rows: bool = False) -> None:
+    def __init__(self, xp: Any, sums: list, rows: bool = False, own: Sequence[Any] = ()) -> None:
         super().__init__(xp, rows)
         self.sums = sums
         self.used = 0
+        # a row block's own sums from its first pass (the same operations on the same rows: the
+        # same numbers), read in order; a sum after the first pass's last is computed
+        self.own = own
+        self.own_used = 0
 
     def _across(self, part: Callable[[], Any]) -> Any:
         if self.used >= len(self.sums):
@@ -137,13 +151,20 @@ class Replayer(_PartSums):
         self.used += 1
         return self.sums[self.used - 1]
 
+    def _own(self, part: Callable[[], Any]) -> Any:
+        if self.own_used < len(self.own):
+            self.own_used += 1
+            return self.own[self.own_used - 1]
+        return part()
+
     def replayed(self, results: list) -> None:
         """The part's step was a replay of another part's (:mod:`adaptlr.backends.block_tape`), which
         used every sum: so does this one."""
         self.used = len(self.sums)
+        self.own_used = len(self.own)
 
     def check_all_used(self) -> None:
-        if self.used != len(self.sums):
+        if self.used != len(self.sums) or self.own_used != len(self.own):
             raise RuntimeError("a part's second pass made fewer sums than its first; this algorithm cannot run in "
                                "parts")
 
@@ -227,6 +248,8 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
             record(lambda recorder, part=part: run_part(part, recorder, False, False))
     sums_of_model = whole_sums([r.partials for r in recorders])
     for k, part in enumerate(parts):
-        replayer = Replayer(xp, sums_of_model, rows)
+        # (a row block's own sums: one recorder per part where the first pass ran block by block)
+        own = recorders[k].own if rows and len(recorders) == len(parts) else ()
+        replayer = Replayer(xp, sums_of_model, rows, own)
         run_part(part, replayer, True, k > 0)
         replayer.check_all_used()

@@ -179,3 +179,69 @@ def test_row_reducers_complete_sums_over_the_first_dimension_only():
         replayer.leaf_sum(0, x, axis=1)
     with pytest.raises(RuntimeError, match="cannot run in parts"):
         part_sums.Recorder(np).leaf_sum(0, x, axis=1)  # parts of a flat buffer: no per-leaf sums
+
+
+def test_a_row_blocks_second_pass_reads_its_first_pass_row_sums_and_makes_no_term():
+    """Round 21: a sum within rows is the block's own and the same in both passes (the same
+    operations on the same rows), so the second pass reads the first pass's; with every sum
+    answered, it never makes the sums' terms (:class:`adaptlr._reduce.Term`)."""
+    import numpy as np
+
+    from adaptlr._reduce import Term
+
+    x = np.arange(12.0).reshape(3, 4)
+    made = []
+    term = Term(lambda: made.append(1) or x, 2)
+    recorder = part_sums.Recorder(np, None, rows=True)
+    rows = recorder.leaf_sum(0, term, axis=1)
+    assert rows.tolist() == [6.0, 22.0, 38.0] and recorder.own == [rows]
+    assert recorder.leaf_sum(0, term, axis=0).tolist() == [12.0, 15.0, 18.0, 21.0]
+    assert made == [1] and len(recorder.partials) == 1  # one term for both sums; the column sums are partial
+
+    def never() -> None:
+        raise AssertionError("the second pass made a term")
+
+    replayer = part_sums.Replayer(np, ["columns"], rows=True, own=recorder.own)
+    assert replayer.leaf_sum(0, Term(never, 2), axis=1) is rows
+    assert replayer.leaf_sum(0, Term(never, 2), axis=0) == "columns"
+    replayer.check_all_used()
+    # a second pass that asks for fewer of its own sums than the first made is not the same step
+    short = part_sums.Replayer(np, ["columns"], rows=True, own=recorder.own)
+    short.leaf_sum(0, Term(never, 2), axis=0)
+    with pytest.raises(RuntimeError, match="cannot run in parts"):
+        short.check_all_used()
+    # the reducer of an unsplit step makes the term
+    from adaptlr._reduce import Reducer
+
+    assert Reducer(np).leaf_sum(0, Term(lambda: x, 2), axis=1).tolist() == [6.0, 22.0, 38.0]
+
+
+@pytest.mark.parametrize("name", ["dsa", "ldog", "hd-tensor", "eg-tensor"])
+def test_row_blocks_make_their_sums_terms_in_the_first_pass_only(name, monkeypatch):
+    """Each row block makes its sums' terms once, in the first pass (counted), and the steps are bit
+    for bit those of making every term in both passes and every row sum again (round 20's step)."""
+    from adaptlr._reduce import Term
+
+    made = []
+    value = Term.value
+
+    def counted(self):
+        if self._make is not None:
+            made.append(self.ndim)
+        return value(self)
+
+    monkeypatch.setattr(Term, "value", counted)
+    blocked, _ = _run(ROW_REPLAYABLE[name], 50, steps=3)
+    once = len(made)
+    terms = {"dsa": 3, "ldog": 2, "hd-tensor": 1, "eg-tensor": 1}[name]
+    # per step: each of the 10 row blocks in its first pass, each of the 3 whole tensors in its one pass
+    assert once == 3 * terms * (10 + 3), once
+
+    def eager(self, make, ndim):  # round 20: every term made where the step names it ...
+        self._make, self._value, self.ndim = None, make(), ndim
+
+    monkeypatch.setattr(Term, "__init__", eager)
+    monkeypatch.setattr(part_sums.Recorder, "_own", lambda self, part: part())  # ... every row sum made again
+    before, _ = _run(ROW_REPLAYABLE[name], 50, steps=3)
+    for a, b in zip(blocked, before, strict=True):
+        assert torch.equal(a, b), name

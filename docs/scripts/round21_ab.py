@@ -6,6 +6,10 @@
                                                             # 256K, every algorithm the bench steps in
                                                             # blocks, the copy bound; median ms, × bound,
                                                             # peak MB
+    python docs/scripts/round21_ab.py row-sums ROUNDS       # DSA, LDoG, HD and EG per tensor on the torch
+                                                            # adapter's default path (row blocks), before/
+                                                            # after: a row block's second pass makes no
+                                                            # sum term and reads its first pass's row sums
 
 ResNet-18 parameter shapes, float32; each round runs every variant once in a fresh random order
 (``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
@@ -21,12 +25,23 @@ from collections.abc import Callable
 import numpy as np
 
 import adaptlr
+from adaptlr._reduce import Term
+from adaptlr.backends import part_sums
 from adaptlr.backends.bench import RESNET18_SHAPES, Runner, _tracemalloc_peak, time_runners
 from adaptlr.backends.fast import FlatOptimizer, flat_safety, recommended_options, sums_replayable
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from round9_ab import run_mode  # the command line of rounds 11 to 21
+from round9_ab import interleaved, run_mode  # the command line of rounds 11 to 21
 from round11_ab import LR_FREE, WRAPPERS
+from round12_ab import _adapter, pairs_with
+from round20_ab import _patched
+
+ROW_BLOCKED: dict[str, Callable[[], adaptlr.Optimizer]] = {
+    "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01)),
+    "ldog": lambda: adaptlr.dog(layerwise=True),
+    "hd per tensor": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-3), hyper_lr=1e-8, granularity="tensor"),
+    "eg per tensor": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-3), 1e-3, 1e-3, scale="tensor"),
+}
 
 NUMPY_MAKERS: dict[str, Callable[[], adaptlr.Optimizer]] = {**WRAPPERS, **LR_FREE,
                                                              "dadapt_sgd": adaptlr.dadapt_sgd}
@@ -70,8 +85,21 @@ def numpy_blocks(rounds: int) -> None:
               f"{median / bound:5.2f}× bound{extra}")
 
 
+def _eager_term(term: Term, make: Callable[[], object], ndim: int) -> None:
+    term._make, term._value, term.ndim = None, make(), ndim
+
+
+def _before_row_sums(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], None]:
+    """Round 20's row-block step: every sum term made when the step names it, every row sum made again
+    in the second pass."""
+    return _patched(build(opt), [(Term, "__init__", _eager_term),
+                                 (part_sums.Recorder, "_own", lambda self, part: part())])
+
+
 def main(argv: list[str]) -> None:
-    run_mode({"numpy-blocks": numpy_blocks}, argv, __doc__)
+    modes = {"numpy-blocks": numpy_blocks,
+             "row-sums": lambda rounds: interleaved(pairs_with(_before_row_sums)(ROW_BLOCKED, _adapter), rounds)}
+    run_mode(modes, argv, __doc__)
 
 
 if __name__ == "__main__":
