@@ -143,7 +143,7 @@ def widened(rounds: int) -> None:
     interleaved(steps, rounds)
 
 
-def ops(steps: int) -> None:
+def ops(steps: int, names: tuple[str, ...] = ("adamw", "hypergradient", "eg_step_size")) -> None:
     """Where a step's time goes by aten operation: a dispatch mode times each operation's call
     (the mode's own Python is outside the timed call, but the step runs slower under it)."""
     import collections
@@ -166,7 +166,7 @@ def ops(steps: int) -> None:
             self.calls[key] += 1
             return out
 
-    for name in ("adamw", "hypergradient", "eg_step_size"):
+    for name in names:
         step = _adapter(WRAPPERS[name]())
         for _ in range(2):
             step()

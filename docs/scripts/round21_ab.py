@@ -10,6 +10,8 @@
                                                             # adapter's default path (row blocks), before/
                                                             # after: a row block's second pass makes no
                                                             # sum term and reads its first pass's row sums
+    python docs/scripts/round21_ab.py dsa-ops STEPS         # DSA, torch adapter default: time inside each
+                                                            # aten operation (round20_ab.py's ops)
 
 ResNet-18 parameter shapes, float32; each round runs every variant once in a fresh random order
 (``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
@@ -34,7 +36,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from round9_ab import interleaved, run_mode  # the command line of rounds 11 to 21
 from round11_ab import LR_FREE, WRAPPERS
 from round12_ab import _adapter, pairs_with
-from round20_ab import _patched
+from round20_ab import _patched, ops
 
 ROW_BLOCKED: dict[str, Callable[[], adaptlr.Optimizer]] = {
     "dsa": lambda: adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01)),
@@ -80,7 +82,7 @@ def numpy_blocks(rounds: int) -> None:
         q = statistics.quantiles(runner.times, n=4)
         median = statistics.median(runner.times)
         peak = peaks.get(runner.algorithm)
-        extra = f"  peak {peak / 2**20:5.2f} MB ({peak / largest:.2f}× largest)" if peak is not None else ""
+        extra = f"  peak {peak / 2**20:5.2f} MiB ({peak / largest:.2f}× largest)" if peak is not None else ""
         print(f"{runner.algorithm:28s} {median * 1e3:7.1f} ms ({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f}) "
               f"{median / bound:5.2f}× bound{extra}")
 
@@ -98,7 +100,8 @@ def _before_row_sums(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], No
 
 def main(argv: list[str]) -> None:
     modes = {"numpy-blocks": numpy_blocks,
-             "row-sums": lambda rounds: interleaved(pairs_with(_before_row_sums)(ROW_BLOCKED, _adapter), rounds)}
+             "row-sums": lambda rounds: interleaved(pairs_with(_before_row_sums)(ROW_BLOCKED, _adapter), rounds),
+             "dsa-ops": lambda steps: ops(steps, ("dsa",))}
     run_mode(modes, argv, __doc__)
 
 
