@@ -49,10 +49,10 @@ from adaptlr.core import BaseDirection, Optimizer, Schedule, StepContext, StepSi
 __all__ = ["DoGDirection", "DoGState", "DoWGDirection", "DoWGState", "dog", "dowg"]
 
 
-
 def _squared(x: Any) -> Any:
     """``x ⊙ x``, written into ``x`` (a temporary of the calling step)."""
     return mul_(x, x)
+
 
 class DoGState(NamedTuple):
     """State of DoG / LDoG.
@@ -161,8 +161,8 @@ class DoGDirection(BaseDirection):
         grads, params = ctx.objective_grads, ctx.params
         x0 = layout.leaves(state.init_params, "state.init_params")
         first = scalars.per_step("t = 1", lambda: scalars.count == 1)  # one array per step (Scalars.once's inputs)
-        # Terms as generators (and Terms): a part's second pass, given the whole sums, does not make them.
-        if self.layerwise:  # (terms made where a sum reads them: a row block's second pass does not)
+        # Terms as generators, or Terms: a part's second pass, given the whole sums, does not make them.
+        if self.layerwise:
             sq_dist = [reduce.leaf_sum(i, Term(lambda p=p, p0=p0: _squared(p - p0), p.ndim), dtype=wide)
                        for i, (p, p0) in enumerate(zip(params, x0))]
             grad_sq = [reduce.leaf_sum(i, Term(lambda g=g: g * g, g.ndim), dtype=wide) for i, g in enumerate(grads)]

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, mul_
+from adaptlr._inplace import add_, mul_, mul_into_donated
 from adaptlr._precision import is_half_precision
 from adaptlr._reduce import Reducer, Term
 from adaptlr._tree import Layout
@@ -210,7 +210,10 @@ class DSA(Adaptation):
     def step(self, ctx: StepContext, size: StepSize, state: DSAState) -> tuple[StepSize, DSAState]:
         """``A_t = α·κ_in·Π φ`` (the factors of :meth:`before_direction`), ``P ← A_t ⊙ d_t``."""
         size = _apply(size, state.kappa(ctx.layout), state.min_lr, state.max_lr, self.scale_weight_decay)
-        steps = [rate * d for rate, d in zip(size.effective(), ctx.directions, strict=True)]
+        # P_t into P_{t-1}'s array where the executor donated it (before_direction read P_{t-1})
+        old = ctx.layout.leaves(state.prev_step, "state.prev_step")
+        steps = [mul_into_donated(ctx.scalars, p, rate, d)
+                 for p, rate, d in zip(old, size.effective(), ctx.directions, strict=True)]
         # the update's step is -P: one pass here instead of (-α·κ) and ⊙ d there (StepSize.with_step)
         return size.with_step([-x for x in steps]), state._replace(prev_step=ctx.layout.tree(steps))
 

@@ -544,23 +544,27 @@ class Optimizer(torch.optim.Optimizer):
         scalars: list = []
         step_scalars: dict[bool, core.Scalars] = {}  # one per pass (a first pass's sums are partial)
 
-        def run_block(rows: slice, reducer: Any, write: bool, donate: bool) -> None:  # donate: not used here
+        def run_block(rows: slice, reducer: Any, write: bool, donate: bool) -> None:
             if write not in step_scalars:
                 step_scalars[write] = core.Scalars.of_step(xp_torch, state, [param])
-            cut: set[int] = set()
+            cut: dict[int, torch.Tensor] = {}
 
             def piece(t: torch.Tensor) -> torch.Tensor:
                 if not torch_rows.per_row(t, shape):
                     return t
                 view = t[rows]
-                cut.add(id(view))
+                cut[id(view)] = view
                 return view
 
             values = [[_map_tensors(value[0], piece)] if per_param else value
                       for (_, per_param), value in zip(self._field_kinds, old_values)]
-            updates, new_state = opt.update_leaves(
-                xp_torch, ListLayout(1), [grad[rows]], rebuild_state(self._skeleton, values), [param[rows]],
-                alpha=[alpha], weight_decay=[decay], reducer=reducer, scalars=step_scalars[write])
+            # The block's own rows of the state may take its new values in place (adaptlr._inplace:
+            # a writing block once an earlier one completed); the fields read whole never are.
+            donated = list(cut.values()) if donate and opt.donation_safe else []
+            with donating(step_scalars[write], donated):
+                updates, new_state = opt.update_leaves(
+                    xp_torch, ListLayout(1), [grad[rows]], rebuild_state(self._skeleton, values), [param[rows]],
+                    alpha=[alpha], weight_decay=[decay], reducer=reducer, scalars=step_scalars[write])
             if not write:
                 return
             scalars.clear()

@@ -245,3 +245,44 @@ def test_row_blocks_make_their_sums_terms_in_the_first_pass_only(name, monkeypat
     before, _ = _run(ROW_REPLAYABLE[name], 50, steps=3)
     for a, b in zip(blocked, before, strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name", ["dsa", "dsa(active)", "hd-tensor", "eg-tensor"])  # (LDoG: no per-row state)
+def test_row_blocks_write_their_rows_of_the_state_in_place_bit_for_bit(name, monkeypatch):
+    """A writing row block after the first donates its own rows of the state to its step
+    (:func:`adaptlr._inplace.donating`; DSA's ``P_t`` goes into ``P_{t-1}``'s rows): the same
+    numbers as copying the new state in, with fewer copies (counted)."""
+    import contextlib
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    adapter = importlib.import_module("adaptlr.backends.torch")
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "copy_":
+                Copies.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def run():
+        Copies.count = 0
+        params, opt = _run(ROW_REPLAYABLE[name], 50, steps=4)
+        with Copies():
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        return params, opt.state_dict(), Copies.count
+
+    donated, donated_state, fewer = run()
+    monkeypatch.setattr(adapter, "donating", lambda scalars, arrays: contextlib.nullcontext())
+    copied, copied_state, more = run()
+    for a, b in zip(donated, copied, strict=True):
+        assert torch.equal(a, b), name
+    for key, entry in copied_state["state"].items():
+        for field, value in entry.items():
+            for x, y in zip(_tensors(value), _tensors(donated_state["state"][key][field]), strict=True):
+                assert torch.equal(x, y), (name, field)
+    assert fewer < more, (name, fewer, more)

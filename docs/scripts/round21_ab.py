@@ -10,6 +10,9 @@
                                                             # adapter's default path (row blocks), before/
                                                             # after: a row block's second pass makes no
                                                             # sum term and reads its first pass's row sums
+    python docs/scripts/round21_ab.py row-donate ROUNDS     # the same four: a writing row block's own rows
+                                                            # of the state copied in (before) or donated
+                                                            # to its step (after)
     python docs/scripts/round21_ab.py dsa-ops STEPS         # DSA, torch adapter default: time inside each
                                                             # aten operation (round20_ab.py's ops)
 
@@ -98,9 +101,19 @@ def _before_row_sums(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], No
                                  (part_sums.Recorder, "_own", lambda self, part: part())])
 
 
+def _row_blocks_copied(build: Callable, opt: adaptlr.Optimizer) -> Callable[[], None]:
+    """The row blocks' new state copied into the state, as before they donated it."""
+    import contextlib
+    import importlib
+
+    adapter = importlib.import_module("adaptlr.backends.torch")
+    return _patched(build(opt), [(adapter, "donating", lambda scalars, arrays: contextlib.nullcontext())])
+
+
 def main(argv: list[str]) -> None:
     modes = {"numpy-blocks": numpy_blocks,
              "row-sums": lambda rounds: interleaved(pairs_with(_before_row_sums)(ROW_BLOCKED, _adapter), rounds),
+             "row-donate": lambda rounds: interleaved(pairs_with(_row_blocks_copied)(ROW_BLOCKED, _adapter), rounds),
              "dsa-ops": lambda steps: ops(steps, ("dsa",))}
     run_mode(modes, argv, __doc__)
 
