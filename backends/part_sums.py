@@ -14,7 +14,8 @@ learning-rate-free bases' dot products and norms) all go through ``ctx.reduce.to
 - :class:`Recorder` (first pass) keeps each part's partial sums and the part writes nothing; from
   the second part on, it stops the part at its last sum (:class:`PartSummed`);
 - :class:`Replayer` (second pass) answers the ``k``-th sum with the whole model's ``k``-th sum,
-  :func:`whole_sums` of the partials, and the part writes.
+  :func:`whole_sums` of the partials, and the part writes (a row block's sums within its rows: the
+  ones its first pass made).
 
 :func:`run_parts` runs a step over its parts in one of these ways; the paths supply how one part runs.
 With ``rows=True`` the parts are blocks of rows of one tensor (:mod:`adaptlr.backends.torch_rows`):

@@ -11,11 +11,13 @@ of rows of its leading dimension, views of its own storage, in the two passes of
 - the rows are shards of the leading dimension: a sum over dimensions that include the first one
   (a tensor's total, DSA's column sums) is recorded per block in the first pass, which writes
   nothing and stops at the block's last sum, and answered with the whole tensor's sum in the
-  second; a sum within rows (DSA's row sums) is the block's own;
+  second; a sum within rows (DSA's row sums) is the block's own, made in the first pass and read
+  back in the second, which, given every sum, makes none of their terms (:class:`adaptlr._reduce.Term`);
 - state fields with one entry per row (per element, DSA's row factors: :func:`per_row`) are cut like
   the parameter; the others (DSA's column and tensor factors, 0-D values) are read whole, and
   their new values, the same in every block (they come from the whole sums), are written after
-  the last block.
+  the last block; a writing block after the first takes the per-row fields' new values in place
+  (:func:`adaptlr._inplace.donating`).
 
 The algorithms must make their sums replayable (:func:`adaptlr.backends.fast.sums_replayable_by_rows`:
 no sum's terms depend on another sum of the same step).
