@@ -5,7 +5,7 @@
                                                             # these shapes: fast.recommended_options) and
                                                             # 256K, every algorithm the bench steps in
                                                             # blocks, the copy bound; median ms, × bound,
-                                                            # peak MB
+                                                            # peak MiB
     python docs/scripts/round21_ab.py row-sums ROUNDS       # DSA, LDoG, HD and EG per tensor on the torch
                                                             # adapter's default path (row blocks), before/
                                                             # after: a row block's second pass makes no
