@@ -31,7 +31,6 @@ import contextlib
 import math
 import types
 from collections.abc import Callable, Sequence
-from itertools import chain
 from typing import Any
 
 import array_api_compat
@@ -40,6 +39,7 @@ import optree
 from adaptlr._inplace import donating
 from adaptlr._state_tree import rebuild_state, split_state
 from adaptlr._tree import Layout
+from adaptlr.backends.jax_arguments import donatable as _donatable  # noqa: F401 (round 16's scripts)
 from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
 __all__ = [
@@ -363,36 +363,6 @@ def _check_opt(opt: Any) -> None:
         raise TypeError(f"opt must be an adaptlr.Optimizer, got {type(opt).__name__}")
 
 
-def _donatable(args: tuple, donated: tuple[int, ...]) -> tuple:
-    """``args`` with every donated array that is also used elsewhere replaced by a copy.
-
-    ``init`` shares arrays between state fields (one learning-rate array per dtype, an adaptation's
-    initial rate); XLA cannot donate one buffer twice, nor a buffer that is also a plain input.
-    """
-    if not donated:
-        return args
-    import jax
-
-    leaves = [jax.tree_util.tree_leaves(arg) for arg in args]  # 5× faster than optree on jax.Array leaves
-    # (map(id, ...) and chain: the ids taken in C, not a comprehension; 2,000 leaves per call on
-    # 500 tensors, where this check took 1 ms of a 10 ms step)
-    seen = set(map(id, chain.from_iterable(leaves[k] for k in range(len(args)) if k not in donated)))
-    given = list(map(id, chain.from_iterable(leaves[k] for k in donated)))
-    if seen.isdisjoint(given) and len(set(given)) == len(given):
-        return args  # the usual case after the first step: nothing shared, nothing to copy
-    out = list(args)
-
-    def own(x: Any) -> Any:
-        if id(x) in seen:
-            return jax.numpy.copy(x)
-        seen.add(id(x))
-        return x
-
-    for k in donated:
-        out[k] = optree.tree_map(own, args[k])
-    return tuple(out)
-
-
 def _without_unchanged_rates(state: OptimizerState, lr: Any) -> OptimizerState:
     """``state`` without its learning rates where they are the step's input rates themselves (a
     float learning rate: ``update`` reads α from the state and returns it as it is).
@@ -485,25 +455,8 @@ def jit_update(opt: Optimizer, *, donate_state: bool = True) -> Callable:
         ``update(grads, state, params) -> (updates, new_state)``; ``update.compile(grads, state,
         params)`` gives the same function compiled ahead of time, with ``memory_analysis()``.
     """
-    import jax
-
     _check_opt(opt)
-
-    forwarded = [False]  # whether a trace left unchanged state out (not donated: _left_out_unchanged)
-
-    def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
-        updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
-        inputs = None if donate_state else (base, adaptations)
-        return _in_donated_order(updates, state, lr, inputs, forwarded)
-
-    donated = (3, 4) if donate_state else ()  # base, adaptations (the rates may come back unchanged)
-    jitted = jax.jit(inner, donate_argnums=donated)
-
-    def update(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
-        return _from_donated_order(jitted(*_donatable((grads, *state, params), donated)), state, forwarded)
-
-    update.compile = _ahead_of_time(jitted, donated, forwarded)
-    return update
+    return _jitted_on_state(opt, donated=(3, 4) if donate_state else (), with_params=False)
 
 
 def jit_step(opt: Optimizer, *, donate: bool = True) -> Callable:
@@ -521,45 +474,62 @@ def jit_step(opt: Optimizer, *, donate: bool = True) -> Callable:
         ``step(grads, state, params) -> (new_params, new_state)``; ``step.compile(grads, state,
         params)`` gives the same function compiled ahead of time, with ``memory_analysis()``.
     """
+    _check_opt(opt)
+    return _jitted_on_state(opt, donated=(3, 4, 5) if donate else (), with_params=True)
+
+
+def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool) -> Callable:
+    """``opt.update`` jitted, then ``apply_updates`` where ``with_params``, on the state's fields as
+    separate arguments ``(grads, count, rates, base, adaptations, params)`` (``donated`` by
+    position; the learning rates once per value: :mod:`adaptlr.backends.jax_arguments`).
+
+    Returns ``call(grads, state, params)`` with ``call.compile(grads, state, params)``: the same,
+    compiled ahead of time for these shapes and this rate layout, with ``memory_analysis()`` and
+    ``as_text()`` (its optimized HLO, which ``adaptlr.backends.xla_copies`` reads). A compiled call
+    whose rates are laid out otherwise (set per leaf since) runs the jitted function.
+    """
     import jax
 
-    _check_opt(opt)
+    from adaptlr.backends.jax_arguments import RateLayout, StepArguments
 
     forwarded = [False]  # whether a trace left unchanged state out (not donated: _left_out_unchanged)
+    keeps_inputs = 3 not in donated  # base and adaptations not donated: unchanged leaves left out
+    arguments = StepArguments(donated, rates_by_value=not callable(opt.base.learning_rate))
 
-    def inner(grads: Any, count: Any, lr: Any, base: Any, adaptations: Any, params: Any) -> Any:
+    def inner(grads: Any, count: Any, rates: list, base: Any, adaptations: Any, params: Any,
+              layout: RateLayout) -> Any:
+        lr = layout.rebuild(rates)
         updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
-        inputs = None if donate else (base, adaptations)
-        return _in_donated_order(apply_updates(params, updates), state, lr, inputs, forwarded)
+        first = apply_updates(params, updates) if with_params else updates
+        return _in_donated_order(first, state, lr, (base, adaptations) if keeps_inputs else None, forwarded)
 
-    donated = (3, 4, 5) if donate else ()  # base, adaptations, params (the rates may come back unchanged)
-    jitted = jax.jit(inner, donate_argnums=donated)
+    # the rates (position 2) are not donated: they may come back unchanged
+    jitted = jax.jit(inner, donate_argnums=donated, static_argnums=6)
 
-    def step(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
-        return _from_donated_order(jitted(*_donatable((grads, *state, params), donated)), state, forwarded)
+    def finish(outputs: tuple, state: OptimizerState) -> tuple[Any, OptimizerState]:
+        first, new_state = _from_donated_order(outputs, state, forwarded)
+        arguments.returning(new_state, first)
+        return first, new_state
 
-    step.compile = _ahead_of_time(jitted, donated, forwarded)
-    return step
-
-
-def _ahead_of_time(jitted: Any, donated: tuple[int, ...], forwarded: list) -> Callable:
-    """``compile(grads, state, params)``: the step compiled ahead of time for these shapes and dtypes.
-
-    The result is called like the jitted step and has ``memory_analysis()`` (XLA's buffer sizes of
-    that very executable) and ``as_text()`` (its optimized HLO), so a benchmark compiles each step once.
-    """
+    def call(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
+        args, layout = arguments(grads, state, params)
+        return finish(arguments.call(lambda *a: jitted(*a, layout), args, state, params), state)
 
     def compile(grads: Any, state: OptimizerState, params: Any) -> Callable:
-        compiled = jitted.lower(grads, *state, params).compile()
+        args, layout = arguments(grads, state, params)
+        compiled = jitted.lower(*args, layout).compile()
 
-        def run(grads: Any, state: OptimizerState, params: Any) -> Any:
-            return _from_donated_order(compiled(*_donatable((grads, *state, params), donated)), state, forwarded)
+        def run(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
+            args, given = arguments(grads, state, params)
+            function = compiled if given == layout else (lambda *a: jitted(*a, given))
+            return finish(arguments.call(function, args, state, params), state)
 
         run.memory_analysis = compiled.memory_analysis
-        run.as_text = compiled.as_text  # the optimized HLO (adaptlr.backends.xla_copies reads it)
+        run.as_text = compiled.as_text
         return run
 
-    return compile
+    call.compile = compile
+    return call
 
 
 def private_code(method: Callable) -> Callable:

@@ -1,0 +1,135 @@
+"""Interleaved A/B of round 22's change, in one process.
+
+    python docs/scripts/round22_ab.py jax-arguments ROUNDS  # JAX AdamW, 500 tensors of 32×64 and
+                                                            # ResNet-18 shapes: jitted steps given every
+                                                            # learning-rate leaf and checked for shared
+                                                            # buffers every call (before), or the rates
+                                                            # once per value and the check skipped on the
+                                                            # step's own outputs (after); with and without
+                                                            # donation; optax.adamw as adaptlr bench runs it
+    python docs/scripts/round22_ab.py jax-parts ROUNDS      # the same 500-tensor step, after, against its
+                                                            # own executable called directly (no Python
+                                                            # around it) and optax's
+
+"Before" runs round 21's arguments (``adaptlr.backends.jax_arguments.StepArguments`` patched: every
+rate leaf its own argument, ``donatable`` on every call); the same computation either way
+(``tests/test_jax_arguments.py``). Every step is compiled ahead of time, as ``adaptlr bench``
+compiles it; each round runs every variant once, one step each, in a fresh random order
+(``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from round9_ab import run_mode  # the command line of rounds 11 to 22
+from round20_ab import _patched
+
+
+def _round21(arguments: Any) -> list:
+    """``StepArguments`` as round 21 made the arguments: every rate leaf, the check every call."""
+    from adaptlr.backends import jax_arguments
+
+    def rates(self: Any, learning_rate: Any) -> tuple[list, Any]:
+        import jax
+
+        leaves, treedef = jax.tree_util.tree_flatten(learning_rate)
+        return leaves, jax_arguments.RateLayout(treedef, tuple(range(len(leaves))))
+
+    def call(self: Any, function: Callable, args: tuple, state: Any, params: Any) -> Any:
+        return function(*jax_arguments.donatable(args, self.donated))
+
+    return [(arguments, "rates", rates), (arguments, "call", call)]
+
+
+def _runners(set_name: str, before: bool) -> list:
+    from adaptlr.backends import bench, jax_arguments
+
+    changes = _round21(jax_arguments.StepArguments) if before else []
+    saved = [(m, n, getattr(m, n)) for m, n, _ in changes]
+    for m, n, value in changes:
+        setattr(m, n, value)
+    try:  # compiled as that round compiled it
+        runners = [r for r in bench.jax_runners(set_name, bench.SETS[set_name], ["adamw"])
+                   if (r.kind == "adaptlr" if before else r.kind != "bound")]
+    finally:
+        for m, n, value in saved:
+            setattr(m, n, value)
+    for runner in runners if before else []:
+        runner.step = _patched(runner.step, changes)
+        runner.path += ", before"
+    return runners
+
+
+def _report(set_name: str, runners: list) -> dict:
+    medians = {}
+    for runner in sorted(runners, key=lambda r: (r.algorithm, r.path)):
+        q = statistics.quantiles(runner.times, n=4)
+        medians[(runner.algorithm, runner.path)] = statistics.median(runner.times)
+        print(f"{set_name:9s} {runner.algorithm:22s} {runner.path:18s} "
+              f"{statistics.median(runner.times) * 1e3:7.2f} ms ({q[0] * 1e3:.2f}-{q[2] * 1e3:.2f})")
+    return medians
+
+
+def jax_arguments(rounds: int) -> None:
+    import jax
+
+    from adaptlr.backends import bench
+
+    for set_name in ("small500", "resnet18"):
+        runners = _runners(set_name, False) + _runners(set_name, True)
+        bench.time_runners(runners, rounds, warmup=2)
+        medians = _report(set_name, runners)
+        for path in ("jit", "jit-donate"):
+            optax = medians[("optax.adamw", path)]
+            print(f"{set_name:9s} × optax, {path}: before {medians[('adamw', path + ', before')] / optax:.3f}, "
+                  f"after {medians[('adamw', path)] / optax:.3f}")
+        jax.clear_caches()
+
+
+def jax_parts(rounds: int) -> None:
+    import jax
+
+    import adaptlr
+    from adaptlr.backends import bench, fast
+
+    shapes = bench.SETS["small500"]
+    runners = [r for r in bench.jax_runners("small500", shapes, ["adamw"]) if r.path == "jit-donate"]
+    host_params, host_grads = bench._host_data(shapes)
+    grads = [jax.numpy.asarray(g) for g in host_grads]
+    opt = bench.ALGORITHMS["adamw"]()
+    params = [jax.numpy.asarray(p) for p in host_params]
+    state = opt.init(params)
+    forwarded = [False]
+
+    def inner(grads: Any, count: Any, rates: list, base: Any, adaptations: Any, params: Any) -> Any:
+        lr = treedef.unflatten([rates[0]] * len(shapes))
+        updates, new = opt.update(grads, fast.OptimizerState(count, lr, base, adaptations), params)
+        return fast._in_donated_order(adaptlr.apply_updates(params, updates), new, lr, None, forwarded)
+
+    leaves, treedef = jax.tree_util.tree_flatten(state.learning_rate)
+    args = fast._donatable((grads, state.count, leaves[:1], state.base, state.adaptations, params), (3, 4, 5))
+    executable = jax.jit(inner, donate_argnums=(3, 4, 5)).lower(*args).compile()
+    box = {"out": executable(*args)}
+
+    def direct() -> None:
+        base, adaptations, new_params, count, _ = box["out"]
+        box["out"] = executable(grads, count, leaves[:1], base, adaptations, new_params)
+        jax.block_until_ready(box["out"][2])
+
+    runners.append(bench.Runner("small500", "jax", "adamw executable, direct", "jit-donate", "adaptlr", direct))
+    bench.time_runners(runners, rounds, warmup=2)
+    medians = _report("small500", runners)
+    optax = medians[("optax.adamw", "jit-donate")]
+    for (name, path), t in medians.items():
+        print(f"small500  {name} {path}: {t / optax:.3f} × optax")
+
+
+MODES: dict[str, Callable[..., None]] = {"jax-arguments": jax_arguments, "jax-parts": jax_parts}
+
+if __name__ == "__main__":
+    run_mode(MODES, sys.argv[1:], __doc__)
