@@ -6,8 +6,9 @@ the boundary work only when it is due, and the algorithm stays written once:
 
 - eager on the host (NumPy, array-api-strict, torch on the CPU): the step count is a host value,
   so a Python ``if`` on it (not on the parameters or gradients) picks one branch;
-- JAX traced (``jax.jit``, ``vmap``, ...): ``jax.lax.cond`` (``adaptlr.backends.jax_boundary.only_when``);
-  eager JAX on the CPU: the Python branch (an eager ``lax.cond`` would compile its branches every step);
+- JAX traced (``jax.jit``, ``vmap``, ...): a ``lax.while_loop`` that runs the work zero times or once
+  (``adaptlr.backends.jax_boundary.only_when``); eager JAX on the CPU: the Python branch (an eager
+  loop would compile its body every step);
 - elsewhere (torch or eager JAX on a GPU, where reading the count would wait for the device; code that
   ``torch.compile`` traces; CuPy): both branches, selected with ``where`` (the formulation
   before this hook, at the old cost).

@@ -110,7 +110,7 @@ class ActiveLR(Adaptation):
                 new_gammas.append(xp.where(adjust, adjusted, gamma))
             return new_gammas, [xp.zeros_like(c) for c in sums], sums
 
-        # Only at the boundary (a Python branch on the host-side count, lax.cond under JAX; _boundary).
+        # Only at the boundary (a Python branch on the host-side count, a loop run at most once under JAX; _boundary).
         # Otherwise γ, C + g and G_prev come back unchanged.
         new_gammas, new_sums, new_prev_sums = at_boundary(xp, epoch_end, boundary, (gammas, sums, prev_sums),
                                                                 scalars)

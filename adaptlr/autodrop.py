@@ -282,7 +282,7 @@ class AutoDrop(Adaptation):
             snapshot = [xp.asarray(x, copy=True) for x in xs]  # not the caller's array (it may change in place)
             return snapshot, displacements, xp.where(epoch_start, sq_norm, prev_sq_norm), detector
 
-        # Only at an epoch start (a Python branch on the host-side count, lax.cond under JAX; _boundary).
+        # Only at an epoch start (a Python branch on the host-side count, a loop run at most once under JAX; _boundary).
         # Otherwise the snapshot, displacement, norm and detector come back unchanged.
         previous_params, previous_displacement, previous_sq_norm, detector = at_boundary(
             xp, epoch_start, boundary,

@@ -1,19 +1,30 @@
-"""The epoch-boundary hook under JAX tracing: ``jax.lax.cond``, the work in one branch.
+"""The epoch-boundary hook under JAX tracing: a loop that runs the boundary work zero times or once.
 
 :func:`adaptlr._boundary.at_boundary` calls :func:`only_when` while ``jax.jit`` (or ``vmap``, ...)
-traces ActiveLR's or AutoDrop's step: one branch runs, the boundary work or the identity. Only JAX
-is imported (not optax, which :mod:`adaptlr.backends.jax` needs).
+traces ActiveLR's or AutoDrop's step. Only JAX is imported (not optax, which
+:mod:`adaptlr.backends.jax` needs).
 
-Every output of an XLA conditional is a fresh buffer, so the identity branch copies its operands
-(ActiveLR(AdamW) 3.0 parameters' worth of elements per ordinary step, AutoDrop 2.0; counted by
-``docs/scripts/jax_step_copies.py``). A ``lax.while_loop`` run zero or one time keeps its carry
-in place (2.0 and 2.0) and was measured in docs/performance.md, round 5: 2–7 % faster without
-donation, 7–26 % slower with the state donated on XLA:CPU, so it was not kept.
+The work runs in a ``lax.while_loop`` whose body runs while the predicate it carries is true and
+clears it: on an ordinary step not at all, and the loop's carry, the operands, keeps its buffers.
+``lax.cond`` was the hook until round 22: every output of an XLA conditional is a fresh buffer, so
+its identity branch copied the operands every ordinary step, and more with the state donated.
+Round 5 measured the loop and kept ``lax.cond`` (the loop was slower with donation); that was before
+round 16 ordered the jitted steps' outputs like their donated inputs, and on the jitted steps of
+today the loop is the faster of the two, much faster with donation (docs/performance.md, round 22:
+ResNet-18 shapes on the CPU, AutoDrop(AdamW) donated 2.85× → 1.12× AdamW, ActiveLR(AdamW) 4.58× →
+2.77×).
+
+A ``while_loop`` with a traced trip count has no reverse-mode derivative, so the hook is a
+``jax.custom_jvp`` whose tangents are those of the same work under ``lax.cond`` (which has one):
+``jax.grad`` through a jitted step works as before. Values that the work reads from its closure
+(AutoDrop reads the parameters) become explicit arguments (``jax.closure_convert``), so they are
+differentiated too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -26,4 +37,29 @@ def only_when(pred: Any, work: Callable[..., Any], operands: tuple) -> tuple:
 
     ``work`` must return the structure, shapes and dtypes of ``operands``.
     """
-    return jax.lax.cond(pred, lambda *ops: tuple(work(*ops)), lambda *ops: tuple(ops), *operands)
+    operands = tuple(operands)
+    closed, consts = jax.closure_convert(lambda *ops: tuple(work(*ops)), *operands)
+    return _loop_when(closed, pred, tuple(consts), operands)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _loop_when(work: Callable[..., Any], pred: Any, consts: tuple, operands: tuple) -> tuple:
+    """``work(*operands, *consts)`` if ``pred``, else ``operands``: a loop run at most once."""
+
+    def body(carry: tuple) -> tuple:
+        due, ops = carry
+        return jax.numpy.zeros_like(due), tuple(work(*ops, *consts))
+
+    return jax.lax.while_loop(lambda carry: carry[0], body, (jax.numpy.asarray(pred, dtype=bool), operands))[1]
+
+
+@_loop_when.defjvp
+def _loop_when_jvp(work: Callable[..., Any], primals: tuple, tangents: tuple) -> tuple:
+    """The tangents of the same selection written with ``lax.cond`` (differentiable both ways)."""
+    pred, consts, operands = primals
+    _, consts_dot, operands_dot = tangents
+
+    def selected(consts: tuple, operands: tuple) -> tuple:
+        return jax.lax.cond(pred, lambda c, o: tuple(work(*o, *c)), lambda c, o: tuple(o), consts, operands)
+
+    return jax.jvp(selected, (consts, operands), (consts_dot, operands_dot))

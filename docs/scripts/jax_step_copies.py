@@ -5,8 +5,9 @@ For AdamW, ActiveLR(AdamW) and AutoDrop(AdamW), with and without donating the st
 (``adaptlr.backends.fast.jit_update``; before round 16 this script jitted ``opt.update`` itself, whose
 outputs come in another order than the donated state; ``optax.adamw``'s ``jax.jit(tx.update)`` for
 comparison) and the elements they copy per parameter (each copied element is read and written: two words of traffic),
-in all and in the entry computation (the rest are in the branches of the epoch-boundary
-``lax.cond``, one of which runs). Deterministic on a given jax/jaxlib; run on the CPU.
+in all and in the entry computation, which runs every step (the rest are in the body of the
+epoch-boundary loop, which runs only at an epoch boundary, since round 22; before, in the branches
+of a ``lax.cond``, one of which ran every step). Deterministic on a given jax/jaxlib; run on the CPU.
 
     python docs/scripts/jax_step_copies.py
 """

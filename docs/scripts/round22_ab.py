@@ -10,10 +10,18 @@
     python docs/scripts/round22_ab.py jax-parts ROUNDS      # the same 500-tensor step, after, against its
                                                             # own executable called directly (no Python
                                                             # around it) and optax's
+    python docs/scripts/round22_ab.py jax-boundary ROUNDS   # ActiveLR(AdamW) and AutoDrop(AdamW), ResNet-18
+                                                            # shapes, jit and jit-donate: the epoch-boundary
+                                                            # work under lax.cond (before) or in a loop run
+                                                            # at most once (after); AdamW, optax.adamw;
+                                                            # median ms, × AdamW, XLA's temp MiB
 
-"Before" runs round 21's arguments (``adaptlr.backends.jax_arguments.StepArguments`` patched: every
-rate leaf its own argument, ``donatable`` on every call); the same computation either way
-(``tests/test_jax_arguments.py``). Every step is compiled ahead of time, as ``adaptlr bench``
+For ``jax-arguments``, "before" runs round 21's arguments
+(``adaptlr.backends.jax_arguments.StepArguments`` patched: every rate leaf its own argument,
+``donatable`` on every call); the same computation either way
+(``tests/test_jax_arguments.py``). For ``jax-boundary``, "before" compiles the steps with round 21's
+hook (``adaptlr.backends.jax_boundary.only_when`` patched to ``lax.cond``); the same numbers
+(``tests/test_epoch_boundary.py``). Every step is compiled ahead of time, as ``adaptlr bench``
 compiles it; each round runs every variant once, one step each, in a fresh random order
 (``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
 """
@@ -129,7 +137,41 @@ def jax_parts(rounds: int) -> None:
         print(f"small500  {name} {path}: {t / optax:.3f} × optax")
 
 
-MODES: dict[str, Callable[..., None]] = {"jax-arguments": jax_arguments, "jax-parts": jax_parts}
+def _cond_hook(pred: Any, work: Callable, operands: tuple) -> tuple:
+    """Round 21's epoch-boundary hook: ``lax.cond`` with the identity as the other branch."""
+    import jax
+
+    return jax.lax.cond(pred, lambda *ops: tuple(work(*ops)), lambda *ops: tuple(ops), *operands)
+
+
+def jax_boundary(rounds: int) -> None:
+    from adaptlr.backends import bench, jax_boundary
+
+    shapes = bench.SETS["resnet18"]
+    runners = [r for r in bench.jax_runners("resnet18", shapes, ["adamw", "active", "autodrop"]) if r.kind != "bound"]
+    loop = jax_boundary.only_when
+    jax_boundary.only_when = _cond_hook
+    try:
+        before = [r for r in bench.jax_runners("resnet18", shapes, ["active", "autodrop"]) if r.kind == "adaptlr"]
+    finally:
+        jax_boundary.only_when = loop
+    for runner in before:
+        runner.path += ", before"
+    runners += before
+    bench.time_runners(runners, rounds, warmup=2)
+    medians = _report("resnet18", runners)
+    for name in ("active", "autodrop"):
+        for path in ("jit", "jit-donate"):
+            base = medians[("adamw", path)]
+            print(f"resnet18  {name} {path} × AdamW: before {medians[(name, path + ', before')] / base:.2f}, "
+                  f"after {medians[(name, path)] / base:.2f}")
+    for runner in runners:
+        if runner.kind == "adaptlr":
+            print(f"resnet18  {runner.algorithm} {runner.path}: XLA temp {runner.memory() / 2**20:.1f} MiB")
+
+
+MODES: dict[str, Callable[..., None]] = {"jax-arguments": jax_arguments, "jax-parts": jax_parts,
+                                         "jax-boundary": jax_boundary}
 
 if __name__ == "__main__":
     run_mode(MODES, sys.argv[1:], __doc__)
