@@ -13,8 +13,9 @@
     python docs/scripts/round22_ab.py jax-boundary ROUNDS   # ActiveLR(AdamW) and AutoDrop(AdamW), ResNet-18
                                                             # shapes, jit and jit-donate: the epoch-boundary
                                                             # work under lax.cond (before) or in a loop run
-                                                            # at most once (after); AdamW, optax.adamw;
-                                                            # median ms, × AdamW, XLA's temp MiB
+                                                            # at most once (after), or at every step
+                                                            # selected with where (no hook); AdamW,
+                                                            # optax.adamw; median ms, × AdamW, XLA temp MiB
 
 For ``jax-arguments``, "before" runs round 21's arguments
 (``adaptlr.backends.jax_arguments.StepArguments`` patched: every rate leaf its own argument,
@@ -144,27 +145,37 @@ def _cond_hook(pred: Any, work: Callable, operands: tuple) -> tuple:
     return jax.lax.cond(pred, lambda *ops: tuple(work(*ops)), lambda *ops: tuple(ops), *operands)
 
 
+def _where_hook(pred: Any, work: Callable, operands: tuple) -> tuple:
+    """No hook: the boundary work at every step, selected with ``where`` (measured, not kept)."""
+    import jax.numpy as jnp
+
+    from adaptlr._boundary import select_both
+
+    return select_both(jnp, pred, work, operands)
+
+
 def jax_boundary(rounds: int) -> None:
     from adaptlr.backends import bench, jax_boundary
 
     shapes = bench.SETS["resnet18"]
     runners = [r for r in bench.jax_runners("resnet18", shapes, ["adamw", "active", "autodrop"]) if r.kind != "bound"]
     loop = jax_boundary.only_when
-    jax_boundary.only_when = _cond_hook
-    try:
-        before = [r for r in bench.jax_runners("resnet18", shapes, ["active", "autodrop"]) if r.kind == "adaptlr"]
-    finally:
-        jax_boundary.only_when = loop
-    for runner in before:
-        runner.path += ", before"
-    runners += before
+    for label, hook in ((", before", _cond_hook), (", where", _where_hook)):
+        jax_boundary.only_when = hook
+        try:
+            variant = [r for r in bench.jax_runners("resnet18", shapes, ["active", "autodrop"]) if r.kind == "adaptlr"]
+        finally:
+            jax_boundary.only_when = loop
+        for runner in variant:
+            runner.path += label
+        runners += variant
     bench.time_runners(runners, rounds, warmup=2)
     medians = _report("resnet18", runners)
     for name in ("active", "autodrop"):
         for path in ("jit", "jit-donate"):
             base = medians[("adamw", path)]
             print(f"resnet18  {name} {path} × AdamW: before {medians[(name, path + ', before')] / base:.2f}, "
-                  f"after {medians[(name, path)] / base:.2f}")
+                  f"after {medians[(name, path)] / base:.2f}, where {medians[(name, path + ', where')] / base:.2f}")
     for runner in runners:
         if runner.kind == "adaptlr":
             print(f"resnet18  {runner.algorithm} {runner.path}: XLA temp {runner.memory() / 2**20:.1f} MiB")
