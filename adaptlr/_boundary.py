@@ -15,11 +15,21 @@ the boundary work only when it is due, and the algorithm stays written once:
 
 ``boundary`` takes the operands and returns the same structure of arrays; on every other step the
 operands come back unchanged.
+
+Work whose outputs this step only stores in the new state (``state_only``: ActiveLR's γ, C and
+G_prev, which the step reads only as they were) may run later in the traced step. Within
+:func:`deferring` (``adaptlr.backends.fast.jit_step`` and ``jit_update`` while they trace), a
+JAX-traced ``at_boundary`` with ``state_only`` records the work and returns the operands; the step
+runs it once its outputs are made (:func:`adaptlr.backends.jax_boundary.run_deferred`), ordered
+after them, so that XLA writes the state in place instead of copying what the update still reads
+(round 22).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -27,19 +37,40 @@ import optree
 
 from adaptlr import _validation as v
 
-__all__ = ["at_boundary", "select_both"]
+__all__ = ["at_boundary", "deferring", "select_both"]
+
+_DEFERRED: ContextVar[list | None] = ContextVar("adaptlr_deferred_boundaries", default=None)
 
 
-def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None) -> tuple:
+@contextmanager
+def deferring() -> Iterator[list]:
+    """Within the block, JAX-traced boundary work with ``state_only`` is recorded in the list this
+    yields, as ``(pred, boundary, operands)``, and not traced (module docstring)."""
+    recorded: list = []
+    token = _DEFERRED.set(recorded)
+    try:
+        yield recorded
+    finally:
+        _DEFERRED.reset(token)
+
+
+def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None,
+                *, state_only: bool = False) -> tuple:
     """``boundary(*operands)`` where the 0-D boolean ``pred`` is true, else ``operands`` unchanged.
 
     ``scalars`` (the step's :class:`adaptlr.core.Scalars`): the host's reading of ``pred`` is made once
     per step, not once per part of a step run over parts (the torch adapter's blocks).
+    ``state_only``: the caller only puts the results into its new state (this step reads none of
+    them), so the work may run later in a traced step (:func:`deferring`).
     """
     if isinstance(pred, (bool, np.bool_)):  # NumPy gives 0-D results as scalars
         return tuple(boundary(*operands)) if pred else tuple(operands)
     library = v.library_of(pred)
     if library == "jax" and _is_traced(pred):
+        recorded = _DEFERRED.get()
+        if state_only and recorded is not None:
+            recorded.append((pred, boundary, tuple(operands)))
+            return tuple(operands)
         from adaptlr.backends.jax_boundary import only_when  # pyright: ignore[reportMissingImports]
 
         return only_when(pred, boundary, operands)
@@ -52,9 +83,11 @@ def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tupl
     return select_both(xp, pred, boundary, operands)
 
 
-def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None) -> tuple:
-    """The boundary work at every step, selected elementwise with ``xp.where(pred, ...)`` (``scalars``:
-    unused; :func:`at_boundary`'s signature, so that tests can put one in the other's place)."""
+def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None,
+                *, state_only: bool = False) -> tuple:
+    """The boundary work at every step, selected elementwise with ``xp.where(pred, ...)`` (``scalars``,
+    ``state_only``: unused; :func:`at_boundary`'s signature, so that tests can put one in the other's
+    place)."""
     due: Any = tuple(boundary(*operands))  # optree's PyTree type does not take a tuple of Any
     unchanged: Any = tuple(operands)
     return tuple(optree.tree_map(lambda a, b: xp.where(pred, a, b), due, unchanged, none_is_leaf=False))

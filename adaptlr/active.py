@@ -112,8 +112,9 @@ class ActiveLR(Adaptation):
 
         # Only at the boundary (a Python branch on the host-side count, a loop run at most once under JAX; _boundary).
         # Otherwise γ, C + g and G_prev come back unchanged.
+        # (the results only go into the new state: a traced step may run this after its update)
         new_gammas, new_sums, new_prev_sums = at_boundary(xp, epoch_end, boundary, (gammas, sums, prev_sums),
-                                                                scalars)
+                                                                scalars, state_only=True)
 
         # This step uses the γ from before the adjustment above.
         size = size.scaled(gammas, weight_decay_too=self.scale_weight_decay)

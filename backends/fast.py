@@ -490,7 +490,9 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
     """
     import jax
 
+    from adaptlr._boundary import deferring
     from adaptlr.backends.jax_arguments import RateLayout, StepArguments
+    from adaptlr.backends.jax_boundary import run_deferred
 
     forwarded = [False]  # whether a trace left unchanged state out (not donated: _left_out_unchanged)
     keeps_inputs = 3 not in donated  # base and adaptations not donated: unchanged leaves left out
@@ -499,8 +501,12 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
     def inner(grads: Any, count: Any, rates: list, base: Any, adaptations: Any, params: Any,
               layout: RateLayout) -> Any:
         lr = layout.rebuild(rates)
-        updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
+        # Boundary work that only writes state runs after the step's outputs are made (ordered after
+        # them, so that XLA writes the donated state in place; adaptlr._boundary.deferring).
+        with deferring() as recorded:
+            updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
         first = apply_updates(params, updates) if with_params else updates
+        state = run_deferred(recorded, state, first)
         return _in_donated_order(first, state, lr, (base, adaptations) if keeps_inputs else None, forwarded)
 
     # the rates (position 2) are not donated: they may come back unchanged

@@ -29,7 +29,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["only_when"]
+__all__ = ["only_when", "run_deferred"]
 
 
 def only_when(pred: Any, work: Callable[..., Any], operands: tuple) -> tuple:
@@ -63,3 +63,32 @@ def _loop_when_jvp(work: Callable[..., Any], primals: tuple, tangents: tuple) ->
         return jax.lax.cond(pred, lambda c, o: tuple(work(*o, *c)), lambda c, o: tuple(o), consts, operands)
 
     return jax.jvp(selected, (consts, operands), (consts_dot, operands_dot))
+
+
+def run_deferred(recorded: list, new_state: Any, after: list) -> Any:
+    """``new_state`` with the boundary work that :func:`adaptlr._boundary.deferring` recorded done,
+    each loop ordered after the arrays ``after`` (the step's outputs: the new parameters of
+    ``jit_step``, the updates of ``jit_update``).
+
+    The work's operands came back in place of its results; each leaf of ``new_state`` that is one of
+    them is replaced by the result. The order comes from a 0-D value made from the first element of
+    each array of ``after`` and made part of the loop's predicate (``pred ∧ ¬(x > ∞)``: false for
+    every ``x``, NaN included, and not folded by XLA): every fusion that computes a new parameter,
+    and so reads the old state, runs before the loop may write it, and XLA's copy insertion then
+    leaves the donated state in place (``docs/scripts/round22_ab.py order-token``: a dependency on
+    updates that the same computation then applies does not order them, XLA duplicates them into
+    the parameters' fusions; ``jit_update``'s updates are its outputs).
+    """
+    if not recorded:
+        return new_state
+    import jax.numpy as jnp
+
+    firsts = [jnp.reshape(x, (-1,))[0].astype(jnp.float32) for x in jax.tree_util.tree_leaves(after) if x.size]
+    never = sum(firsts[1:], firsts[0]) > jnp.inf if firsts else None
+    results: dict[int, Any] = {}
+    for pred, work, operands in recorded:
+        due = pred if never is None else jnp.logical_and(pred, jnp.logical_not(never))
+        outputs = only_when(due, work, operands)
+        for old, new in zip(jax.tree_util.tree_leaves(operands), jax.tree_util.tree_leaves(outputs)):
+            results[id(old)] = new
+    return jax.tree_util.tree_map(lambda x: results.get(id(x), x), new_state)

@@ -1,7 +1,8 @@
 """Epoch-boundary work only at the boundary (adaptlr._boundary.at_boundary).
 
 ActiveLR and AutoDrop compute their epoch-boundary updates through ``at_boundary`` (a Python branch
-on the host-side step count; ``lax.cond`` under JAX tracing, ``only_when``). Their results must
+on the host-side step count; a loop run at most once under JAX tracing, ``only_when``; ActiveLR's
+after the new parameters in ``jit_step``). Their results must
 equal the formulation that selects with ``where`` at every step (``select_both``, what the
 algorithms did before the hook), on every backend, under ``jax.jit``, in their derivatives, and
 through the torch adapter's paths; and a step that is not at a boundary must not touch the boundary
@@ -202,3 +203,73 @@ def test_xla_copies_counts_the_copies_a_conditional_adds():
     assert copies_per_computation(hlo, "f64") == {}
     straight = jax.jit(lambda x: x * 2.0).lower(x).compile().as_text()
     assert copies_per_computation(straight) == {}
+
+
+@pytest.mark.parametrize("helper", ["jit_step", "jit_update"])
+@pytest.mark.parametrize("donate", [True, False])
+@pytest.mark.parametrize("name", list(_optimizers()))
+def test_jitted_steps_run_state_only_boundary_work_after_their_outputs(name, donate, helper):
+    """``jit_step`` and ``jit_update`` run ActiveLR's boundary work (``state_only``) after their
+    outputs (new parameters, updates): bit for bit ``jax.jit`` of the plain update and
+    ``apply_updates`` over boundaries, and, donated, XLA copies nothing in the step's entry
+    computation (2 elements per parameter with the work traced where ActiveLR calls it, the update
+    reading the γ that the loop may write)."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import optree
+
+    from adaptlr.backends.fast import jit_step, jit_update
+    from adaptlr.backends.xla_copies import ENTRY, copies_per_computation
+
+    jax.config.update("jax_enable_x64", True)
+    opt = _optimizers()[name]()
+    rng = np.random.default_rng(5)
+    params = [jnp.asarray(rng.standard_normal(s)) for s in [(4, 3), (5,)]]
+    targets = [jnp.asarray(rng.standard_normal(p.shape)) for p in params]
+
+    @jax.jit
+    def plain_step(grads, state, params):
+        updates, state = opt.update(grads, state, params)
+        return adaptlr.apply_updates(params, updates), state
+
+    def plain(grads, state, params):
+        if helper == "jit_step":
+            return plain_step(grads, state, params)
+        updates, state = jax.jit(opt.update)(grads, state, params)  # applied outside, as jit_update's
+        return adaptlr.apply_updates(params, updates), state
+
+    step = jit_step(opt, donate=donate) if helper == "jit_step" else jit_update(opt, donate_state=donate)
+    want_params = [jnp.array(p) for p in params]  # the step donates its params
+    state, want_state = opt.init(params), opt.init(want_params)
+    for t in range(STEPS):
+        grads = [p - c * (1 + 0.3 * np.sin(t)) for p, c in zip(params, targets)]
+        first, state = step(grads, state, params)
+        params = first if helper == "jit_step" else adaptlr.apply_updates(params, first)
+        want_params, want_state = plain([jnp.array(g) for g in grads], want_state, want_params)
+        for a, b in zip(optree.tree_leaves((params, state)), optree.tree_leaves((want_params, want_state))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if donate and name == "active":  # (AutoDrop's work is read by its step: not deferred)
+        hlo = step.compile(grads, state, params).as_text()
+        assert ENTRY not in copies_per_computation(hlo, "f64")
+
+
+def test_state_only_work_outside_a_deferring_step_runs_where_it_is_called():
+    """``state_only`` changes nothing outside :func:`adaptlr._boundary.deferring` (JAX traced or not),
+    and within it only JAX-traced work is recorded."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    x = jnp.arange(3.0)
+
+    def double(x):
+        return (x * 2,)
+
+    assert _boundary.at_boundary(np, True, double, (np.arange(3.0),), state_only=True)[0].tolist() == [0, 2, 4]
+    traced = jax.jit(lambda p, x: _boundary.at_boundary(jnp, p, double, (x,), state_only=True))
+    assert traced(jnp.asarray(True), x)[0].tolist() == [0, 2, 4]
+    with _boundary.deferring() as recorded:
+        eager = _boundary.at_boundary(jnp, jnp.asarray(True), double, (x,), state_only=True)
+        assert eager[0].tolist() == [0, 2, 4] and recorded == []
+        out = jax.jit(lambda p, x: _boundary.at_boundary(jnp, p, double, (x,), state_only=True)[0] + 0)(
+            jnp.asarray(True), x)
+        assert out.tolist() == [0, 1, 2] and len(recorded) == 1  # recorded, the operands returned

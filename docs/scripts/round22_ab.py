@@ -13,9 +13,15 @@
     python docs/scripts/round22_ab.py jax-boundary ROUNDS   # ActiveLR(AdamW) and AutoDrop(AdamW), ResNet-18
                                                             # shapes, jit and jit-donate: the epoch-boundary
                                                             # work under lax.cond (before) or in a loop run
-                                                            # at most once (after), or at every step
-                                                            # selected with where (no hook); AdamW,
+                                                            # at most once (after; ActiveLR's after the new
+                                                            # params), or not deferred (518f79e), or at every
+                                                            # step selected with where (no hook); AdamW,
                                                             # optax.adamw; median ms, × AdamW, XLA temp MiB
+    python docs/scripts/round22_ab.py order-token           # why ActiveLR's donated loop still copies γ: the
+                                                            # copies XLA adds to a toy step (a state field
+                                                            # read by the update and written by a loop run at
+                                                            # most once) with the loop ordered after nothing,
+                                                            # after the update, or after the new parameters
 
 For ``jax-arguments``, "before" runs round 21's arguments
 (``adaptlr.backends.jax_arguments.StepArguments`` patched: every rate leaf its own argument,
@@ -29,9 +35,11 @@ compiles it; each round runs every variant once, one step each, in a fresh rando
 
 from __future__ import annotations
 
+import contextlib
+import math
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -154,18 +162,30 @@ def _where_hook(pred: Any, work: Callable, operands: tuple) -> tuple:
     return select_both(jnp, pred, work, operands)
 
 
+@contextlib.contextmanager
+def _nothing_deferred() -> Iterator[list]:
+    """518f79e's ``jit_step``: ActiveLR's boundary work traced where ActiveLR calls it."""
+    yield []
+
+
 def jax_boundary(rounds: int) -> None:
+    from adaptlr import _boundary
     from adaptlr.backends import bench, jax_boundary
 
     shapes = bench.SETS["resnet18"]
     runners = [r for r in bench.jax_runners("resnet18", shapes, ["adamw", "active", "autodrop"]) if r.kind != "bound"]
-    loop = jax_boundary.only_when
-    for label, hook in ((", before", _cond_hook), (", where", _where_hook)):
-        jax_boundary.only_when = hook
+    for label, changes in ((", before", [(jax_boundary, "only_when", _cond_hook)]),
+                           (", where", [(jax_boundary, "only_when", _where_hook)]),
+                           (", not deferred", [(_boundary, "deferring", _nothing_deferred)])):
+        saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
+        for module, name, value in changes:
+            setattr(module, name, value)
         try:
-            variant = [r for r in bench.jax_runners("resnet18", shapes, ["active", "autodrop"]) if r.kind == "adaptlr"]
+            names = ["active"] if label == ", not deferred" else ["active", "autodrop"]
+            variant = [r for r in bench.jax_runners("resnet18", shapes, names) if r.kind == "adaptlr"]
         finally:
-            jax_boundary.only_when = loop
+            for module, name, value in saved:
+                setattr(module, name, value)
         for runner in variant:
             runner.path += label
         runners += variant
@@ -174,15 +194,57 @@ def jax_boundary(rounds: int) -> None:
     for name in ("active", "autodrop"):
         for path in ("jit", "jit-donate"):
             base = medians[("adamw", path)]
+            deferred = medians.get((name, path + ", not deferred"))
             print(f"resnet18  {name} {path} × AdamW: before {medians[(name, path + ', before')] / base:.2f}, "
-                  f"after {medians[(name, path)] / base:.2f}, where {medians[(name, path + ', where')] / base:.2f}")
+                  f"after {medians[(name, path)] / base:.2f}, where {medians[(name, path + ', where')] / base:.2f}"
+                  + ("" if deferred is None else f", loop not deferred {deferred / base:.2f}"))
     for runner in runners:
         if runner.kind == "adaptlr":
             print(f"resnet18  {runner.algorithm} {runner.path}: XLA temp {runner.memory() / 2**20:.1f} MiB")
 
 
+def order_token() -> None:
+    """A toy donated step: ``m`` an Adam-like moment, ``u = -(α·γ)·m/(sqrt|m|+ε)``, ``θ + u``, and a
+    loop that may double ``γ`` (ActiveLR's shape of dependencies). The loop's predicate is made to
+    depend on a 0-D value (``x > inf``: false, NaN included) from the first element of each tensor's
+    update, or of each new parameter, or on nothing; XLA's f32 copies in each case."""
+    import jax
+    import jax.numpy as jnp
+
+    from adaptlr.backends.xla_copies import copies_per_computation
+
+    def at_most_once(pred: Any, gammas: tuple) -> tuple:
+        def body(carry: tuple) -> tuple:
+            return jnp.zeros_like(carry[0]), tuple(g * 2.0 for g in carry[1])
+
+        return jax.lax.while_loop(lambda carry: carry[0], body, (pred, gammas))[1]
+
+    def after(pred: Any, arrays: list) -> Any:
+        first = sum(jnp.reshape(x, (-1,))[0] for x in arrays)
+        return jnp.logical_and(pred, jnp.logical_not(first > jnp.inf))
+
+    def step(order: str, gammas: list, moments: list, params: list, grads: list, pred: Any) -> tuple:
+        moments = [0.9 * m + 0.1 * g for m, g in zip(moments, grads)]
+        updates = [-(0.01 * c) * (m / (jnp.sqrt(jnp.abs(m)) + 1e-8)) for c, m in zip(gammas, moments)]
+        params = [p + u for p, u in zip(params, updates)]
+        pred = {"nothing": pred, "the updates": after(pred, updates), "the new params": after(pred, params)}[order]
+        return list(at_most_once(pred, tuple(gammas))), moments, params
+
+    shapes = [(256, 128), (64,)]
+
+    def arrays() -> list:
+        return [jnp.ones(s, dtype=jnp.float32) for s in shapes]
+
+    n = sum(math.prod(s) for s in shapes)
+    for order in ("nothing", "the updates", "the new params"):
+        jitted = jax.jit(lambda g, m, p, d, pred, order=order: step(order, g, m, p, d, pred), donate_argnums=(0, 1, 2))
+        hlo = jitted.lower(arrays(), arrays(), arrays(), arrays(), jnp.asarray(False)).compile().as_text()
+        copied = sum(elements for _, elements in copies_per_computation(hlo, "f32").values())
+        print(f"loop ordered after {order:15s}: {copied / n:.2f} f32 elements copied per parameter")
+
+
 MODES: dict[str, Callable[..., None]] = {"jax-arguments": jax_arguments, "jax-parts": jax_parts,
-                                         "jax-boundary": jax_boundary}
+                                         "jax-boundary": jax_boundary, "order-token": order_token}
 
 if __name__ == "__main__":
     run_mode(MODES, sys.argv[1:], __doc__)
