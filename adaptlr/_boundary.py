@@ -20,9 +20,9 @@ Work whose outputs this step only stores in the new state (``state_only``: Activ
 G_prev, which the step reads only as they were) may run later in the traced step. Within
 :func:`deferring` (``adaptlr.backends.fast.jit_step`` and ``jit_update`` while they trace), a
 JAX-traced ``at_boundary`` with ``state_only`` records the work and returns the operands; the step
-runs it once its outputs are made (:func:`adaptlr.backends.jax_boundary.run_deferred`), ordered
-after them, so that XLA writes the state in place instead of copying what the update still reads
-(round 22).
+runs it once its outputs are made (:func:`adaptlr.backends.jax_boundary.run_deferred`): with the
+state donated in the loop, ordered after them, so that XLA writes the state in place instead of
+copying what the update still reads; without donation selected with ``where`` (round 22).
 """
 
 from __future__ import annotations

@@ -506,7 +506,7 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
         with deferring() as recorded:
             updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
         first = apply_updates(params, updates) if with_params else updates
-        state = run_deferred(recorded, state, first)
+        state = run_deferred(recorded, state, first, in_place=bool(donated))
         return _in_donated_order(first, state, lr, (base, adaptations) if keeps_inputs else None, forwarded)
 
     # the rates (position 2) are not donated: they may come back unchanged

@@ -211,9 +211,9 @@ def test_xla_copies_counts_the_copies_a_conditional_adds():
 def test_jitted_steps_run_state_only_boundary_work_after_their_outputs(name, donate, helper):
     """``jit_step`` and ``jit_update`` run ActiveLR's boundary work (``state_only``) after their
     outputs (new parameters, updates): bit for bit ``jax.jit`` of the plain update and
-    ``apply_updates`` over boundaries, and, donated, XLA copies nothing in the step's entry
-    computation (2 elements per parameter with the work traced where ActiveLR calls it, the update
-    reading the γ that the loop may write)."""
+    ``apply_updates`` over boundaries, and XLA copies nothing in the step's entry computation (2
+    elements per parameter with the work traced where ActiveLR calls it, the update reading the γ
+    that the loop may write), nor anywhere without donation (the work selected with ``where``)."""
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
     import optree
@@ -248,9 +248,10 @@ def test_jitted_steps_run_state_only_boundary_work_after_their_outputs(name, don
         want_params, want_state = plain([jnp.array(g) for g in grads], want_state, want_params)
         for a, b in zip(optree.tree_leaves((params, state)), optree.tree_leaves((want_params, want_state))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    if donate and name == "active":  # (AutoDrop's work is read by its step: not deferred)
+    if name == "active":  # (AutoDrop's work is read by its step: not deferred)
         hlo = step.compile(grads, state, params).as_text()
-        assert ENTRY not in copies_per_computation(hlo, "f64")
+        copies = copies_per_computation(hlo, "f64")
+        assert ENTRY not in copies and (donate or not copies)  # not donated: selected with where
 
 
 def test_state_only_work_outside_a_deferring_step_runs_where_it_is_called():

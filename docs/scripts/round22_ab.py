@@ -174,9 +174,10 @@ def jax_boundary(rounds: int) -> None:
 
     shapes = bench.SETS["resnet18"]
     runners = [r for r in bench.jax_runners("resnet18", shapes, ["adamw", "active", "autodrop"]) if r.kind != "bound"]
-    for label, changes in ((", before", [(jax_boundary, "only_when", _cond_hook)]),
-                           (", where", [(jax_boundary, "only_when", _where_hook)]),
-                           (", not deferred", [(_boundary, "deferring", _nothing_deferred)])):
+    not_deferred = (_boundary, "deferring", _nothing_deferred)
+    for label, changes in ((", before", [(jax_boundary, "only_when", _cond_hook), not_deferred]),
+                           (", where", [(jax_boundary, "only_when", _where_hook), not_deferred]),
+                           (", not deferred", [not_deferred])):
         saved = [(module, name, getattr(module, name)) for module, name, _ in changes]
         for module, name, value in changes:
             setattr(module, name, value)
