@@ -131,10 +131,9 @@ def test_steps_with_grouped_rates_are_the_plain_jitted_steps(helper: str, compil
     assert float(state.learning_rate[1]) == pytest.approx(5e-2)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_donation_check_runs_only_on_arrays_the_step_did_not_return(monkeypatch: pytest.MonkeyPatch,
-                                                                        compiled: bool) -> None:
-    checks = []
+def _counted_checks(monkeypatch: pytest.MonkeyPatch) -> list:
+    """A list that grows by one at each donation check (``jax_arguments.donatable``)."""
+    checks: list = []
     real = jax_arguments.donatable
 
     def counted(args: tuple, donated: tuple) -> tuple:
@@ -142,13 +141,27 @@ def test_the_donation_check_runs_only_on_arrays_the_step_did_not_return(monkeypa
         return real(args, donated)
 
     monkeypatch.setattr(jax_arguments, "donatable", counted)
-    opt = adaptlr.hypergradient(adaptlr.adamw(1e-2), hyper_lr=1e-4)
-    params, grads = _problem()
+    return checks
+
+
+def _step(opt: adaptlr.Optimizer, grads: list, params: list, compiled: bool, checks: list) -> tuple:
+    """``jit_step(opt)`` (compiled ahead of time where ``compiled``: its check not counted) and
+    ``opt.init(params)``."""
     state = opt.init(params)
     run = jit_step(opt)
     if compiled:
         run = run.compile(grads, state, params)
         checks.clear()
+    return run, state
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_donation_check_runs_only_on_arrays_the_step_did_not_return(monkeypatch: pytest.MonkeyPatch,
+                                                                        compiled: bool) -> None:
+    checks = _counted_checks(monkeypatch)
+    opt = adaptlr.hypergradient(adaptlr.adamw(1e-2), hyper_lr=1e-4)
+    params, grads = _problem()
+    run, state = _step(opt, grads, params, compiled, checks)
     params, state = run(grads, state, params)  # init's state: checked (it may share arrays)
     assert len(checks) == 1
     for _ in range(3):
@@ -166,16 +179,10 @@ def test_a_call_refused_for_a_shared_buffer_is_made_again_with_the_check(monkeyp
     """Gradients that are the parameters the step returned (f = ‖θ‖²/2): JAX refuses to donate a
     buffer that is also a plain input, before it runs; the call is made again with the check (the
     donated copies), and every later call checks. The result is the plain jitted step's."""
-    checks = []
-    real = jax_arguments.donatable
-    monkeypatch.setattr(jax_arguments, "donatable", lambda args, donated: checks.append(1) or real(args, donated))
+    checks = _counted_checks(monkeypatch)
     opt = adaptlr.adamw(1e-2)
     params, _ = _problem()
-    state = opt.init(params)
-    run = jit_step(opt)
-    if compiled:
-        run = run.compile(params, state, params)
-        checks.clear()
+    run, state = _step(opt, params, params, compiled, checks)
     want_params, want_state = params, opt.init(params)
 
     @jax.jit
