@@ -502,8 +502,9 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
               layout: RateLayout) -> Any:
         lr = layout.rebuild(rates)
         # Boundary work that only writes state runs after the step's outputs are made (ordered after
-        # them, so that XLA writes the donated state in place; adaptlr._boundary.deferring).
-        with deferring() as recorded:
+        # them, so that XLA writes the donated state in place; adaptlr._boundary.deferring). Not past
+        # a guard (skip_nonfinite), which makes the whole new state anew from the old and the new.
+        with deferring() if opt.donation_safe else contextlib.nullcontext([]) as recorded:
             updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
         first = apply_updates(params, updates) if with_params else updates
         state = run_deferred(recorded, state, first, in_place=bool(donated))

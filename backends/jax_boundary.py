@@ -101,4 +101,16 @@ def run_deferred(recorded: list, new_state: Any, after: list, in_place: bool = T
             outputs = only_when(pred if never is None else jnp.logical_and(pred, jnp.logical_not(never)), work,
                                 operands)
         results.update(zip(map(id, jax.tree_util.tree_leaves(operands)), jax.tree_util.tree_leaves(outputs)))
-    return jax.tree_util.tree_map(lambda x: results.get(id(x), x), new_state)
+    found: set[int] = set()
+
+    def result(x: Any) -> Any:
+        new = results.get(id(x))
+        if new is None:
+            return x
+        found.add(id(x))
+        return new
+
+    new_state = jax.tree_util.tree_map(result, new_state)
+    if len(found) != len(results):  # a step that rebuilt its new state must not defer (fast.jit_step)
+        raise RuntimeError("deferred epoch-boundary work: its state arrays are not in the step's new state")
+    return new_state

@@ -274,3 +274,20 @@ def test_state_only_work_outside_a_deferring_step_runs_where_it_is_called():
         out = jax.jit(lambda p, x: _boundary.at_boundary(jnp, p, double, (x,), state_only=True)[0] + 0)(
             jnp.asarray(True), x)
         assert out.tolist() == [0, 1, 2] and len(recorded) == 1  # recorded, the operands returned
+
+
+def test_deferred_work_whose_arrays_left_the_new_state_is_an_error():
+    """``run_deferred`` replaces the work's operands in the new state by its results; a new state
+    that no longer holds them (made anew, as skip_nonfinite's guard does: jit_step does not defer
+    past a guard) would silently lose the boundary work, so it is an error."""
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from adaptlr.backends.jax_boundary import run_deferred
+
+    x = jnp.arange(3.0)
+    recorded = [(jnp.asarray(True), lambda x: (x * 2,), (x,))]
+    assert run_deferred(recorded, {"a": x}, [x])["a"].tolist() == [0, 2, 4]
+    assert run_deferred(recorded, {"a": x}, [x], in_place=False)["a"].tolist() == [0, 2, 4]
+    with pytest.raises(RuntimeError, match="not in the step's new state"):
+        run_deferred(recorded, {"a": x + 0}, [x])

@@ -17,6 +17,11 @@
                                                             # params), or not deferred (518f79e), or at every
                                                             # step selected with where (no hook); AdamW,
                                                             # optax.adamw; median ms, × AdamW, XLA temp MiB
+    python docs/scripts/round22_ab.py lr-free-ops STEPS     # Prodigy, D-Adapt SGD and DoG through the torch
+                                                            # adapter's default path and their upstream
+                                                            # PyTorch optimizers on the same ResNet-18 tensors:
+                                                            # time inside aten operations, calls, and
+                                                            # elements the operations read (issue 18 item 6)
     python docs/scripts/round22_ab.py order-token           # why ActiveLR's donated loop still copies γ: the
                                                             # copies XLA adds to a toy step (a state field
                                                             # read by the update and written by a loop run at
@@ -244,8 +249,70 @@ def order_token() -> None:
         print(f"loop ordered after {order:15s}: {copied / n:.2f} f32 elements copied per parameter")
 
 
+def lr_free_ops(steps: int) -> None:
+    """Where the torch default path's learning-rate-free steps spend their time, against upstream's:
+    a dispatch mode times each aten operation's call (the mode's own Python outside the timed call;
+    the step runs slower under it) and adds up the largest input's elements of each."""
+    import collections
+    import time
+
+    import torch
+    from round12_ab import _adapter, _params
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import adaptlr
+    from adaptlr.backends.bench import _upstream_torch
+
+    class Timed(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spent: collections.Counter = collections.Counter()
+            self.calls: collections.Counter = collections.Counter()
+            self.elements: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+            key = func.overloadpacket.__name__ + ("" if max(sizes, default=0) > 1 else " (0-D)")
+            self.spent[key] += time.perf_counter() - start
+            self.calls[key] += 1
+            if key != "slice" and not key.endswith("(0-D)") and key not in ("view", "detach", "empty_like"):
+                self.elements[key] += max(sizes, default=0)
+            return out
+
+    def upstream(name: str) -> Callable[[], None]:
+        params = _params()
+        found = _upstream_torch(name)
+        assert found is not None
+        native = found[1](params)
+        generator = torch.Generator().manual_seed(0)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator) * 0.01
+        native.step()
+        return native.step
+
+    for name in ("prodigy", "dadapt_sgd", "dog"):
+        for label, step in ((f"{name}, adaptlr default", _adapter(getattr(adaptlr, name)())),
+                            (f"{name}, upstream", upstream(name))):
+            for _ in range(2):
+                step()
+            timed = Timed()
+            with timed:
+                for _ in range(steps):
+                    step()
+            total = sum(timed.spent.values()) / steps * 1e3
+            elements = sum(timed.elements.values()) / steps / 1e6
+            print(f"{label:26s} {total:6.1f} ms in aten operations, {sum(timed.calls.values()) // steps:5d} calls, "
+                  f"{elements:6.1f}M elements read by the full-size ones")
+            for key, seconds in timed.spent.most_common(6):
+                print(f"    {key:22s} {seconds / steps * 1e3:6.2f} ms {timed.calls[key] // steps:5d} calls "
+                      f"{timed.elements[key] / steps / 1e6:6.1f}M elements")
+
+
 MODES: dict[str, Callable[..., None]] = {"jax-arguments": jax_arguments, "jax-parts": jax_parts,
-                                         "jax-boundary": jax_boundary, "order-token": order_token}
+                                         "jax-boundary": jax_boundary, "order-token": order_token,
+                                         "lr-free-ops": lr_free_ops}
 
 if __name__ == "__main__":
     run_mode(MODES, sys.argv[1:], __doc__)
