@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import adaptlr
 
@@ -143,9 +144,10 @@ def widened(rounds: int) -> None:
     interleaved(steps, rounds)
 
 
-def ops(steps: int, names: tuple[str, ...] = ("adamw", "hypergradient", "eg_step_size")) -> None:
-    """Where a step's time goes by aten operation: a dispatch mode times each operation's call
-    (the mode's own Python is outside the timed call, but the step runs slower under it)."""
+def timed_ops() -> object:
+    """A ``TorchDispatchMode`` that times each aten operation's call by name (``spent``, ``calls``;
+    ``elements``: the largest input's elements of each full-size one that computes). The mode's own
+    Python is outside the timed call, but a step runs slower under it."""
     import collections
 
     import torch
@@ -156,24 +158,37 @@ def ops(steps: int, names: tuple[str, ...] = ("adamw", "hypergradient", "eg_step
             super().__init__()
             self.spent: collections.Counter = collections.Counter()
             self.calls: collections.Counter = collections.Counter()
+            self.elements: collections.Counter = collections.Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             start = time.perf_counter()
             out = func(*args, **(kwargs or {}))
-            full = any(isinstance(a, torch.Tensor) and a.numel() > 1 for a in args)
-            key = func.overloadpacket.__name__ + ("" if full else " (0-D)")
+            sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
+            key = func.overloadpacket.__name__ + ("" if max(sizes, default=0) > 1 else " (0-D)")
             self.spent[key] += time.perf_counter() - start
             self.calls[key] += 1
+            if not key.endswith("(0-D)") and key not in ("slice", "view", "detach", "empty_like"):
+                self.elements[key] += max(sizes, default=0)
             return out
 
-    for name in names:
-        step = _adapter(WRAPPERS[name]())
-        for _ in range(2):
+    return Timed()
+
+
+def time_ops(step: Callable[[], object], steps: int) -> Any:
+    """``step`` run twice, then ``steps`` times under :func:`timed_ops`; the mode, with its counts."""
+    for _ in range(2):
+        step()
+    timed: Any = timed_ops()
+    with timed:
+        for _ in range(steps):
             step()
-        timed = Timed()
-        with timed:
-            for _ in range(steps):
-                step()
+    return timed
+
+
+def ops(steps: int, names: tuple[str, ...] = ("adamw", "hypergradient", "eg_step_size")) -> None:
+    """Where a step's time goes by aten operation (:func:`timed_ops`)."""
+    for name in names:
+        timed = time_ops(_adapter(WRAPPERS[name]()), steps)
         print(f"{name}: {sum(timed.spent.values()) / steps * 1e3:.1f} ms per step inside aten operations")
         for key, seconds in timed.spent.most_common(8):
             print(f"  {key:20s} {seconds / steps * 1e3:6.2f} ms  {timed.calls[key] // steps:4d} calls")

@@ -250,36 +250,14 @@ def order_token() -> None:
 
 
 def lr_free_ops(steps: int) -> None:
-    """Where the torch default path's learning-rate-free steps spend their time, against upstream's:
-    a dispatch mode times each aten operation's call (the mode's own Python outside the timed call;
-    the step runs slower under it) and adds up the largest input's elements of each."""
-    import collections
-    import time
-
+    """Where the torch default path's learning-rate-free steps spend their time, against upstream's
+    (``round20_ab.timed_ops``: time inside each aten operation, calls, elements read)."""
     import torch
     from round12_ab import _adapter, _params
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from round20_ab import time_ops
 
     import adaptlr
     from adaptlr.backends.bench import _upstream_torch
-
-    class Timed(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.spent: collections.Counter = collections.Counter()
-            self.calls: collections.Counter = collections.Counter()
-            self.elements: collections.Counter = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            start = time.perf_counter()
-            out = func(*args, **(kwargs or {}))
-            sizes = [a.numel() for a in args if isinstance(a, torch.Tensor)]
-            key = func.overloadpacket.__name__ + ("" if max(sizes, default=0) > 1 else " (0-D)")
-            self.spent[key] += time.perf_counter() - start
-            self.calls[key] += 1
-            if key != "slice" and not key.endswith("(0-D)") and key not in ("view", "detach", "empty_like"):
-                self.elements[key] += max(sizes, default=0)
-            return out
 
     def upstream(name: str) -> Callable[[], None]:
         params = _params()
@@ -295,12 +273,7 @@ def lr_free_ops(steps: int) -> None:
     for name in ("prodigy", "dadapt_sgd", "dog"):
         for label, step in ((f"{name}, adaptlr default", _adapter(getattr(adaptlr, name)())),
                             (f"{name}, upstream", upstream(name))):
-            for _ in range(2):
-                step()
-            timed = Timed()
-            with timed:
-                for _ in range(steps):
-                    step()
+            timed = time_ops(step, steps)
             total = sum(timed.spent.values()) / steps * 1e3
             elements = sum(timed.elements.values()) / steps / 1e6
             print(f"{label:26s} {total:6.1f} ms in aten operations, {sum(timed.calls.values()) // steps:5d} calls, "
