@@ -29,7 +29,7 @@ import optree
 from adaptlr import _validation as v
 from adaptlr._reduce import add_all
 
-__all__ = ["ordered_after", "wait_for"]
+__all__ = ["never_true", "ordered_after", "wait_for"]
 
 
 def ordered_after(xp: Any, values: list, before: Any, after: Any) -> list:
@@ -49,14 +49,21 @@ def wait_for(xp: Any, values: list, sums: Sequence[Any]) -> list:
     its gradients through this between the two."""
     if not sums or not _traced(values):
         return values
-    # false for every value, NaN included; over many sums (a factor per tensor) one scan, not a chain
-    # of n - 1 operations, which XLA would copy into every reader's loop (adaptlr._reduce.add_all)
-    never = add_all(xp, [xp.astype(x > xp.inf, xp.int32) for x in sums]) > 0 if len(sums) > 1 else sums[0] > xp.inf
+    never = never_true(xp, sums)
     ordered: dict[int, Any] = {}
     for x in values:  # grads and objective_grads share their arrays where there is no coupled decay
         if id(x) not in ordered:
             ordered[id(x)] = xp.where(never, xp.asarray(xp.nan, dtype=x.dtype), x)
     return [ordered[id(x)] for x in values]
+
+
+def never_true(xp: Any, values: Sequence[Any]) -> Any:
+    """A 0-D boolean that is false for every value of the 0-D ``values`` (NaN included) and that
+    XLA cannot fold: whatever reads it waits for them. Over many values one scan, not a chain of
+    ``n - 1`` operations, which XLA would copy into every reader's loop (adaptlr._reduce.add_all)."""
+    if len(values) == 1:
+        return values[0] > xp.inf
+    return add_all(xp, [xp.astype(x > xp.inf, xp.int32) for x in values]) > 0
 
 
 def _traced(values: list) -> bool:

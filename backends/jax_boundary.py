@@ -72,9 +72,10 @@ def run_deferred(recorded: list, new_state: Any, after: list, in_place: bool = T
 
     The work's operands came back in place of its results; each leaf of ``new_state`` that is one of
     them is replaced by the result. The order comes from a 0-D value made from the first element of
-    each array of ``after`` and made part of the loop's predicate (``pred ∧ ¬(x > ∞)``: false for
-    every ``x``, NaN included, and not folded by XLA): every fusion that computes a new parameter,
-    and so reads the old state, runs before the loop may write it, and XLA's copy insertion then
+    each array of ``after`` and made part of the loop's predicate (``pred ∧ ¬never``,
+    :func:`adaptlr._ordering.never_true`: false for every value, NaN included, not folded by XLA):
+    every fusion that computes a new parameter, and so reads the old state, runs before the loop may
+    write it, and XLA's copy insertion then
     leaves the donated state in place (``docs/scripts/round22_ab.py order-token``: a dependency on
     updates that the same computation then applies does not order them, XLA duplicates them into
     the parameters' fusions; ``jit_update``'s updates are its outputs).
@@ -88,11 +89,12 @@ def run_deferred(recorded: list, new_state: Any, after: list, in_place: bool = T
     import jax.numpy as jnp
 
     from adaptlr._boundary import select_both
+    from adaptlr._ordering import never_true
 
     never = None
     if in_place:
-        firsts = [jnp.reshape(x, (-1,))[0].astype(jnp.float32) for x in jax.tree_util.tree_leaves(after) if x.size]
-        never = sum(firsts[1:], firsts[0]) > jnp.inf if firsts else None
+        firsts = [jnp.reshape(x, (-1,))[0] for x in jax.tree_util.tree_leaves(after) if x.size]
+        never = never_true(jnp, firsts) if firsts else None
     results: dict[int, Any] = {}
     for pred, work, operands in recorded:
         if not in_place:
