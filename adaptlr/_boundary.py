@@ -36,6 +36,7 @@ import numpy as np
 import optree
 
 from adaptlr import _validation as v
+from adaptlr._reduce import in_own_chain
 
 __all__ = ["at_boundary", "deferring", "select_both"]
 
@@ -67,6 +68,7 @@ def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tupl
         return tuple(boundary(*operands)) if pred else tuple(operands)
     library = v.library_of(pred)
     if library == "jax" and _is_traced(pred):
+        boundary = in_own_chain(boundary)  # its sums, traced in the loop's body, stay there
         recorded = _DEFERRED.get()
         if state_only and recorded is not None:
             recorded.append((pred, boundary, tuple(operands)))

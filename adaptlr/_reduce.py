@@ -19,47 +19,112 @@ Which dimensions are split across which axes comes from ``axis_name``:
 The torch counterpart (a ``process_group`` for locally sharded parameters without DTensor, as in
 ZeRO-style optimizers) is a completer that calls ``torch.distributed.all_reduce``; it is not
 implemented yet.
+
+**Terms that several sums read, made one after another under JAX tracing** (:func:`chained_sums`).
+XLA:CPU fuses an elementwise term into the reduction that reads it, but a term that two reductions
+read (DSA's ``G ⊙ P``, ``G ⊙ G`` and ``P ⊙ P``, each summed over rows and over columns) becomes an
+array as large as its leaf, and XLA's scheduler makes the terms of every leaf before it reduces
+any: their buffers are live together (DSA(AdamW) on ResNet-18 shapes, donated: 89 MiB of
+temporaries, twice the model, and 5.8× AdamW's step). Within :func:`chained_sums`
+(``Optimizer.update_leaves`` while JAX traces it; a boundary's work in its own chain), such a
+:class:`Term` (``reads > 1``) waits for the sums of the one before it (``where(s > ∞, NaN, term)``,
+:func:`adaptlr._ordering.wait_for`, fused into the term's own loop: no pass more), so one is live
+at a time and the next reuses its buffer (9 MiB, 1.9× AdamW: docs/performance.md, round 23). Not
+the terms one sum reads: the select would keep XLA from fusing them into their reduction
+(measured: D-Adaptation and DoG slower). Eager backends sum in program order already.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Reducer", "Term", "add_all", "leaf_split_axes", "reduced_dims", "term_value"]
+from adaptlr._ordering import wait_for
+from adaptlr._scan import add_all
+
+__all__ = ["Reducer", "Term", "add_all", "chained_sums", "in_own_chain", "leaf_split_axes", "reduced_dims",
+           "term_value"]
+
+# the sums made since the last term, within chained_sums (None outside)
+CHAINED_ELEMENTS = 1 << 16
+_CHAIN: ContextVar[list | None] = ContextVar("adaptlr_sum_chain", default=None)
+
+
+@contextmanager
+def chained_sums() -> Iterator[None]:
+    """Within the block, each term a :class:`Reducer` makes and sums waits for the sums made since
+    the term before it, where JAX traces them (module docstring); a block within the block starts
+    its own chain and gives the outer one back at its end."""
+    token = _CHAIN.set([])
+    try:
+        yield
+    finally:
+        _CHAIN.reset(token)
+
+
+def in_own_chain(work: Callable[..., Any]) -> Callable[..., Any]:
+    """``work`` run in a chain of its own (:func:`chained_sums`): for work traced inside another
+    trace (an epoch boundary's loop body), whose sums must not be waited for outside it, nor wait
+    for sums outside it."""
+
+    def run(*args: Any) -> Any:
+        with chained_sums():
+            return work(*args)
+
+    return run
+
+
+def _after_chain(xp: Any, term: Any) -> Any:
+    """``term`` (the array of a :class:`Term` several sums read, just made) made to wait for the
+    sums of the chain, which it then starts again; ``term`` itself outside a chain, where nothing
+    is traced, or for a term that is not floating (no NaN to select)."""
+    chain = _CHAIN.get()
+    if not chain or _elements(term) < CHAINED_ELEMENTS:
+        return term
+    sums = [s if s.ndim == 0 else s[(0,) * s.ndim] for s in chain if _elements(s)]
+    chain.clear()
+    if not sums or not xp.isdtype(term.dtype, "real floating"):
+        return term
+    latest = sums[0]
+    for s in sums[1:]:  # (the sums of one term: a few)
+        latest = xp.maximum(latest, xp.astype(s, latest.dtype))
+    return wait_for(xp, [term], [latest])[0]
+
+
+def _chained(total: Any) -> Any:
+    """``total``, a sum of such a term just made, added to the chain (where there is one)."""
+    chain = _CHAIN.get()
+    if chain is not None:
+        chain.append(total)
+    return total
+
+
+def _elements(x: Any) -> int:
+    count = 1
+    for n in x.shape:
+        count *= n
+    return count
 
 Completer = Callable[[Any, tuple], Any]
-
-
-def add_all(xp: Any, parts: Sequence[Any]) -> Any:
-    """``parts[0] + parts[1] + …`` (0-D arrays, promoted as ``xp.stack`` promotes), in one scan.
-
-    One ``cumulative_sum`` of the stacked parts, not a chain of ``+``. NumPy and torch on the CPU
-    add left to right (the chain's numbers exactly); JAX's scan adds in a tree
-    (``jax.lax.associative_scan``), which rounds differently in the last bits. Under ``jax.jit``,
-    XLA fuses a chain of cheap 0-D operations into every elementwise loop that reads its result, so
-    a sum over ``n`` leaves that every leaf reads (``Σ|s|`` deciding whether Prodigy's ``d`` moves)
-    was copied into each of the ``n`` leaves' loops: ``n²`` instructions, and a Prodigy step over
-    500 leaves took 5 minutes and 7.5 GB to compile. A scan is not fused into its readers, so the
-    sum is made once. Eager backends dispatch three operations instead of ``n - 1``.
-    """
-    if len(parts) == 1:
-        return parts[0]
-    return xp.cumulative_sum(xp.stack(list(parts)))[-1]
 
 
 class Term:
     """A leaf's term of a sum (``g ⊙ d``), made when a sum first reads it (:meth:`Reducer.leaf_sum`),
     then kept: a part's second pass, given the whole sums, does not make it
     (:mod:`adaptlr.backends.part_sums`), as generators of ``total``'s terms are not evaluated there.
-    ``ndim``: the term's number of dimensions, known without making it."""
+    ``ndim``: the term's number of dimensions, known without making it. ``reads``: how many sums
+    read it (DSA's products: over rows and over columns); a term more than one sum reads is made
+    after the sums of the one before it (:func:`chained_sums`)."""
 
-    __slots__ = ("_make", "_value", "ndim")
+    __slots__ = ("_make", "_value", "ndim", "reads")
 
-    def __init__(self, make: Callable[[], Any], ndim: int) -> None:
+    def __init__(self, make: Callable[[], Any], ndim: int, reads: int = 1) -> None:
         self._make: Callable[[], Any] | None = make
         self._value: Any = None
         self.ndim = ndim
+        self.reads = reads
 
     def value(self) -> Any:
         """The term's array (made on the first call)."""
@@ -121,12 +186,17 @@ class Reducer:
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
         """``Σ`` of leaf ``i``'s array ``x`` (or :class:`Term`) over ``axis`` (all by default), over every shard."""
-        x = term_value(x)
+        chained = isinstance(x, Term) and x.reads > 1
+        if isinstance(x, Term):
+            term, made_here = x, x._make is not None
+            x = term.value()
+            if chained and made_here:  # made now: after the sums of the chain, and kept so
+                x = term._value = _after_chain(self.xp, x)
         total = self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
-        if self.complete is None:
-            return total
-        names = self._axes_of(i, x.ndim, axis)
-        return self.complete(total, names) if names else total
+        if self.complete is not None:
+            names = self._axes_of(i, x.ndim, axis)
+            total = self.complete(total, names) if names else total
+        return _chained(total) if chained else total
 
     def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
         """``Σ`` over every element of every leaf's term (``terms[i]`` shaped like leaf ``i``).

@@ -196,8 +196,9 @@ class DSA(Adaptation):
             beta = scalars.constant(self.hyper_lr, work)
             eps = scalars.constant(EPS, work)
             # (made where a sum reads them: a row block's second pass, given every sum, does not)
-            gp, gg, pp = (Term(lambda a=a, b=b: a * b, g.ndim) for a, b in ((g, p), (g, g), (p, p)))
             kinds: tuple[str, ...] = tuple(str(kind) for kind in factors)
+            reads = sum(kind in ("row", "col") for kind in kinds) or 1  # (the tensor's from those)
+            gp, gg, pp = (Term(lambda a=a, b=b: a * b, g.ndim, reads) for a, b in ((g, p), (g, g), (p, p)))
             dots, g_sq, p_sq = (_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))
             updated = {}
             for kind, factor in factors.items():

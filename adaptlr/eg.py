@@ -30,6 +30,7 @@ import array_api_compat
 
 from adaptlr import _validation as v
 from adaptlr._inplace import clip_, ema_donated, exp_, mul_, mul_donated, mul_for_sum, mul_into_donated
+from adaptlr._ordering import after_first_element
 from adaptlr._precision import widest_float
 from adaptlr._reduce import Term
 from adaptlr._tree import Layout
@@ -178,9 +179,12 @@ class EGStepSize(Adaptation):
                       zip(layout.leaves(state.prev_step, "state.prev_step"), size.effective(), gains,
                           ctx.directions, strict=True)]
 
-        # m_t = β·m_{t-1} + (1-β)·g_t (Python floats: weak scalars, the arrays' dtype; torch's lerp)
+        # m_t = β·m_{t-1} + (1-β)·g_t (Python floats: weak scalars, the arrays' dtype; torch's lerp),
+        # after the gains read m_{t-1}: under jax.jit nothing else orders the two, and with the state
+        # donated XLA copied m_{t-1} to write m_t in its place (adaptlr._ordering; round 23)
         beta = self.gain_decay
-        grad_emas = [ema_donated(scalars, m, g, beta, 1.0 - beta) for m, g in zip(grad_emas, grads, strict=True)]
+        grad_emas = [ema_donated(scalars, m, after_first_element(xp, g, p), beta, 1.0 - beta)
+                     for m, g, p in zip(grad_emas, grads, gains, strict=True)]
 
         new_state = EGState(state.scale, layout.tree(gains), layout.tree(grad_emas), layout.tree(prev_steps))
         # s (0-D) and p apart: α·s is multiplied first, then p once (not s·p, then α·(s·p)); the

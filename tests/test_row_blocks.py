@@ -237,8 +237,8 @@ def test_row_blocks_make_their_sums_terms_in_the_first_pass_only(name, monkeypat
     # per step: each of the 10 row blocks in its first pass, each of the 3 whole tensors in its one pass
     assert once == 3 * terms * (10 + 3), once
 
-    def eager(self, make, ndim):  # round 20: every term made where the step names it ...
-        self._make, self._value, self.ndim = None, make(), ndim
+    def eager(self, make, ndim, reads=1):  # round 20: every term made where the step names it ...
+        self._make, self._value, self.ndim, self.reads = None, make(), ndim, reads
 
     monkeypatch.setattr(Term, "__init__", eager)
     monkeypatch.setattr(part_sums.Recorder, "_own", lambda self, part: part())  # ... every row sum made again
