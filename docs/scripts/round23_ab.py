@@ -10,6 +10,15 @@
                                                          # × AdamW, XLA temp MiB
     python docs/scripts/round23_ab.py jax-temps          # the same steps' XLA temp MiB only
                                                          # (deterministic, no timing)
+    python docs/scripts/round23_ab.py dsa-compile        # DSA(AdamW)'s donated step on 500 tensors of
+                                                         # 32×64 and on ResNet-18 shapes: compile
+                                                         # seconds and XLA temp bytes, unchained,
+                                                         # chained (terms of at least CHAINED_ELEMENTS),
+                                                         # and every term chained
+    python docs/scripts/round23_ab.py active-boundary ROUNDS  # ActiveLR(AdamW), ResNet-18 shapes, jit and
+                                                         # jit-donate: as it is, and with no epoch-
+                                                         # boundary work at all (at_boundary replaced by
+                                                         # the identity: what the loop costs); AdamW
 
 "Before" compiles the steps as round 22 did (``adaptlr._reduce._after_chain`` and
 ``adaptlr.eg.after_first_element`` patched to the identity); the same numbers
@@ -88,5 +97,73 @@ def jax_temps() -> None:
     _temps(_runners(before=True) + _runners(before=False))
 
 
+def dsa_compile() -> None:
+    import math
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import adaptlr
+    from adaptlr import _reduce
+    from adaptlr.backends import bench
+    from adaptlr.backends.fast import jit_step
+
+    jax.config.update("jax_enable_x64", True)  # as the bench and the tests run
+    rng = np.random.default_rng(0)
+    saved = (_reduce._after_chain, _reduce.CHAINED_ELEMENTS)
+    variants = {"unchained (before)": (_unchained_term, saved[1]), "chained (after)": saved,
+                "every term chained": (saved[0], 0)}
+    for set_name in ("small500", "resnet18"):
+        shapes = bench.SETS[set_name]
+        params = [jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in shapes]
+        largest = 4 * max(math.prod(s) for s in shapes)
+        warm = adaptlr.adamw(1e-3)  # the process's one-time compile costs, before the timed ones
+        jit_step(warm, donate=True).compile(params, warm.init(params), params)
+        for label, (after_chain, elements) in variants.items():
+            _reduce._after_chain, _reduce.CHAINED_ELEMENTS = after_chain, elements
+            try:
+                opt = adaptlr.dsa(adaptlr.adamw(1e-3))
+                start = time.perf_counter()
+                compiled = jit_step(opt, donate=True).compile(params, opt.init(params), params)
+                seconds = time.perf_counter() - start
+            finally:
+                _reduce._after_chain, _reduce.CHAINED_ELEMENTS = saved
+            temp = compiled.memory_analysis().temp_size_in_bytes
+            print(f"{set_name:9s} dsa jit-donate, {label:20s} compile {seconds:5.1f} s, XLA temp {temp:,} bytes "
+                  f"({temp / largest:.4f} × the largest tensor)")
+
+
+def active_boundary(rounds: int) -> None:
+    import importlib
+
+    from adaptlr.backends import bench
+
+    active = importlib.import_module("adaptlr.active")
+    shapes = bench.SETS["resnet18"]
+    runners = [r for r in bench.jax_runners("resnet18", shapes, ["adamw", "active"]) if r.kind == "adaptlr"]
+    saved = active.at_boundary
+    active.at_boundary = lambda xp, pred, boundary, operands, scalars=None, state_only=False: tuple(operands)
+    try:  # not ActiveLR any more: what its step costs without the boundary's loop
+        without = [r for r in bench.jax_runners("resnet18", shapes, ["active"]) if r.kind == "adaptlr"]
+    finally:
+        active.at_boundary = saved
+    for runner in without:
+        runner.path += ", no boundary work"
+    runners += without
+    bench.time_runners(runners, rounds, warmup=2)
+    medians = _report("resnet18", runners)
+    for path in ("jit", "jit-donate"):
+        base = medians[("adamw", path)]
+        print(f"resnet18  active {path} × AdamW: {medians[('active', path)] / base:.2f}, "
+              f"no boundary work {medians[('active', path + ', no boundary work')] / base:.2f}")
+
+
+def _unchained_term(xp: object, term: object) -> object:
+    return term
+
+
 if __name__ == "__main__":
-    run_mode({"jax-order": jax_order, "jax-temps": jax_temps}, sys.argv[1:], __doc__)
+    run_mode({"jax-order": jax_order, "jax-temps": jax_temps, "dsa-compile": dsa_compile,
+              "active-boundary": active_boundary}, sys.argv[1:], __doc__)
