@@ -12,7 +12,8 @@ included) and which XLA cannot fold, so the sums run first and the state is upda
 and D-Adaptation no copy left, EG one; docs/performance.md, round 17):
 
 - :func:`ordered_after` (the core, between the adaptations' ``before_direction`` and the base): on
-  the 0-D values the adaptations computed (an elementwise HD rate has none, and keeps its copies);
+  the 0-D values the adaptations computed, and on the first element of the other arrays they
+  computed (an elementwise HD rate: 2.00 f32 copies per parameter before round 23, none after);
 - :func:`wait_for` (a base's own step, D-Adaptation): on the sums it names;
 - :func:`after_first_element` (EG's step): on a new state array that read an old one, through its
   first element: EG's gains read the old gradient average, which its new average overwrites (round
@@ -25,6 +26,7 @@ come back as they are (no extra pass).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,13 +39,15 @@ __all__ = ["after_first_element", "jax_traced", "never_true", "ordered_after", "
 
 
 def ordered_after(xp: Any, values: list, before: Any, after: Any) -> list:
-    """``values`` (arrays), made to depend on the 0-D arrays of ``after`` that are not arrays of
-    ``before`` (what the adaptations computed from it) when JAX traces the step; else ``values``."""
+    """``values`` (arrays), made to depend on the arrays of ``after`` that are not arrays of
+    ``before`` (what the adaptations computed from it: their 0-D values, and the first element of
+    the others, as HD's rate per element) when JAX traces the step; else ``values``."""
     if not jax_traced(values):
         return values
     old = set(map(id, optree.tree_leaves(before, none_is_leaf=False)))
-    leaves = optree.tree_leaves(after, none_is_leaf=False)
-    return wait_for(xp, values, [x for x in leaves if id(x) not in old and getattr(x, "ndim", None) == 0])
+    new = [x for x in optree.tree_leaves(after, none_is_leaf=False)
+           if id(x) not in old and math.prod(getattr(x, "shape", (0,)))]
+    return wait_for(xp, values, [x if x.ndim == 0 else x[(0,) * x.ndim] for x in new])
 
 
 def wait_for(xp: Any, values: list, sums: Sequence[Any]) -> list:

@@ -36,6 +36,7 @@ the terms one sum reads: the select would keep XLA from fusing them into their r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -81,9 +82,9 @@ def _after_chain(xp: Any, term: Any) -> Any:
     sums of the chain, which it then starts again; ``term`` itself outside a chain, where nothing
     is traced, or for a term that is not floating (no NaN to select)."""
     chain = _CHAIN.get()
-    if not chain or _elements(term) < CHAINED_ELEMENTS:
+    if not chain or math.prod(term.shape) < CHAINED_ELEMENTS:
         return term
-    sums = [s if s.ndim == 0 else s[(0,) * s.ndim] for s in chain if _elements(s)]
+    sums = [s if s.ndim == 0 else s[(0,) * s.ndim] for s in chain if math.prod(s.shape)]
     chain.clear()
     if not sums or not xp.isdtype(term.dtype, "real floating"):
         return term
@@ -100,12 +101,6 @@ def _chained(total: Any) -> Any:
         chain.append(total)
     return total
 
-
-def _elements(x: Any) -> int:
-    count = 1
-    for n in x.shape:
-        count *= n
-    return count
 
 Completer = Callable[[Any, tuple], Any]
 

@@ -389,15 +389,17 @@ def _donated_hlo(name: str, helper: str) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(not has_jax, reason="jax is not installed")
-@pytest.mark.parametrize(("name", "most"), [("hd_global", 0.0), ("hd_tensor", 0.0), ("eg_global", 0.0),
-                                            ("eg_tensor", 0.0), ("dadapt_adam", 0.0), ("dadapt_sgd", 0.0)])
+@pytest.mark.parametrize(("name", "most"), [("hd_global", 0.0), ("hd_tensor", 0.0), ("hd_element", 0.0),
+                                            ("eg_global", 0.0), ("eg_tensor", 0.0), ("dadapt_adam", 0.0),
+                                            ("dadapt_sgd", 0.0)])
 @pytest.mark.parametrize("helper", ["jit_step", "jit_update"])
 def test_donated_steps_read_the_old_state_before_writing_it(name: str, most: float, helper: str) -> None:
     """HD's ``Σ g ⊙ d_{t-1}``, EG's ``⟨v_{t-1}, g⟩`` and D-Adaptation's ``⟨g, s_{t-1}⟩`` read old state
     that the step overwrites; the new state did not depend on those sums, so XLA copied each such
     buffer (f32 elements copied per parameter: HD 2, EG 3, D-Adapt Adam 2, D-Adapt SGD 1).
-    ``adaptlr._ordering`` makes the new state wait for the sums; and EG's new gradient average
-    wait for its gains, which read the old average in another loop (one copy left before round 23)."""
+    ``adaptlr._ordering`` makes the new state wait for the sums (HD's rate per element: through its
+    first element, 2 copies before round 23); and EG's new gradient average wait for its gains,
+    which read the old average in another loop (one copy left before round 23)."""
     from adaptlr.backends.xla_copies import copies_per_computation
 
     hlo, n = _donated_hlo(name, helper)

@@ -42,7 +42,7 @@ def test_traced_values_are_unchanged_for_every_sum(sum_value: float) -> None:
 
 
 @pytest.mark.skipif(not has_jax, reason="jax is not installed")
-def test_traced_values_without_new_scalars_are_not_touched() -> None:
+def test_traced_values_without_new_arrays_are_not_touched() -> None:
     import jax
     import jax.numpy as jnp
 
@@ -50,7 +50,24 @@ def test_traced_values_without_new_scalars_are_not_touched() -> None:
         values = [grads]
         state = (d,)
         assert ordered_after(jnp, values, state, state) is values  # nothing new
-        assert ordered_after(jnp, values, state, (d + 1,)) is values  # new, but not 0-D
+        assert ordered_after(jnp, values, state, (d[:0] + 1,)) is values  # new, but no element to wait for
         return grads
 
     jax.jit(step)(jnp.ones(3), jnp.ones(3))
+
+
+@pytest.mark.skipif(not has_jax, reason="jax is not installed")
+def test_traced_values_wait_for_a_new_array_through_its_first_element() -> None:
+    """HD's rate per element is new and not 0-D (round 23: 2 f32 copies per parameter before)."""
+    import jax
+    import jax.numpy as jnp
+
+    def step(grads: jax.Array, d: jax.Array) -> jax.Array:
+        (out,) = ordered_after(jnp, [grads], (d,), (d * grads,))
+        assert out is not grads  # made to depend on the new array
+        return out
+
+    grads = jnp.asarray([[1.0, np.nan], [-0.0, np.inf]])
+    out = jax.jit(step)(grads, jnp.full((2, 2), np.nan))  # whatever the new array holds
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(grads))
+    np.testing.assert_array_equal(np.signbit(np.asarray(out)), np.signbit(np.asarray(grads)))

@@ -6,7 +6,9 @@
                                                          # (after: adaptlr._reduce.chained_sums), and
                                                          # EG(AdamW) with its gradient average written
                                                          # in any order (before) or after the gains read
-                                                         # the old one (after); AdamW; median ms,
+                                                         # the old one (after), and HD with a rate
+                                                         # per element made to wait for it (after)
+                                                         # or not (before); AdamW; median ms,
                                                          # × AdamW, XLA temp MiB
     python docs/scripts/round23_ab.py jax-temps          # the same steps' XLA temp MiB only
                                                          # (deterministic, no timing)
@@ -21,10 +23,12 @@
                                                          # the identity: what the loop costs); AdamW
 
 "Before" compiles the steps as round 22 did (``adaptlr._reduce._after_chain`` and
-``adaptlr.eg.after_first_element`` patched to the identity); the same numbers
-(``tests/test_sum_chain.py``, ``tests/test_eg.py``). Every step is compiled ahead of time, as
-``adaptlr bench`` compiles it; each round runs every variant once, one step each, in a fresh random
-order (``adaptlr.backends.bench.time_runners``); prints the median step time and its quartiles.
+``adaptlr.eg.after_first_element`` patched to the identity, ``adaptlr.core.ordered_after`` to
+round 22's, which waited for the new 0-D arrays only); the same numbers
+(``tests/test_sum_chain.py``, ``tests/test_eg.py``, ``tests/test_ordering.py``). Every step is
+compiled ahead of time, as ``adaptlr bench`` compiles it; each round runs every variant once, one
+step each, in a fresh random order (``adaptlr.backends.bench.time_runners``); prints the median step
+time and its quartiles.
 """
 
 from __future__ import annotations
@@ -35,10 +39,37 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from round9_ab import run_mode  # the command line of rounds 11 to 23
 from round22_ab import _report
 
-# each algorithm and the function round 23 added to its step, replaced by the identity for "before"
-BEFORE = {"dsa": ("adaptlr._reduce", "_after_chain", lambda xp, term: term),
-          "eg_step_size": ("adaptlr.eg", "after_first_element", lambda xp, value, written: value)}
+
+def _round22_ordered_after(xp: object, values: list, before: object, after: object) -> list:
+    """``adaptlr._ordering.ordered_after`` as round 22 had it: on the new 0-D arrays only."""
+    import optree
+
+    from adaptlr._ordering import jax_traced, wait_for
+
+    if not jax_traced(values):
+        return values
+    old = set(map(id, optree.tree_leaves(before, none_is_leaf=False)))
+    new = [x for x in optree.tree_leaves(after, none_is_leaf=False) if id(x) not in old and x.ndim == 0]
+    return wait_for(xp, values, new)
+
+
+# each algorithm and what round 23 changed in its step, as round 22 had it, for "before"
+BEFORE = {
+    "dsa": [("adaptlr._reduce", "_after_chain", lambda xp, term: term),
+            ("adaptlr.core", "ordered_after", _round22_ordered_after)],
+    "eg_step_size": [("adaptlr.eg", "after_first_element", lambda xp, value, written: value)],
+    "hypergradient_element": [("adaptlr.core", "ordered_after", _round22_ordered_after)],
+}
 ALGORITHMS = list(BEFORE)
+
+
+def _with_element_hd() -> None:
+    """HD with a rate per element, as a bench algorithm (the bench runs HD's global rate)."""
+    import adaptlr
+    from adaptlr.backends import bench
+
+    bench.ALGORITHMS.setdefault("hypergradient_element", lambda: adaptlr.hypergradient(
+        adaptlr.adamw(1e-3), hyper_lr=1e-8, granularity="element"))
 
 
 def _runners(before: bool) -> list:
@@ -46,18 +77,21 @@ def _runners(before: bool) -> list:
 
     from adaptlr.backends import bench
 
+    _with_element_hd()
     shapes = bench.SETS["resnet18"]
     if not before:
         return [r for r in bench.jax_runners("resnet18", shapes, ["adamw", *ALGORITHMS]) if r.kind == "adaptlr"]
     runners = []
-    for name, (module_name, attribute, identity) in BEFORE.items():
-        module = importlib.import_module(module_name)
-        saved = getattr(module, attribute)
-        setattr(module, attribute, identity)
+    for name, changes in BEFORE.items():
+        modules = [(importlib.import_module(m), attribute, value) for m, attribute, value in changes]
+        saved = [(module, attribute, getattr(module, attribute)) for module, attribute, _ in modules]
+        for module, attribute, value in modules:
+            setattr(module, attribute, value)
         try:  # compiled as round 22 compiled it
             runners += [r for r in bench.jax_runners("resnet18", shapes, [name]) if r.kind == "adaptlr"]
         finally:
-            setattr(module, attribute, saved)
+            for module, attribute, value in saved:
+                setattr(module, attribute, value)
     for runner in runners:
         runner.path += ", before"
     return runners
