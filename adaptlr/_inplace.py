@@ -33,8 +33,8 @@ from typing import Any
 
 from adaptlr._validation import library_of
 
-__all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "clip_", "donating", "ema_donated", "exp_",
-           "is_donated", "mul_", "mul_donated", "mul_for_sum", "mul_into_donated", "sub_"]
+__all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "clip_", "div_", "div_into_donated", "donating",
+           "ema_donated", "exp_", "is_donated", "mul_", "mul_donated", "mul_for_sum", "mul_into_donated", "sub_"]
 
 
 def _fits(a: Any, b: Any) -> bool:
@@ -70,6 +70,14 @@ def mul_(a: Any, b: Any) -> Any:
         a *= b
         return a
     return a * b
+
+
+def div_(a: Any, b: Any) -> Any:
+    """``a / b``, written into ``a`` (a temporary of the calling step) where the standard allows it."""
+    if _fits(a, b):
+        a /= b
+        return a
+    return a / b
 
 
 def clip_(xp: Any, a: Any, low: float, high: float) -> Any:
@@ -180,21 +188,30 @@ def ema_donated(scalars: Any, x: Any, y: Any, beta: Any, one_minus_beta: Any = N
 
 def mul_into_donated(scalars: Any, dest: Any, x: Any, y: Any, *, x_temporary: bool = False) -> Any:
     """``x · y``, the new value of an input state array ``dest`` that the step no longer reads (EG's
-    ``v_t``, made from other arrays; HD's ``d_{t-1}``, which takes the base direction:
-    :attr:`adaptlr.core.Scalars.directions_into`): written into ``dest`` where the executor donated
+    ``v_t``, made from other arrays; DSA's ``P``): written into ``dest`` where the executor donated
     it (:func:`donating`) and the backend writes a product into a given array (torch:
     ``torch.mul(x, y, out=dest)``, :mod:`adaptlr.backends.torch_fused`), so the executor's copy of
     the new state into ``dest`` has nothing left to do; else into ``x`` where it is a temporary of
     the calling step (``x_temporary``, as :func:`mul_`), else a new array. The same number every
     way. ``x`` or ``y`` must have ``dest``'s shape (the other may be 0-D); ``dest`` may be None."""
+    return _into_donated(scalars, dest, x, y, "mul_into", mul_ if x_temporary else operator.mul)
+
+
+def div_into_donated(scalars: Any, dest: Any, x: Any, y: Any, *, x_temporary: bool = False) -> Any:
+    """``x / y`` as :func:`mul_into_donated` makes ``x · y`` (Adam's direction, into HD's
+    ``d_{t-1}``: :attr:`adaptlr.core.Scalars.directions_into`)."""
+    return _into_donated(scalars, dest, x, y, "div_into", div_ if x_temporary else operator.truediv)
+
+
+def _into_donated(scalars: Any, dest: Any, x: Any, y: Any, fused: str, compute: Any) -> Any:
     shapes = (getattr(x, "shape", None), getattr(y, "shape", None))
     if (dest is not None and is_donated(scalars, dest) and _has_fused(dest)
             and _fits(dest, x) and _fits(dest, y) and dest.shape in shapes):
-        from adaptlr.backends.torch_fused import mul_into  # pyright: ignore[reportMissingImports]
+        from adaptlr.backends import torch_fused  # pyright: ignore[reportMissingImports]
 
-        if mul_into(dest, x, y):
+        if getattr(torch_fused, fused)(dest, x, y):
             return dest
-    return mul_(x, y) if x_temporary else x * y
+    return compute(x, y)
 
 
 def mul_for_sum(x: Any, y: Any, dtype: Any, *, x_temporary: bool = False) -> Any:

@@ -6,8 +6,10 @@
     d_t = (m_t / (1-β1^t)) / (sqrt(v_t) / sqrt(1-β2^t) + ε)
     u_t = -α·d_t                              (AdamW: - α·λ·θ_{t-1}, decoupled)
 
-``d_t`` is evaluated as ``m_t / (sqrt(v_t) + ε·sqrt(1-β2^t)) · (sqrt(1-β2^t) / (1-β1^t))``, the same
-number up to rounding, in four passes over the elements instead of five (the two step scalars are 0-D).
+``d_t`` is evaluated as ``(m_t · (sqrt(1-β2^t) / (1-β1^t))) / (sqrt(v_t) + ε·sqrt(1-β2^t))``, the same
+number up to rounding, in four passes over the elements instead of five (the two step scalars are 0-D),
+the division last (round 23: under ``jax.jit``, where the direction is also kept in state, XLA repeats a
+last multiplication in each reader and keeps its operand in a temporary, not a last division).
 
 Adam: Kingma & Ba, ICLR 2015. AdamW: Loshchilov & Hutter, ICLR 2019.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, add_product_, ema_donated, mul_donated, mul_into_donated
+from adaptlr._inplace import add_, add_product_, div_into_donated, ema_donated, mul_donated
 from adaptlr._tree import Layout
 from adaptlr.core import BaseDirection, Optimizer, Scalars, Schedule
 
@@ -77,9 +79,11 @@ class AdamDirection(BaseDirection):
             scale, eps_t = scalars.step_scalars("adam", g.dtype, corrections)
             m = ema_donated(scalars, m, g, b1)
             nu = add_product_(mul_donated(scalars, nu, b2), g, g, 1.0 - b2)
-            # the last pass into the state array that keeps the direction, where one is donated (HD)
-            directions.append(mul_into_donated(scalars, into.get(id(g)) if into else None,
-                                               m / add_(xp.sqrt(nu), eps_t), scale, x_temporary=True))
+            # the last pass a division, into the state array that keeps the direction where one is
+            # donated (HD): under jax.jit XLA repeats a last multiplication in each loop that reads d
+            # (HD's d_t, the update) and keeps its operand in a temporary; not a division (round 23)
+            directions.append(div_into_donated(scalars, into.get(id(g)) if into else None,
+                                               m * scale, add_(xp.sqrt(nu), eps_t), x_temporary=True))
             mus.append(m)
             nus.append(nu)
         return directions, AdamState(layout.tree(mus), layout.tree(nus))

@@ -241,7 +241,7 @@ class Scalars:
         # one set, changed in place, shared with the scalars of with_count)
         self.donated: set[int] = set()
         # id(objective gradient of a leaf) -> an array its base direction may be written into (a
-        # donated state field that keeps the direction, HD's d_{t-1}: adaptlr._inplace.mul_into_donated);
+        # donated state field that keeps the direction, HD's d_{t-1}: adaptlr._inplace.div_into_donated);
         # set by an adaptation in before_direction, cleared by each update_leaves call, shared as donated
         self.directions_into: dict[int, Any] = {}
 

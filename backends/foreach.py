@@ -108,6 +108,9 @@ class ForeachArray:
     def __imul__(self, other: Any) -> ForeachArray:
         return self._inplace(other, torch._foreach_mul_, _MUL_TENSOR_)
 
+    def __itruediv__(self, other: Any) -> ForeachArray:
+        return self._inplace(other, torch._foreach_div_, _DIV_TENSOR_)
+
     __radd__ = __add__
 
     def __mul__(self, other: Any) -> ForeachArray:
@@ -184,6 +187,7 @@ _MUL_TENSOR = _tensor_overload("_foreach_mul")
 _DIV_TENSOR = _tensor_overload("_foreach_div")
 _ADD_TENSOR_ = _tensor_overload("_foreach_add_")
 _MUL_TENSOR_ = _tensor_overload("_foreach_mul_")
+_DIV_TENSOR_ = _tensor_overload("_foreach_div_")
 
 
 def _foreach_sub_tensor(tensors: list, other: torch.Tensor) -> list:

@@ -23,8 +23,9 @@ and on a GPU, where that form is not one multi-tensor kernel, the standard two (
 which keep the launches at two. ``lerp`` takes only a Python float weight, on every path (a 0-D
 weight has no one-kernel foreach form).
 
-``mul_into`` writes a product into a given tensor (a state field the step no longer reads, donated
-by the executor: :func:`adaptlr._inplace.mul_into_donated`), so the executor has nothing to copy.
+``mul_into`` and ``div_into`` write a product or a quotient into a given tensor (a state field the
+step no longer reads, donated by the executor: :func:`adaptlr._inplace.mul_into_donated`,
+``div_into_donated``), so the executor has nothing to copy.
 
 ``clamp_`` and ``exp_`` clip and exponentiate a temporary of the step in place (EG's gains), where
 the standard's ``clip`` and ``exp`` each write a new tensor.
@@ -32,19 +33,20 @@ the standard's ``clip`` and ``exp`` each write a new tensor.
 ``mul_widened`` writes a product into a new tensor of a wider float (a term of a float64 sum, on
 the CPU, where ``torch.sum(dtype=torch.float64)`` of a float32 tensor converts a copy of it first).
 
-``add_scaled_``, ``add_product_`` and ``mul_into`` return whether they wrote the result; ``lerp``
+``add_scaled_``, ``add_product_``, ``mul_into`` and ``div_into`` return whether they wrote the result; ``lerp``
 and ``mul_widened`` return the result, or None.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from adaptlr.backends.foreach import _MUL_TENSOR, ForeachArray
 
-__all__ = ["add_product_", "add_scaled_", "clamp_", "exp_", "lerp", "mul_into", "mul_widened"]
+__all__ = ["add_product_", "add_scaled_", "clamp_", "div_into", "exp_", "lerp", "mul_into", "mul_widened"]
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -133,12 +135,21 @@ def lerp(x: Any, y: Any, weight: Any, *, into: bool) -> Any:
 def mul_into(dest: Any, x: Any, y: Any) -> bool:
     """``dest ← x·y`` (``torch.mul(x, y, out=dest)``: the product written into an existing tensor);
     False: not done (a ForeachArray: torch has no foreach form with an output list)."""
+    return _into(torch.mul, dest, x, y)
+
+
+def div_into(dest: Any, x: Any, y: Any) -> bool:
+    """``dest ← x/y`` (``torch.div(x, y, out=dest)``), as :func:`mul_into`."""
+    return _into(torch.div, dest, x, y)
+
+
+def _into(op: Callable, dest: Any, x: Any, y: Any) -> bool:
     if isinstance(dest, ForeachArray):
         return False
     tensors = [t for t in (x, y) if isinstance(t, torch.Tensor)]
     if not _plain(dest, *tensors) or any(t.ndim and t.device != dest.device for t in tensors):
         return False
-    torch.mul(x, y, out=dest)
+    op(x, y, out=dest)
     return True
 
 

@@ -6,6 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from adaptlr._inplace import div_  # noqa: E402
 from adaptlr.backends.foreach import ForeachArray  # noqa: E402
 from adaptlr.backends.foreach import namespace as xf  # noqa: E402
 
@@ -30,6 +31,7 @@ EXPRESSIONS = {
     "clip": lambda a, b, c, xp: (xp.clip(a, -0.5, 0.7) + xp.clip(b, min=-0.2) - xp.clip(a, max=0.1)
                                  + xp.clip(b, c - 1.0, c)),  # number bounds; 0-D tensor bounds
     "sums": lambda a, b, c, xp: xp.sum(a * b) + xp.max(xp.abs(a)) * xp.sum(b, dtype=torch.float64),
+    "in-place division": lambda a, b, c, xp: div_(a * c, xp.abs(b) + 1.0) + div_(a * 2.0, c),
 }
 
 
@@ -61,3 +63,15 @@ def test_clip_with_number_bounds_is_two_calls_for_the_whole_list():
 
     a = ForeachArray([torch.randn(5) for _ in range(7)])
     assert count_aten_ops(lambda: xf.clip(a, -0.5, 0.5)) == 2  # _foreach_clamp_min, _foreach_clamp_max
+
+
+def test_division_writes_into_a_temporary_list():
+    """``div_`` on a list the step made: one ``_foreach_div_`` into it (Adam's direction, round 23)."""
+    a, _ = _pair(0)
+    b, _ = _pair(1)
+    for divisor in (b, torch.tensor(0.3, dtype=torch.float64), 0.3):
+        temporary = a * 2.0
+        expected = _flat(temporary) / (_flat(divisor) if isinstance(divisor, ForeachArray) else divisor)
+        result = div_(temporary, divisor)
+        assert result is temporary
+        torch.testing.assert_close(_flat(result), expected, rtol=0, atol=0)

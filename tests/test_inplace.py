@@ -14,9 +14,10 @@ import types
 import numpy as np
 import pytest
 
-from adaptlr._inplace import add_, add_product_, add_scaled_, mul_, sub_
+from adaptlr._inplace import add_, add_product_, add_scaled_, div_, mul_, sub_
 
-HELPERS = {"add_": (add_, operator.add), "sub_": (sub_, operator.sub), "mul_": (mul_, operator.mul)}
+HELPERS = {"add_": (add_, operator.add), "sub_": (sub_, operator.sub), "mul_": (mul_, operator.mul),
+           "div_": (div_, operator.truediv)}
 MUTABLE = ("numpy", "torch", "cupy", "array_api_strict")
 
 

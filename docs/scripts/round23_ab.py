@@ -6,10 +6,12 @@
                                                          # (after: adaptlr._reduce.chained_sums), and
                                                          # EG(AdamW) with its gradient average written
                                                          # in any order (before) or after the gains read
-                                                         # the old one (after), and HD with a rate
-                                                         # per element made to wait for it (after)
-                                                         # or not (before); AdamW; median ms,
-                                                         # × AdamW, XLA temp MiB
+                                                         # the old one (after), HD(AdamW) with
+                                                         # Adam's direction divided last (after) or
+                                                         # multiplied last (before), and HD with a
+                                                         # rate per element also made to wait for
+                                                         # it (after); AdamW; median ms, × AdamW,
+                                                         # XLA temp MiB
     python docs/scripts/round23_ab.py jax-temps          # the same steps' XLA temp MiB only
                                                          # (deterministic, no timing)
     python docs/scripts/round23_ab.py dsa-compile        # DSA(AdamW)'s donated step on 500 tensors of
@@ -24,7 +26,8 @@
 
 "Before" compiles the steps as round 22 did (``adaptlr._reduce._after_chain`` and
 ``adaptlr.eg.after_first_element`` patched to the identity, ``adaptlr.core.ordered_after`` to
-round 22's, which waited for the new 0-D arrays only); the same numbers
+round 22's, which waited for the new 0-D arrays only, Adam's direction to round 22's, the
+product last); the same numbers (HD: to rounding)
 (``tests/test_sum_chain.py``, ``tests/test_eg.py``, ``tests/test_ordering.py``). Every step is
 compiled ahead of time, as ``adaptlr bench`` compiles it; each round runs every variant once, one
 step each, in a fresh random order (``adaptlr.backends.bench.time_runners``); prints the median step
@@ -53,12 +56,38 @@ def _round22_ordered_after(xp: object, values: list, before: object, after: obje
     return wait_for(xp, values, new)
 
 
+def _round22_adam_direction(self: object, grads: list, state: object, scalars: object, layout: object) -> tuple:
+    """``AdamDirection.direction`` as round 22 had it: ``m / (sqrt(v) + ε') · c``, the product last."""
+    from adaptlr._inplace import add_, add_product_, ema_donated, mul_donated, mul_into_donated
+    from adaptlr.adam import AdamState
+
+    xp, b1, b2, eps = scalars.xp, self.b1, self.b2, self.eps  # type: ignore[attr-defined]
+
+    def corrections(t: object) -> tuple:
+        sqrt_bc2 = xp.sqrt(1.0 - b2**t)
+        return sqrt_bc2 / (1.0 - b1**t), eps * sqrt_bc2
+
+    into = scalars.directions_into  # type: ignore[attr-defined]
+    mus, nus, directions = [], [], []
+    for g, m, nu in zip(grads, layout.leaves(state.mu, "state.mu"), layout.leaves(state.nu, "state.nu")):  # type: ignore[attr-defined]
+        scale, eps_t = scalars.step_scalars("adam", g.dtype, corrections)  # type: ignore[attr-defined]
+        m = ema_donated(scalars, m, g, b1)
+        nu = add_product_(mul_donated(scalars, nu, b2), g, g, 1.0 - b2)
+        directions.append(mul_into_donated(scalars, into.get(id(g)) if into else None,
+                                           m / add_(xp.sqrt(nu), eps_t), scale, x_temporary=True))
+        mus.append(m)
+        nus.append(nu)
+    return directions, AdamState(layout.tree(mus), layout.tree(nus))  # type: ignore[attr-defined]
+
+
 # each algorithm and what round 23 changed in its step, as round 22 had it, for "before"
 BEFORE = {
     "dsa": [("adaptlr._reduce", "_after_chain", lambda xp, term: term),
             ("adaptlr.core", "ordered_after", _round22_ordered_after)],
     "eg_step_size": [("adaptlr.eg", "after_first_element", lambda xp, value, written: value)],
-    "hypergradient_element": [("adaptlr.core", "ordered_after", _round22_ordered_after)],
+    "hypergradient": [("adaptlr.adam:AdamDirection", "direction", _round22_adam_direction)],
+    "hypergradient_element": [("adaptlr.core", "ordered_after", _round22_ordered_after),
+                              ("adaptlr.adam:AdamDirection", "direction", _round22_adam_direction)],
 }
 ALGORITHMS = list(BEFORE)
 
@@ -72,9 +101,16 @@ def _with_element_hd() -> None:
         adaptlr.adamw(1e-3), hyper_lr=1e-8, granularity="element"))
 
 
-def _runners(before: bool) -> list:
+def _target(name: str) -> object:
+    """The module ``name``, or ``module:Class``'s class."""
     import importlib
 
+    module, _, attribute = name.partition(":")
+    found = importlib.import_module(module)
+    return getattr(found, attribute) if attribute else found
+
+
+def _runners(before: bool) -> list:
     from adaptlr.backends import bench
 
     _with_element_hd()
@@ -83,7 +119,7 @@ def _runners(before: bool) -> list:
         return [r for r in bench.jax_runners("resnet18", shapes, ["adamw", *ALGORITHMS]) if r.kind == "adaptlr"]
     runners = []
     for name, changes in BEFORE.items():
-        modules = [(importlib.import_module(m), attribute, value) for m, attribute, value in changes]
+        modules = [(_target(m), attribute, value) for m, attribute, value in changes]
         saved = [(module, attribute, getattr(module, attribute)) for module, attribute, _ in modules]
         for module, attribute, value in modules:
             setattr(module, attribute, value)
