@@ -12,6 +12,9 @@
                                                          # rate per element also made to wait for
                                                          # it (after); AdamW; median ms, × AdamW,
                                                          # XLA temp MiB
+    python docs/scripts/round23_ab.py adamw-direction ROUNDS  # AdamW alone, jit and jit-donate: Adam's
+                                                         # direction multiplied last (before) or
+                                                         # divided last (after)
     python docs/scripts/round23_ab.py jax-temps          # the same steps' XLA temp MiB only
                                                          # (deterministic, no timing)
     python docs/scripts/round23_ab.py dsa-compile        # DSA(AdamW)'s donated step on 500 tensors of
@@ -85,6 +88,7 @@ BEFORE = {
     "dsa": [("adaptlr._reduce", "_after_chain", lambda xp, term: term),
             ("adaptlr.core", "ordered_after", _round22_ordered_after)],
     "eg_step_size": [("adaptlr.eg", "after_first_element", lambda xp, value, written: value)],
+    "adamw": [("adaptlr.adam:AdamDirection", "direction", _round22_adam_direction)],
     "hypergradient": [("adaptlr.adam:AdamDirection", "direction", _round22_adam_direction)],
     "hypergradient_element": [("adaptlr.core", "ordered_after", _round22_ordered_after),
                               ("adaptlr.adam:AdamDirection", "direction", _round22_adam_direction)],
@@ -116,7 +120,7 @@ def _runners(before: bool) -> list:
     _with_element_hd()
     shapes = bench.SETS["resnet18"]
     if not before:
-        return [r for r in bench.jax_runners("resnet18", shapes, ["adamw", *ALGORITHMS]) if r.kind == "adaptlr"]
+        return [r for r in bench.jax_runners("resnet18", shapes, ALGORITHMS) if r.kind == "adaptlr"]
     runners = []
     for name, changes in BEFORE.items():
         modules = [(_target(m), attribute, value) for m, attribute, value in changes]
@@ -161,6 +165,17 @@ def _sizes() -> list[int]:
     from adaptlr.backends import bench
 
     return [4 * math.prod(s) for s in bench.SETS["resnet18"]]
+
+
+def adamw_direction(rounds: int) -> None:
+    """AdamW alone, its direction divided last (after) or multiplied last (before)."""
+    from adaptlr.backends import bench
+
+    global BEFORE, ALGORITHMS
+    BEFORE, ALGORITHMS = {"adamw": BEFORE["adamw"]}, ["adamw"]
+    runners = _runners(before=True) + _runners(before=False)
+    bench.time_runners(runners, rounds, warmup=2)
+    _report("resnet18", runners)
 
 
 def jax_temps() -> None:
@@ -236,4 +251,4 @@ def _unchained_term(xp: object, term: object) -> object:
 
 if __name__ == "__main__":
     run_mode({"jax-order": jax_order, "jax-temps": jax_temps, "dsa-compile": dsa_compile,
-              "active-boundary": active_boundary}, sys.argv[1:], __doc__)
+              "active-boundary": active_boundary, "adamw-direction": adamw_direction}, sys.argv[1:], __doc__)
