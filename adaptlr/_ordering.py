@@ -38,15 +38,17 @@ from adaptlr._scan import add_all
 __all__ = ["after_first_element", "jax_traced", "never_true", "ordered_after", "wait_for"]
 
 
-def ordered_after(xp: Any, values: list, before: Any, after: Any) -> list:
+def ordered_after(xp: Any, values: list, before: Any, after: Any, *, first_elements: bool = True) -> list:
     """``values`` (arrays), made to depend on the arrays of ``after`` that are not arrays of
-    ``before`` (what the adaptations computed from it: their 0-D values, and the first element of
-    the others, as HD's rate per element) when JAX traces the step; else ``values``."""
+    ``before`` (what the adaptations computed from it: their 0-D values, and with
+    ``first_elements`` the first element of the others, as HD's rate per element) when JAX traces
+    the step; else ``values``. Not ``first_elements`` inside ``shard_map``, where an array's first
+    element is one device's (the 0-D values there are whole-model sums, the same on every device)."""
     if not jax_traced(values):
         return values
     old = set(map(id, optree.tree_leaves(before, none_is_leaf=False)))
     new = [x for x in optree.tree_leaves(after, none_is_leaf=False)
-           if id(x) not in old and math.prod(getattr(x, "shape", (0,)))]
+           if id(x) not in old and math.prod(getattr(x, "shape", (0,))) and (first_elements or x.ndim == 0)]
     return wait_for(xp, values, [x if x.ndim == 0 else x[(0,) * x.ndim] for x in new])
 
 

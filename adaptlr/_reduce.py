@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from adaptlr._ordering import wait_for
+from adaptlr._ordering import jax_traced, wait_for
 from adaptlr._scan import add_all
 
 __all__ = ["Reducer", "Term", "add_all", "chained_sums", "in_own_chain", "leaf_split_axes", "reduced_dims",
@@ -185,10 +185,12 @@ class Reducer:
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
         """``Σ`` of leaf ``i``'s array ``x`` (or :class:`Term`) over ``axis`` (all by default), over every shard."""
-        chained = isinstance(x, Term) and x.reads > 1
+        chained = False
         if isinstance(x, Term):
             term, made_here = x, x._make is not None
             x = term.value()
+            # (JAX traces only: torch.compile does not trace a ContextVar, and orders the step itself)
+            chained = term.reads > 1 and jax_traced([x])
             if chained and made_here:  # made now: after the sums of the chain, and kept so
                 x = term._value = _after_chain(self.xp, x)
         total = self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)

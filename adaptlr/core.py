@@ -606,7 +606,9 @@ class Optimizer:
         made here). Under JAX tracing, the terms that several of the step's sums read are made one
         after another (:func:`adaptlr._reduce.chained_sums`).
         """
-        if not jax_traced(params):
+        # (not inside shard_map, where each device holds its own shards: a flag from one device's
+        # first element would make the replicated leaves' results differ between devices)
+        if not jax_traced(params) or (reducer is not None and reducer.complete is not None):
             return self._step_leaves(xp, layout, grads, state, params, alpha, weight_decay, reducer, scalars)
         with chained_sums():
             return self._step_leaves(xp, layout, grads, state, params, alpha, weight_decay, reducer, scalars)
@@ -640,7 +642,8 @@ class Optimizer:
         prepared = [a.before_direction(ctx, s) for a, s in zip(self.adaptations, state.adaptations)]
         # the base reads the gradients only after the sums over the old state (adaptlr._ordering)
         read = [*grads, *objective_grads]
-        ordered = ordered_after(xp, read, state.adaptations, prepared)
+        ordered = ordered_after(xp, read, state.adaptations, prepared,
+                                first_elements=ctx.reduce.complete is None)
         if ordered is not read:
             grads, objective_grads = ordered[: len(grads)], ordered[len(grads) :]
             ctx = ctx._replace(grads=grads, objective_grads=objective_grads)
