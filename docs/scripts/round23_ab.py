@@ -46,7 +46,8 @@ from round9_ab import run_mode  # the command line of rounds 11 to 23
 from round22_ab import _report
 
 
-def _round22_ordered_after(xp: object, values: list, before: object, after: object) -> list:
+def _round22_ordered_after(xp: object, values: list, before: object, after: object, *,
+                           first_elements: bool = True) -> list:
     """``adaptlr._ordering.ordered_after`` as round 22 had it: on the new 0-D arrays only."""
     import optree
 
