@@ -35,7 +35,7 @@ import optree
 from adaptlr import _validation as v
 from adaptlr._scan import add_all
 
-__all__ = ["after_first_element", "jax_traced", "never_true", "ordered_after", "wait_for"]
+__all__ = ["after_first_element", "first_elements_of", "jax_traced", "never_true", "ordered_after", "wait_for"]
 
 
 def ordered_after(xp: Any, values: list, before: Any, after: Any, *, first_elements: bool = True) -> list:
@@ -48,8 +48,8 @@ def ordered_after(xp: Any, values: list, before: Any, after: Any, *, first_eleme
         return values
     old = set(map(id, optree.tree_leaves(before, none_is_leaf=False)))
     new = [x for x in optree.tree_leaves(after, none_is_leaf=False)
-           if id(x) not in old and math.prod(getattr(x, "shape", (0,))) and (first_elements or x.ndim == 0)]
-    return wait_for(xp, values, [x if x.ndim == 0 else x[(0,) * x.ndim] for x in new])
+           if id(x) not in old and hasattr(x, "shape") and (first_elements or x.ndim == 0)]
+    return wait_for(xp, values, first_elements_of(new))
 
 
 def wait_for(xp: Any, values: list, sums: Sequence[Any]) -> list:
@@ -71,9 +71,16 @@ def after_first_element(xp: Any, value: Any, written: Any) -> Any:
     """``value`` made to wait for the array ``written`` (through its first element) when JAX traces
     the step; else ``value``. For a new state array whose computation read an old one that another
     computation then overwrites: the overwriting one takes ``value`` and runs after it."""
-    if not jax_traced([value]) or any(n == 0 for n in written.shape):
+    if not jax_traced([value]):
         return value
-    return wait_for(xp, [value], [written[(0,) * written.ndim] if written.ndim else written])[0]
+    return wait_for(xp, [value], first_elements_of([written]))[0]
+
+
+def first_elements_of(arrays: Sequence[Any]) -> list:
+    """The first element of each array, 0-D arrays as they are, empty ones left out: 0-D values that
+    a computation waiting for them waits for the whole array through."""
+    return [x if x.ndim == 0 else x[(0,) * x.ndim] for x in arrays if math.prod(x.shape)]
+
 
 
 def never_true(xp: Any, values: Sequence[Any]) -> Any:

@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from adaptlr._ordering import jax_traced, wait_for
+from adaptlr._ordering import first_elements_of, jax_traced, wait_for
 from adaptlr._scan import add_all
 
 __all__ = ["Reducer", "Term", "add_all", "chained_sums", "in_own_chain", "leaf_split_axes", "reduced_dims",
@@ -88,14 +88,11 @@ def _after_chain(xp: Any, term: Any) -> Any:
     chain = _CHAIN.get()
     if not chain or math.prod(term.shape) < CHAINED_ELEMENTS:
         return term
-    sums = [s if s.ndim == 0 else s[(0,) * s.ndim] for s in chain if math.prod(s.shape)]
+    sums = first_elements_of(chain)
     chain.clear()
-    if not sums or not xp.isdtype(term.dtype, "real floating"):
+    if not xp.isdtype(term.dtype, "real floating"):
         return term
-    latest = sums[0]
-    for s in sums[1:]:  # (the sums of one term: a few)
-        latest = xp.maximum(latest, xp.astype(s, latest.dtype))
-    return wait_for(xp, [term], [latest])[0]
+    return wait_for(xp, [term], sums)[0]
 
 
 def _chained(total: Any) -> Any:

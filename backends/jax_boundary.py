@@ -89,11 +89,11 @@ def run_deferred(recorded: list, new_state: Any, after: list, in_place: bool = T
     import jax.numpy as jnp
 
     from adaptlr._boundary import select_both
-    from adaptlr._ordering import never_true
+    from adaptlr._ordering import first_elements_of, never_true
 
     never = None
     if in_place:
-        firsts = [jnp.reshape(x, (-1,))[0] for x in jax.tree_util.tree_leaves(after) if x.size]
+        firsts = first_elements_of(jax.tree_util.tree_leaves(after))
         never = never_true(jnp, firsts) if firsts else None
     results: dict[int, Any] = {}
     for pred, work, operands in recorded:
