@@ -90,13 +90,14 @@ class StepSize(NamedTuple):
     """The learning rate of one step, per parameter leaf, as the adaptations shape it.
 
     For leaf ``i`` the step is ``-(alpha[i] · scale[i] · kappa[i]) ⊙ d`` (``None`` stands for 1;
-    ``scale[i]`` holds the 0-D factors and ``kappa[i]`` the others, so that the 0-D ones are
-    multiplied together before they meet a full-size factor: one pass over it, not one per 0-D
-    factor), the decoupled weight decay is ``-α_user · λ · decay_kappa[i] ⊙ θ``, and ``shift[i]``
-    (``None``: no shift) is added to the update. Adaptations return a new ``StepSize`` from the one
-    they are given: multiplicative ones call :meth:`scaled`, hypergradient descent replaces
-    ``alpha``; :meth:`factors` gives ``scale·kappa``. An adaptation that computes the step
-    ``-(α·scale·κ) ⊙ d`` for its own use hands it over with :meth:`with_step`, and the update takes
+    ``scale[i]`` holds the 0-D factors and those given with ``first=True``, ``kappa[i]`` the
+    others, so that the small ones are multiplied together with ``α`` before they meet a full-size
+    factor: one pass over it, not one per small factor), the decoupled weight decay is
+    ``-α_user · λ · decay_kappa[i] ⊙ θ``, and ``shift[i]`` (``None``: no shift) is added to the
+    update. Adaptations return a new ``StepSize`` from the one they are given: multiplicative ones
+    call :meth:`scaled`, hypergradient descent replaces ``alpha``; :meth:`factors` gives
+    ``scale·kappa``. An adaptation that computes the step ``-(α·scale·κ) ⊙ d`` for its own use
+    hands it over with :meth:`with_step`, and the update takes
     it instead of computing it again (:meth:`known_step`).
     """
 
@@ -112,12 +113,18 @@ class StepSize(NamedTuple):
         none = (None,) * len(alpha)
         return cls(tuple(alpha), none, none, none, none)
 
-    def scaled(self, factors: Sequence[Array | None], *, weight_decay_too: bool = False) -> StepSize:
+    def scaled(self, factors: Sequence[Array | None], *, weight_decay_too: bool = False,
+               first: bool = False) -> StepSize:
         """Multiply ``kappa`` (and ``decay_kappa`` if ``weight_decay_too``) by ``factors`` per leaf
-        (a 0-D factor multiplies ``scale`` instead: the same step, computed with fewer passes)."""
+        (a 0-D factor multiplies ``scale`` instead: the same step, computed with fewer passes).
+
+        ``first=True``: every factor multiplies ``scale``, so it meets ``α`` before the factors in
+        ``kappa`` (the same step up to rounding): for factors smaller than their leaf that a larger
+        factor of the same adaptation multiplies next (DSA's tensor·row factor, then its column
+        factor: ``α·κ`` in one full-size pass, not two)."""
         scale, kappa = list(self.scale), list(self.kappa)
         for i, f in enumerate(factors):
-            if f is not None and getattr(f, "ndim", 0) == 0:  # 0-D, or a Python number
+            if f is not None and (first or getattr(f, "ndim", 0) == 0):  # 0-D, or a Python number
                 scale[i] = _times(scale[i], f)
             else:
                 kappa[i] = _times(kappa[i], f)

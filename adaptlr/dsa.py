@@ -26,6 +26,7 @@ before the base step::
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -62,24 +63,43 @@ class DSAState(NamedTuple):
 
     def kappa(self, layout: Layout) -> list:
         """``Π_φ φ`` per parameter (broadcastable to it)."""
-        out = []
+        return [_times(small, largest) for small, largest in zip(*self.kappa_parts(layout), strict=True)]
+
+    def kappa_parts(self, layout: Layout) -> tuple[list, list]:
+        """``Π_φ φ`` per parameter in two parts: the product of every factor but the largest (None
+        where there is one factor), and the largest (the first of the largest)."""
+        smalls, largests = [], []
         for factors in layout.treespec.flatten_up_to(self.factors):
-            product: Any = None
-            for factor in factors.values():
-                product = factor if product is None else product * factor
-            out.append(product)
-        return out
+            values = list(factors.values())
+            sizes = [math.prod(factor.shape) for factor in values]
+            largest = sizes.index(max(sizes))  # (not max(key=...): torch.compile does not trace it)
+            small: Any = None
+            for k, factor in enumerate(values):
+                if k != largest:
+                    small = _times(small, factor)
+            smalls.append(small)
+            largests.append(values[largest])
+        return smalls, largests
 
     def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
-        return _apply(size, self.kappa(layout), self.min_lr, self.max_lr, False)
+        return _apply(size, self.kappa_parts(layout), self.min_lr, self.max_lr, False)
 
     def signals(self, layout: Layout) -> dict[str, Any]:
         return {"kappa": layout.tree(self.kappa(layout))}
 
 
-def _apply(size: StepSize, kappa: list, min_lr: Any, max_lr: Any, weight_decay_too: bool) -> StepSize:
-    """``size`` scaled by ``kappa``; with bounds, ``α·κ_in·κ`` clipped becomes the new ``alpha``."""
-    scaled = size.scaled(kappa, weight_decay_too=weight_decay_too)
+def _times(a: Any, b: Any) -> Any:
+    return b if a is None else a * b
+
+
+def _apply(size: StepSize, kappa_parts: tuple[list, list], min_lr: Any, max_lr: Any,
+           weight_decay_too: bool) -> StepSize:
+    """``size`` scaled by ``κ`` (:meth:`DSAState.kappa_parts`: its smaller factors meet ``α``
+    first, so ``α·κ`` is one pass over the parameter's size); with bounds, ``α·κ_in·κ`` clipped
+    becomes the new ``alpha``."""
+    small, largest = kappa_parts
+    scaled = size.scaled(small, weight_decay_too=weight_decay_too, first=True)
+    scaled = scaled.scaled(largest, weight_decay_too=weight_decay_too)
     if min_lr is None and max_lr is None:
         return scaled
     rates = []
@@ -210,7 +230,7 @@ class DSA(Adaptation):
 
     def step(self, ctx: StepContext, size: StepSize, state: DSAState) -> tuple[StepSize, DSAState]:
         """``A_t = α·κ_in·Π φ`` (the factors of :meth:`before_direction`), ``P ← A_t ⊙ d_t``."""
-        size = _apply(size, state.kappa(ctx.layout), state.min_lr, state.max_lr, self.scale_weight_decay)
+        size = _apply(size, state.kappa_parts(ctx.layout), state.min_lr, state.max_lr, self.scale_weight_decay)
         # P_t into P_{t-1}'s array where the executor donated it (before_direction read P_{t-1})
         old = ctx.layout.leaves(state.prev_step, "state.prev_step")
         steps = [mul_into_donated(ctx.scalars, p, rate, d)

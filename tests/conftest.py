@@ -82,8 +82,8 @@ def max_rel_err(actual, expected, floor: float = 1e-300) -> float:
 
 
 def aten_ops_by_name(step, numel: int | None = None) -> dict:
-    """``{aten op name: count}`` of the torch ops ``step()`` dispatches (on an input of ``numel``
-    elements; None: all of them)."""
+    """``{aten op name: count}`` of the torch ops ``step()`` dispatches (that read or write a tensor
+    of ``numel`` elements: a broadcast product of two smaller factors writes one; None: all of them)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -91,10 +91,12 @@ def aten_ops_by_name(step, numel: int | None = None) -> dict:
 
     class Counter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if numel is None or any(isinstance(a, torch.Tensor) and a.numel() == numel for a in args):
+            out = func(*args, **(kwargs or {}))
+            touched = (*args, *(out if isinstance(out, (tuple, list)) else (out,)))
+            if numel is None or any(isinstance(a, torch.Tensor) and a.numel() == numel for a in touched):
                 name = func.overloadpacket.__name__
                 counts[name] = counts.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
+            return out
 
     with Counter():
         step()

@@ -264,6 +264,19 @@ def test_a_step_an_adaptation_computed_is_not_computed_again(name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)  # rounding order only (as the fast paths)
 
 
+def test_dsa_step_makes_one_pass_per_operation_of_its_update_rule():
+    """DSA(AdamW) on one 2-D parameter, the list path: the full-size elementwise passes are those of
+    the equations. Adam: m (1), v (2), the direction (4). DSA: G⊙P, G⊙G, P⊙P (3; their row and column
+    sums are not elementwise passes), A = α·κ (1: the tensor and column factors meet α first, then
+    the row factor: ``StepSize.scaled(first=True)``; 2 when κ was made whole before α met it), P = A⊙d
+    (1), u = -P (1), decay (1). 14 in all (the counter counts the broadcast product that writes A)."""
+    params = _params([(40, 30)])
+    adapter = Optimizer(params, adaptlr.dsa(adaptlr.adamw(1e-3, weight_decay=0.01)), fast=False)
+    adapter.step()
+    ops = aten_ops_by_name(adapter.step, 40 * 30)
+    assert _elementwise_passes(ops) == 1 + 2 + 4 + 3 + 1 + 1 + 1 + 1, ops
+
+
 def test_eg_step_makes_one_pass_per_operation_of_its_update_rule():
     """EG(AdamW) on one 2-D parameter, the list path: the full-size elementwise passes are those of
     the equations, no more. Adam: m (1: ``lerp``, torch.optim's moving average), v (2: β2·v, then
