@@ -45,9 +45,10 @@ How the torch concepts map onto adaptlr's (spec §0.1, ``u = -(α·κ) ⊙ d - �
 - Storage: no execution path changes the storage of a parameter or its ``.grad``. The step runs
   ``opt.update_leaves`` over the lists of per-parameter tensors, writes the new state into the
   state tensors in place (``copy_``; 0-D fields such as the step counter are replaced) and adds the
-  update with ``p.add_(u)``. On the paths that step the model in parts (blocks, foreach chunks) the
-  parts after the first are given their state to write into (:func:`adaptlr._inplace.donating`):
-  the decays ``β1·m``, ``β2·v`` are written into the state tensors and nothing is copied back.
+  update with ``p.add_(u)``. The eager list path and its parts and row blocks, and on the paths
+  that step the model in parts of lists (blocks, foreach chunks) the parts after the first, are
+  given their state to write into (:func:`adaptlr._inplace.donating`): the decays ``β1·m``,
+  ``β2·v`` are written into the state tensors and nothing is copied back.
   ``fast`` chooses how (see :class:`Optimizer`); inside a function that
   ``torch.compile`` traces, the step always takes the list path, which Dynamo traces into the
   caller's graph.
@@ -444,7 +445,7 @@ class Optimizer(torch.optim.Optimizer):
                 opt = self._opt_for(keys, [steps[i] for i in members])
                 state = self._assemble(sub)
                 updates, new_state = self._update(opt, sub, [p.grad for p in sub], state, [alpha[i] for i in members],
-                                                  [decay[i] for i in members])
+                                                  [decay[i] for i in members], donate=True)
                 pending.append((sub, self._write(state, new_state, sub)))
                 for p, u in zip(sub, updates):
                     p.add_(u)
@@ -558,9 +559,10 @@ class Optimizer(torch.optim.Optimizer):
 
             values = [[_map_tensors(value[0], piece)] if per_param else value
                       for (_, per_param), value in zip(self._field_kinds, old_values)]
-            # The block's own rows of the state may take its new values in place (adaptlr._inplace:
-            # a writing block once an earlier one completed); the fields read whole never are.
-            donated = list(cut.values()) if donate and opt.donation_safe else []
+            # The block's own rows of the state may take its new values in place (adaptlr._inplace),
+            # in every writing block: nothing runs a row block again (plain tensors have every
+            # operation: no fallback path); the fields read whole never are.
+            donated = list(cut.values()) if write and opt.donation_safe else []
             with donating(step_scalars[write], donated):
                 updates, new_state = opt.update_leaves(
                     xp_torch, ListLayout(1), [grad[rows]], rebuild_state(self._skeleton, values), [param[rows]],
@@ -592,12 +594,25 @@ class Optimizer(torch.optim.Optimizer):
         return scalars
 
     def _update(self, opt: core.Optimizer, active: list, grads: list, state: core.OptimizerState, alpha: list,
-                decay: list) -> tuple[list, core.OptimizerState]:
+                decay: list, donate: bool = False) -> tuple[list, core.OptimizerState]:
+        """``update_leaves`` on the lists. ``donate``: the step may write into the state tensors of
+        ``state`` (:func:`adaptlr._inplace.donating`; the caller writes the new state into them
+        after it, and nothing runs it again), except under ``torch.compile`` (which is given none)
+        and where the old state is read after the step (:attr:`adaptlr.Optimizer.donation_safe`)."""
         # Under step's no_grad the parameters themselves (no detach() per tensor: one op each on 500 tensors).
         params = [self._state_view(p, detach=False) for p in active]
         grads = [self._state_view(p, g, detach=False) for p, g in zip(active, grads)]
-        return opt.update_leaves(xp_torch, ListLayout(len(params)), grads, state, params, alpha=alpha,
-                                 weight_decay=decay)
+        if not (donate and opt.donation_safe) or torch.compiler.is_compiling():
+            return opt.update_leaves(xp_torch, ListLayout(len(params)), grads, state, params, alpha=alpha,
+                                     weight_decay=decay)
+        import optree
+
+        scalars = core.Scalars.of_step(xp_torch, state, params)
+        per_param = [value for (_, kind), value in zip(self._field_kinds, self._values(state)) if kind]
+        fields = [t for t in optree.tree_leaves(per_param) if t.ndim]
+        with donating(scalars, fields):
+            return opt.update_leaves(xp_torch, ListLayout(len(params)), grads, state, params, alpha=alpha,
+                                     weight_decay=decay, scalars=scalars)
 
     def _run(self, opt: core.Optimizer, active: list, grads: list, alpha: list, decay: list,
              assign: bool = True) -> list | None:
@@ -605,7 +620,7 @@ class Optimizer(torch.optim.Optimizer):
         the new 0-D fields are returned instead of assigned (``fast="compile"``: a compiled graph may
         return an input it was given as a constant, not the tensor passed at this call)."""
         state = self._assemble(active)
-        updates, new_state = self._update(opt, active, grads, state, alpha, decay)
+        updates, new_state = self._update(opt, active, grads, state, alpha, decay, donate=True)
         scalars = self._write(state, new_state, active)
         for p, u in zip(active, updates):
             p.add_(u)

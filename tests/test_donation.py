@@ -11,6 +11,7 @@ may be run again.
 from __future__ import annotations
 
 import numpy as np
+import optree
 import pytest
 
 import adaptlr
@@ -226,3 +227,65 @@ def test_a_guard_that_restores_the_old_state_is_given_nothing_to_write_into():
     assert before
     for (i, k), t in before.items():
         torch.testing.assert_close(opt.state[params[i]][k], t, rtol=0, atol=0, msg=f"param {i}: {k}")
+
+
+# The torch adapter's eager list path (fast=False; the CPU default for algorithms whose sums stay
+# within tensors): whole lists, parts of a few tensors, and row blocks of large tensors.
+LIST_PATH = {
+    "adamw": lambda: adaptlr.adamw(1e-2, weight_decay=0.1),
+    "active(adamw)": lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2),
+    "dsa(adamw)": lambda: adaptlr.dsa(adaptlr.adamw(1e-2, weight_decay=0.1), hyper_lr=0.1),
+    "hd(adamw) per tensor": lambda: adaptlr.hypergradient(adaptlr.adamw(1e-2), hyper_lr=1e-3, granularity="tensor"),
+    "eg(adamw) per tensor": lambda: adaptlr.eg_step_size(adaptlr.adamw(1e-2), 0.1, 0.1, scale="tensor"),
+    "ldog": lambda: adaptlr.dog(layerwise=True),
+}
+
+
+@pytest.mark.parametrize("parts", [None, 300])
+@pytest.mark.parametrize("name", LIST_PATH)
+def test_the_list_path_with_the_state_donated_takes_bitwise_the_same_steps(name, parts, monkeypatch):
+    """The eager list path gives the step its state to write into, whole (``parts=None``) and in
+    parts and row blocks (``list_part_elements=300``: the (40, 30) parameter in blocks of 10 rows,
+    each block donated, the first too): bitwise the trajectory with nothing donated."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.torch import Optimizer
+
+    def run() -> list:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+        opt = Optimizer(params, LIST_PATH[name](), fast=False)
+        opt.list_part_elements = parts
+        for _ in range(STEPS):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        state = [t.clone() for entry in opt.state.values() for t in optree.tree_leaves(dict(entry))
+                 if isinstance(t, torch.Tensor)]
+        return [p.detach().clone() for p in params] + state
+
+    donated = run()
+    _refuse_donation(monkeypatch)
+    copied = run()
+    for a, b in zip(donated, copied, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("parts", [None, 600])
+def test_the_list_path_copies_back_no_state_it_was_given(parts):
+    """AdamW (whole) and DSA (whole, and in two row blocks) on the eager list path, one (40, 30)
+    parameter: no state field the size of the parameter or block is copied back (m, v; DSA's P
+    too); with donation refused, each is, in every block (the first block was not donated before)."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.torch import Optimizer
+    from tests.conftest import aten_ops_by_name
+
+    for make, fields, numel in ((LIST_PATH["adamw"], 2, 1200), (LIST_PATH["dsa(adamw)"], 3, parts or 1200)):
+        param = torch.nn.Parameter(torch.randn(40, 30))
+        opt = Optimizer([param], make(), fast=False)
+        opt.list_part_elements = parts  # (AdamW: no sums, no row blocks)
+        param.grad = torch.randn(40, 30)
+        opt.step()
+        assert aten_ops_by_name(opt.step, numel).get("copy_", 0) == 0
+        with pytest.MonkeyPatch().context() as m:
+            _refuse_donation(m)
+            assert aten_ops_by_name(opt.step, numel).get("copy_", 0) == fields * (1200 // numel)

@@ -61,7 +61,9 @@ def test_list_step_in_parts_equals_the_functional_api(name, make, in_parts, monk
         assert all(parts is None for parts in parts_seen)
 
 
-@pytest.mark.parametrize("name,live", [("adamw", 7), ("dsa(adam)", 11)])  # temporaries per part, in tensors
+# temporaries per part, in tensors (the state donated since round 24: 3.0 and 4.2 measured; 5.0 and
+# 6.1 with every new state field made apart and copied back)
+@pytest.mark.parametrize("name,live", [("adamw", 4), ("dsa(adam)", 5)])
 def test_a_list_step_in_parts_holds_temporaries_of_a_part_not_of_the_model(name, live, monkeypatch):
     monkeypatch.setattr(torch_adapter, "LIST_PART_MIN_ELEMENTS", 1)
     make = next(m for n, m, _ in ALGORITHMS if n == name)
@@ -76,7 +78,7 @@ def test_a_list_step_in_parts_holds_temporaries_of_a_part_not_of_the_model(name,
     adapter._tensor_parts = lambda active: None  # one update over every tensor, as before
     whole = _torch_memory(torch, adapter.step, "cpu")
     assert in_parts <= live * tensor_bytes + 4096, in_parts / tensor_bytes  # (+ 0-D values)
-    assert whole >= 3 * 12 * tensor_bytes, whole / tensor_bytes
+    assert whole >= 1.5 * 12 * tensor_bytes, whole / tensor_bytes  # (24 tensors measured: 2 a parameter)
 
 
 def test_small_tensors_share_a_part_of_at_least_the_minimum(monkeypatch):
