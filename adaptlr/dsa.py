@@ -154,7 +154,7 @@ def _slice_sums(reduce: Reducer, i: int, x: Term, kinds: tuple[str, ...]) -> dic
             total = reduce.leaf_sum(i, sums["col"], axis=tuple(range(1, x.ndim)))
         else:
             total = reduce.leaf_sum(i, x)
-        sums["tensor"] = reduce.xp.reshape(total, ())
+        sums["tensor"] = total  # (1, ..., 1) from row or column sums: 0-D where the factor is updated
     return sums
 
 
@@ -220,12 +220,20 @@ class DSA(Adaptation):
             reads = sum(kind in ("row", "col") for kind in kinds) or 1  # (the tensor's from those)
             gp, gg, pp = (Term(lambda a=a, b=b: a * b, g.ndim, reads) for a, b in ((g, p), (g, g), (p, p)))
             dots, g_sq, p_sq = (_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))
-            updated = {}
-            for kind, factor in factors.items():
-                norms = mul_(xp.sqrt(g_sq[kind]), xp.sqrt(p_sq[kind]))
-                cos = xp.clip(dots[kind] / add_(norms, eps), -1.0, 1.0)
-                updated[kind] = mul_(xp.astype(xp.exp(mul_(cos, beta)), factor.dtype, copy=False), factor)
-            new_factors.append(updated)
+
+            def updated(dot: Any, g2: Any, p2: Any, factor: Any, beta: Any, eps: Any) -> Any:
+                # (the tensor's sums keep the dimensions of the sums they came from: 0-D here)
+                dot, g2, p2 = (xp.reshape(x, factor.shape) if factor.ndim == 0 else x for x in (dot, g2, p2))
+                cos = xp.clip(dot / add_(mul_(xp.sqrt(g2), xp.sqrt(p2)), eps), -1.0, 1.0)
+                return mul_(xp.astype(xp.exp(mul_(cos, beta)), factor.dtype, copy=False), factor)
+
+            # Once per step for the same sums and factor: the row blocks of a tensor (their second
+            # pass) share its tensor and column sums and factors, so every block after the first
+            # takes their new values instead of computing them again (Scalars.once: by identity;
+            # a block's row sums are its own)
+            new_factors.append({kind: scalars.once(("dsa factor", id(self), i, kind),
+                                                   (dots[kind], g_sq[kind], p_sq[kind], factor, beta, eps), updated)
+                                for kind, factor in factors.items()})
         return state._replace(factors=layout.tree(new_factors))
 
     def step(self, ctx: StepContext, size: StepSize, state: DSAState) -> tuple[StepSize, DSAState]:

@@ -286,3 +286,18 @@ def test_row_blocks_write_their_rows_of_the_state_in_place_bit_for_bit(name, mon
             for x, y in zip(_tensors(value), _tensors(donated_state["state"][key][field]), strict=True):
                 assert torch.equal(x, y), (name, field)
     assert fewer < more, (name, fewer, more)
+
+
+def test_row_blocks_update_the_tensor_and_column_factors_once_a_step():
+    """DSA on one (20, 4, 3, 3) parameter in 10 row blocks: its tensor and column factors come from
+    the whole tensor's sums, the same in every block, and are updated once in the second pass (one
+    ``exp`` each); the row factor once per block (its rows' own sums); the first block's first pass
+    runs to the step's end (3 more). 15 ``exp``; 33 when every block updated every factor."""
+    from tests.conftest import aten_ops_by_name
+
+    param = torch.nn.Parameter(torch.randn(20, 4, 3, 3))
+    param.grad = torch.randn_like(param)
+    opt = Optimizer([param], adaptlr.dsa(adaptlr.adamw(1e-3)), fast=False)
+    opt.list_part_elements = 72
+    opt.step()
+    assert aten_ops_by_name(opt.step).get("exp") == 3 + 2 + 10
