@@ -183,7 +183,8 @@ def whole_sums(partials: list[list]) -> list:
 
 def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | None, bool, bool], None],
               sums: str, rows: bool = False,
-              first_pass_groups: tuple[int, Callable[[list, Reducer], None]] | None = None) -> None:
+              first_pass_groups: tuple[int, Callable[[list, Reducer], None]] | None = None,
+              sums_made: int | None = None) -> int | None:
     """One step over ``parts``, each part written before the next is computed.
 
     Args:
@@ -207,13 +208,22 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
             over all of them (a step whose sums come before anything else it computes, so a group
             holds only its sums' temporaries: :func:`adaptlr.backends.fast.sums_before_direction`).
             The first part runs alone: it runs to the step's end, to count the sums.
+        sums_made: how many sums the step makes, where the caller counted them in an earlier step
+            of the same optimizer on parts of the same shapes (the count is fixed by the step's
+            code: no branching on array values; :func:`run_parts` returns it): the first part's
+            first pass then stops at its last sum too, as the others do, instead of running to the
+            step's end. A count too small is found in the second pass (a part asks for a sum the
+            first pass did not make: ``RuntimeError``), before that part has written anything.
+
+    Returns:
+        How many sums the step made (two passes), else None.
     """
     if sums not in ("none", "replay", "try"):
         raise ValueError(f"sums must be 'none', 'replay' or 'try', got {sums!r}")
     if sums == "none" or not parts:
         for k, part in enumerate(parts):
             run_part(part, None, True, k > 0)
-        return
+        return None
     if sums == "try":
         try:
             for k, part in enumerate(parts):
@@ -223,7 +233,7 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
                     if k:  # every part runs the same operations: the first one asks
                         raise RuntimeError("a part asked for a sum after earlier parts were written") from error
                     raise
-            return
+            return None
         except SumsRequested:
             pass
     recorders: list[Recorder] = []
@@ -231,7 +241,7 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
     def record(run: Callable[[Recorder], None]) -> None:
         # Every part makes the sums the first one made (the same operations): from the second part
         # on, the pass stops at the last of them.
-        recorder = Recorder(xp, len(recorders[0].partials) if recorders else None, rows)
+        recorder = Recorder(xp, len(recorders[0].partials) if recorders else sums_made, rows)
         try:
             run(recorder)
         except PartSummed:
@@ -254,3 +264,4 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
         replayer = Replayer(xp, sums_of_model, rows, own)
         run_part(part, replayer, True, k > 0)
         replayer.check_all_used()
+    return len(sums_of_model)

@@ -191,6 +191,8 @@ class Optimizer(torch.optim.Optimizer):
         self._foreach_refused = False  # the algorithm used an operation ForeachArray does not have
         self._foreach_chunk_elements: int | None = None
         self._list_part_elements: int | None = None
+        # how many sums a row-block step makes, per (optimizer, parameter shape, dtype) (_row_block_step)
+        self._row_sums_made: dict[tuple, int | None] = {}
         self._flat_stale = False  # the state was replaced: copy it into the flat buffers before a flat step
         self._eval_mode = False  # Schedule-Free: the model holds x (eval) instead of y (train)
         self._built = False
@@ -588,7 +590,11 @@ class Optimizer(torch.optim.Optimizer):
                         later[id(t)] = (t, value)
             p[rows].add_(updates[0])
 
-        part_sums.run_parts(xp_torch, blocks, run_block, "replay", rows=True)
+        # the step's number of sums, counted in its first step on a tensor of this shape and dtype:
+        # the first block's first pass then stops at its last sum (part_sums.run_parts)
+        counted = (opt, shape, p.dtype)
+        self._row_sums_made[counted] = part_sums.run_parts(xp_torch, blocks, run_block, "replay", rows=True,
+                                                           sums_made=self._row_sums_made.get(counted))
         for t, value in later.values():
             t.copy_(value)
         return scalars
