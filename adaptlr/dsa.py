@@ -204,36 +204,43 @@ class DSA(Adaptation):
         return DSAState(layout.tree(factors), layout.tree([xp.zeros_like(p) for p in params]), *bounds)
 
     def before_direction(self, ctx: StepContext, state: DSAState) -> DSAState:
-        """The factors ``φ`` from ``G`` and ``P``: the sums read nothing else."""
+        """The factors ``φ`` from ``G`` and ``P``: the sums read nothing else. Every leaf's sums
+        first, then the factors: a first pass over several row blocks in one step (the torch
+        adapter's, each block a leaf) stops at the last block's last sum, before any factor."""
         xp, layout, scalars = ctx.xp, ctx.layout, ctx.scalars
         prev_steps = layout.leaves(state.prev_step, "state.prev_step")
         all_factors = layout.treespec.flatten_up_to(state.factors)
-        new_factors = []
+        sums = []
         for i, (g, p, factors) in enumerate(zip(ctx.objective_grads, prev_steps, all_factors, strict=True)):
             # In bfloat16/float16, p·p underflows and EPS is 0: the cosines 0/0. Compute them wider.
             work = scalars.wide if is_half_precision(xp, g.dtype) else g.dtype
             g, p = xp.astype(g, work, copy=False), xp.astype(p, work, copy=False)
-            beta = scalars.constant(self.hyper_lr, work)
-            eps = scalars.constant(EPS, work)
             # (made where a sum reads them: a row block's second pass, given every sum, does not)
             kinds: tuple[str, ...] = tuple(str(kind) for kind in factors)
             reads = sum(kind in ("row", "col") for kind in kinds) or 1  # (the tensor's from those)
             gp, gg, pp = (Term(lambda a=a, b=b: a * b, g.ndim, reads) for a, b in ((g, p), (g, g), (p, p)))
-            dots, g_sq, p_sq = (_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))
+            sums.append((work, *(_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))))
 
-            def updated(dot: Any, g2: Any, p2: Any, factor: Any, beta: Any, eps: Any) -> Any:
-                # (the tensor's sums keep the dimensions of the sums they came from: 0-D here)
-                dot, g2, p2 = (xp.reshape(x, factor.shape) if factor.ndim == 0 else x for x in (dot, g2, p2))
-                cos = xp.clip(dot / add_(mul_(xp.sqrt(g2), xp.sqrt(p2)), eps), -1.0, 1.0)
-                return mul_(xp.astype(xp.exp(mul_(cos, beta)), factor.dtype, copy=False), factor)
+        def updated(dot: Any, g2: Any, p2: Any, factor: Any, beta: Any, eps: Any) -> Any:
+            # (the tensor's sums keep the dimensions of the sums they came from: 0-D here)
+            dot, g2, p2 = (xp.reshape(x, factor.shape) if factor.ndim == 0 else x for x in (dot, g2, p2))
+            cos = xp.clip(dot / add_(mul_(xp.sqrt(g2), xp.sqrt(p2)), eps), -1.0, 1.0)
+            return mul_(xp.astype(xp.exp(mul_(cos, beta)), factor.dtype, copy=False), factor)
 
-            # Once per step for the same sums and factor: the row blocks of a tensor (their second
-            # pass) share its tensor and column sums and factors, so every block after the first
-            # takes their new values instead of computing them again (Scalars.once: by identity;
-            # a block's row sums are its own)
-            new_factors.append({kind: scalars.once(("dsa factor", id(self), i, kind),
-                                                   (dots[kind], g_sq[kind], p_sq[kind], factor, beta, eps), updated)
-                                for kind, factor in factors.items()})
+        new_factors = []
+        for i, (factors, (work, dots, g_sq, p_sq)) in enumerate(zip(all_factors, sums, strict=True)):
+            beta, eps = scalars.constant(self.hyper_lr, work), scalars.constant(EPS, work)
+            new = {}
+            for kind, factor in factors.items():
+                inputs = (dots[kind], g_sq[kind], p_sq[kind], factor, beta, eps)
+                # The tensor and column factors once per step for the same sums and factor: the row
+                # blocks of a tensor (their second pass) share its tensor and column sums and
+                # factors, so every block after the first takes their new values instead of computing
+                # them again (Scalars.once: by identity). Not the row and element factors: a block's
+                # are its own (and the cache would keep an element factor's block-sized sums alive).
+                new[kind] = (scalars.once(("dsa factor", id(self), i, kind), inputs, updated)
+                             if kind in ("tensor", "col") else updated(*inputs))
+            new_factors.append(new)
         return state._replace(factors=layout.tree(new_factors))
 
     def step(self, ctx: StepContext, size: StepSize, state: DSAState) -> tuple[StepSize, DSAState]:

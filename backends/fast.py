@@ -46,7 +46,8 @@ __all__ = [
     "CPU_BLOCK_LIVE_TEMPORARIES", "FIRST_PASS_BLOCKS_PER_CALL", "NUMPY_BLOCK_LIVE_TEMPORARIES", "REPLAY_BLOCKS",
     "FlatOptimizer", "ListLayout",
     "base_sums_replayable", "cpu_block_size", "flat_safety", "jit_step", "jit_update", "large_cpu_model",
-    "partitionable", "recommended_options", "sums_before_direction", "sums_cheaply", "sums_rarely",
+    "partitionable", "recommended_options", "row_sums_before_direction", "sums_before_direction", "sums_cheaply",
+    "sums_rarely",
     "sums_replayable", "sums_replayable_by_rows", "tensorwise",
 ]
 
@@ -235,9 +236,20 @@ def _sums_rarely(adaptation: Any) -> bool:
     return getattr(adaptation, "sums_every_step", True) is False
 
 
-def _every_summing_adaptation(opt: Optimizer, declares: Callable[[Any], bool]) -> bool:
-    """Replayable sums, none in the base, and at least one adaptation that sums, each ``declares``."""
-    if not sums_replayable(opt) or not getattr(opt.base, "blockwise", True):
+def row_sums_before_direction(opt: Optimizer) -> bool:
+    """:func:`sums_before_direction` for the row blocks of one tensor: the sums replayable over rows
+    (:func:`sums_replayable_by_rows`), none the base's, each adaptation's made before the base
+    direction (DSA, HD and EG per tensor; not LDoG). The torch adapter's first pass over a tensor's
+    row blocks then runs several blocks in one call (:data:`FIRST_PASS_BLOCKS_PER_CALL`)."""
+    return _every_summing_adaptation(opt, lambda a: getattr(a, "sums_before_direction", False) is True,
+                                     sums_replayable_by_rows)
+
+
+def _every_summing_adaptation(opt: Optimizer, declares: Callable[[Any], bool],
+                              replayable: Callable[[Optimizer], bool] | None = None) -> bool:
+    """Replayable sums (``replayable``, :func:`sums_replayable` by default), none in the base, and at
+    least one adaptation that sums, each ``declares``."""
+    if not (replayable or sums_replayable)(opt) or not getattr(opt.base, "blockwise", True):
         return False
     summing = [a for a in opt.adaptations if not _sums_nothing(a)]
     return bool(summing) and all(declares(a) for a in summing)

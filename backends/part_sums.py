@@ -33,7 +33,8 @@ from typing import Any
 
 from adaptlr._reduce import Reducer, reduced_dims, term_value
 
-__all__ = ["NoSums", "PartSummed", "Recorder", "Replayer", "SumsRequested", "run_parts", "whole_sums"]
+__all__ = ["NoSums", "PartSummed", "Recorder", "Replayer", "RowGroupRecorder", "SumsRequested", "run_parts",
+           "whole_sums"]
 
 
 class SumsRequested(Exception):
@@ -131,6 +132,53 @@ class Recorder(_PartSums):
         return value
 
 
+class RowGroupRecorder(Recorder):
+    """The first pass over a group of row blocks of one tensor in one step, each block a leaf
+    (``run_parts``'s ``first_pass_groups`` with ``rows=True``): each sum is kept with the leaf that
+    made it, so :meth:`split` gives each block the :class:`Recorder` it would have had alone (its
+    partial sums, and its own row sums for its second pass). A sum over several leaves (``total``)
+    has no block of its own: the algorithm cannot run its first pass in groups of row blocks."""
+
+    __slots__ = ("_leaf", "leaf_of_own", "leaf_of_partial")
+
+    def __init__(self, xp: Any, sums: int | None = None) -> None:
+        super().__init__(xp, sums, rows=True)
+        self._leaf = 0
+        self.leaf_of_partial: list[int] = []
+        self.leaf_of_own: list[int] = []
+
+    def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
+        self._leaf = i
+        return super().leaf_sum(i, x, axis, keepdims=keepdims, dtype=dtype)
+
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        raise RuntimeError("a sum over every leaf in a first pass over a group of row blocks (which are its "
+                           "leaves); this algorithm's sums must stay within tensors")
+
+    def _across(self, part: Callable[[], Any]) -> Any:
+        made = len(self.partials)
+        try:
+            return super()._across(part)
+        finally:  # (also where the last sum raises PartSummed)
+            self.leaf_of_partial.extend([self._leaf] * (len(self.partials) - made))
+
+    def _own(self, part: Callable[[], Any]) -> Any:
+        made = len(self.own)
+        try:
+            return super()._own(part)
+        finally:
+            self.leaf_of_own.extend([self._leaf] * (len(self.own) - made))
+
+    def split(self, leaves: int) -> list[Recorder]:
+        """One :class:`Recorder` per leaf (block), in order, with its sums."""
+        out = [Recorder(self.xp, None, rows=True) for _ in range(leaves)]
+        for leaf, value in zip(self.leaf_of_partial, self.partials, strict=True):
+            out[leaf].partials.append(value)
+        for leaf, value in zip(self.leaf_of_own, self.own, strict=True):
+            out[leaf].own.append(value)
+        return out
+
+
 class Replayer(_PartSums):
     """The second pass over a part: the ``k``-th sum is the whole model's ``k``-th sum (this part's
     share is not computed again); :meth:`check_all_used` after the part's step."""
@@ -207,7 +255,9 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
             ``run_group(group, recorder)`` on groups of up to ``size`` consecutive parts, one step
             over all of them (a step whose sums come before anything else it computes, so a group
             holds only its sums' temporaries: :func:`adaptlr.backends.fast.sums_before_direction`).
-            The first part runs alone: it runs to the step's end, to count the sums.
+            The first part runs alone: it runs to the step's end, to count the sums (unless
+            ``sums_made``). With ``rows``, each part of a group is a leaf of its step and the
+            recorder a :class:`RowGroupRecorder`.
         sums_made: how many sums the step makes, where the caller counted them in an earlier step
             of the same optimizer on parts of the same shapes (the count is fixed by the step's
             code: no branching on array values; :func:`run_parts` returns it): the first part's
@@ -252,8 +302,19 @@ def run_parts(xp: Any, parts: Sequence[Any], run_part: Callable[[Any, Reducer | 
     record(lambda recorder: run_part(parts[0], recorder, False, False))
     if first_pass_groups is not None and recorders[0].partials:
         size, run_group = first_pass_groups
+        per_part = len(recorders[0].partials)
         for k in range(1, len(parts), size):
-            record(lambda recorder, group=list(parts[k:k + size]): run_group(group, recorder))
+            group = list(parts[k:k + size])
+            if not rows:
+                record(lambda recorder, group=group: run_group(group, recorder))
+                continue
+            # row blocks: each block's sums are its own (its row sums), so the group's are split
+            recorder = RowGroupRecorder(xp, per_part * len(group))
+            try:
+                run_group(group, recorder)
+            except PartSummed:
+                pass
+            recorders.extend(recorder.split(len(group)))
     else:
         for part in parts[1:]:
             record(lambda recorder, part=part: run_part(part, recorder, False, False))

@@ -590,10 +590,27 @@ class Optimizer(torch.optim.Optimizer):
                         later[id(t)] = (t, value)
             p[rows].add_(updates[0])
 
+        def run_group(group: list[slice], recorder: Any) -> None:
+            """The first pass over consecutive row blocks in one step, each block a leaf (a step
+            whose sums all come before its direction: only one block's terms at a time)."""
+            if False not in step_scalars:
+                step_scalars[False] = core.Scalars.of_step(xp_torch, state, [param])
+            values = [[_map_tensors(value[0], lambda t, rows=rows: t[rows] if torch_rows.per_row(t, shape) else t)
+                       for rows in group] if per_param else value
+                      for (_, per_param), value in zip(self._field_kinds, old_values)]
+            opt.update_leaves(xp_torch, ListLayout(len(group)), [grad[rows] for rows in group],
+                              rebuild_state(self._skeleton, values), [param[rows] for rows in group],
+                              alpha=[alpha] * len(group), weight_decay=[decay] * len(group), reducer=recorder,
+                              scalars=step_scalars[False])
+
+        from adaptlr.backends.fast import FIRST_PASS_BLOCKS_PER_CALL, row_sums_before_direction
+
+        groups = (FIRST_PASS_BLOCKS_PER_CALL, run_group) if row_sums_before_direction(self.opt) else None
         # the step's number of sums, counted in its first step on a tensor of this shape and dtype:
         # the first block's first pass then stops at its last sum (part_sums.run_parts)
         counted = (opt, shape, p.dtype)
         self._row_sums_made[counted] = part_sums.run_parts(xp_torch, blocks, run_block, "replay", rows=True,
+                                                           first_pass_groups=groups,
                                                            sums_made=self._row_sums_made.get(counted))
         for t, value in later.values():
             t.copy_(value)

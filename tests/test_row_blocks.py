@@ -68,9 +68,9 @@ def test_row_blocks_make_the_step_of_whole_tensors(name):
     calls = []
     original = part_sums.run_parts
 
-    def spy(xp, parts, run_part, sums, rows=False, sums_made=None):
+    def spy(xp, parts, run_part, sums, rows=False, **options):
         calls.append((len(parts), sums, rows))
-        return original(xp, parts, run_part, sums, rows, sums_made=sums_made)
+        return original(xp, parts, run_part, sums, rows, **options)
 
     whole, _ = _run(make, None)
     part_sums.run_parts = spy
@@ -102,7 +102,7 @@ def test_blocks_that_used_their_own_sums_would_not_be_the_same_step(monkeypatch)
     """The check above can fail: answering each block's sums with its own partials differs."""
     whole, _ = _run(ROW_REPLAYABLE["dsa"], None)
 
-    def own_partials(xp, parts, run_part, sums, rows=False, sums_made=None):
+    def own_partials(xp, parts, run_part, sums, rows=False, **options):
         for part in parts:  # one pass, each block's sums its own (a Recorder returns the partials)
             run_part(part, part_sums.Recorder(xp, None, rows=True), True, False)
 
@@ -305,3 +305,27 @@ def test_row_blocks_update_the_tensor_and_column_factors_once_a_step():
     assert aten_ops_by_name(opt.step).get("exp") == 3 + 2 + 10
     assert aten_ops_by_name(opt.step).get("exp") == 2 + 10
     assert aten_ops_by_name(opt.step).get("exp") == 2 + 10
+
+
+def test_a_row_blocked_first_pass_runs_in_groups_of_blocks(monkeypatch):
+    """The first pass over a tensor's row blocks (the sums, all before the direction: DSA) runs its
+    first block alone, then the others :data:`adaptlr.backends.fast.FIRST_PASS_BLOCKS_PER_CALL` to a
+    step, each block a leaf (``part_sums.RowGroupRecorder`` gives each its own sums): 10 blocks make
+    1 + 3 first-pass steps and 10 second-pass steps (20 before), and the same step as whole tensors
+    (:func:`test_row_blocks_make_the_step_of_whole_tensors`)."""
+    calls = []
+    original = adaptlr.Optimizer.update_leaves
+
+    def counted(self, *args, **kwargs):
+        calls.append(len(args[2]))  # the leaves of this call (its grads)
+        return original(self, *args, **kwargs)
+
+    param = torch.nn.Parameter(torch.randn(20, 4, 3, 3))
+    param.grad = torch.randn_like(param)
+    opt = Optimizer([param], adaptlr.dsa(adaptlr.adamw(1e-3)), fast=False)
+    opt.list_part_elements = 72
+    opt.step()
+    monkeypatch.setattr(adaptlr.Optimizer, "update_leaves", counted)
+    opt.step()
+    assert fast.FIRST_PASS_BLOCKS_PER_CALL == 4
+    assert sorted(calls) == sorted([1] + [4, 4, 1] + [1] * 10), (len(calls), calls)
