@@ -254,23 +254,27 @@ class DAdaptSGDDirection(_DAdaptDirection):
         # ‖g_t‖² of the raw gradient (DAdaptSGD's decay there is not in place): ‖g_1‖ once nonzero
         # (upstream divides by zero after an all-zero first gradient; here nothing moves until then).
         raw_sq = reduce.total((mul_for_sum(g, g, wide) for g in ctx.grads), wide)
-        # Σ (g + λθ)² too, even where no leaf here has coupled decay: every part of a step run over
-        # parts (some with decay, some without) must make the same sums
-        objective_sq = reduce.total((mul_for_sum(g, g, wide) for g in grads), wide)
         dot = reduce.total((mul_for_sum(g, s, wide) for g, s in zip(grads, old_ss)), wide)
-        # Σ s_t² with the η of a ‖g_1‖ known before this step (0 if none: then the terms are s² = 0)
-        rate_before = scalars.once("dadapt_sgd rate before", (state.d, state.g0_norm, *ctx.alpha), rate)
-        s_ts = (add_(g * cast("s before", rate_before, g), s) for g, s in zip(grads, old_ss))
+
+        def rate_before(d: Any, g0_norm: Any, *alpha: Any) -> Any:
+            """η of a ‖g_1‖ known before this step; 1 if none (then ``s_{t-1} = 0``, below)."""
+            return xp.where(g0_norm > 0, rate(d, g0_norm, *alpha), xp.ones_like(d))
+
+        # Σ (s_{t-1} + η·g)² with the η of a ‖g_1‖ known before this step, else Σ g² (of g + λθ:
+        # every earlier step added 0·g to s, so s_{t-1} = 0 and the terms are (0 + 1·g)² = g², the
+        # same numbers): one sum for both, from the step's inputs and the state only
+        rate_or_one = scalars.once("dadapt_sgd rate before", (state.d, state.g0_norm, *ctx.alpha), rate_before)
+        s_ts = (add_(g * cast("s before", rate_or_one, g), s) for g, s in zip(grads, old_ss))
         s_sq_before = reduce.total((mul_for_sum(s_t, s_t, wide, x_temporary=True) for s_t in s_ts), wide)
 
-        def estimate(raw_sq: Any, objective_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any,
+        def estimate(raw_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any,
                      numerator: Any, *alpha: Any) -> tuple:
             g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_sq))
             dlr = rate(d, g0_norm, *alpha)
             new_numerator = numerator + dlr * dot
             # ‖g_1‖ known from this step on: every earlier step added 0·g to s (η = 0), so s_{t-1} = 0
-            # and Σ s_t² = η²·Σ g²; otherwise η is the one the sum's terms used.
-            s_sq = xp.where(g0_before > 0, s_sq_before, dlr * dlr * objective_sq)
+            # and Σ s_t² = η²·Σ g² (the sum's terms were g²); otherwise η is the one its terms used.
+            s_sq = xp.where(g0_before > 0, s_sq_before, dlr * dlr * s_sq_before)
             moved = s_sq > 0
             d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
             d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
@@ -280,8 +284,8 @@ class DAdaptSGDDirection(_DAdaptDirection):
 
         # (0-D work once per step, not once per block: Scalars.once)
         dlr, d_new, numerator, g0_norm, lr_scale, one, decay = scalars.once(
-            "dadapt_sgd d", (raw_sq, objective_sq, dot, s_sq_before, state.d, state.g0_norm, state.numerator,
-                             *ctx.alpha), estimate)
+            "dadapt_sgd d", (raw_sq, dot, s_sq_before, state.d, state.g0_norm, state.numerator, *ctx.alpha),
+            estimate)
         grads = wait_for(xp, grads, (dot, s_sq_before))  # the old s read before it is overwritten (under jit)
         ss = [add_donated(scalars, s, g * cast("s", dlr, g)) for g, s in zip(grads, old_ss)]
 

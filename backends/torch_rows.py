@@ -3,10 +3,12 @@
 DSA (its row, column and tensor sums), HD with one rate per tensor, EG with one scale per tensor
 and LDoG sum over each tensor's own elements (:func:`adaptlr.backends.fast.tensorwise`), so the
 adapter's list path updates them a few whole tensors at a time, and a step's temporaries are those
-of its largest tensor: about nine of them for DSA (9.0× the largest tensor, ResNet-18 shapes;
-docs/performance.md). On a large CPU model the adapter runs each tensor above the budget in blocks
-of rows of its leading dimension, views of its own storage, in the two passes of
-:mod:`adaptlr.backends.part_sums` (``rows=True``):
+of its largest tensor: about three of them for DSA (3.0× the largest tensor on ResNet-18 shapes
+with the state donated, round 24; 9.0× before round 13; docs/performance.md). On a large CPU model
+the adapter runs each tensor above the budget in blocks of rows of its leading dimension, views of
+its own storage, in the two passes of :mod:`adaptlr.backends.part_sums` (``rows=True``; the first
+pass, for algorithms whose sums all come before the direction, several blocks to a call, each a
+leaf: :class:`~adaptlr.backends.part_sums.RowGroupRecorder`):
 
 - the rows are shards of the leading dimension: a sum over dimensions that include the first one
   (a tensor's total, DSA's column sums) is recorded per block in the first pass, which writes

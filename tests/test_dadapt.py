@@ -213,3 +213,28 @@ def test_zero_gradients_do_not_move():
 def test_bad_hyper_parameters(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_dadapt_sgd_makes_three_sums_a_step(weight_decay, monkeypatch):
+    """‖g‖² (of the raw gradient, for ‖g_1‖), ⟨g, s_{t-1}⟩ and Σ s_t²: the first step's Σ s_t² =
+    η²·Σ (g + λθ)² is that last sum's, its terms g² there (a fourth sum before round 24), so a step
+    reads every element for three products, not four. The steps match ``dadaptation`` (above)."""
+    from adaptlr._reduce import Reducer
+
+    totals = []
+    original = Reducer.total
+
+    def counted(self, terms, dtype=None):
+        totals.append(1)
+        return original(self, terms, dtype)
+
+    monkeypatch.setattr(Reducer, "total", counted)
+    opt = adaptlr.dadapt_sgd(weight_decay=weight_decay)
+    params = [np.linspace(-1.0, 1.0, 12).reshape(3, 4), np.ones(5)]
+    state = opt.init(params)
+    for step in range(3):
+        totals.clear()
+        updates, state = opt.update([p * 0.5 + 0.1 * step for p in params], state, params)
+        params = adaptlr.apply_updates(params, updates)
+        assert len(totals) == 3, (step, len(totals))
