@@ -37,6 +37,7 @@ MAKERS = {
     "hd": "adaptlr.hypergradient(adaptlr.adamw(1e-3, weight_decay=0.01), hyper_lr=1e-8)",
     "eg": "adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-3, 1e-3)",
     "active": "adaptlr.active(adaptlr.adamw(1e-3, weight_decay=0.01), steps_per_epoch=100)",
+    "dadapt_sgd": "adaptlr.dadapt_sgd()",
 }
 
 
