@@ -70,7 +70,7 @@ class DSAState(NamedTuple):
         where there is one factor), and the largest (the first of the largest)."""
         smalls, largests = [], []
         for factors in layout.treespec.flatten_up_to(self.factors):
-            values = list(factors.values())
+            values: list[Any] = list(factors.values())
             sizes = [math.prod(factor.shape) for factor in values]
             largest = sizes.index(max(sizes))  # (not max(key=...): torch.compile does not trace it)
             small: Any = None
