@@ -3,7 +3,8 @@
     python docs/scripts/round24_ab.py torch BEFORE ROUNDS [ALGORITHMS]   # torch adapter, default path
     python docs/scripts/round24_ab.py numpy BEFORE ROUNDS [ALGORITHMS]   # NumPy functional update + apply
 
-``BEFORE`` is a commit (checked out with ``git worktree`` under /tmp/adaptlr-ab/<commit>); the
+``BEFORE`` is a commit (checked out with ``git worktree`` under /tmp/adaptlr-ab/<commit>/src, kept
+for later runs: ``git worktree remove --force /tmp/adaptlr-ab/<commit>/src`` removes it); the
 "after" side is this checkout. Each round starts one worker process per side, in a fresh random
 order; a worker builds every algorithm on ResNet-18 parameter shapes (float32, fixed random
 gradients), runs 3 warm-up steps, then times ``STEPS`` steps of each algorithm interleaved and
