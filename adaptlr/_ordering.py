@@ -82,7 +82,6 @@ def first_elements_of(arrays: Sequence[Any]) -> list:
     return [x if x.ndim == 0 else x[(0,) * x.ndim] for x in arrays if math.prod(x.shape)]
 
 
-
 def never_true(xp: Any, values: Sequence[Any]) -> Any:
     """A 0-D boolean that is false for every value of the 0-D ``values`` (NaN included) and that
     XLA cannot fold: whatever reads it waits for them. Over many values one scan, not a chain of

@@ -36,7 +36,7 @@ from adaptlr._inplace import add_, mul_, mul_into_donated
 from adaptlr._precision import is_half_precision
 from adaptlr._reduce import Reducer, Term
 from adaptlr._tree import Layout
-from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
+from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, _times, scalar_device
 from adaptlr.hypergradient import _check_bounds, _check_optimizer
 
 __all__ = ["DSA", "DSAState", "dsa"]
@@ -86,10 +86,6 @@ class DSAState(NamedTuple):
 
     def signals(self, layout: Layout) -> dict[str, Any]:
         return {"kappa": layout.tree(self.kappa(layout))}
-
-
-def _times(a: Any, b: Any) -> Any:
-    return b if a is None else a * b
 
 
 def _apply(size: StepSize, kappa_parts: tuple[list, list], min_lr: Any, max_lr: Any,

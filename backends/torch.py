@@ -547,20 +547,25 @@ class Optimizer(torch.optim.Optimizer):
         scalars: list = []
         step_scalars: dict[bool, core.Scalars] = {}  # one per pass (a first pass's sums are partial)
 
+        def state_of(blocks: list[slice], cut: dict[int, torch.Tensor] | None = None) -> list:
+            """The state's field values with ``blocks`` as the leaves of one step: a field with one
+            entry per row cut to each block's rows (the views recorded in ``cut``), the others whole."""
+            def piece(t: torch.Tensor, rows: slice) -> torch.Tensor:
+                if not torch_rows.per_row(t, shape):
+                    return t
+                view = t[rows]
+                if cut is not None:
+                    cut[id(view)] = view
+                return view
+
+            return [[_map_tensors(value[0], lambda t, rows=rows: piece(t, rows)) for rows in blocks] if per_param
+                    else value for (_, per_param), value in zip(self._field_kinds, old_values)]
+
         def run_block(rows: slice, reducer: Any, write: bool, donate: bool) -> None:
             if write not in step_scalars:
                 step_scalars[write] = core.Scalars.of_step(xp_torch, state, [param])
             cut: dict[int, torch.Tensor] = {}
-
-            def piece(t: torch.Tensor) -> torch.Tensor:
-                if not torch_rows.per_row(t, shape):
-                    return t
-                view = t[rows]
-                cut[id(view)] = view
-                return view
-
-            values = [[_map_tensors(value[0], piece)] if per_param else value
-                      for (_, per_param), value in zip(self._field_kinds, old_values)]
+            values = state_of([rows], cut)
             # The block's own rows of the state may take its new values in place (adaptlr._inplace),
             # in every writing block: nothing runs a row block again (plain tensors have every
             # operation: no fallback path); the fields read whole never are.
@@ -595,11 +600,8 @@ class Optimizer(torch.optim.Optimizer):
             whose sums all come before its direction: only one block's terms at a time)."""
             if False not in step_scalars:
                 step_scalars[False] = core.Scalars.of_step(xp_torch, state, [param])
-            values = [[_map_tensors(value[0], lambda t, rows=rows: t[rows] if torch_rows.per_row(t, shape) else t)
-                       for rows in group] if per_param else value
-                      for (_, per_param), value in zip(self._field_kinds, old_values)]
             opt.update_leaves(xp_torch, ListLayout(len(group)), [grad[rows] for rows in group],
-                              rebuild_state(self._skeleton, values), [param[rows] for rows in group],
+                              rebuild_state(self._skeleton, state_of(group)), [param[rows] for rows in group],
                               alpha=[alpha] * len(group), weight_decay=[decay] * len(group), reducer=recorder,
                               scalars=step_scalars[False])
 
@@ -631,7 +633,7 @@ class Optimizer(torch.optim.Optimizer):
         import optree
 
         scalars = core.Scalars.of_step(xp_torch, state, params)
-        per_param = [value for (_, kind), value in zip(self._field_kinds, self._values(state)) if kind]
+        per_param = [value for (_, of_param), value in zip(self._field_kinds, self._values(state)) if of_param]
         fields = [t for t in optree.tree_leaves(per_param) if t.ndim]
         with donating(scalars, fields):
             return opt.update_leaves(xp_torch, ListLayout(len(params)), grads, state, params, alpha=alpha,
