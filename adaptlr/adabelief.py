@@ -50,6 +50,11 @@ class AdaBeliefDirection(BaseDirection):
         return AdaBeliefState(layout.tree([xp.zeros_like(p) for p in params]),
                               layout.tree([xp.zeros_like(p) for p in params]))
 
+    def row_block_temporaries(self, ndim: int) -> int:
+        # DSA(AdaBelief) 4.62 blocks against DSA(AdamW)'s 3.49
+        # (measured in the torch adapter's row blocks: docs/performance.md, round 25)
+        return 1
+
     def scalar_condition(self) -> float:
         bias = bias_correction_condition(self.b1, self.b2)
         return max(bias, rectification_condition(self.b2)) if self.rectify else bias

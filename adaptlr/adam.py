@@ -63,6 +63,11 @@ class AdamDirection(BaseDirection):
         return AdamState(layout.tree([xp.zeros_like(p) for p in params]),
                          layout.tree([xp.zeros_like(p) for p in params]))
 
+    def row_block_temporaries(self, ndim: int) -> int:
+        # none beyond the adaptation's
+        # (measured in the torch adapter's row blocks: docs/performance.md, round 25)
+        return 0
+
     def scalar_condition(self) -> float:
         return bias_correction_condition(self.b1, self.b2)
 

@@ -390,6 +390,12 @@ class BaseDirection(abc.ABC):
         directions, state = self.direction(ctx.objective_grads, state, ctx.scalars, ctx.layout)
         return directions, size, state
 
+    def row_block_temporaries(self, ndim: int) -> int | None:
+        """How many arrays of a row block's size this base adds to those alive at once when the torch
+        adapter runs a tensor of ``ndim`` dimensions in blocks of its rows (measured:
+        :func:`adaptlr.backends.fast.row_block_live_temporaries`); None: not measured."""
+        return None
+
 
 class Adaptation(abc.ABC):
     """A learning-rate adaptation wrapped around an optimizer (ActiveLR, AutoDrop, HD, DSA, EG).
@@ -429,6 +435,10 @@ class Adaptation(abc.ABC):
     @abc.abstractmethod
     def step(self, ctx: StepContext, size: StepSize, state: NamedTuple) -> tuple[StepSize, NamedTuple]:
         """The step size of this step and the new state (from the state :meth:`before_direction` gave)."""
+
+    def row_block_temporaries(self, ndim: int) -> int | None:
+        """As :meth:`BaseDirection.row_block_temporaries`, for this adaptation's part of the step."""
+        return None
 
     # An adaptation may also define ``guard(ctx, state, new_state, updates, index)`` returning
     # ``(updates, new_state)``: called once the whole step is computed, with the old and new

@@ -136,6 +136,11 @@ class DoGDirection(BaseDirection):
         self.flat_safe, self.blockwise = not self.layerwise, False  # global sums: one flat buffer, not blocks
         self.sums_within_tensors = self.layerwise  # LDoG: every sum within a tensor (fast.tensorwise)
 
+    def row_block_temporaries(self, ndim: int) -> int:
+        # LDoG keeps 1.02 blocks alive: one and its row-sized sums
+        # (measured in the torch adapter's row blocks: docs/performance.md, round 25)
+        return 2
+
     def init(self, params: list, layout: Layout, xp: Any) -> DoGState:
         x0 = layout.tree([xp.asarray(p, copy=True) for p in params])
         wide = widest_float(xp, scalar_device(params[0]))

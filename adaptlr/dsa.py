@@ -189,6 +189,12 @@ class DSA(Adaptation):
         self.max_lr = max_lr
         self.scale_weight_decay = scale_weight_decay
 
+    def row_block_temporaries(self, ndim: int) -> int:
+        # DSA(AdamW) 3.49 blocks; with an element factor (a 1-D tensor's by default) 12.0-12.5: the first
+        # pass over a group of blocks keeps each block's element-sized sums
+        # (measured in the torch adapter's row blocks: docs/performance.md, round 25)
+        return 13 if "element" in leaf_structure(self.structure, ndim) else 4
+
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> DSAState:
         device = scalar_device(params[0])
         factors = []

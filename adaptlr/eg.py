@@ -106,6 +106,11 @@ class EGStepSize(Adaptation):
             raise TypeError(f"scale_weight_decay must be a bool, got {type(scale_weight_decay).__name__}")
         self.scale_weight_decay = scale_weight_decay
 
+    def row_block_temporaries(self, ndim: int) -> int:
+        # EG per tensor (AdamW) keeps 2.03 blocks alive: two and its row-sized sums
+        # (measured in the torch adapter's row blocks: docs/performance.md, round 25)
+        return 3
+
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> EGState:
         device = scalar_device(params[0])
         if self.scale == "global":

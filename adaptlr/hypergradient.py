@@ -102,6 +102,11 @@ class Hypergradient(Adaptation):
                 "float learning_rate (the initial value of the adapted rate)"
             )
 
+    def row_block_temporaries(self, ndim: int) -> int:
+        # HD per tensor (AdamW) keeps 2.03 blocks alive: two and its row-sized sums (2 put a step 0.01 % over)
+        # (measured in the torch adapter's row blocks: docs/performance.md, round 25)
+        return 3
+
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> HypergradientState:
         if self.granularity == "global":  # one scalar: kept in the widest float (adaptlr._precision)
             dtype = widest_float(xp, scalar_device(params[0]))

@@ -42,6 +42,11 @@ class SGDDirection(BaseDirection):
             raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
         self.name = "sgdn" if self.nesterov else ("sgdm" if self.momentum else "sgd")
 
+    def row_block_temporaries(self, ndim: int) -> int:
+        # none beyond the adaptation's, with or without momentum or Nesterov's
+        # (measured in the torch adapter's row blocks: docs/performance.md, round 25)
+        return 0
+
     def init(self, params: list, layout: Layout, xp: Any) -> SGDState:
         if not self.momentum:
             return SGDState(None)

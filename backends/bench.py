@@ -405,9 +405,11 @@ def torch_runners(set_name: str, shapes: list, algorithms: Sequence[str], device
                 adapter = TorchAdapter(tparams, opt)
                 adapter.step()  # the first step builds the flat buffers
                 note = adapter.fast_path
-                rows = adapter.fast_path == "list" and adapter._row_block_budget(tparams)  # torch_rows
+                budgets = adapter._row_block_budgets(tparams) if adapter.fast_path == "list" else None
+                rows = budgets is not None  # torch_rows
                 if rows:
-                    note = f"list, tensors above {rows} elements in row blocks, two passes"
+                    sizes = "/".join(str(b) for b in sorted(set(budgets), reverse=True))
+                    note = f"list, tensors above {sizes} elements in row blocks, two passes"
                 runners.append(runner(name, "adapter", "adaptlr", adapter.step, note))
                 others = [("adapter-foreach", "foreach")] if flat and adapter.fast_path != "foreach" else []
                 if adapter.fast_path != "list" or rows:

@@ -44,9 +44,11 @@ from adaptlr.core import Optimizer, OptimizerState, Scalars, apply_updates
 
 __all__ = [
     "CPU_BLOCK_LIVE_TEMPORARIES", "FIRST_PASS_BLOCKS_PER_CALL", "NUMPY_BLOCK_LIVE_TEMPORARIES", "REPLAY_BLOCKS",
+    "ROW_BLOCK_LARGE",
     "FlatOptimizer", "ListLayout",
     "base_sums_replayable", "cpu_block_size", "flat_safety", "jit_step", "jit_update", "large_cpu_model",
-    "partitionable", "recommended_options", "row_sums_before_direction", "sums_before_direction", "sums_cheaply",
+    "partitionable", "recommended_options", "row_block_live_temporaries", "row_block_size", "row_sums_before_direction",
+    "sums_before_direction", "sums_cheaply",
     "sums_rarely",
     "sums_replayable", "sums_replayable_by_rows", "tensorwise",
 ]
@@ -67,6 +69,10 @@ CPU_BLOCK_LIVE_TEMPORARIES = 9
 NUMPY_BLOCK_LIVE_TEMPORARIES = 11
 _CPU_BLOCK_LARGE = 1 << 18  # elements: the fastest block size measured on large models (torch, ResNet-18)
 _CPU_BLOCK_QUANTUM = 1 << 14
+# The largest row block of the torch adapter's list step (:func:`row_block_size`): DSA(AdamW) on
+# ResNet-18 shapes, 256K-element blocks 100.9 ms, 576K 73.8, 768K 73.3, 1152K 69.5 (round 25): each
+# block pays the update's Python and dispatch work twice, so larger blocks are faster while they fit.
+ROW_BLOCK_LARGE = 1 << 20
 # Blocks per call in the first pass of a step whose sums all come before its base direction
 # (:func:`sums_before_direction`): the pass only sums, so one call over several blocks holds the
 # sums' temporaries (a product and its float64 copy: 3 blocks) plus, under coupled weight decay,
@@ -365,6 +371,34 @@ def cpu_block_size(largest: int, live: int = CPU_BLOCK_LIVE_TEMPORARIES) -> int:
     :meth:`adaptlr.core.Scalars.of_step`)."""
     fitting = largest // live // _CPU_BLOCK_QUANTUM * _CPU_BLOCK_QUANTUM
     return max(_CPU_BLOCK_QUANTUM, min(_CPU_BLOCK_LARGE, fitting))
+
+
+def row_block_live_temporaries(opt: Optimizer, ndim: int, coupled_decay: bool) -> int:
+    """How many arrays of a row block's size are alive at once in the torch adapter's step of ``opt``
+    over blocks of a tensor of ``ndim`` dimensions (:mod:`adaptlr.backends.torch_rows`): the sum of
+    what its base and adaptations declare (``row_block_temporaries``, measured with
+    :mod:`adaptlr.backends.bench`'s peak counter, epoch boundaries included), plus
+    :data:`FIRST_PASS_BLOCKS_PER_CALL` under coupled weight decay (the first pass over a group of
+    blocks keeps each block's objective gradient ``g + λθ``). Where a part has not measured its
+    count, or the step runs in another ``state_dtype`` (its copies of the gradients and
+    parameters), :data:`CPU_BLOCK_LIVE_TEMPORARIES`. The peaks of the parts come at different
+    moments of the step, so the sum bounds it from above (DSA(ActiveLR(Adam), λ): 11 declared, 7.5
+    measured); tests/test_row_blocks.py checks that a step stays within the largest tensor."""
+    if opt.state_dtype is not None:
+        return CPU_BLOCK_LIVE_TEMPORARIES
+    counts = [opt.base.row_block_temporaries(ndim), *(a.row_block_temporaries(ndim) for a in opt.adaptations)]
+    if any(c is None for c in counts):
+        return CPU_BLOCK_LIVE_TEMPORARIES
+    return max(1, sum(counts) + (FIRST_PASS_BLOCKS_PER_CALL if coupled_decay else 0))
+
+
+def row_block_size(largest: int, live: int) -> int:
+    """Elements per row block of a tensor whose step keeps ``live`` block-sized arrays alive
+    (:func:`row_block_live_temporaries`) on a model whose largest tensor has ``largest`` elements:
+    at most ``largest / live`` (a multiple of 16K, at least 16K), so that they take no more memory
+    than the largest tensor (issue 20's target 5), and at most :data:`ROW_BLOCK_LARGE`."""
+    fitting = largest // live // _CPU_BLOCK_QUANTUM * _CPU_BLOCK_QUANTUM
+    return max(_CPU_BLOCK_QUANTUM, min(ROW_BLOCK_LARGE, fitting))
 
 
 # -- JAX ---------------------------------------------------------------------------------------

@@ -259,7 +259,8 @@ class Optimizer(torch.optim.Optimizer):
         """The most elements per part of the list step of an algorithm whose sums stay within tensors
         and replay over rows (DSA, HD and EG per tensor, LDoG): tensors above it run in blocks of their
         rows, two passes (:mod:`adaptlr.backends.torch_rows`). None: the default rule
-        (:meth:`_row_block_budget`: on a CPU model above 16 MiB, ``cpu_block_size`` of the largest tensor)."""
+        (:meth:`_row_block_budgets`: on a CPU model above 16 MiB, ``row_block_size`` of the largest tensor and
+        of the block temporaries the algorithm keeps alive)."""
         return self._list_part_elements
 
     @list_part_elements.setter
@@ -484,52 +485,66 @@ class Optimizer(torch.optim.Optimizer):
         :data:`LIST_PART_MIN_ELEMENTS`), for algorithms with no sum across tensors
         (:func:`adaptlr.backends.fast.tensorwise`); None: one update.
 
-        Where the sums within tensors are replayable over rows and a budget applies
-        (:meth:`_row_block_budget`), parts of at most the budget instead, and each tensor above it
-        a :class:`_RowBlocks` part (:mod:`adaptlr.backends.torch_rows`)."""
+        Where the sums within tensors are replayable over rows and budgets apply
+        (:meth:`_row_block_budgets`), parts of at most the smallest budget of their members instead,
+        and each tensor above its budget a :class:`_RowBlocks` part (:mod:`adaptlr.backends.torch_rows`)."""
         from adaptlr.backends import torch_rows
         from adaptlr.backends.fast import tensorwise
 
         if not tensorwise(self.opt):
             return None
         numels = [p.numel() for p in active]
-        budget = self._row_block_budget(active)
-        if budget is None and len(active) < 2:
+        budgets = self._row_block_budgets(active)
+        if budgets is None and len(active) < 2:
             return None
-        limit = budget or max(max(numels), LIST_PART_MIN_ELEMENTS)
+        whole = max(max(numels), LIST_PART_MIN_ELEMENTS)
         parts: list = [[]]
-        size = 0
+        size, limit = 0, whole
         for i, n in enumerate(numels):
+            budget = None if budgets is None else budgets[i]
             blocks = None if budget is None else torch_rows.row_blocks(tuple(active[i].shape), budget)
             if blocks is not None:
                 parts.append(_RowBlocks(i, blocks))
                 parts.append([])
-                size = 0
+                size, limit = 0, whole
                 continue
-            if parts[-1] and size + n > limit:
+            if parts[-1] and size + n > min(limit, budget or whole):
                 parts.append([])
-                size = 0
+                size, limit = 0, whole
             parts[-1].append(i)
             size += n
+            limit = min(limit, budget or whole)
         parts = [part for part in parts if part]
         return parts if len(parts) > 1 or isinstance(parts[0], _RowBlocks) else None
 
-    def _row_block_budget(self, active: list) -> int | None:
-        """Elements per part of the list step where large tensors run in row blocks, or None (whole
-        tensors): ``list_part_elements`` where set, else on a CPU model above 16 MiB with ``fast="auto"``
-        :func:`adaptlr.backends.fast.cpu_block_size` of the largest tensor; only for algorithms whose
+    def _row_block_budgets(self, active: list) -> list[int] | None:
+        """Per parameter, the most elements of a block of its rows in the list step (and of a part of
+        the list step it is in), or None (whole tensors): ``list_part_elements`` where set, else on a
+        CPU model above 16 MiB with ``fast="auto"``
+        :func:`adaptlr.backends.fast.row_block_size` of the largest tensor and of the block
+        temporaries the step keeps alive for a tensor of its dimensions
+        (:func:`~adaptlr.backends.fast.row_block_live_temporaries`); only for algorithms whose
         sums stay within tensors and replay over rows (:func:`~adaptlr.backends.fast.sums_replayable_by_rows`)."""
-        from adaptlr.backends.fast import cpu_block_size, large_cpu_model, sums_replayable_by_rows
+        from adaptlr.backends.fast import (
+            large_cpu_model,
+            row_block_live_temporaries,
+            row_block_size,
+            sums_replayable_by_rows,
+        )
 
         if not sums_replayable_by_rows(self.opt) or any(type(p.detach()) is not torch.Tensor for p in active):
             return None  # (tensor subclasses such as DTensor: whole tensors, their sums their own)
         if self._list_part_elements is not None:
-            return self._list_part_elements
+            return [self._list_part_elements] * len(active)
         if self.fast != "auto" or any(p.device.type != "cpu" for p in active):
             return None
         if not large_cpu_model(active):
             return None
-        return cpu_block_size(max(p.numel() for p in active))
+        largest = max(p.numel() for p in active)
+        coupled = not self.opt.base.decoupled and any(float(g["weight_decay"]) > 0 for g in self.param_groups)
+        sizes = {ndim: row_block_size(largest, row_block_live_temporaries(self.opt, ndim, coupled))
+                 for ndim in {p.ndim for p in active}}
+        return [sizes[p.ndim] for p in active]
 
     def _row_block_step(self, opt: core.Optimizer, p: torch.Tensor, alpha: torch.Tensor, decay: float,
                         blocks: list[slice]) -> list:
