@@ -779,6 +779,7 @@ class FlatOptimizer:
         self._member_plan: tuple[list[tuple], list[bool]] | None = None
         self._num = len(params)
         self._scalar_cache: dict = {}
+        self._sums_made: int | None = None  # the blocked step's number of sums (run_parts), once counted
         if self.mode == "per-tensor":
             self._setup_per_tensor(params, groups)
         else:
@@ -1213,7 +1214,15 @@ class FlatOptimizer:
                       for b, bucket in enumerate(self._buckets) for start in range(0, bucket.size, block)]
         groups = None if self._blockwise or not sums_before_direction(self.opt) else (FIRST_PASS_BLOCKS_PER_CALL,
                                                                                      run_group)
-        part_sums.run_parts(xp, blocks, run_block, "none" if self._blockwise else "try", first_pass_groups=groups)
+        # An algorithm that sums on every step (not only at epoch boundaries: sums_rarely) takes the
+        # two passes at once from its second step, its first block's first pass stopping at the last
+        # of the sums counted in its first step (the count is fixed by the step's code), instead of
+        # trying one pass and then running the first block's whole step (part_sums.run_parts).
+        made = None if self._blockwise or sums_rarely(self.opt) else self._sums_made
+        mode = "none" if self._blockwise else "replay" if made else "try"
+        counted = part_sums.run_parts(xp, blocks, run_block, mode, first_pass_groups=groups, sums_made=made)
+        if counted:
+            self._sums_made = counted
         for b, new_state in last.items():
             _write_state(self.state[b], new_state, only_scalars=True)
 

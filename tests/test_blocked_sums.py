@@ -146,16 +146,44 @@ def test_autodrop_sums_only_at_boundaries_and_takes_two_passes_only_there() -> N
     # A boundary step: the first block refuses its sum (nothing written), then two full passes.
     boundary, ordinary = 1 + 2 * blocks, blocks
     assert _passes(opt) == [boundary if t % EPOCH == 0 else ordinary for t in range(STEPS)]
-    # Sums on every step: one refused block and two passes every step; HD sums before its direction,
-    # so its first pass runs the first block alone (to its end, counting the sums), then groups of
-    # FIRST_PASS_BLOCKS_PER_CALL blocks in one call each.
+    # Sums on every step: on the first, one refused block and two passes; from the second on, the two
+    # passes at once (round 25). HD sums before its direction, so its first pass runs the first block
+    # alone, then groups of FIRST_PASS_BLOCKS_PER_CALL blocks in one call each.
     hd = _algorithms()["hd_global(adamw)"]()
     assert not sums_rarely(hd) and sums_before_direction(hd)
     grouped = 1 + -(-(blocks - 1) // FIRST_PASS_BLOCKS_PER_CALL)
     assert FIRST_PASS_BLOCKS_PER_CALL > 1 and grouped < blocks
-    assert _passes(hd, 3) == [1 + grouped + blocks] * 3
+    assert _passes(hd, 3) == [1 + grouped + blocks, grouped + blocks, grouped + blocks]
     # No sums at all: one pass every step.
     assert _passes(_algorithms()["schedule_free_adamw"](), 3) == [blocks] * 3
+
+
+@pytest.mark.parametrize("name, sums", [("prodigy", 2), ("dadapt_sgd(momentum, coupled decay)", 3),
+                                        ("hd_global(adamw)", 1)])
+def test_blocked_steps_after_the_first_stop_the_first_blocks_first_pass_at_its_last_sum(name, sums,
+                                                                                       monkeypatch) -> None:
+    """From its second step, a blocked step that sums on every step counts on its first step's number
+    of sums: its first block's first pass stops at the last of them, as the other blocks' do (it ran
+    the block's whole step, writing nothing, on every step before round 25), and no block is tried in
+    one pass first. The steps stay those of the functional API
+    (:func:`test_blocks_with_sums_equal_the_functional_api`)."""
+    firsts: list = []
+    original = part_sums.Recorder.__init__
+
+    def init(self, xp, sums=None, rows=False):
+        firsts.append(sums)
+        original(self, xp, sums, rows)
+
+    monkeypatch.setattr(part_sums.Recorder, "__init__", init)
+    params, noise = _problem()
+    fo = FlatOptimizer(_algorithms()[name](), params, block_size=BLOCK)
+    assert fo.mode == "blocked"
+    counts = []
+    for t in range(3):
+        firsts.clear()
+        fo.step([_grad(p, n) for p, n in zip(fo.params, noise[t])])
+        counts.append(firsts[0])  # the first block's recorder: None runs it to its end
+    assert counts == [None, sums, sums]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
@@ -194,13 +222,14 @@ def test_a_first_pass_over_several_blocks_per_call_gives_the_steps_of_one_block_
 
 def test_sums_before_the_direction_end_the_first_pass_before_it() -> None:
     """HD and EG global sum in ``before_direction``: from the second block on, the first pass stops
-    there, so a step computes the base direction once per block plus once (the first block's first
-    pass, which runs to its end to count the sums); AutoDrop's boundary sums come after it."""
+    there, so a step computes the base direction once per block plus once on the first step (the
+    first block's first pass, which runs to its end to count the sums; from the second step on it
+    stops at the counted last sum too); AutoDrop's boundary sums come after it."""
     blocks = -(-sum(int(np.prod(s)) for s in SHAPES) // BLOCK)  # 10
     for name in ("hd_global(adamw)", "eg_global(sgd)"):
         opt = _algorithms()[name]()
         assert sums_cheaply(opt) and not sums_rarely(opt), name
-        assert _passes(opt, 3, "base", "direction") == [blocks + 1] * 3, name
+        assert _passes(opt, 3, "base", "direction") == [blocks + 1, blocks, blocks], name
     autodrop = _algorithms()["autodrop(adamw)"]()
     assert sums_cheaply(autodrop)
     # a boundary: the first block's refused pass, a first pass that reaches the sums, the second
@@ -213,13 +242,14 @@ def test_bases_that_sum_first_read_only_the_sums_terms_in_the_first_pass_and_ski
     """Prodigy, D-Adapt Adam, DoG and DoWG make their sums before the rest of their step, with the
     terms as generators: in a two-pass blocked step (opt-in for them; torch, counted ops on every block) the first
     pass computes a block's terms and stops (from the second block on), the second does not
-    evaluate them. Prodigy: ``abs`` (its ``Σ|s|``) once per block, ``sqrt`` (its direction) once
-    per block plus once (the first block's first pass runs to its end); DoG: ``sub`` (``x - x_0``)
-    once per block; D-Adapt Adam's terms ``g·s/(√v + ε)`` use a ``sqrt`` of their own."""
+    evaluate them. Prodigy: ``abs`` (its ``Σ|s|``) and ``sqrt`` (its direction) once per block (a
+    second step: the first block's first pass stops at the sums its first step counted; the first
+    step's ran to its end); DoG: ``sub`` (``x - x_0``) once per block; D-Adapt Adam's terms
+    ``g·s/(√v + ε)`` use a ``sqrt`` of their own."""
     pytest.importorskip("torch")
     blocks = -(-sum(int(np.prod(s)) for s in SHAPES) // BLOCK)  # 10
-    cases = {"prodigy": {"abs": blocks, "sqrt": blocks + 1}, "dog": {"sub": blocks},
-             "dowg": {"sub": blocks}, "dadapt_adam": {"abs": blocks, "sqrt": 2 * blocks + 1}}
+    cases = {"prodigy": {"abs": blocks, "sqrt": blocks}, "dog": {"sub": blocks},
+             "dowg": {"sub": blocks}, "dadapt_adam": {"abs": blocks, "sqrt": 2 * blocks}}
     for name, expected in cases.items():
         opt = _algorithms()[name]()
         assert sums_replayable(opt) and not sums_cheaply(opt), name
@@ -309,7 +339,7 @@ def test_a_new_rule_with_sums_before_the_direction_runs_over_blocks_as_one_step(
     assert fo.mode == "blocked"
     assert max_rel_err([np.asarray(p) for p in fo.params], expected) <= 1e-12
     blocks = -(-sum(int(np.prod(s)) for s in SHAPES) // BLOCK)
-    assert _passes(opt, 2, "base", "direction") == [blocks + 1] * 2
+    assert _passes(opt, 2, "base", "direction") == [blocks + 1, blocks]
 
 
 def test_a_sum_asked_for_after_blocks_were_written_is_an_error() -> None:

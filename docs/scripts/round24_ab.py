@@ -39,6 +39,9 @@ MAKERS = {
     "eg": "adaptlr.eg_step_size(adaptlr.adamw(1e-3, weight_decay=0.01), 1e-3, 1e-3)",
     "active": "adaptlr.active(adaptlr.adamw(1e-3, weight_decay=0.01), steps_per_epoch=100)",
     "dadapt_sgd": "adaptlr.dadapt_sgd()",
+    "prodigy": "adaptlr.prodigy()",
+    "dadapt_adam": "adaptlr.dadapt_adam()",
+    "dog": "adaptlr.dog()",
 }
 
 
