@@ -255,28 +255,22 @@ class DAdaptSGDDirection(_DAdaptDirection):
         # (upstream divides by zero after an all-zero first gradient; here nothing moves until then).
         raw_sq = reduce.total((mul_for_sum(g, g, wide) for g in ctx.grads), wide)
         dot = reduce.total((mul_for_sum(g, s, wide) for g, s in zip(grads, old_ss)), wide)
+        # Σ s_t² = Σ (s_{t-1} + η·g)² = Σ s_{t-1}² + 2η·⟨g, s_{t-1}⟩ + η²·Σ g², from sums of the step's
+        # inputs (no s_t made in the first pass: two passes fewer per element, round 25); Σ g² is
+        # ‖g_t‖² above unless coupled decay makes g = g_t + λθ. Each term is a product of two of the
+        # step's numbers, exact in float64 for float32 ones (mul_for_sum).
+        s_sq = reduce.total((mul_for_sum(s, s, wide) for s in old_ss), wide)
+        coupled = any(g is not raw for g, raw in zip(grads, ctx.grads))  # g + λθ (the same arrays without)
+        objective_sq = reduce.total((mul_for_sum(g, g, wide) for g in grads), wide) if coupled else raw_sq
 
-        def rate_before(d: Any, g0_norm: Any, *alpha: Any) -> Any:
-            """η of a ‖g_1‖ known before this step; 1 if none (then ``s_{t-1} = 0``, below)."""
-            return xp.where(g0_norm > 0, rate(d, g0_norm, *alpha), xp.ones_like(d))
-
-        # Σ (s_{t-1} + η·g)² with the η of a ‖g_1‖ known before this step, else Σ g² (of g + λθ:
-        # every earlier step added 0·g to s, so s_{t-1} = 0 and the terms are (0 + 1·g)² = g², the
-        # same numbers): one sum for both, from the step's inputs and the state only
-        rate_or_one = scalars.once("dadapt_sgd rate before", (state.d, state.g0_norm, *ctx.alpha), rate_before)
-        s_ts = (add_(g * cast("s before", rate_or_one, g), s) for g, s in zip(grads, old_ss))
-        s_sq_before = reduce.total((mul_for_sum(s_t, s_t, wide, x_temporary=True) for s_t in s_ts), wide)
-
-        def estimate(raw_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any,
+        def estimate(raw_sq: Any, dot: Any, s_sq: Any, objective_sq: Any, d: Any, g0_before: Any,
                      numerator: Any, *alpha: Any) -> tuple:
             g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_sq))
             dlr = rate(d, g0_norm, *alpha)
             new_numerator = numerator + dlr * dot
-            # ‖g_1‖ known from this step on: every earlier step added 0·g to s (η = 0), so s_{t-1} = 0
-            # and Σ s_t² = η²·Σ g² (the sum's terms were g²); otherwise η is the one its terms used.
-            s_sq = xp.where(g0_before > 0, s_sq_before, dlr * dlr * s_sq_before)
-            moved = s_sq > 0
-            d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
+            s_t_sq = s_sq + 2.0 * dlr * dot + dlr * dlr * objective_sq
+            moved = s_t_sq > 0
+            d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_t_sq, xp.ones_like(s_t_sq)))
             d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
             one, decay = _unit_scales(xp, moved, xp.zeros_like(d))
             return (dlr, d_new, xp.asarray(xp.where(moved, new_numerator, numerator)), g0_norm,
@@ -284,9 +278,9 @@ class DAdaptSGDDirection(_DAdaptDirection):
 
         # (0-D work once per step, not once per block: Scalars.once)
         dlr, d_new, numerator, g0_norm, lr_scale, one, decay = scalars.once(
-            "dadapt_sgd d", (raw_sq, dot, s_sq_before, state.d, state.g0_norm, state.numerator, *ctx.alpha),
+            "dadapt_sgd d", (raw_sq, dot, s_sq, objective_sq, state.d, state.g0_norm, state.numerator, *ctx.alpha),
             estimate)
-        grads = wait_for(xp, grads, (dot, s_sq_before))  # the old s read before it is overwritten (under jit)
+        grads = wait_for(xp, grads, (dot, s_sq))  # the old s read before it is overwritten (under jit)
         ss = [add_donated(scalars, s, g * cast("s", dlr, g)) for g, s in zip(grads, old_ss)]
 
         # θ_t = μ·θ + (1-μ)·(x_0 - s): the direction is θ - θ_t, taken with α = 1.

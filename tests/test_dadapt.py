@@ -216,10 +216,12 @@ def test_bad_hyper_parameters(make, match):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_dadapt_sgd_makes_three_sums_a_step(weight_decay, monkeypatch):
-    """‖g‖² (of the raw gradient, for ‖g_1‖), ⟨g, s_{t-1}⟩ and Σ s_t²: the first step's Σ s_t² =
-    η²·Σ (g + λθ)² is that last sum's, its terms g² there (a fourth sum before round 24), so a step
-    reads every element for three products, not four. The steps match ``dadaptation`` (above)."""
+def test_dadapt_sgd_makes_its_sums_from_the_steps_inputs(weight_decay, monkeypatch):
+    """‖g‖² (of the raw gradient, for ‖g_1‖), ⟨g, s_{t-1}⟩ and Σ s_{t-1}², and under coupled decay
+    Σ (g + λθ)²: Σ s_t² = Σ s_{t-1}² + 2η⟨g, s_{t-1}⟩ + η²Σ g² from them (round 25; before, a sum of
+    s_t = s_{t-1} + η·g made for it, two passes more over every element). On the torch blocked path
+    the first pass then makes only the sums' products: one ``add_`` per block (``s_t``, second pass)
+    and one for ``θ + u``, not three. The steps match ``dadaptation`` (above)."""
     from adaptlr._reduce import Reducer
 
     totals = []
@@ -237,4 +239,21 @@ def test_dadapt_sgd_makes_three_sums_a_step(weight_decay, monkeypatch):
         totals.clear()
         updates, state = opt.update([p * 0.5 + 0.1 * step for p in params], state, params)
         params = adaptlr.apply_updates(params, updates)
-        assert len(totals) == 3, (step, len(totals))
+        assert len(totals) == (4 if weight_decay else 3), (step, len(totals))
+    monkeypatch.undo()
+
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends.fast import FlatOptimizer
+    from tests.conftest import aten_ops_by_name
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, generator=generator, dtype=torch.float64) for s in ((40, 30), (50,), (7, 9))]
+    fo = FlatOptimizer(adaptlr.dadapt_sgd(weight_decay=weight_decay), tensors, block_size=256)
+    assert fo.mode == "blocked"
+    full_blocks = sum(t.numel() for t in tensors) // 256  # (the ops counted: those on 256 elements)
+    for step in range(3):
+        grads = [0.5 * p + 0.1 for p in fo.params]
+        ops = aten_ops_by_name(lambda grads=grads: fo.step(grads), 256)
+        if step:  # (the first step's first block runs to its end, counting the sums)
+            # s_t (the first block's not donated: add) and θ + u; under coupled decay g + λθ in each pass
+            assert ops.get("add_", 0) + ops.get("add", 0) == (4 if weight_decay else 2) * full_blocks, ops
