@@ -779,7 +779,7 @@ class FlatOptimizer:
         self._member_plan: tuple[list[tuple], list[bool]] | None = None
         self._num = len(params)
         self._scalar_cache: dict = {}
-        self._sums_made: int | None = None  # the blocked step's number of sums (run_parts), once counted
+        self._sums_made: dict = {}  # the blocked step's number of sums (run_parts) per weight decay, once counted
         if self.mode == "per-tensor":
             self._setup_per_tensor(params, groups)
         else:
@@ -1218,11 +1218,13 @@ class FlatOptimizer:
         # two passes at once from its second step, its first block's first pass stopping at the last
         # of the sums counted in its first step (the count is fixed by the step's code), instead of
         # trying one pass and then running the first block's whole step (part_sums.run_parts).
-        made = None if self._blockwise or sums_rarely(self.opt) else self._sums_made
+        # Counted per weight decay: coupled decay may add a sum (D-Adapt SGD's Σ (g + λθ)²).
+        counted_for = None if weight_decay is None else tuple(float(w) for w in weight_decay)
+        made = None if self._blockwise or sums_rarely(self.opt) else self._sums_made.get(counted_for)
         mode = "none" if self._blockwise else "replay" if made else "try"
         counted = part_sums.run_parts(xp, blocks, run_block, mode, first_pass_groups=groups, sums_made=made)
         if counted:
-            self._sums_made = counted
+            self._sums_made[counted_for] = counted
         for b, new_state in last.items():
             _write_state(self.state[b], new_state, only_scalars=True)
 

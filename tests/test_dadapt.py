@@ -257,3 +257,29 @@ def test_dadapt_sgd_makes_its_sums_from_the_steps_inputs(weight_decay, monkeypat
         if step:  # (the first step's first block runs to its end, counting the sums)
             # s_t (the first block's not donated: add) and θ + u; under coupled decay g + λθ in each pass
             assert ops.get("add_", 0) + ops.get("add", 0) == (4 if weight_decay else 2) * full_blocks, ops
+
+
+def test_dadapt_sgd_on_blocks_with_weight_decay_switched_on(monkeypatch):
+    """Coupled decay adds a sum (``Σ (g + λθ)²``): the torch adapter's blocked default, which counts a
+    step's sums once and stops its first block's first pass at the last (round 25), counts them
+    again when a group's weight decay changes, and takes the whole-tensor steps (float64, 1e-12)."""
+    torch = pytest.importorskip("torch")
+    from adaptlr.backends import fast
+    from adaptlr.backends.torch import Optimizer
+
+    monkeypatch.setattr(fast, "_CPU_FLAT_BYTES_LIMIT", 1 << 10)
+    runs = {}
+    for setting in ("auto", False):
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64))
+                  for s in ((64, 40), (300,), (9, 7))]
+        opt = Optimizer(params, adaptlr.dadapt_sgd(d0=1e-3, momentum=0.5), fast=setting)
+        for step in range(6):
+            if step == 3:
+                opt.param_groups[0]["weight_decay"] = 0.05
+            for p in params:
+                p.grad = 0.5 * p.detach() + torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            opt.step()
+        runs[setting] = (opt.fast_path, [p.detach().clone() for p in params])
+    assert runs["auto"][0] == "blocked" and runs[False][0] == "list"
+    assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(runs["auto"][1], runs[False][1])) <= 1e-12
