@@ -253,19 +253,31 @@ class DAdaptSGDDirection(_DAdaptDirection):
         # which a part's second pass, given the whole sums, does not evaluate.
         # ‖g_t‖² of the raw gradient (DAdaptSGD's decay there is not in place): ‖g_1‖ once nonzero
         # (upstream divides by zero after an all-zero first gradient; here nothing moves until then).
-        raw_sq = reduce.total((mul_for_sum(g, g, wide) for g in ctx.grads), wide)
-        dot = reduce.total((mul_for_sum(g, s, wide) for g, s in zip(grads, old_ss)), wide)
         # Σ s_t² = Σ (s_{t-1} + η·g)² = Σ s_{t-1}² + 2η·⟨g, s_{t-1}⟩ + η²·Σ g², from sums of the step's
-        # inputs (no s_t made in the first pass: two passes fewer per element, round 25); Σ g² is
-        # ‖g_t‖² above unless coupled decay makes g = g_t + λθ. Each term is a product of two of the
-        # step's numbers, exact in float64 for float32 ones (mul_for_sum).
-        s_sq = reduce.total((mul_for_sum(s, s, wide) for s in old_ss), wide)
-        coupled = any(g is not raw for g, raw in zip(grads, ctx.grads))  # g + λθ (the same arrays without)
-        objective_sq = reduce.total((mul_for_sum(g, g, wide) for g in grads), wide) if coupled else raw_sq
+        # inputs (no s_t made in the first pass: two passes fewer per element, round 25), where g is
+        # g_t + λθ on the leaves with coupled decay (not the same arrays: core makes them) and g_t on
+        # the others. So ‖g_t‖² is taken in two sums, over the leaves without and with coupled decay,
+        # and Σ (g_t + λθ)² over the latter: every step makes the same five sums whatever its leaves'
+        # decay (the parts of a step over param groups with different decays add up each one's
+        # partials: adaptlr.backends.part_sums); an empty one reads nothing (its one term a 0-D
+        # zero). Each term is a product of two of the step's numbers, exact in float64 for float32 ones.
+        coupled = [g is not raw for g, raw in zip(grads, ctx.grads)]
 
-        def estimate(raw_sq: Any, dot: Any, s_sq: Any, objective_sq: Any, d: Any, g0_before: Any,
-                     numerator: Any, *alpha: Any) -> tuple:
-            g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_sq))
+        def squares(arrays: list, selected: bool) -> Any:
+            leaves = [i for i, c in enumerate(coupled) if c == selected]
+            if not leaves:  # (a 0-D term reduces no dimension: no collective under sharding either)
+                return reduce.total(iter((scalars.constant(0.0, wide),)), wide, [0])
+            return reduce.total((mul_for_sum(arrays[i], arrays[i], wide) for i in leaves), wide, leaves)
+
+        raw_plain, raw_coupled = squares(ctx.grads, False), squares(ctx.grads, True)
+        objective_coupled = squares(grads, True)
+        dot = reduce.total((mul_for_sum(g, s, wide) for g, s in zip(grads, old_ss)), wide)
+        s_sq = reduce.total((mul_for_sum(s, s, wide) for s in old_ss), wide)
+
+        def estimate(raw_plain: Any, raw_coupled: Any, objective_coupled: Any, dot: Any, s_sq: Any, d: Any,
+                     g0_before: Any, numerator: Any, *alpha: Any) -> tuple:
+            g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_plain + raw_coupled))
+            objective_sq = raw_plain + objective_coupled
             dlr = rate(d, g0_norm, *alpha)
             new_numerator = numerator + dlr * dot
             s_t_sq = s_sq + 2.0 * dlr * dot + dlr * dlr * objective_sq
@@ -278,8 +290,8 @@ class DAdaptSGDDirection(_DAdaptDirection):
 
         # (0-D work once per step, not once per block: Scalars.once)
         dlr, d_new, numerator, g0_norm, lr_scale, one, decay = scalars.once(
-            "dadapt_sgd d", (raw_sq, dot, s_sq, objective_sq, state.d, state.g0_norm, state.numerator, *ctx.alpha),
-            estimate)
+            "dadapt_sgd d", (raw_plain, raw_coupled, objective_coupled, dot, s_sq, state.d, state.g0_norm,
+                             state.numerator, *ctx.alpha), estimate)
         grads = wait_for(xp, grads, (dot, s_sq))  # the old s read before it is overwritten (under jit)
         ss = [add_donated(scalars, s, g * cast("s", dlr, g)) for g, s in zip(grads, old_ss)]
 

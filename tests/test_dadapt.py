@@ -217,29 +217,40 @@ def test_bad_hyper_parameters(make, match):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_dadapt_sgd_makes_its_sums_from_the_steps_inputs(weight_decay, monkeypatch):
-    """‖g‖² (of the raw gradient, for ‖g_1‖), ⟨g, s_{t-1}⟩ and Σ s_{t-1}², and under coupled decay
-    Σ (g + λθ)²: Σ s_t² = Σ s_{t-1}² + 2η⟨g, s_{t-1}⟩ + η²Σ g² from them (round 25; before, a sum of
-    s_t = s_{t-1} + η·g made for it, two passes more over every element). On the torch blocked path
-    the first pass then makes only the sums' products: one ``add_`` per block (``s_t``, second pass)
-    and one for ``θ + u``, not three. The steps match ``dadaptation`` (above)."""
+    """‖g‖² (of the raw gradient, for ‖g_1‖) in two sums, over the leaves without and with coupled
+    decay, Σ (g + λθ)² over the latter, ⟨g, s_{t-1}⟩ and Σ s_{t-1}²: Σ s_t² = Σ s_{t-1}² +
+    2η⟨g, s_{t-1}⟩ + η²Σ g² from them (round 25; before, a sum of s_t = s_{t-1} + η·g made for it,
+    two passes more over every element). Five sums on every step whatever the leaves' decay (the
+    parts of a step over groups add them up), the empty ones reading no element: three products
+    per leaf, four under coupled decay. On the torch blocked path the first pass then makes only the
+    sums' products: one ``add_`` per block (``s_t``, second pass) and one for ``θ + u``, not three.
+    The steps match ``dadaptation`` (above)."""
+    from adaptlr import dadapt
     from adaptlr._reduce import Reducer
 
-    totals = []
-    original = Reducer.total
+    totals, products = [], []
+    original, multiply = Reducer.total, dadapt.mul_for_sum
 
-    def counted(self, terms, dtype=None):
+    def counted(self, terms, dtype=None, leaves=None):
         totals.append(1)
-        return original(self, terms, dtype)
+        return original(self, terms, dtype, leaves)
+
+    def counted_product(x, y, dtype, **kwargs):
+        products.append(1)
+        return multiply(x, y, dtype, **kwargs)
 
     monkeypatch.setattr(Reducer, "total", counted)
+    monkeypatch.setattr(dadapt, "mul_for_sum", counted_product)
     opt = adaptlr.dadapt_sgd(weight_decay=weight_decay)
     params = [np.linspace(-1.0, 1.0, 12).reshape(3, 4), np.ones(5)]
     state = opt.init(params)
     for step in range(3):
         totals.clear()
+        products.clear()
         updates, state = opt.update([p * 0.5 + 0.1 * step for p in params], state, params)
         params = adaptlr.apply_updates(params, updates)
-        assert len(totals) == (4 if weight_decay else 3), (step, len(totals))
+        assert len(totals) == 5, (step, len(totals))
+        assert len(products) == (4 if weight_decay else 3) * len(params), (step, len(products))
     monkeypatch.undo()
 
     torch = pytest.importorskip("torch")
