@@ -1218,7 +1218,8 @@ class FlatOptimizer:
         # two passes at once from its second step, its first block's first pass stopping at the last
         # of the sums counted in its first step (the count is fixed by the step's code), instead of
         # trying one pass and then running the first block's whole step (part_sums.run_parts).
-        # Counted per weight decay: coupled decay may add a sum (D-Adapt SGD's Σ (g + λθ)²).
+        # Counted per weight decay: a guard (a step's count of sums must not depend on its decay, nor
+        # on which leaves a part has: D-Adapt SGD makes its five sums whatever their decay).
         counted_for = None if weight_decay is None else tuple(float(w) for w in weight_decay)
         made = None if self._blockwise or sums_rarely(self.opt) else self._sums_made.get(counted_for)
         mode = "none" if self._blockwise else "replay" if made else "try"
