@@ -196,16 +196,14 @@ class Reducer:
             total = self.complete(total, names) if names else total
         return _chained(total) if chained else total
 
-    def total(self, terms: Iterable[Any], dtype: Any = None, leaves: Sequence[int] | None = None) -> Any:
-        """``Σ`` over every element of every leaf's term (``terms[i]`` shaped like leaf ``i``; with
-        ``leaves``, the ``k``-th term is leaf ``leaves[k]``'s: a sum over some of the leaves).
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
+        """``Σ`` over every element of every leaf's term (``terms[i]`` shaped like leaf ``i``).
 
         Local sums of the leaves split across the same axes are added first, so there is one
         collective per distinct set of axes, not one per leaf.
         """
         groups: dict[tuple, list] = {}
-        for k, term in enumerate(terms):
-            i = k if leaves is None else leaves[k]
+        for i, term in enumerate(terms):
             names = () if self.complete is None else self._axes_of(i, term.ndim, None)
             groups.setdefault(names, []).append(self.xp.sum(term, dtype=dtype))
         totals = []

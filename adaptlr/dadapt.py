@@ -253,36 +253,30 @@ class DAdaptSGDDirection(_DAdaptDirection):
         # which a part's second pass, given the whole sums, does not evaluate.
         # ‖g_t‖² of the raw gradient (DAdaptSGD's decay there is not in place): ‖g_1‖ once nonzero
         # (upstream divides by zero after an all-zero first gradient; here nothing moves until then).
-        # Σ s_t² = Σ (s_{t-1} + η·g)² = Σ s_{t-1}² + 2η·⟨g, s_{t-1}⟩ + η²·Σ g², from sums of the step's
-        # inputs (no s_t made in the first pass: two passes fewer per element, round 25), where g is
-        # g_t + λθ on the leaves with coupled decay (not the same arrays: core makes them) and g_t on
-        # the others. So ‖g_t‖² is taken in two sums, over the leaves without and with coupled decay,
-        # and Σ (g_t + λθ)² over the latter: every step makes the same five sums whatever its leaves'
-        # decay (the parts of a step over param groups with different decays add up each one's
-        # partials: adaptlr.backends.part_sums); an empty one reads nothing (its one term a 0-D
-        # zero). Each term is a product of two of the step's numbers, exact in float64 for float32 ones.
-        coupled = [g is not raw for g, raw in zip(grads, ctx.grads)]
-
-        def squares(arrays: list, selected: bool) -> Any:
-            leaves = [i for i, c in enumerate(coupled) if c == selected]
-            if not leaves:  # (a 0-D term reduces no dimension: no collective under sharding either)
-                return reduce.total(iter((scalars.constant(0.0, wide),)), wide, [0])
-            return reduce.total((mul_for_sum(arrays[i], arrays[i], wide) for i in leaves), wide, leaves)
-
-        raw_plain, raw_coupled = squares(ctx.grads, False), squares(ctx.grads, True)
-        objective_coupled = squares(grads, True)
+        raw_sq = reduce.total((mul_for_sum(g, g, wide) for g in ctx.grads), wide)
         dot = reduce.total((mul_for_sum(g, s, wide) for g, s in zip(grads, old_ss)), wide)
-        s_sq = reduce.total((mul_for_sum(s, s, wide) for s in old_ss), wide)
 
-        def estimate(raw_plain: Any, raw_coupled: Any, objective_coupled: Any, dot: Any, s_sq: Any, d: Any,
-                     g0_before: Any, numerator: Any, *alpha: Any) -> tuple:
-            g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_plain + raw_coupled))
-            objective_sq = raw_plain + objective_coupled
+        def rate_before(d: Any, g0_norm: Any, *alpha: Any) -> Any:
+            """η of a ‖g_1‖ known before this step; 1 if none (then ``s_{t-1} = 0``, below)."""
+            return xp.where(g0_norm > 0, rate(d, g0_norm, *alpha), xp.ones_like(d))
+
+        # Σ (s_{t-1} + η·g)² with the η of a ‖g_1‖ known before this step, else Σ g² (of g + λθ:
+        # every earlier step added 0·g to s, so s_{t-1} = 0 and the terms are (0 + 1·g)² = g², the
+        # same numbers): one sum for both, from the step's inputs and the state only
+        rate_or_one = scalars.once("dadapt_sgd rate before", (state.d, state.g0_norm, *ctx.alpha), rate_before)
+        s_ts = (add_(g * cast("s before", rate_or_one, g), s) for g, s in zip(grads, old_ss))
+        s_sq_before = reduce.total((mul_for_sum(s_t, s_t, wide, x_temporary=True) for s_t in s_ts), wide)
+
+        def estimate(raw_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any,
+                     numerator: Any, *alpha: Any) -> tuple:
+            g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_sq))
             dlr = rate(d, g0_norm, *alpha)
             new_numerator = numerator + dlr * dot
-            s_t_sq = s_sq + 2.0 * dlr * dot + dlr * dlr * objective_sq
-            moved = s_t_sq > 0
-            d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_t_sq, xp.ones_like(s_t_sq)))
+            # ‖g_1‖ known from this step on: every earlier step added 0·g to s (η = 0), so s_{t-1} = 0
+            # and Σ s_t² = η²·Σ g² (the sum's terms were g²); otherwise η is the one its terms used.
+            s_sq = xp.where(g0_before > 0, s_sq_before, dlr * dlr * s_sq_before)
+            moved = s_sq > 0
+            d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
             d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
             one, decay = _unit_scales(xp, moved, xp.zeros_like(d))
             return (dlr, d_new, xp.asarray(xp.where(moved, new_numerator, numerator)), g0_norm,
@@ -290,9 +284,9 @@ class DAdaptSGDDirection(_DAdaptDirection):
 
         # (0-D work once per step, not once per block: Scalars.once)
         dlr, d_new, numerator, g0_norm, lr_scale, one, decay = scalars.once(
-            "dadapt_sgd d", (raw_plain, raw_coupled, objective_coupled, dot, s_sq, state.d, state.g0_norm,
-                             state.numerator, *ctx.alpha), estimate)
-        grads = wait_for(xp, grads, (dot, s_sq))  # the old s read before it is overwritten (under jit)
+            "dadapt_sgd d", (raw_sq, dot, s_sq_before, state.d, state.g0_norm, state.numerator, *ctx.alpha),
+            estimate)
+        grads = wait_for(xp, grads, (dot, s_sq_before))  # the old s read before it is overwritten (under jit)
         ss = [add_donated(scalars, s, g * cast("s", dlr, g)) for g, s in zip(grads, old_ss)]
 
         # θ_t = μ·θ + (1-μ)·(x_0 - s): the direction is θ - θ_t, taken with α = 1.

@@ -57,9 +57,9 @@ class _PartSums(Reducer):
         super().__init__(xp)
         self.rows = rows
 
-    def total(self, terms: Iterable[Any], dtype: Any = None, leaves: Sequence[int] | None = None) -> Any:
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
         # the terms are evaluated only where the part's share is (generators: a second pass skips them)
-        return self._across(lambda: Reducer.total(self, terms, dtype, leaves))
+        return self._across(lambda: Reducer.total(self, terms, dtype))
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
         if not self.rows:
@@ -151,7 +151,7 @@ class RowGroupRecorder(Recorder):
         self._leaf = i
         return super().leaf_sum(i, x, axis, keepdims=keepdims, dtype=dtype)
 
-    def total(self, terms: Iterable[Any], dtype: Any = None, leaves: Sequence[int] | None = None) -> Any:
+    def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
         raise RuntimeError("a sum over every leaf in a first pass over a group of row blocks (which are its "
                            "leaves); this algorithm's sums must stay within tensors")
 

@@ -158,7 +158,7 @@ def test_autodrop_sums_only_at_boundaries_and_takes_two_passes_only_there() -> N
     assert _passes(_algorithms()["schedule_free_adamw"](), 3) == [blocks] * 3
 
 
-@pytest.mark.parametrize("name, sums", [("prodigy", 2), ("dadapt_sgd(momentum, coupled decay)", 5),
+@pytest.mark.parametrize("name, sums", [("prodigy", 2), ("dadapt_sgd(momentum, coupled decay)", 3),
                                         ("hd_global(adamw)", 1)])
 def test_blocked_steps_after_the_first_stop_the_first_blocks_first_pass_at_its_last_sum(name, sums,
                                                                                        monkeypatch) -> None:
