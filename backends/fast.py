@@ -361,16 +361,16 @@ def large_cpu_model(params: Sequence[Any]) -> bool:
     return sum(math.prod(p.shape) * getattr(p.dtype, "itemsize", 8) for p in params) > _CPU_FLAT_BYTES_LIMIT
 
 
-def cpu_block_size(largest: int, live: int = CPU_BLOCK_LIVE_TEMPORARIES) -> int:
+def cpu_block_size(largest: int, live: int = CPU_BLOCK_LIVE_TEMPORARIES, most: int = _CPU_BLOCK_LARGE) -> int:
     """Elements per block of the blocked CPU path on a large model whose largest tensor has
-    ``largest`` elements: at most 256K, and at most ``largest / live`` (a multiple of 16K, at least
+    ``largest`` elements: at most ``most`` (256K), and at most ``largest / live`` (a multiple of 16K, at least
     16K), so the ``live`` block-sized temporaries alive at once take no more memory than the largest
     tensor (issue 20's target 5; torch :data:`CPU_BLOCK_LIVE_TEMPORARIES`, the default, NumPy
     :data:`NUMPY_BLOCK_LIVE_TEMPORARIES`). Smaller blocks cost per-operation overhead (each block
     pays the update's Python and dispatch work; the step scalars are computed once per step,
     :meth:`adaptlr.core.Scalars.of_step`)."""
     fitting = largest // live // _CPU_BLOCK_QUANTUM * _CPU_BLOCK_QUANTUM
-    return max(_CPU_BLOCK_QUANTUM, min(_CPU_BLOCK_LARGE, fitting))
+    return max(_CPU_BLOCK_QUANTUM, min(most, fitting))
 
 
 def row_block_live_temporaries(opt: Optimizer, ndim: int, coupled_decay: bool) -> int:
@@ -396,9 +396,9 @@ def row_block_size(largest: int, live: int) -> int:
     """Elements per row block of a tensor whose step keeps ``live`` block-sized arrays alive
     (:func:`row_block_live_temporaries`) on a model whose largest tensor has ``largest`` elements:
     at most ``largest / live`` (a multiple of 16K, at least 16K), so that they take no more memory
-    than the largest tensor (issue 20's target 5), and at most :data:`ROW_BLOCK_LARGE`."""
-    fitting = largest // live // _CPU_BLOCK_QUANTUM * _CPU_BLOCK_QUANTUM
-    return max(_CPU_BLOCK_QUANTUM, min(ROW_BLOCK_LARGE, fitting))
+    than the largest tensor (issue 20's target 5), and at most :data:`ROW_BLOCK_LARGE`
+    (:func:`cpu_block_size` with that bound)."""
+    return cpu_block_size(largest, live, ROW_BLOCK_LARGE)
 
 
 # -- JAX ---------------------------------------------------------------------------------------
@@ -779,7 +779,7 @@ class FlatOptimizer:
         self._member_plan: tuple[list[tuple], list[bool]] | None = None
         self._num = len(params)
         self._scalar_cache: dict = {}
-        self._sums_made: dict = {}  # the blocked step's number of sums (run_parts) per weight decay, once counted
+        self._sums_made: int | None = None  # the blocked step's number of sums (run_parts), once counted
         if self.mode == "per-tensor":
             self._setup_per_tensor(params, groups)
         else:
@@ -1218,14 +1218,13 @@ class FlatOptimizer:
         # two passes at once from its second step, its first block's first pass stopping at the last
         # of the sums counted in its first step (the count is fixed by the step's code), instead of
         # trying one pass and then running the first block's whole step (part_sums.run_parts).
-        # Counted per weight decay: a guard (a step's count of sums must not depend on its decay, nor
-        # on which leaves a part has: D-Adapt SGD makes its five sums whatever their decay).
-        counted_for = None if weight_decay is None else tuple(float(w) for w in weight_decay)
-        made = None if self._blockwise or sums_rarely(self.opt) else self._sums_made.get(counted_for)
+        # (A step's count must not depend on its weight decay, nor on which leaves a part has: the
+        # parts of one step add up their k-th sums.)
+        made = None if self._blockwise or sums_rarely(self.opt) else self._sums_made
         mode = "none" if self._blockwise else "replay" if made else "try"
         counted = part_sums.run_parts(xp, blocks, run_block, mode, first_pass_groups=groups, sums_made=made)
         if counted:
-            self._sums_made[counted_for] = counted
+            self._sums_made = counted
         for b, new_state in last.items():
             _write_state(self.state[b], new_state, only_scalars=True)
 

@@ -242,9 +242,9 @@ def test_dadapt_sgd_makes_three_sums_a_step(weight_decay, monkeypatch):
 
 def test_dadapt_sgd_on_blocks_with_weight_decay_switched_on(monkeypatch):
     """The torch adapter's blocked default, which counts a step's sums once and stops its first
-    block's first pass at the last (round 25), keeps the count per weight decay (a guard: a step's
-    count must not depend on its decay) and takes the whole-tensor steps (float64, 1e-12) when a
-    group's decay is switched on."""
+    block's first pass at the last (round 25), takes the whole-tensor steps (float64, 1e-12) when a
+    group's decay is switched on: the count does not depend on the decay (a fourth sum under
+    coupled decay only, tried in round 25, failed here and was reverted)."""
     torch = pytest.importorskip("torch")
     from adaptlr.backends import fast
     from adaptlr.backends.torch import Optimizer
