@@ -19,6 +19,9 @@ and D-Adaptation no copy left, EG one; docs/performance.md, round 17):
   first element: EG's gains read the old gradient average, which its new average overwrites (round
   23: XLA copied the old average first, 1.00 f32 copy per parameter, 4.95 × the largest tensor of
   temporaries on ResNet-18 shapes; none after).
+- :func:`adaptlr._boundary.carry_after` and :func:`adaptlr._boundary.carry_in_place_of` (the
+  epoch-boundary work of ActiveLR and AutoDrop, traced as the body of the loop whose carry is their
+  state): each field written after what reads its old value (round 26).
 
 Only under JAX tracing; everything else runs the step in program order already, and the values
 come back as they are (no extra pass).

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from adaptlr import _validation as v
-from adaptlr._boundary import at_boundary
+from adaptlr._boundary import at_boundary, carry_in_place_of
 from adaptlr._inplace import add_donated
 from adaptlr._tree import Layout
 from adaptlr.adabelief import adabelief
@@ -113,7 +113,15 @@ class ActiveLR(Adaptation):
                 if self.max_gamma is not None:
                     adjusted = xp.minimum(adjusted, scalars.constant(self.max_gamma, gamma.dtype))
                 new_gammas.append(xp.where(adjust, adjusted, gamma))
-            return new_gammas, [xp.zeros_like(c) for c in sums], sums
+            # Under jax.jit the fields are the carry of a loop, each written in place (where the state
+            # is donated) once what reads its old value is made: G_prev ← C after γ read G_prev, C ← 0
+            # after γ and G_prev read C (adaptlr._boundary.carrying; nothing is done elsewhere; not
+            # through first elements inside shard_map, where they are each device's own).
+            whole = ctx.reduce.complete is None
+            new_prev_sums = carry_in_place_of(xp, prev_sums, sums, new_gammas, first_elements=whole)
+            zeros = carry_in_place_of(xp, sums, [xp.zeros_like(c) for c in sums], [*new_gammas, *new_prev_sums],
+                                      first_elements=whole)
+            return new_gammas, zeros, new_prev_sums
 
         # Only at the boundary (a Python branch on the host-side count, a loop run at most once under JAX; _boundary).
         # Otherwise γ, C + g and G_prev come back unchanged.

@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 
 from adaptlr import _validation as v
-from adaptlr._boundary import at_boundary
+from adaptlr._boundary import at_boundary, carry_after, is_carrying
 from adaptlr._inplace import add_
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
@@ -266,8 +266,16 @@ class AutoDrop(Adaptation):
             """An epoch start: s_e = x_e - x_{e-1}, the angle ω from the global sums ⟨s_e, s_{e-1}⟩ and
             ‖s_e‖², the detector's new state; x_e and s_e kept for the next epoch start."""
             displacements = [x - x_prev for x, x_prev in zip(xs, prev_xs)]
-            dot = ctx.reduce.total(wide(s) * wide(s_prev) for s, s_prev in zip(displacements, prev_ss))
-            sq_norm = ctx.reduce.total(wide(s) * wide(s) for s in displacements)
+            dot_terms, sq_terms = displacements, displacements
+            if is_carrying():
+                # In the body of the loop under jax.jit: s_e made by each reader, ‖s_e‖² from
+                # x_{e-1} - x_e = -s_e (the same squares), so that no two readers share one s_e or its
+                # float64 conversion, which XLA would keep for every tensor at once (104 MiB of
+                # temporaries on ResNet-18 shapes, round 26); the s_e kept is made after the sums.
+                dot_terms = (x - x_prev for x, x_prev in zip(xs, prev_xs))
+                sq_terms = (x_prev - x for x, x_prev in zip(xs, prev_xs))
+            dot = ctx.reduce.total(wide(s) * wide(s_prev) for s, s_prev in zip(dot_terms, prev_ss))
+            sq_norm = ctx.reduce.total(wide(s) * wide(s) for s in sq_terms)
             omega, defined = displacement_angle(dot, sq_norm, prev_sq_norm, xp)
             has_omega = (t - 1) // S >= 2  # epoch e ≥ 3, without forming (e-1)·S in int32
             defined = xp.logical_and(defined, has_omega)
@@ -279,7 +287,15 @@ class AutoDrop(Adaptation):
                                      xp.zeros_like(alpha))
             new = autodrop_detector(omega, defined, old, self.options, min_kappa, xp)
             detector = DetectorState(*(xp.where(epoch_start, n, o) for n, o in zip(new, old)))
-            snapshot = [xp.asarray(x, copy=True) for x in xs]  # not the caller's array (it may change in place)
+            # Under jax.jit the fields are the carry of a loop, each written in place (where the state
+            # is donated) once what reads its old value is made: s_e after the sums read s_{e-1}, x_e
+            # after s_e read x_{e-1} (adaptlr._boundary.carrying; nothing is done elsewhere)
+            if is_carrying():
+                displacements = [x - x_prev for x, x_prev in zip(xs, carry_after(xp, prev_xs, [dot, sq_norm]))]
+            # (the snapshot: not the caller's array, which may change in place; not through first
+            # elements inside shard_map: each device's own)
+            snapshot = carry_after(xp, [xp.asarray(x, copy=True) for x in xs], displacements,
+                                   first_elements=ctx.reduce.complete is None)
             return snapshot, displacements, xp.where(epoch_start, sq_norm, prev_sq_norm), detector
 
         # Only at an epoch start (a Python branch on the host-side count, a loop run at most once under JAX; _boundary).

@@ -37,8 +37,11 @@ def only_when(pred: Any, work: Callable[..., Any], operands: tuple) -> tuple:
 
     ``work`` must return the structure, shapes and dtypes of ``operands``.
     """
+    from adaptlr._boundary import carrying
+
     operands = tuple(operands)
-    closed, consts = jax.closure_convert(lambda *ops: tuple(work(*ops)), *operands)
+    with carrying():  # (traced here: the work orders the writes into its carry)
+        closed, consts = jax.closure_convert(lambda *ops: tuple(work(*ops)), *operands)
     return _loop_when(closed, pred, tuple(consts), operands)
 
 
