@@ -45,7 +45,7 @@ import numpy as np
 import optree
 
 from adaptlr import _validation as v
-from adaptlr._ordering import first_elements_of, never_true, wait_for
+from adaptlr._ordering import first_elements_of, jax_traced, never_true, wait_for
 from adaptlr._reduce import in_own_chain
 
 __all__ = ["at_boundary", "carry_after", "carry_in_place_of", "carrying", "deferring", "is_carrying", "select_both"]
@@ -78,17 +78,18 @@ def carrying() -> Iterator[None]:
         _CARRYING.reset(token)
 
 
-def is_carrying() -> bool:
-    """Whether boundary work is being traced as the body of the loop whose carry its operands are
-    (:func:`carrying`)."""
-    return _CARRYING.get()
+def is_carrying(arrays: Sequence[Any]) -> bool:
+    """Whether boundary work on ``arrays`` is being traced as the body of the loop whose carry its
+    operands are (:func:`carrying`). JAX-traced ``arrays`` are asked first: a step that
+    ``torch.compile`` traces never reads the context variable, which TorchDynamo cannot trace."""
+    return jax_traced(list(arrays)) and _CARRYING.get()
 
 
-def _waited_for(after: Sequence[Any], first_elements: bool) -> list:
+def _waited_for(values: list, after: Sequence[Any], first_elements: bool) -> list:
     """The 0-D values to wait for: the 0-D arrays of ``after``, and with ``first_elements`` the first
     element of the others (not inside ``shard_map``, where an array's first element is one device's:
     a value that varies over the mesh, which the loop's carry must not become)."""
-    if not _CARRYING.get():
+    if not is_carrying(values):
         return []
     return first_elements_of([x for x in after if first_elements or x.ndim == 0])
 
@@ -97,7 +98,7 @@ def carry_after(xp: Any, values: list, after: Sequence[Any], *, first_elements: 
     """``values`` (arrays of the carry), made to wait for the arrays ``after`` (0-D ones as they are,
     the others through their first element where ``first_elements``) while :func:`carrying`; else
     ``values``. As :func:`adaptlr._ordering.wait_for`: ``where(never, NaN, value)``, the same numbers."""
-    firsts = _waited_for(after, first_elements)
+    firsts = _waited_for(values, after, first_elements)
     return wait_for(xp, values, firsts) if firsts else values
 
 
@@ -108,7 +109,7 @@ def carry_in_place_of(xp: Any, old: list, new: list, after: Sequence[Any], *, fi
     overwrites, so XLA writes it there once ``after`` is made; :func:`carry_after`'s form reads
     only ``new``, and XLA then copies ``old`` first (ActiveLR's ``G_prev ← C``: 4.5 × the largest
     tensor, round 26)."""
-    firsts = _waited_for(after, first_elements)
+    firsts = _waited_for(new, after, first_elements)
     if not firsts:
         return new
     never = never_true(xp, firsts)

@@ -267,7 +267,8 @@ class AutoDrop(Adaptation):
             ‖s_e‖², the detector's new state; x_e and s_e kept for the next epoch start."""
             displacements = [x - x_prev for x, x_prev in zip(xs, prev_xs)]
             dot_terms, sq_terms = displacements, displacements
-            if is_carrying():
+            carried = is_carrying(xs)
+            if carried:
                 # In the body of the loop under jax.jit: s_e made by each reader, ‖s_e‖² from
                 # x_{e-1} - x_e = -s_e (the same squares), so that no two readers share one s_e or its
                 # float64 conversion, which XLA would keep for every tensor at once (104 MiB of
@@ -290,7 +291,7 @@ class AutoDrop(Adaptation):
             # Under jax.jit the fields are the carry of a loop, each written in place (where the state
             # is donated) once what reads its old value is made: s_e after the sums read s_{e-1}, x_e
             # after s_e read x_{e-1} (adaptlr._boundary.carrying; nothing is done elsewhere)
-            if is_carrying():
+            if carried:
                 displacements = [x - x_prev for x, x_prev in zip(xs, carry_after(xp, prev_xs, [dot, sq_norm]))]
             # (the snapshot: not the caller's array, which may change in place; not through first
             # elements inside shard_map: each device's own)

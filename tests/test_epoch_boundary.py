@@ -287,16 +287,19 @@ def test_carry_helpers_give_their_values_back_outside_the_loops_body():
     values = [np.array([1.0, -0.0]), np.array(2.0)]
     assert _boundary.carry_after(np, values, [np.array(1.0)]) is values
     assert _boundary.carry_in_place_of(np, [np.zeros(2), np.zeros(())], values, [np.array(1.0)]) is values
-    with _boundary.carrying():  # (eager arrays in the body: the helpers only ever see JAX tracers there)
-        assert _boundary.is_carrying()
-    assert not _boundary.is_carrying()
+    with _boundary.carrying():  # eager arrays: not a loop's body (only JAX tracers are)
+        assert not _boundary.is_carrying(values)
+        assert _boundary.carry_after(np, values, [np.array(1.0)]) is values
     jax = pytest.importorskip("jax")
     import jax.numpy as jnp
 
     def step(x):
         ys = [x * 2.0]
+        assert not _boundary.is_carrying(ys)
         assert _boundary.carry_after(jnp, ys, [x]) is ys
         assert _boundary.carry_in_place_of(jnp, [x], ys, [x]) is ys
+        with _boundary.carrying():
+            assert _boundary.is_carrying(ys)
         return ys[0]
 
     jax.jit(step)(jnp.ones(3))
