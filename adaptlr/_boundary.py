@@ -32,6 +32,15 @@ for AutoDrop's (round 26). The work orders them with :func:`carry_after` and
 :func:`carry_in_place_of`, which do so only while :func:`carrying` (the loop's body is traced) and
 give their values back untouched everywhere else (eager, and the ``where`` formulation, which runs
 the work at every step and writes no carry in place: there the ordering would only cost).
+
+A loop's carry that the state is not donated to is a copy of each field it carries (AutoDrop's
+snapshot and displacement: 4 words per parameter and step, 1.33× AdamW's ``jit`` step on ResNet-18
+shapes, round 26), and the ``where`` formulation reads and writes every field. A jitted step knows
+its count on the host, though, where the executor follows it (:func:`adaptlr.backends.fast.jit_step`:
+the count it returned, one read of a state made elsewhere): it traces the step once as above,
+recording each work's ``due`` rule of the count, and then, for each pattern of answers the rules give
+(usually two: an ordinary step and an epoch boundary), a step whose work that is not due is left out
+(:func:`known_due`): its fields are the inputs' own arrays, which the executor forwards (round 27).
 """
 
 from __future__ import annotations
@@ -48,10 +57,53 @@ from adaptlr import _validation as v
 from adaptlr._ordering import first_elements_of, jax_traced, never_true, wait_for
 from adaptlr._reduce import in_own_chain
 
-__all__ = ["at_boundary", "carry_after", "carry_in_place_of", "carrying", "deferring", "is_carrying", "select_both"]
+__all__ = ["KnownDue", "at_boundary", "carry_after", "carry_in_place_of", "carrying", "deferring", "is_carrying",
+           "known_due", "select_both"]
 
 _DEFERRED: ContextVar[list | None] = ContextVar("adaptlr_deferred_boundaries", default=None)
 _CARRYING: ContextVar[bool] = ContextVar("adaptlr_boundary_carrying", default=False)
+
+
+class KnownDue:
+    """The host's answers, for one traced step, to "is this boundary work due?" (:func:`known_due`).
+
+    ``decisions``: one bool per call of :func:`at_boundary` with a ``due`` rule, in the order the step
+    makes them (the step's code fixes it); False leaves that work out of the trace (its operands come
+    back unchanged), True traces it as usual (it runs where its traced predicate says). None: every
+    work traced as usual. Each call's rule is recorded in :attr:`rules`, so that the executor can
+    answer for the next step's count without tracing it.
+    """
+
+    def __init__(self, decisions: tuple[bool, ...] | None) -> None:
+        self.decisions = decisions
+        self.rules: list[Callable[[int], bool]] = []
+
+    def may_be_due(self, due: Callable[[int], bool]) -> bool:
+        index = len(self.rules)
+        self.rules.append(due)
+        if self.decisions is None:
+            return True
+        if index >= len(self.decisions):  # the executor answered for another step's code
+            raise RuntimeError(f"a traced step asked about boundary work {index + 1}, answered for "
+                               f"{len(self.decisions)}")
+        return self.decisions[index]
+
+
+_KNOWN_DUE: ContextVar[KnownDue | None] = ContextVar("adaptlr_known_due", default=None)
+
+
+@contextmanager
+def known_due(decisions: tuple[bool, ...] | None) -> Iterator[KnownDue]:
+    """Within the block, a JAX-traced :func:`at_boundary` with a ``due`` rule takes the host's answer
+    from ``decisions`` (:class:`KnownDue`, which it yields): set by
+    :func:`adaptlr.backends.fast.jit_step` while it traces a step for a count it knows on the host
+    (module docstring)."""
+    known = KnownDue(decisions)
+    token = _KNOWN_DUE.set(known)
+    try:
+        yield known
+    finally:
+        _KNOWN_DUE.reset(token)
 
 
 @contextmanager
@@ -117,18 +169,24 @@ def carry_in_place_of(xp: Any, old: list, new: list, after: Sequence[Any], *, fi
 
 
 def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None,
-                *, state_only: bool = False) -> tuple:
+                *, state_only: bool = False, due: Callable[[int], bool] | None = None) -> tuple:
     """``boundary(*operands)`` where the 0-D boolean ``pred`` is true, else ``operands`` unchanged.
 
     ``scalars`` (the step's :class:`adaptlr.core.Scalars`): the host's reading of ``pred`` is made once
     per step, not once per part of a step run over parts (the torch adapter's blocks).
     ``state_only``: the caller only puts the results into its new state (this step reads none of
     them), so the work may run later in a traced step (:func:`deferring`).
+    ``due``: ``pred`` as a rule of the step's count ``t`` on the host (``t ↦ bool``, the same answer
+    for every ``t``): a JAX-traced step made for a count the executor knows leaves work that is not
+    due out of its trace (:func:`known_due`).
     """
     if isinstance(pred, (bool, np.bool_)):  # NumPy gives 0-D results as scalars
         return tuple(boundary(*operands)) if pred else tuple(operands)
     library = v.library_of(pred)
     if library == "jax" and _is_traced(pred):
+        known = _KNOWN_DUE.get() if due is not None else None
+        if known is not None and not known.may_be_due(due):  # type: ignore[arg-type]  # due is set
+            return tuple(operands)
         boundary = in_own_chain(boundary)  # its sums, traced in the loop's body, stay there
         recorded = _DEFERRED.get()
         if state_only and recorded is not None:
@@ -138,22 +196,22 @@ def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tupl
 
         return only_when(pred, boundary, operands)
     if scalars is None:
-        due = _host_value(pred, library)
+        read = _host_value(pred, library)
     else:
-        due = scalars.once(("boundary due", id(pred)), (pred,), lambda p: _host_value(p, library))
-    if due is not None:
-        return tuple(boundary(*operands)) if due else tuple(operands)
+        read = scalars.once(("boundary due", id(pred)), (pred,), lambda p: _host_value(p, library))
+    if read is not None:
+        return tuple(boundary(*operands)) if read else tuple(operands)
     return select_both(xp, pred, boundary, operands)
 
 
 def select_both(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tuple, scalars: Any = None,
-                *, state_only: bool = False) -> tuple:
+                *, state_only: bool = False, due: Callable[[int], bool] | None = None) -> tuple:
     """The boundary work at every step, selected elementwise with ``xp.where(pred, ...)`` (``scalars``,
-    ``state_only``: unused; :func:`at_boundary`'s signature, so that tests can put one in the other's
-    place)."""
-    due: Any = tuple(boundary(*operands))  # optree's PyTree type does not take a tuple of Any
+    ``state_only``, ``due``: unused; :func:`at_boundary`'s signature, so that tests can put one in the
+    other's place)."""
+    done: Any = tuple(boundary(*operands))  # optree's PyTree type does not take a tuple of Any
     unchanged: Any = tuple(operands)
-    return tuple(optree.tree_map(lambda a, b: xp.where(pred, a, b), due, unchanged, none_is_leaf=False))
+    return tuple(optree.tree_map(lambda a, b: xp.where(pred, a, b), done, unchanged, none_is_leaf=False))
 
 
 def _is_traced(x: Any) -> bool:

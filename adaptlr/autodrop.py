@@ -250,6 +250,10 @@ class AutoDrop(Adaptation):
             drop_count=scalar(0, xp.int32),
         )
 
+    def _epoch_start(self, t: int) -> bool:
+        """Whether step ``t`` starts an epoch (``epoch_start`` of :meth:`step`, on the host)."""
+        return (t - 1) % self.steps_per_epoch == 0
+
     def step(self, ctx: StepContext, size: StepSize, state: AutoDropState) -> tuple[StepSize, AutoDropState]:
         xp, layout, scalars, S = ctx.xp, ctx.layout, ctx.scalars, self.steps_per_epoch
         acc = state.kappa.dtype
@@ -305,7 +309,7 @@ class AutoDrop(Adaptation):
             xp, epoch_start, boundary,
             (layout.leaves(state.previous_params, "state.previous_params"),
              layout.leaves(state.previous_displacement, "state.previous_displacement"), state.previous_sq_norm, old),
-            scalars)
+            scalars, due=self._epoch_start)
         # (once per step where the detector came back unchanged: Scalars.once)
         dropped = scalars.once(("autodrop dropped", id(self)), (detector.drop_count, old.drop_count),
                                lambda after, before: after != before)

@@ -533,49 +533,68 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
     compiled ahead of time for these shapes and this rate layout, with ``memory_analysis()`` and
     ``as_text()`` (its optimized HLO, which ``adaptlr.backends.xla_copies`` reads). A compiled call
     whose rates are laid out otherwise (set per leaf since) runs the jitted function.
+
+    Epoch-boundary work (ActiveLR, AutoDrop) that the count, followed on the host, says is not due is
+    left out of the step (:mod:`adaptlr.backends.jax_known_count`): one executable per pattern of
+    answers, each compiled ahead of its first call where ``compile`` was used (``memory_analysis``
+    and ``as_text`` are those of the step that traces every boundary, as an epoch boundary runs).
     """
     import jax
 
-    from adaptlr._boundary import deferring
+    from adaptlr._boundary import deferring, known_due
     from adaptlr.backends.jax_arguments import RateLayout, StepArguments
     from adaptlr.backends.jax_boundary import run_deferred
+    from adaptlr.backends.jax_known_count import KnownCount
 
     forwarded = [False]  # whether a trace left unchanged state out (not donated: _left_out_unchanged)
     keeps_inputs = 3 not in donated  # base and adaptations not donated: unchanged leaves left out
     arguments = StepArguments(donated, rates_by_value=not callable(opt.base.learning_rate))
+    counted = KnownCount()  # the count on the host: epoch-boundary work left out where not due
 
     def inner(grads: Any, count: Any, rates: list, base: Any, adaptations: Any, params: Any,
-              layout: RateLayout) -> Any:
+              layout: RateLayout, answers: tuple[bool, ...] | None) -> Any:
         lr = layout.rebuild(rates)
         # Boundary work that only writes state runs after the step's outputs are made (ordered after
         # them, so that XLA writes the donated state in place; adaptlr._boundary.deferring). Not past
         # a guard (skip_nonfinite), which makes the whole new state anew from the old and the new.
-        with deferring() if opt.donation_safe else contextlib.nullcontext([]) as recorded:
+        # Work the host knows is not due at this step is left out (jax_known_count).
+        with (known_due(answers) as known,
+              deferring() if opt.donation_safe else contextlib.nullcontext([]) as recorded):
             updates, state = opt.update(grads, OptimizerState(count, lr, base, adaptations), params)
+        counted.traced(known.rules, answers)
         first = apply_updates(params, updates) if with_params else updates
         state = run_deferred(recorded, state, first, in_place=bool(donated))
         return _in_donated_order(first, state, lr, (base, adaptations) if keeps_inputs else None, forwarded)
 
     # the rates (position 2) are not donated: they may come back unchanged
-    jitted = jax.jit(inner, donate_argnums=donated, static_argnums=6)
+    jitted = jax.jit(inner, donate_argnums=donated, static_argnums=(6, 7))
 
-    def finish(outputs: tuple, state: OptimizerState) -> tuple[Any, OptimizerState]:
+    def finish(outputs: tuple, state: OptimizerState, t: int | None) -> tuple[Any, OptimizerState]:
         first, new_state = _from_donated_order(outputs, state, forwarded)
         arguments.returning(new_state, first)
+        counted.returning(new_state.count, t)
         return first, new_state
 
     def call(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
         args, layout = arguments(grads, state, params)
-        return finish(arguments.call(lambda *a: jitted(*a, layout), args, state, params), state)
+        answers, t = counted.answers(state.count)
+        return finish(arguments.call(lambda *a: jitted(*a, layout, answers), args, state, params), state, t)
 
     def compile(grads: Any, state: OptimizerState, params: Any) -> Callable:
         args, layout = arguments(grads, state, params)
-        compiled = jitted.lower(*args, layout).compile()
+        compiled = jitted.lower(*args, layout, None).compile()
+        executables = {None: compiled}  # per pattern of answers, compiled ahead of its first call
 
         def run(grads: Any, state: OptimizerState, params: Any) -> tuple[Any, OptimizerState]:
             args, given = arguments(grads, state, params)
-            function = compiled if given == layout else (lambda *a: jitted(*a, given))
-            return finish(arguments.call(function, args, state, params), state)
+            answers, t = counted.answers(state.count)
+            if given != layout:
+                function = lambda *a: jitted(*a, given, answers)  # noqa: E731
+            else:
+                function = executables.get(answers)
+                if function is None:
+                    function = executables[answers] = jitted.lower(*args, layout, answers).compile()
+            return finish(arguments.call(function, args, state, params), state, t)
 
         run.memory_analysis = compiled.memory_analysis
         run.as_text = compiled.as_text

@@ -210,8 +210,9 @@ def test_xla_copies_counts_the_copies_a_conditional_adds():
 @pytest.mark.parametrize("name", list(_optimizers()))
 def test_jitted_steps_run_state_only_boundary_work_after_their_outputs(name, donate, helper):
     """``jit_step`` and ``jit_update`` run ActiveLR's boundary work (``state_only``) after their
-    outputs (new parameters, updates): bit for bit ``jax.jit`` of the plain update and
-    ``apply_updates`` over boundaries, and XLA copies nothing in the step's entry computation (2
+    outputs (new parameters, updates), and leave out the boundary work that is not due where they
+    know the count on the host: bit for bit ``jax.jit`` of the plain update and
+    ``apply_updates`` over boundaries (but one case, below), and XLA copies nothing in the step's entry computation (2
     elements per parameter with the work traced where ActiveLR calls it, the update reading the γ
     that the loop may write), nor anywhere without donation (the work selected with ``where``)."""
     jax = pytest.importorskip("jax")
@@ -220,6 +221,7 @@ def test_jitted_steps_run_state_only_boundary_work_after_their_outputs(name, don
 
     from adaptlr.backends.fast import jit_step, jit_update
     from adaptlr.backends.xla_copies import ENTRY, copies_per_computation
+    from adaptlr.conformance.tolerances import tolerance
 
     jax.config.update("jax_enable_x64", True)
     opt = _optimizers()[name]()
@@ -239,6 +241,10 @@ def test_jitted_steps_run_state_only_boundary_work_after_their_outputs(name, don
         return adaptlr.apply_updates(params, updates), state
 
     step = jit_step(opt, donate=donate) if helper == "jit_step" else jit_update(opt, donate_state=donate)
+    # Bit for bit, but AutoDrop's average: on an ordinary step its shift is zero, known to the step
+    # that knows its count on the host (adaptlr.backends.jax_known_count), and XLA:CPU contracts
+    # θ + α·d into one fused multiply-add (1 ulp from the plain step's, which adds a zero between)
+    exact = name != "autodrop-average" or helper == "jit_update"
     want_params = [jnp.array(p) for p in params]  # the step donates its params
     state, want_state = opt.init(params), opt.init(want_params)
     for t in range(STEPS):
@@ -247,7 +253,13 @@ def test_jitted_steps_run_state_only_boundary_work_after_their_outputs(name, don
         params = first if helper == "jit_step" else adaptlr.apply_updates(params, first)
         want_params, want_state = plain([jnp.array(g) for g in grads], want_state, want_params)
         for a, b in zip(optree.tree_leaves((params, state)), optree.tree_leaves((want_params, want_state))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            a, b = np.asarray(a), np.asarray(b)
+            if exact or b.dtype.kind != "f":
+                np.testing.assert_array_equal(a, b)
+            else:  # (the documented rule: normwise, NaN where the plain step has NaN)
+                assert np.array_equal(np.isnan(a), np.isnan(b))
+                a, b = np.nan_to_num(a), np.nan_to_num(b)
+                assert np.linalg.norm(a - b) <= tolerance("float64", STEPS) * np.linalg.norm(b)
     if name == "active":  # (AutoDrop's work is read by its step: not deferred)
         hlo = step.compile(grads, state, params).as_text()
         copies = copies_per_computation(hlo, "f64")

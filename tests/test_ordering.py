@@ -71,3 +71,29 @@ def test_traced_values_wait_for_a_new_array_through_its_first_element() -> None:
     out = jax.jit(step)(grads, jnp.full((2, 2), np.nan))  # whatever the new array holds
     np.testing.assert_array_equal(np.asarray(out), np.asarray(grads))
     np.testing.assert_array_equal(np.signbit(np.asarray(out)), np.signbit(np.asarray(grads)))
+
+
+@pytest.mark.skipif(not has_jax, reason="jax is not installed")
+@pytest.mark.parametrize("t", [1, 2**31 - 1])
+def test_as_loop_fusion_gives_every_value_back(t: int) -> None:
+    """``as_loop_fusion``: eager, the same arrays; traced, the same values (signed zeros, NaN, ±∞,
+    subnormals) for every count, only arrays of more than one dimension made a select (round 27)."""
+    import jax
+    import jax.numpy as jnp
+
+    from adaptlr._ordering import as_loop_fusion
+
+    eager = [np.ones((2, 3))]
+    assert as_loop_fusion(np, eager, np.asarray(1.0)) is eager
+    square = jnp.asarray([[1.0, -0.0, np.nan], [np.inf, -np.inf, 3e-45]], dtype=jnp.float32)
+    line = jnp.asarray([1.0, -0.0])
+
+    def step(square: jax.Array, line: jax.Array, t: jax.Array) -> list:
+        out = as_loop_fusion(jnp, [square, line], t.astype(jnp.float64))
+        assert out[0] is not square and out[1] is line
+        return out
+
+    for got, want in zip(jax.jit(step)(square, line, jnp.asarray(t, dtype=jnp.int32)), (square, line), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.signbit(np.asarray(got)), np.signbit(np.asarray(want)))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -32,8 +32,9 @@ def _per_block_boundary(step: Callable[[], object]) -> Callable[[], None]:
     scalars, as before round 14)."""
     modules = [sys.modules["adaptlr.active"], sys.modules["adaptlr.autodrop"]]
 
-    def per_part(xp: object, pred: object, boundary: Callable, operands: tuple, scalars: object = None) -> tuple:
-        return adaptlr._boundary.at_boundary(xp, pred, boundary, operands)
+    def per_part(xp: object, pred: object, boundary: Callable, operands: tuple, scalars: object = None,
+                 **options: object) -> tuple:
+        return adaptlr._boundary.at_boundary(xp, pred, boundary, operands, **options)  # type: ignore[arg-type]
 
     def run() -> None:
         for module in modules:
