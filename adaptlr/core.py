@@ -552,6 +552,13 @@ class Optimizer:
         return all(getattr(adaptation, "guard", None) is None for adaptation in self.adaptations)
 
     @property
+    def counts_every_step(self) -> bool:
+        """Whether every step's new count is its input count + 1 (the guard of
+        :func:`adaptlr.skip_nonfinite` returns the old count where a step is not finite), so that an
+        executor may follow the count on the host (:mod:`adaptlr.backends.jax_known_count`)."""
+        return self.donation_safe
+
+    @property
     def scalar_condition(self) -> float:
         """The condition of the base's step scalars (:meth:`BaseDirection.scalar_condition`)."""
         return self.base.scalar_condition()

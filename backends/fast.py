@@ -549,7 +549,7 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
     forwarded = [False]  # whether a trace left unchanged state out (not donated: _left_out_unchanged)
     keeps_inputs = 3 not in donated  # base and adaptations not donated: unchanged leaves left out
     arguments = StepArguments(donated, rates_by_value=not callable(opt.base.learning_rate))
-    counted = KnownCount()  # the count on the host: epoch-boundary work left out where not due
+    counted = KnownCount(opt.counts_every_step)  # the count on the host: boundary work left out where not due
 
     def inner(grads: Any, count: Any, rates: list, base: Any, adaptations: Any, params: Any,
               layout: RateLayout, answers: tuple[bool, ...] | None) -> Any:

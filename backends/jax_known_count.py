@@ -15,7 +15,8 @@ argument of the jitted step, so there is one executable per pattern of answers (
 ordinary step, whose boundary work is left out and whose fields are the inputs' own arrays, which
 the executor then forwards without a copy; and an epoch boundary, traced as before). A step given a
 count it cannot read (traced inside another function) runs the first trace, which decides on the
-device as before.
+device as before, and so does every step of an optimizer whose steps may leave the count unchanged
+(``adaptlr.skip_nonfinite``'s skipped steps: ``Optimizer.counts_every_step``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ __all__ = ["KnownCount"]
 class KnownCount:
     """The host's side of a jitted step's count (module docstring)."""
 
-    def __init__(self) -> None:
-        self.rules: list | None = None  # the boundary rules of the step, in its order (None: not traced yet)
+    def __init__(self, follows: bool = True) -> None:
+        # the boundary rules of the step, in its order (None: not traced yet; [] none, or a count the
+        # host cannot follow: an optimizer whose steps may leave it unchanged, Optimizer.counts_every_step)
+        self.rules: list | None = None if follows else []
         self._returned: Any = None  # the count array the step returned last (kept: identity is sameness)
         self._value: int | None = None  # its value
 

@@ -186,3 +186,30 @@ def test_activelr_gradient_sum_is_not_a_lone_addition_under_jit():
     assert set(executables) == {None, (False,)}
     hlo = executables[(False,)].as_text()
     assert not re.search(r"%wrapped_add\S* = f64\[4,3,3\]", hlo)  # (a 1-D one is fine)
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_a_guarded_step_that_leaves_its_count_is_decided_on_the_device(donate):
+    """``skip_nonfinite`` returns the old count where a step is not finite, so the host cannot follow
+    the count (``Optimizer.counts_every_step`` is False): every step is the one that decides on the
+    device, equal to ``jax.jit`` of the plain update over skipped steps and epoch boundaries."""
+    params, targets = _problem(11)
+    opt = adaptlr.skip_nonfinite(_optimizers()["active"]())
+    assert not opt.counts_every_step and _optimizers()["active"]().counts_every_step
+
+    @jax.jit
+    def plain(grads, state, params):
+        updates, state = opt.update(grads, state, params)
+        return adaptlr.apply_updates(params, updates), state
+
+    step = jit_step(opt, donate=donate)
+    want_params = [jnp.array(p) for p in params]
+    state, want_state = opt.init(params), opt.init(want_params)
+    for t in range(1, STEPS + 1):
+        grads = _grads(want_params, targets, t)
+        if t in (2, 3):  # skipped: the count stays, and step 3 would otherwise end an epoch
+            grads[0] = grads[0].at[0, 0, 0].set(jnp.nan)
+        params, state = step([jnp.array(g) for g in grads], state, params)
+        want_params, want_state = plain(grads, want_state, want_params)
+        _leaves_equal((params, state), (want_params, want_state))
+    assert int(state.count) == STEPS - 2
