@@ -537,7 +537,8 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
     Epoch-boundary work (ActiveLR, AutoDrop) that the count, followed on the host, says is not due is
     left out of the step (:mod:`adaptlr.backends.jax_known_count`): one executable per pattern of
     answers, each compiled ahead of its first call where ``compile`` was used (``memory_analysis``
-    and ``as_text`` are those of the step that traces every boundary, as an epoch boundary runs).
+    and ``as_text`` are those of the step that traces every boundary, as an epoch boundary runs;
+    ``executables`` maps each pattern compiled so far to its compiled step, ``None`` to that one).
     """
     import jax
 
@@ -598,6 +599,7 @@ def _jitted_on_state(opt: Optimizer, donated: tuple[int, ...], with_params: bool
 
         run.memory_analysis = compiled.memory_analysis
         run.as_text = compiled.as_text
+        run.executables = executables  # per pattern of boundary answers (None: the step that decides on the device)
         return run
 
     call.compile = compile

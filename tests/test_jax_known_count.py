@@ -180,9 +180,7 @@ def test_activelr_gradient_sum_is_not_a_lone_addition_under_jit():
     run = step.compile(grads, state, params)
     for _ in range(2):  # step 2 is an ordinary one
         params, state = run(grads, state, params)
-    import inspect
-
-    executables = inspect.getclosurevars(run).nonlocals["executables"]
+    executables = run.executables
     assert set(executables) == {None, (False,)}
     hlo = executables[(False,)].as_text()
     assert not re.search(r"%wrapped_add\S* = f64\[4,3,3\]", hlo)  # (a 1-D one is fine)

@@ -94,9 +94,8 @@ def variants(rounds: int) -> None:
         run = jit_step(opt, donate=False).compile(grads, state, params)
         for _ in range(2):
             params, state = run(grads, state, params)
-        closure = inspect.getclosurevars(run).nonlocals
-        args, _ = closure["arguments"](grads, state, params)
-        for answers, executable in closure["executables"].items():
+        args, _ = inspect.getclosurevars(run).nonlocals["arguments"](grads, state, params)
+        for answers, executable in run.executables.items():
             key = f"{name} {answers}"
             calls[key] = lambda e=executable, a=args: e(*a)
             temps[key] = executable.memory_analysis().temp_size_in_bytes / largest
