@@ -20,28 +20,22 @@ call may be repeated), interleaved with AdamW's; median ms, and XLA's temporarie
 from __future__ import annotations
 
 import inspect
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 
 def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """``adaptlr bench``'s interleaved timing (one warm-up round) of each ``name: call``; median s."""
     import jax
 
-    for call in calls.values():
-        jax.block_until_ready(call())
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        names = list(calls)
-        random.shuffle(names)
-        for name in names:
-            start = time.perf_counter()
-            jax.block_until_ready(calls[name]())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    from adaptlr.backends.bench import Runner, time_runners
+
+    runners = [Runner("", "jax", name, "", "adaptlr", lambda c=call: jax.block_until_ready(c()))
+               for name, call in calls.items()]
+    time_runners(runners, rounds)
+    return {runner.algorithm: statistics.median(runner.times) for runner in runners}
 
 
 def tiled(rounds: int) -> None:
