@@ -55,7 +55,6 @@ import optree
 
 from adaptlr import _validation as v
 from adaptlr._ordering import first_elements_of, jax_traced, never_true, wait_for
-from adaptlr._reduce import in_own_chain
 
 __all__ = ["KnownDue", "at_boundary", "carry_after", "carry_in_place_of", "carrying", "deferring", "is_carrying",
            "known_due", "select_both"]
@@ -187,7 +186,6 @@ def at_boundary(xp: Any, pred: Any, boundary: Callable[..., Any], operands: tupl
         known = _KNOWN_DUE.get() if due is not None else None
         if known is not None and not known.may_be_due(due):  # type: ignore[arg-type]  # due is set
             return tuple(operands)
-        boundary = in_own_chain(boundary)  # its sums, traced in the loop's body, stay there
         recorded = _DEFERRED.get()
         if state_only and recorded is not None:
             recorded.append((pred, boundary, tuple(operands)))

@@ -20,113 +20,81 @@ The torch counterpart (a ``process_group`` for locally sharded parameters withou
 ZeRO-style optimizers) is a completer that calls ``torch.distributed.all_reduce``; it is not
 implemented yet.
 
-**Terms that several sums read, made one after another under JAX tracing** (:func:`chained_sums`).
+**Terms that several sums read, made again for each sum under JAX tracing** (:class:`Term`).
 XLA:CPU fuses an elementwise term into the reduction that reads it, but a term that two reductions
-read (DSA's ``G ⊙ P``, ``G ⊙ G`` and ``P ⊙ P``, each summed over rows and over columns) becomes an
-array as large as its leaf, and XLA's scheduler makes the terms of every leaf before it reduces
-any: their buffers are live together (DSA(AdamW) on ResNet-18 shapes, donated: 89 MiB of
-temporaries, twice the model, and 4–6× AdamW's step). Within :func:`chained_sums`
-(``Optimizer.update_leaves`` while JAX traces it; a boundary's work in its own chain), such a
-:class:`Term` (``reads > 1``) waits for the sums of the one before it (``where(s > ∞, NaN, term)``,
-:func:`adaptlr._ordering.wait_for`, fused into the term's own loop: no pass more), so one is live
-at a time and the next reuses its buffer (9 MiB, 1.9× AdamW: docs/performance.md, round 23). Not
-the terms one sum reads: the select would keep XLA from fusing them into their reduction
-(measured: D-Adaptation and DoG slower). Eager backends sum in program order already.
+read (DSA's ``G ⊙ P``, ``G ⊙ G`` and ``P ⊙ P``, each summed over rows and over columns) became an
+array as large as its leaf, written by a lone elementwise loop and read back by each reduction: 7
+words per parameter to make DSA's three products and 6 to read them, where reading ``G`` and ``P``
+in each reduction is 8 (and XLA's scheduler made the terms of every leaf before it reduced any:
+89 MiB of temporaries on ResNet-18 shapes until round 23 made them wait for each other, 9 MiB
+since). So under JAX tracing a :class:`Term` of at least :data:`READ_AGAIN_ELEMENTS` elements is
+not kept: the first sum makes it from its inputs, each later one from the inputs passed through
+``jax.lax.optimization_barrier`` (:func:`adaptlr.backends.jax_reads.read_again`), which XLA cannot
+see through, so it does not merge the products into one (common subexpressions) and fuses each into
+its own reduction: no temporaries, the same numbers (docs/performance.md, round 28: DSA(AdamW)
+×AdamW 2.2 → 1.8 jitted, 1.9 → 1.6 donated). Eager backends keep the term made by the first sum.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from adaptlr._ordering import first_elements_of, jax_traced, wait_for
+from adaptlr._ordering import jax_traced
 from adaptlr._scan import add_all
 
-__all__ = ["Reducer", "Term", "add_all", "chained_sums", "in_own_chain", "leaf_split_axes", "reduced_dims",
-           "term_value"]
+__all__ = ["READ_AGAIN_ELEMENTS", "Reducer", "Term", "add_all", "leaf_split_axes", "reduced_dims", "term_value"]
 
-# the smallest term that is chained: smaller ones are cheap to keep live together, and chaining
-# the 1,500 terms of DSA on 500 tensors of 2,048 elements made its step compile 50 % longer (round 23)
-CHAINED_ELEMENTS = 1 << 16
-# the sums made since the last chained term, within chained_sums (None outside)
-_CHAIN: ContextVar[list | None] = ContextVar("adaptlr_sum_chain", default=None)
-
-
-@contextmanager
-def chained_sums() -> Iterator[None]:
-    """Within the block, each :class:`Term` that several sums read (of at least
-    :data:`CHAINED_ELEMENTS` elements) waits for the sums of the one before it, where JAX traces
-    them (module docstring); a block within the block starts its own chain and gives the outer one
-    back at its end."""
-    token = _CHAIN.set([])
-    try:
-        yield
-    finally:
-        _CHAIN.reset(token)
-
-
-def in_own_chain(work: Callable[..., Any]) -> Callable[..., Any]:
-    """``work`` run in a chain of its own (:func:`chained_sums`): for work traced inside another
-    trace (an epoch boundary's loop body), whose sums must not be waited for outside it, nor wait
-    for sums outside it."""
-
-    def run(*args: Any) -> Any:
-        with chained_sums():
-            return work(*args)
-
-    return run
-
-
-def _after_chain(xp: Any, term: Any) -> Any:
-    """``term`` (the array of a :class:`Term` several sums read, just made) made to wait for the
-    sums of the chain, which it then starts again; ``term`` itself outside a chain, where nothing
-    is traced, below :data:`CHAINED_ELEMENTS`, or for a term that is not floating (no NaN to
-    select)."""
-    chain = _CHAIN.get()
-    if not chain or math.prod(term.shape) < CHAINED_ELEMENTS:
-        return term
-    sums = first_elements_of(chain)
-    chain.clear()
-    if not xp.isdtype(term.dtype, "real floating"):
-        return term
-    return wait_for(xp, [term], sums)[0]
-
-
-def _chained(total: Any) -> Any:
-    """``total``, a sum of such a term just made, added to the chain (where there is one)."""
-    chain = _CHAIN.get()
-    if chain is not None:
-        chain.append(total)
-    return total
+# the smallest term made again for each sum under JAX tracing: smaller ones are made once (fewer
+# instructions to compile: DSA on 500 tensors of 2,048 elements has 1,500 such terms)
+READ_AGAIN_ELEMENTS = 1 << 16
 
 
 Completer = Callable[[Any, tuple], Any]
 
 
 class Term:
-    """A leaf's term of a sum (``g ⊙ d``), made when a sum first reads it (:meth:`Reducer.leaf_sum`),
-    then kept: a part's second pass, given the whole sums, does not make it
-    (:mod:`adaptlr.backends.part_sums`), as generators of ``total``'s terms are not evaluated there.
-    ``ndim``: the term's number of dimensions, known without making it. ``reads``: how many sums
-    read it (DSA's products: over rows and over columns); a term more than one sum reads is made
-    after the sums of the one before it (:func:`chained_sums`)."""
+    """A leaf's term of a sum, ``make(*inputs)`` (``g ⊙ d``: ``Term(operator.mul, (g, d), g.ndim)``),
+    made when a sum first reads it (:meth:`Reducer.leaf_sum`), then kept: a part's second pass,
+    given the whole sums, does not make it (:mod:`adaptlr.backends.part_sums`), as generators of
+    ``total``'s terms are not evaluated there. ``ndim``: the term's number of dimensions, known
+    without making it. ``reads``: how many sums read it (DSA's products: over rows and over
+    columns); under JAX tracing such a term is made again for each sum (module docstring)."""
 
-    __slots__ = ("_make", "_value", "ndim", "reads")
+    __slots__ = ("_inputs", "_make", "_reads_made", "_value", "ndim", "reads")
 
-    def __init__(self, make: Callable[[], Any], ndim: int, reads: int = 1) -> None:
-        self._make: Callable[[], Any] | None = make
+    def __init__(self, make: Callable[..., Any], inputs: Sequence[Any], ndim: int, reads: int = 1) -> None:
+        self._make: Callable[..., Any] | None = make
+        self._inputs: tuple | None = tuple(inputs)
         self._value: Any = None
+        self._reads_made = 0
         self.ndim = ndim
         self.reads = reads
 
     def value(self) -> Any:
         """The term's array (made on the first call)."""
         if self._make is not None:
-            self._value, self._make = self._make(), None
+            self._value = self._make(*self._inputs)  # type: ignore[misc]  # set with _make
+            self._make = self._inputs = None
         return self._value
+
+    def made_for_one_sum(self) -> Any:
+        """The term made for one of the several sums that read it under JAX tracing, or None (an
+        eager backend, a term below :data:`READ_AGAIN_ELEMENTS` or already kept: :meth:`value`).
+        The first from the inputs themselves, each later one from the inputs passed through
+        ``jax.lax.optimization_barrier`` (module docstring)."""
+        inputs = self._inputs
+        if self.reads < 2 or self._make is None or inputs is None or not jax_traced(list(inputs)):
+            return None
+        if max(math.prod(x.shape) for x in inputs) < READ_AGAIN_ELEMENTS:
+            return None
+        if self._reads_made:
+            from adaptlr.backends.jax_reads import read_again  # pyright: ignore[reportMissingImports]
+
+            inputs = read_again(inputs)
+        self._reads_made += 1
+        return self._make(*inputs)
 
 
 def term_value(x: Any) -> Any:
@@ -182,19 +150,14 @@ class Reducer:
 
     def leaf_sum(self, i: int, x: Any, axis: Any = None, *, keepdims: bool = False, dtype: Any = None) -> Any:
         """``Σ`` of leaf ``i``'s array ``x`` (or :class:`Term`) over ``axis`` (all by default), over every shard."""
-        chained = False
         if isinstance(x, Term):
-            term, made_here = x, x._make is not None
-            x = term.value()
-            # (JAX traces only: torch.compile does not trace a ContextVar, and orders the step itself)
-            chained = term.reads > 1 and jax_traced([x])
-            if chained and made_here:  # made now: after the sums of the chain, and kept so
-                x = term._value = _after_chain(self.xp, x)
+            made = x.made_for_one_sum()
+            x = x.value() if made is None else made
         total = self.xp.sum(x, axis=axis, keepdims=keepdims, dtype=dtype)
         if self.complete is not None:
             names = self._axes_of(i, x.ndim, axis)
             total = self.complete(total, names) if names else total
-        return _chained(total) if chained else total
+        return total
 
     def total(self, terms: Iterable[Any], dtype: Any = None) -> Any:
         """``Σ`` over every element of every leaf's term (``terms[i]`` shaped like leaf ``i``).

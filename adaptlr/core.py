@@ -42,9 +42,9 @@ import optree
 
 from adaptlr import _validation as v
 from adaptlr._inplace import add_, add_scaled_, mul_, sub_
-from adaptlr._ordering import jax_traced, ordered_after
+from adaptlr._ordering import ordered_after
 from adaptlr._precision import cast_like, computed_once, counter_dtype, next_count, widest_float
-from adaptlr._reduce import Reducer, chained_sums, leaf_split_axes
+from adaptlr._reduce import Reducer, leaf_split_axes
 from adaptlr._tree import Layout
 
 __all__ = [
@@ -627,19 +627,8 @@ class Optimizer:
         learning rate and weight decay: the torch adapter passes its param groups' values here.
         ``reducer`` completes sums over sharded parameters (default: plain ``xp.sum``).
         ``scalars``: this step's :meth:`Scalars.of_step`, shared by the parts of one step (default:
-        made here). Under JAX tracing, the terms that several of the step's sums read are made one
-        after another (:func:`adaptlr._reduce.chained_sums`).
+        made here).
         """
-        # (not inside shard_map, where each device holds its own shards: a flag from one device's
-        # first element would make the replicated leaves' results differ between devices)
-        if not jax_traced(params) or (reducer is not None and reducer.complete is not None):
-            return self._step_leaves(xp, layout, grads, state, params, alpha, weight_decay, reducer, scalars)
-        with chained_sums():
-            return self._step_leaves(xp, layout, grads, state, params, alpha, weight_decay, reducer, scalars)
-
-    def _step_leaves(self, xp: Any, layout: Layout, grads: list, state: OptimizerState, params: list,
-                     alpha: list | None, weight_decay: Sequence[float] | None, reducer: Reducer | None,
-                     scalars: Scalars | None) -> tuple[list, OptimizerState]:
         base = self.base
         caller_params = params
         params = self._in_state_dtype(xp, params)

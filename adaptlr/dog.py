@@ -35,6 +35,7 @@ follows ``dog_optimizer``: the first step is ``init_eta`` whatever ``α``; equal
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -168,9 +169,9 @@ class DoGDirection(BaseDirection):
         first = scalars.per_step("t = 1", lambda: scalars.count == 1)  # one array per step (Scalars.once's inputs)
         # Terms as generators, or Terms: a part's second pass, given the whole sums, does not make them.
         if self.layerwise:
-            sq_dist = [reduce.leaf_sum(i, Term(lambda p=p, p0=p0: _squared(p - p0), p.ndim), dtype=wide)
+            sq_dist = [reduce.leaf_sum(i, Term(lambda p, p0: _squared(p - p0), (p, p0), p.ndim), dtype=wide)
                        for i, (p, p0) in enumerate(zip(params, x0))]
-            grad_sq = [reduce.leaf_sum(i, Term(lambda g=g: g * g, g.ndim), dtype=wide) for i, g in enumerate(grads)]
+            grad_sq = [reduce.leaf_sum(i, Term(operator.mul, (g, g), g.ndim), dtype=wide) for i, g in enumerate(grads)]
             rbar_old = layout.leaves(state.rbar, "state.rbar")
             g_old = layout.leaves(state.grad_sq_sum, "state.grad_sq_sum")
         else:

@@ -27,6 +27,7 @@ before the base step::
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -220,7 +221,7 @@ class DSA(Adaptation):
             # (made where a sum reads them: a row block's second pass, given every sum, does not)
             kinds: tuple[str, ...] = tuple(str(kind) for kind in factors)
             reads = sum(kind in ("row", "col") for kind in kinds) or 1  # (the tensor's from those)
-            gp, gg, pp = (Term(lambda a=a, b=b: a * b, g.ndim, reads) for a, b in ((g, p), (g, g), (p, p)))
+            gp, gg, pp = (Term(operator.mul, (a, b), g.ndim, reads) for a, b in ((g, p), (g, g), (p, p)))
             sums.append((work, *(_slice_sums(ctx.reduce, i, x, kinds) for x in (gp, gg, pp))))
 
         def updated(dot: Any, g2: Any, p2: Any, factor: Any, beta: Any, eps: Any) -> Any:

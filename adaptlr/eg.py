@@ -24,6 +24,7 @@ see ``docs/algorithms/eg.md`` for what is known and what is our choice.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -144,7 +145,7 @@ class EGStepSize(Adaptation):
         # (terms made where a sum reads them: a row block's second pass does not)
         scales = [
             s * xp.astype(xp.exp(self._clip(ctx, wide_lr * ctx.reduce.leaf_sum(
-                i, Term(lambda pv=pv, g=g: pv * g, g.ndim), dtype=scalars.wide))), s.dtype)
+                i, Term(operator.mul, (pv, g), g.ndim), dtype=scalars.wide))), s.dtype)
             for i, (s, pv, g) in enumerate(zip(layout.leaves(state.scale, "state.scale"), prev_steps, grads,
                                                strict=True))
         ]

@@ -22,6 +22,7 @@ sums are accumulated in float64 where the backend has it.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple
 
 import array_api_compat
@@ -155,10 +156,10 @@ class Hypergradient(Adaptation):
             if self.granularity == "tensor":  # sums in the widest float, then the state dtype
                 wide, leaf_sum = scalars.wide, ctx.reduce.leaf_sum
                 # (terms made where a sum reads them: a row block's second pass does not)
-                h = leaf_sum(i, Term(lambda g=g, d=d: g * d, g.ndim), dtype=wide)
+                h = leaf_sum(i, Term(operator.mul, (g, d), g.ndim), dtype=wide)
                 if multiplicative:
-                    h = _cosine(xp, h, leaf_sum(i, Term(lambda g=g: g * g, g.ndim), dtype=wide),
-                                leaf_sum(i, Term(lambda d=d: d * d, d.ndim), dtype=wide))
+                    h = _cosine(xp, h, leaf_sum(i, Term(operator.mul, (g, g), g.ndim), dtype=wide),
+                                leaf_sum(i, Term(operator.mul, (d, d), d.ndim), dtype=wide))
                 h = xp.astype(h, a.dtype)
             else:
                 h = xp.sign(g * d) if multiplicative else g * d

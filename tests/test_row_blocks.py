@@ -239,29 +239,29 @@ def test_a_row_blocks_second_pass_reads_its_first_pass_row_sums_and_makes_no_ter
 
     x = np.arange(12.0).reshape(3, 4)
     made = []
-    term = Term(lambda: made.append(1) or x, 2)
+    term = Term(lambda a: made.append(1) or a, (x,), 2)
     recorder = part_sums.Recorder(np, None, rows=True)
     rows = recorder.leaf_sum(0, term, axis=1)
     assert rows.tolist() == [6.0, 22.0, 38.0] and recorder.own == [rows]
     assert recorder.leaf_sum(0, term, axis=0).tolist() == [12.0, 15.0, 18.0, 21.0]
     assert made == [1] and len(recorder.partials) == 1  # one term for both sums; the column sums are partial
 
-    def never() -> None:
+    def never(*inputs: object) -> None:
         raise AssertionError("the second pass made a term")
 
     replayer = part_sums.Replayer(np, ["columns"], rows=True, own=recorder.own)
-    assert replayer.leaf_sum(0, Term(never, 2), axis=1) is rows
-    assert replayer.leaf_sum(0, Term(never, 2), axis=0) == "columns"
+    assert replayer.leaf_sum(0, Term(never, (), 2), axis=1) is rows
+    assert replayer.leaf_sum(0, Term(never, (), 2), axis=0) == "columns"
     replayer.check_all_used()
     # a second pass that asks for fewer of its own sums than the first made is not the same step
     short = part_sums.Replayer(np, ["columns"], rows=True, own=recorder.own)
-    short.leaf_sum(0, Term(never, 2), axis=0)
+    short.leaf_sum(0, Term(never, (), 2), axis=0)
     with pytest.raises(RuntimeError, match="cannot run in parts"):
         short.check_all_used()
     # the reducer of an unsplit step makes the term
     from adaptlr._reduce import Reducer
 
-    assert Reducer(np).leaf_sum(0, Term(lambda: x, 2), axis=1).tolist() == [6.0, 22.0, 38.0]
+    assert Reducer(np).leaf_sum(0, Term(lambda a: a, (x,), 2), axis=1).tolist() == [6.0, 22.0, 38.0]
 
 
 @pytest.mark.parametrize("name", ["dsa", "ldog", "hd-tensor", "eg-tensor"])
@@ -285,8 +285,9 @@ def test_row_blocks_make_their_sums_terms_in_the_first_pass_only(name, monkeypat
     # per step: each of the 10 row blocks in its first pass, each of the 3 whole tensors in its one pass
     assert once == 3 * terms * (10 + 3), once
 
-    def eager(self, make, ndim, reads=1):  # round 20: every term made where the step names it ...
-        self._make, self._value, self.ndim, self.reads = None, make(), ndim, reads
+    def eager(self, make, inputs, ndim, reads=1):  # round 20: every term made where the step names it ...
+        self._make, self._inputs, self._value, self.ndim, self.reads = None, None, make(*inputs), ndim, reads
+        self._reads_made = 0
 
     monkeypatch.setattr(Term, "__init__", eager)
     monkeypatch.setattr(part_sums.Recorder, "_own", lambda self, part: part())  # ... every row sum made again
