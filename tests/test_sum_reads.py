@@ -110,7 +110,7 @@ def _read_again_calls(reads: int, rows: int, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_only_large_terms_that_several_sums_read_are_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = READ_AGAIN_ELEMENTS // 256
-    assert _read_again_calls(2, rows, monkeypatch)[0] == 1  # the first sum from the inputs, the second behind the barrier
+    assert _read_again_calls(2, rows, monkeypatch)[0] == 1  # the first sum from the inputs, the second not
     assert _read_again_calls(1, rows, monkeypatch)[0] == 0  # read once: kept (XLA fuses it into its one sum)
     assert _read_again_calls(2, rows // 2, monkeypatch)[0] == 0  # below READ_AGAIN_ELEMENTS: made once
 
