@@ -25,9 +25,10 @@ XLA:CPU fuses an elementwise term into the reduction that reads it, but a term t
 read (DSA's ``G ⊙ P``, ``G ⊙ G`` and ``P ⊙ P``, each summed over rows and over columns) became an
 array as large as its leaf, written by a lone elementwise loop and read back by each reduction: 7
 words per parameter to make DSA's three products and 6 to read them, where reading ``G`` and ``P``
-in each reduction is 8 (and XLA's scheduler made the terms of every leaf before it reduced any:
+in each reduction is at most 8 (6 on ResNet-18's shapes, where XLA fuses the three column sums
+into one loop), and XLA's scheduler made the terms of every leaf before it reduced any:
 89 MiB of temporaries on ResNet-18 shapes until round 23 made them wait for each other, 9 MiB
-since). So under JAX tracing a :class:`Term` of at least :data:`READ_AGAIN_ELEMENTS` elements is
+since. So under JAX tracing a :class:`Term` of at least :data:`READ_AGAIN_ELEMENTS` elements is
 not kept: the first sum makes it from its inputs, each later one from the inputs passed through
 ``jax.lax.optimization_barrier`` (:func:`adaptlr.backends.jax_reads.read_again`), which XLA cannot
 see through, so it does not merge the products into one (common subexpressions) and fuses each into
