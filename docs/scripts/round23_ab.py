@@ -35,6 +35,10 @@ product last); the same numbers (HD: to rounding)
 compiled ahead of time, as ``adaptlr bench`` compiles it; each round runs every variant once, one
 step each, in a fresh random order (``adaptlr.backends.bench.time_runners``); prints the median step
 time and its quartiles.
+
+Runs on a checkout of rounds 23 to 27 (up to d781dde): round 28 removed the chain it patches
+(``_after_chain``, ``CHAINED_ELEMENTS``, ``tests/test_sum_chain.py``; DSA's products are made again
+for each sum instead, ``docs/scripts/round28_reads.py``).
 """
 
 from __future__ import annotations
