@@ -39,6 +39,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from round24_ab import _tree  # (the same checkout of BEFORE)
+from round27_tiled import _interleaved  # adaptlr bench's interleaved timing of named calls
+
 _ARRAY = re.compile(r"\b(f32|f64|s32|s64|u32|pred)\[([0-9,]*)\]")
 _BYTES = {"f32": 4, "f64": 8, "s32": 4, "s64": 8, "u32": 4, "pred": 1}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([\w\-]+)\((.*)$")
@@ -62,18 +66,6 @@ def words_per_parameter(hlo: str, parameters: int) -> float:
             operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
             total += sizes[name] + sum(sizes.get(o, 0) for o in operands)
     return total / 4 / parameters
-
-
-def _interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """``adaptlr bench``'s interleaved timing (one warm-up round) of each ``name: call``; median s."""
-    import jax
-
-    from adaptlr.backends.bench import Runner, time_runners
-
-    runners = [Runner("", "jax", name, "", "adaptlr", lambda c=call: jax.block_until_ready(c()))
-               for name, call in calls.items()]
-    time_runners(runners, rounds)
-    return {runner.algorithm: statistics.median(runner.times) for runner in runners}
 
 
 def toy(rounds: int) -> None:
@@ -167,9 +159,6 @@ def ab_worker(set_name: str) -> dict:
 
 
 def ab(before: str, set_name: str, rounds: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from round24_ab import _tree  # (the same checkout of BEFORE)
-
     package = str(_tree(before))
     results: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(rounds):
