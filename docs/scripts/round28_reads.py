@@ -18,7 +18,8 @@ the optimized HLO, and whether the sums agree bit for bit.
 ``ab``: interleaved processes of each side (one round: a worker per side, in a random order, as
 ``docs/scripts/round26_boundary.py``; ``BEFORE`` checked out as ``docs/scripts/round24_ab.py`` does);
 a worker compiles AdamW's and DSA(AdamW)'s ``jit_step`` with and without donation ahead of time,
-runs two steps, times ``STEPS`` steps of each, interleaved, and reports medians; printed per side
+runs two steps, times ``STEPS`` steps of each as ``adaptlr bench`` does (interleaved rounds after
+one warm-up round), and reports medians; printed per side
 the median over rounds, × AdamW on the same path, each round's median, and from the first round
 XLA's temporaries × the largest tensor, the words per parameter that the entry computation's
 instructions read and write (operands and results of every instruction on arrays, from the
@@ -149,13 +150,8 @@ def ab_worker(set_name: str) -> dict:
             temp = executable.memory_analysis().temp_size_in_bytes / largest
             notes[key] = [temp, words_per_parameter(executable.as_text(), parameters), seconds]
             runners[key] = run
-    times: dict[str, list[float]] = {key: [] for key in runners}
-    for _ in range(STEPS):
-        for key in random.sample(list(runners), len(runners)):
-            started = time.perf_counter()
-            runners[key]()
-            times[key].append(time.perf_counter() - started)
-    return {key: [statistics.median(t) * 1e3, *notes[key]] for key, t in times.items()}
+    medians = _interleaved(runners, STEPS)
+    return {key: [median * 1e3, *notes[key]] for key, median in medians.items()}
 
 
 def ab(before: str, set_name: str, rounds: int) -> None:

@@ -6,16 +6,14 @@ Prodigy, D-Adapt SGD, D-Adapt Adam and DoG through the torch adapter's default p
 shapes (float32 parameters), as they are (each product of a sum stored in float64 as it is made,
 ``adaptlr._inplace.mul_for_sum``, and summed in float64) and with the sums patched to float32
 (``x·y`` in float32, summed in float32, the total then widened: not spec §0.2, an experiment),
-against the upstream PyTorch optimizer on the same tensors (``adaptlr bench``'s); interleaved,
-one warm-up round; median ms and × upstream.
+against the upstream PyTorch optimizer on the same tensors (``adaptlr bench``'s); interleaved as
+``adaptlr bench`` times (``time_runners``: one warm-up round); median ms and × upstream.
 """
 
 from __future__ import annotations
 
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +30,7 @@ def main(rounds: int) -> None:
     import adaptlr
     import adaptlr._reduce as reduce_module
     from adaptlr._inplace import mul_
-    from adaptlr.backends.bench import _upstream_torch
+    from adaptlr.backends.bench import Runner, _upstream_torch, time_runners
 
     modules = [sys.modules[m] for m in ("adaptlr.prodigy", "adaptlr.dadapt", "adaptlr.dog")]
     originals = [m.mul_for_sum for m in modules]
@@ -50,7 +48,7 @@ def main(rounds: int) -> None:
         for module, original in zip(modules, originals, strict=True):
             module.mul_for_sum = narrow if on else original
 
-    runners: list[tuple[str, str, Callable[[], None], list[float]]] = []
+    runners: list[Runner] = []
     for name in NAMES:
         for narrow_sums in (False, True):
             patched(narrow_sums)
@@ -64,7 +62,8 @@ def main(rounds: int) -> None:
                 finally:
                     patched(False)
 
-            runners.append((name, "float32 sums" if narrow_sums else "float64 sums", run, []))
+            runners.append(Runner("resnet18", "torch", name, "float32 sums" if narrow_sums else "float64 sums",
+                                  "adaptlr", run))
         found = _upstream_torch(name)
         assert found is not None, name
         params = _params()
@@ -73,21 +72,12 @@ def main(rounds: int) -> None:
         for p in params:
             p.grad = torch.randn(p.shape, generator=generator) * 0.01
         native.step()
-        runners.append((name, "upstream", native.step, []))
-    shuffle = random.Random(0).shuffle
-    for r in range(rounds + 1):
-        order = list(runners)
-        shuffle(order)
-        for *_, run, times in order:
-            started = time.perf_counter()
-            run()
-            if r:
-                times.append(time.perf_counter() - started)
+        runners.append(Runner("resnet18", "torch", name, "upstream", "native", native.step))
+    time_runners(runners, rounds)  # adaptlr bench's interleaved rounds, one warm-up round
     print(f"torch adapter default path, ResNet-18 shapes, {rounds} interleaved rounds; median ms, × upstream")
-    medians = {(name, kind): statistics.median(times) for name, kind, _, times in runners}
+    medians = {(r.algorithm, r.path): statistics.median(r.times) for r in runners}
     for (name, kind), median in medians.items():
         print(f"  {name:12s} {kind:13s} {median * 1e3:6.1f} ms  {median / medians[(name, 'upstream')]:.2f}×")
-
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
