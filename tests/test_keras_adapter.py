@@ -22,8 +22,6 @@ BACKENDS = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}  # Keras
 SCRIPT = os.path.join(os.path.dirname(__file__), "keras_checks.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
-# one pytest-xdist worker runs every test here: the module's fixture starts the Keras subprocesses once
-pytestmark = pytest.mark.xdist_group("keras")
 OPTIMIZERS = ["adamw", "active(adamw)", "autodrop(sgd)", "hypergradient(adam)", "adamw(schedule)",
               "schedule_free_adamw", "mechanic(adamw)"]
 

@@ -18,8 +18,6 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 TIME_LIMIT_S = 240  # the worker takes ~18 s on the 2-core VM
 WORKER = Path(__file__).with_name("distributed_worker.py")
-# one pytest-xdist worker runs every test here: the module's fixture starts the 2 gloo processes once
-pytestmark = pytest.mark.xdist_group("torch_distributed")
 
 
 @pytest.fixture(scope="module")
