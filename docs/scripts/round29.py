@@ -169,22 +169,14 @@ def numpy_blocks(rounds: int) -> None:
 def adapter(steps: int) -> None:
     import cProfile
     import pstats
-    import statistics
-    import time
 
     from round12_ab import _adapter
+    from round18_sums import _median_us  # (20 warm-up calls, then the median)
 
     import adaptlr
 
     step = _adapter(adaptlr.adamw(1e-3))
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    print(f"torch adapter, default AdamW, ResNet-18 shapes: median {statistics.median(times) * 1e3:.1f} ms a step")
+    print(f"torch adapter, default AdamW, ResNet-18 shapes: median {_median_us(step, steps) / 1e3:.1f} ms a step")
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(steps):
