@@ -44,7 +44,7 @@ import array_api_compat
 
 from adaptlr import _validation as v
 from adaptlr._boundary import at_boundary, carry_after, is_carrying
-from adaptlr._inplace import add_
+from adaptlr._inplace import add_, copy_untracked
 from adaptlr._precision import widest_float
 from adaptlr._tree import Layout
 from adaptlr.core import Adaptation, Optimizer, StepContext, StepSize, scalar_device
@@ -297,9 +297,9 @@ class AutoDrop(Adaptation):
             # after s_e read x_{e-1} (adaptlr._boundary.carrying; nothing is done elsewhere)
             if carried:
                 displacements = [x - x_prev for x, x_prev in zip(xs, carry_after(xp, prev_xs, [dot, sq_norm]))]
-            # (the snapshot: not the caller's array, which may change in place; not through first
-            # elements inside shard_map: each device's own)
-            snapshot = carry_after(xp, [xp.asarray(x, copy=True) for x in xs], displacements,
+            # (the snapshot: not the caller's array, which may change in place, nor autograd's record of
+            # it, as torch.optim's state; not through first elements inside shard_map: each device's own)
+            snapshot = carry_after(xp, [copy_untracked(xp, x) for x in xs], displacements,
                                    first_elements=ctx.reduce.complete is None)
             return snapshot, displacements, xp.where(epoch_start, sq_norm, prev_sq_norm), detector
 
