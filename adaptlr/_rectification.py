@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import array_api_compat
+from adaptlr import _validation as v
 
 __all__ = ["rectification", "rectification_condition"]
 
@@ -26,7 +26,7 @@ def rectification(xp: Any, t: Any, b2: float) -> tuple[Any, Any]:
     b2_t = b2**t
     rho_t = rho_inf - 2.0 * t * b2_t / (1.0 - b2_t)
     defined = rho_t > 4.0
-    safe_rho = xp.where(defined, rho_t, xp.asarray(5.0, dtype=t.dtype, device=array_api_compat.device(t)))
+    safe_rho = xp.where(defined, rho_t, xp.asarray(5.0, dtype=t.dtype, device=v.device_of(t)))
     r_t = xp.sqrt((safe_rho - 4.0) * (safe_rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe_rho))
     return rho_t, r_t
 

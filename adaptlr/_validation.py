@@ -224,6 +224,41 @@ def library_of(x: Any) -> str | None:
     return found
 
 
+_namespace_by_type: dict[type, Any] = {}
+_REMEMBERED = frozenset({"torch", "cupy", "jax"})  # libraries whose namespace is their array type's
+
+
+def namespace_of(x: Any) -> Any:
+    """``array_api_compat.array_namespace(x)``, remembered per array type for torch, CuPy and JAX.
+
+    array-api-compat remembers it in ``functools.lru_cache`` functions, and ``torch.compile`` warns
+    at each such function it traces through (a compiled step would print a dozen warnings); a dict
+    lookup it traces silently. (NumPy's namespace may depend on the array: JAX's float0 arrays.)
+    """
+    kind = type(x)
+    xp = _namespace_by_type.get(kind)
+    if xp is None:
+        xp = array_api_compat.array_namespace(x)
+        if library_of(x) in _REMEMBERED:
+            _namespace_by_type[kind] = xp
+    return xp
+
+
+def device_of(x: Any) -> Any:
+    """``array_api_compat.device(x)``: a torch tensor's ``device`` read directly (see :func:`namespace_of`)."""
+    return x.device if library_of(x) == "torch" else array_api_compat.device(x)
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is an array of an array-API library (``array_api_compat.is_array_api_obj``)."""
+    return library_of(x) is not None
+
+
+def is_numpy_namespace(xp: Any) -> bool:
+    """Whether ``xp`` is NumPy or array-api-compat's NumPy (``array_api_compat.is_numpy_namespace``)."""
+    return getattr(xp, "__name__", None) in {"numpy", "array_api_compat.numpy"}
+
+
 def _device_key(x: Any, library: str) -> Any:
     """A comparable description of where ``x`` lives, or None where it cannot be known (tracers)."""
     if library == "jax":
@@ -263,7 +298,7 @@ def namespace_of_leaves(leaves: Sequence[Any], what: str, paths: Callable[[], li
                     f"{what} live on different devices: {names[0]} on {device}, {names[i]} on "
                     f"{leaf_device}; move them to one device"
                 )
-    return array_api_compat.array_namespace(first)
+    return namespace_of(first)
 
 
 def check_like_params(

@@ -40,8 +40,6 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
 from adaptlr._boundary import at_boundary, carry_after, is_carrying
 from adaptlr._inplace import add_, copy_untracked
@@ -105,7 +103,7 @@ def displacement_angle(dot: Any, sq_norm: Any, prev_sq_norm: Any, xp: Any = None
         sq_norm, prev_sq_norm: their global squared norms.
         xp: the array namespace (default: that of ``dot``).
     """
-    xp = xp or array_api_compat.array_namespace(dot)
+    xp = xp or v.namespace_of(dot)
     defined = xp.logical_and(sq_norm > 0, prev_sq_norm > 0)
     one = xp.ones_like(dot)
     denominator = xp.where(defined, xp.sqrt(sq_norm) * xp.sqrt(prev_sq_norm), one)
@@ -138,7 +136,7 @@ def autodrop_detector(
             ``κ ← max(ρ·κ, min_kappa)`` (spec §3).
         xp: the array namespace (default: that of ``state.theta``).
     """
-    xp = xp or array_api_compat.array_namespace(state.theta)
+    xp = xp or v.namespace_of(state.theta)
     # 1. Latch on a small change of ω (strict <; an undefined Δ compares as False).
     delta_defined = xp.logical_and(omega_defined, state.omega_defined)
     delta = xp.where(delta_defined, omega - state.omega, xp.zeros_like(state.theta))

@@ -36,7 +36,6 @@ import abc
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import array_api_compat
 import numpy as np
 import optree
 
@@ -139,7 +138,7 @@ class StepSize(NamedTuple):
 
     def scaled_by(self, factor: Array, *, weight_decay_too: bool = False) -> StepSize:
         """:meth:`scaled` by one 0-D ``factor`` for every leaf, cast to each leaf's ``α`` dtype."""
-        xp = array_api_compat.array_namespace(factor)
+        xp = v.namespace_of(factor)
         return self.scaled(cast_like(xp, factor, self.alpha), weight_decay_too=weight_decay_too)
 
     def effective(self) -> list[Array]:
@@ -699,7 +698,7 @@ class Optimizer:
                 u = xp.astype(p + u, caller_p.dtype) - caller_p
             updates[i] = u if u.ndim else xp.asarray(u)  # NumPy turns 0-D results into scalars
         new_state = OptimizerState(count, layout.tree(alpha), base_state, tuple(adaptation_states))
-        if array_api_compat.is_numpy_namespace(xp):
+        if v.is_numpy_namespace(xp):
             new_state = _arrays_not_scalars(new_state)
         for i, adaptation in enumerate(self.adaptations):
             guard = getattr(adaptation, "guard", None)
@@ -803,7 +802,7 @@ def scalar_device(x: Array) -> Any:
             return None
         if len(sharding.device_set) > 1 or not getattr(x, "committed", True):
             return None
-    return array_api_compat.device(x)
+    return v.device_of(x)
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:

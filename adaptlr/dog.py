@@ -38,8 +38,6 @@ from __future__ import annotations
 import operator
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
 from adaptlr._inplace import mul_, mul_for_sum
 from adaptlr._precision import cast_like, widest_float
@@ -98,11 +96,11 @@ class DoWGState(NamedTuple):
 
 def _per_leaf(value: Any, layout: Layout, like: tuple) -> list:
     """``value`` (one 0-D array, or a tree of one per leaf) as one array per leaf in ``like``'s dtypes."""
-    if array_api_compat.is_array_api_obj(value):
+    if v.is_array(value):
         values = [value] * len(like)
     else:
         values = layout.leaves(value, "state.base")
-    return [array_api_compat.array_namespace(x).astype(x, a.dtype) for x, a in zip(values, like)]
+    return [v.namespace_of(x).astype(x, a.dtype) for x, a in zip(values, like)]
 
 
 def _wide_scalar(xp: Any, params: list, value: Any) -> Any:

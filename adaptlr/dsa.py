@@ -30,8 +30,6 @@ import math
 import operator
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
 from adaptlr._inplace import add_, mul_, mul_into_donated
 from adaptlr._precision import is_half_precision
@@ -101,7 +99,7 @@ def _apply(size: StepSize, kappa_parts: tuple[list, list], min_lr: Any, max_lr: 
         return scaled
     rates = []
     for rate in scaled.effective():
-        xp = array_api_compat.array_namespace(rate)
+        xp = v.namespace_of(rate)
         if min_lr is not None:
             rate = xp.maximum(rate, xp.astype(min_lr, rate.dtype))
         if max_lr is not None:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import operator
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
 from adaptlr._inplace import clip_, ema_donated, exp_, mul_, mul_donated, mul_for_sum, mul_into_donated
 from adaptlr._ordering import after_first_element
@@ -74,7 +72,7 @@ def _factors(state: EGState, layout: Layout) -> list:
         scales = [state.scale] * len(gains)
     else:
         scales = layout.leaves(state.scale, "state.scale")
-    xp = array_api_compat.array_namespace(gains[0])
+    xp = v.namespace_of(gains[0])
     return [xp.astype(s, p.dtype) * p for s, p in zip(scales, gains, strict=True)]
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import operator
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
 from adaptlr._inplace import add_, is_donated, mul_, mul_for_sum
 from adaptlr._precision import cast_like, widest_float
@@ -63,8 +61,8 @@ class HypergradientState(NamedTuple):
     d_prev: Any
 
     def _lr_leaves(self, layout: Layout, like: tuple) -> list:
-        if array_api_compat.is_array_api_obj(self.lr):  # global: one number for every tensor
-            xp = array_api_compat.array_namespace(self.lr)
+        if v.is_array(self.lr):  # global: one number for every tensor
+            xp = v.namespace_of(self.lr)
             return [xp.astype(self.lr, a.dtype) for a in like]
         return layout.leaves(self.lr, "state.lr")
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import array_api_compat
-
 from adaptlr import _validation as v
 from adaptlr._precision import scalar_caster, widest_float
 from adaptlr._tree import Layout
@@ -65,14 +63,14 @@ class MechanicState(NamedTuple):
 
     def total(self) -> Any:
         """``max(Σ_j s_j, 0)``, the scale of the last step (0-D)."""
-        xp = array_api_compat.array_namespace(self.s[0])
+        xp = v.namespace_of(self.s[0])
         return xp.maximum(_sum(self.s), xp.zeros_like(self.s[0]))
 
     def scale_learning_rate(self, size: StepSize, layout: Layout) -> StepSize:
         return size.scaled_by(self.total(), weight_decay_too=True)
 
     def signals(self, layout: Layout) -> dict[str, Any]:
-        xp = array_api_compat.array_namespace(self.s[0])
+        xp = v.namespace_of(self.s[0])
         return {"s": self.total(), "s_per_beta": xp.stack(list(self.s))}
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import array_api_compat
 import optree
 
 from adaptlr import _validation as v
@@ -116,7 +115,7 @@ class ScheduleFree(UpdateWrapper):
     def _warmup(self, t: Any) -> Any:
         if self.warmup_steps == 0:
             return t * 0.0 + 1.0
-        xp = array_api_compat.array_namespace(t)
+        xp = v.namespace_of(t)
         return xp.where(t <= self.warmup_steps, t / self.warmup_steps, xp.ones_like(t))
 
     def init(self, params: list, alpha: list, layout: Layout, xp: Any) -> ScheduleFreeState:

@@ -169,3 +169,29 @@ def test_step_scalars_are_computed_once_per_step_not_in_each_tensor_loop(name):
     few = pow_calls(2)
     assert few > 0
     assert pow_calls(5) == few
+
+
+@pytest.mark.parametrize("make", [lambda: adaptlr.adamw(1e-2, weight_decay=0.1),
+                                  lambda: adaptlr.active(adaptlr.adamw(1e-2), steps_per_epoch=2),
+                                  lambda: adaptlr.dsa(adaptlr.adam(1e-2))],
+                         ids=["adamw", "active(adamw)", "dsa(adam)"])
+def test_a_compiled_step_traces_no_cached_helper(make, monkeypatch):
+    """``fast="compile"`` prints no Dynamo warning about a ``functools.lru_cache`` function: adaptlr
+    looks namespaces and devices up itself (``adaptlr._validation.namespace_of``), not through
+    array-api-compat's cached helpers (nine such warnings for AdamW before). Dynamo warns once per
+    process and message, so its record of warnings given is emptied first. (The sums' scan,
+    ``xp.cumulative_sum``, still asks array-api-compat inside its torch wrapper.)"""
+    import torch._dynamo.utils
+
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())
+    torch._dynamo.reset()
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))]
+    opt = Optimizer(params, make(), fast="compile")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+    assert opt.fast_path == "compiled"
+    assert [str(w.message)[:120] for w in caught if "lru_cache" in str(w.message)] == []
