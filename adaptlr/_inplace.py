@@ -31,24 +31,18 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from adaptlr._validation import library_of
+from adaptlr._validation import library_of, untracked
 
 __all__ = ["add_", "add_donated", "add_product_", "add_scaled_", "clip_", "copy_untracked", "div_", "div_into_donated",
            "donating", "ema_donated", "exp_", "is_donated", "mul_", "mul_donated", "mul_for_sum", "mul_into_donated",
-           "sub_", "untracked"]
-
-
-def untracked(x: Any) -> Any:
-    """``x`` outside torch's autograd: ``x.detach()`` where autograd records it (``requires_grad``),
-    any other array as it is. Optimizer state starts outside autograd, as ``torch.optim``'s does
-    (:meth:`adaptlr.Optimizer.init`)."""
-    return x.detach() if getattr(x, "requires_grad", False) else x
+           "sub_"]
 
 
 def copy_untracked(xp: Any, x: Any) -> Any:
     """A copy of ``x`` outside torch's autograd (a snapshot kept in the state): ``xp.asarray`` with
-    ``copy=True`` of :func:`untracked` ``x``. (torch 2.13's ``torch.asarray`` of a tensor that requires
-    grad makes a copy that autograd records, and warns; earlier versions made a detached one.)"""
+    ``copy=True`` of :func:`adaptlr._validation.untracked` ``x``. (torch 2.13's ``torch.asarray`` of a
+    tensor that requires grad makes a copy that autograd records, and warns; earlier versions made a
+    detached one.)"""
     return xp.asarray(untracked(x), copy=True)
 
 

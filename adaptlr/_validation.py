@@ -169,14 +169,19 @@ def _on_host(x: Any) -> bool:
     return False
 
 
+def untracked(x: Any) -> Any:
+    """``x`` outside torch's autograd: ``x.detach()`` where autograd records it (``requires_grad``),
+    any other array as it is. Optimizer state starts outside autograd, as ``torch.optim``'s does
+    (:meth:`adaptlr.Optimizer.init`)."""
+    return x.detach() if getattr(x, "requires_grad", False) else x
+
+
 def _host_float(x: Any) -> float:
     if library_of(x) == "array_api_strict":
         import array_api_strict
 
         x = array_api_strict.asarray(x, device=array_api_strict.Device("CPU_DEVICE"))
-    if library_of(x) == "torch":
-        x = x.detach()
-    return float(x)
+    return float(untracked(x))
 
 
 def _step(count: Any) -> Any:

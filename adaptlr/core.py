@@ -40,7 +40,7 @@ import numpy as np
 import optree
 
 from adaptlr import _validation as v
-from adaptlr._inplace import add_, add_scaled_, mul_, sub_, untracked
+from adaptlr._inplace import add_, add_scaled_, mul_, sub_
 from adaptlr._ordering import ordered_after
 from adaptlr._precision import cast_like, computed_once, counter_dtype, next_count, widest_float
 from adaptlr._reduce import Reducer, leaf_split_axes
@@ -578,7 +578,7 @@ class Optimizer:
         xp = v.namespace_of_leaves(leaves, "params", layout.paths)
         v.check_floating_params(xp, leaves, layout.paths)
         # (torch parameters that require grad: the state is made from their values, outside autograd)
-        leaves = self._in_state_dtype(xp, [untracked(x) for x in leaves])
+        leaves = self._in_state_dtype(xp, [v.untracked(x) for x in leaves])
         device = scalar_device(leaves[0])
         count = xp.asarray(0, dtype=counter_dtype(xp, device), device=device)
         alpha = self._alpha(xp, Scalars(xp, xp.asarray(1, dtype=count.dtype, device=device), device), leaves)

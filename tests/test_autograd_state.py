@@ -60,21 +60,31 @@ def test_init_of_parameters_that_require_grad_makes_the_state_of_their_values(na
     copy.deepcopy(state)  # refused for tensors that autograd records
 
 
+def _four_steps(name: str, requires_grad: bool) -> tuple[list, object]:
+    opt, params = FACTORIES[name](), _params(requires_grad)
+    state = opt.init(params)
+    for _ in range(4):
+        grads = [2.0 * p.detach() + 0.5 for p in params]
+        with torch.no_grad():
+            updates, state = opt.update(grads, state, params)
+            for p, u in zip(params, updates, strict=True):
+                p.add_(u)
+    return params, state
+
+
 @pytest.mark.parametrize("name", FACTORIES)
 def test_steps_under_no_grad_keep_the_state_untracked(name):
     """A loop that steps under ``torch.no_grad()``, as ``torch.optim`` does, with the model's own
-    parameters: four steps (AutoDrop's and ActiveLR's epoch boundaries included), no warning."""
-    opt, params = FACTORIES[name](), _params(True)
+    parameters: four steps (AutoDrop's and ActiveLR's epoch boundaries included), no warning, and
+    the parameters and state of the same loop on tensors that do not require grad, bit for bit."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        state = opt.init(params)
-        for _ in range(4):
-            grads = [2.0 * p.detach() + 0.5 for p in params]
-            with torch.no_grad():
-                updates, state = opt.update(grads, state, params)
-                for p, u in zip(params, updates, strict=True):
-                    p.add_(u)
+        params, state = _four_steps(name, True)
     assert _tracked(state) == []
+    expected_params, expected_state = _four_steps(name, False)
+    for got, want in zip([*params, *optree.tree_leaves(state)], [*expected_params, *optree.tree_leaves(expected_state)],
+                         strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_autodrop_snapshot_is_untracked_in_a_step_that_autograd_records():
