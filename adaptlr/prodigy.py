@@ -137,19 +137,39 @@ class ProdigyDirection(BaseDirection):
         return ProdigyState(mu, layout.tree(zeros), layout.tree(s), layout.tree(p0), scalar(self.d0),
                             scalar(self.d0), scalar(self.d0), scalar(0.0), first_scale)
 
+    def coefficients(self, xp: Any, d: Any, bias_correction: Any, alpha_max: Any) -> tuple:
+        """``(d·a·c_t, s's weight, d·(1-β1), d²·(1-β2))`` from ``d``, ``c_t`` and ``a = max α`` (0-D, wide)."""
+        dlr = d * alpha_max * bias_correction
+        s_coef = (d / self.d0) * (d if self.safeguard_warmup else dlr)
+        return dlr, s_coef, d * (1.0 - self.b1), d * d * (1.0 - self.b2)
+
+    def estimate(self, xp: Any, t: Any, dot: Any, denominator: Any, d: Any, dlr: Any, bias_correction: Any,
+                 d_max: Any, d_hat: Any, numerator: Any) -> tuple:
+        """``(d⁺, d_max, d̂, r_t, κ_t = d·c_t, d⁺·c_{t+1})`` at step ``t`` from the step's sums
+        ``⟨g, x_0 - θ⟩`` and ``Σ|s_t|`` (0-D, wide); nothing moves while ``Σ|s_t| = 0`` (no gradient yet)."""
+        d0 = self.d0
+        new_numerator = self.beta3 * numerator + (d / d0) * dlr * dot
+        moved = denominator > 0
+        new_d_hat = self.d_coef * new_numerator / xp.where(moved, denominator, xp.ones_like(denominator))
+        d_new = xp.where(d == d0, xp.maximum(d, new_d_hat), d)
+        new_d_max = xp.maximum(d_max, new_d_hat)
+        d_new = xp.where(moved, xp.minimum(new_d_max, d_new * self.growth_rate), d)
+        lr_scale = xp.asarray(d_new * self._bias_correction(t + 1.0))  # NumPy: 0-D array, not a scalar
+        return (d_new, xp.where(moved, new_d_max, d_max), xp.where(moved, new_d_hat, d_hat),
+                xp.asarray(xp.where(moved, new_numerator, numerator)),
+                xp.where(moved, d * bias_correction, xp.zeros_like(d)), lr_scale)
+
     def step(self, ctx: StepContext, size: StepSize, state: ProdigyState) -> tuple[list, StepSize, ProdigyState]:
         xp, layout, scalars, reduce = ctx.xp, ctx.layout, ctx.scalars, ctx.reduce
         wide = scalars.wide
-        b1, b2, beta3, d0 = self.b1, self.b2, self.beta3, self.d0
+        b1, b2, beta3 = self.b1, self.b2, self.beta3
         grads, params = ctx.objective_grads, ctx.params
         d = state.d
 
         bias_correction = scalars.step_scalars("prodigy", wide, self._bias_correction)
 
         def coefficients(d: Any, bias_correction: Any, *alpha: Any) -> tuple:
-            dlr = d * largest(xp, alpha, wide) * bias_correction
-            s_coef = (d / d0) * (d if self.safeguard_warmup else dlr)
-            return dlr, s_coef, d * (1.0 - b1), d * d * (1.0 - b2)
+            return self.coefficients(xp, d, bias_correction, largest(xp, alpha, wide))
 
         # (0-D work once per step, not once per block: Scalars.once)
         dlr, s_coef, m_coef, v_coef = scalars.once("prodigy", (d, bias_correction, *ctx.alpha), coefficients)
@@ -173,19 +193,9 @@ class ProdigyDirection(BaseDirection):
                 new_mu.append(add_scaled_(mul_donated(scalars, m, b1), g, cast("m", m_coef, g)))
             new_nu.append(add_product_(mul_donated(scalars, nu, b2), g, g, cast("v", v_coef, g)))
 
-        # d̂ and the new d; nothing moves while Σ|s| = 0 (no gradient yet).
-        def estimate(dot: Any, denominator: Any, d: Any, dlr: Any, bias_correction: Any, d_max: Any, d_hat: Any,
-                     numerator: Any) -> tuple:
-            new_numerator = beta3 * numerator + (d / d0) * dlr * dot
-            moved = denominator > 0
-            new_d_hat = self.d_coef * new_numerator / xp.where(moved, denominator, xp.ones_like(denominator))
-            d_new = xp.where(d == d0, xp.maximum(d, new_d_hat), d)
-            new_d_max = xp.maximum(d_max, new_d_hat)
-            d_new = xp.where(moved, xp.minimum(new_d_max, d_new * self.growth_rate), d)
-            lr_scale = xp.asarray(d_new * self._bias_correction(scalars.t + 1.0))  # NumPy: 0-D array, not a scalar
-            return (d_new, xp.where(moved, new_d_max, d_max), xp.where(moved, new_d_hat, d_hat),
-                    xp.asarray(xp.where(moved, new_numerator, numerator)),
-                    xp.where(moved, d * bias_correction, xp.zeros_like(d)), lr_scale)
+        # d̂ and the new d
+        def estimate(*inputs: Any) -> tuple:
+            return self.estimate(xp, scalars.t, *inputs)
 
         d_new, d_max, d_hat, numerator, kappa, lr_scale = scalars.once(
             "prodigy d", (dot, denominator, d, dlr, bias_correction, state.d_max, state.d_hat, state.numerator),

@@ -88,7 +88,7 @@ __all__ = ["Optimizer"]
 
 STATE_DICT_FORMAT = 1
 SHARED_PREFIX = "shared."  # per-parameter state_dict keys that hold a copy of a shared field
-_FAST_MODES = ("auto", "flat", "foreach", "compile", "compile-flat")
+_FAST_MODES = ("auto", "flat", "foreach", "fused", "compile", "compile-flat")
 # The list step's parts (Optimizer._tensor_parts) hold at least this many elements: each part is one
 # update_leaves call, whose fixed cost (state assembly, 0-D work, validation) outweighs its
 # arithmetic on small tensors (500 tensors of 2K, DSA: one part per tensor 2.2x the time of parts of
@@ -120,7 +120,7 @@ class Optimizer(torch.optim.Optimizer):
               hold the state: the parameters and gradients are copied in (one
               ``torch._foreach_copy_`` each) and the new values copied back; elsewhere the list
               path (on the CPU, torch's ``_foreach`` ops measured slower than the list path:
-              docs/performance.md).
+              docs/performance.md). Prodigy on a CPU model above 16 MiB takes ``"fused"``.
             - ``"foreach"``: the list path with one ``torch._foreach_*`` op per operation of the
               algorithm over the lists of parameters, gradients and state of a param group
               (:mod:`adaptlr.backends.foreach`; about 40 aten ops per AdamW step whatever the
@@ -130,6 +130,11 @@ class Optimizer(torch.optim.Optimizer):
               ``foreach_chunk_elements`` elements, parameters cut into views where larger, so a
               step's temporaries are a chunk's, not the model's
               (:mod:`adaptlr.backends.foreach_chunks`).
+            - ``"fused"``: Prodigy (alone, ``β1 > 0``, ``slice_p = 1``) on plain contiguous float32 or
+              float64 CPU tensors, whatever the model's size: its sums over blocks of each
+              parameter, its moments and update in torch's fused AdamW kernel
+              (:mod:`adaptlr.backends.torch_fused_prodigy`; no copies, temporaries of a block). Any
+              other step takes the list path.
             - ``"flat"``: the flat buffers for every flat-safe algorithm.
             - ``"compile"``: the list path under ``torch.compile`` (Inductor fuses the per-tensor
               updates horizontally, without shared storage; the first step compiles, seconds to a
@@ -150,7 +155,7 @@ class Optimizer(torch.optim.Optimizer):
 
     Attributes:
         fast_path: the path of the last eager step: ``"blocked"``, ``"flat"`` (flat buffers),
-            ``"foreach"``, ``"compiled"`` (the compiled list path), ``"compiled-flat"`` or ``"list"``;
+            ``"foreach"``, ``"fused"``, ``"compiled"`` (the compiled list path), ``"compiled-flat"`` or ``"list"``;
             None before the first step.
         foreach_chunk_elements: the most elements per chunk of the ``"foreach"`` step of an
             algorithm without sums over elements; None (default): the largest of the largest
@@ -229,7 +234,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def fast(self) -> str | dict | None:
-        """The ``fast`` setting (``"auto"``, ``"flat"``, ``"foreach"``, ``"compile"``, ``"compile-flat"``,
+        """The ``fast`` setting (``"auto"``, ``"flat"``, ``"foreach"``, ``"fused"``, ``"compile"``, ``"compile-flat"``,
         a dict or None). It may be changed between steps: the state carries over."""
         return self._fast
 
@@ -335,9 +340,11 @@ class Optimizer(torch.optim.Optimizer):
         fast = self.fast
         if fast == "auto" and active[0].device.type != "cpu":
             fast = "foreach"  # a GPU: one multi-tensor kernel per operation, no copies (docs/performance.md)
-        if fast == "foreach" and self._foreach_step(active, groups, steps):
+        if fast in ("auto", "fused") and self._fused_step(active, groups, steps):
+            self.fast_path = "fused"
+        elif fast == "foreach" and self._foreach_step(active, groups, steps):
             self.fast_path = "foreach"
-        elif fast not in (None, "compile", "foreach") and self._flat_step(active, groups, steps):
+        elif fast not in (None, "compile", "foreach", "fused") and self._flat_step(active, groups, steps):
             self.fast_path = "compiled-flat" if self._flat.fo.mode == "compiled" else self._flat.fo.mode
         elif self.fast in ("compile", "compile-flat"):
             self._compiled_step(active, groups, steps)
@@ -668,6 +675,30 @@ class Optimizer(torch.optim.Optimizer):
             return scalars
         self._assign_scalars(active, scalars)
         return None
+
+    def _fused_step(self, active: list, groups: list, steps: list) -> bool:
+        """Prodigy on torch's fused AdamW kernel (:mod:`adaptlr.backends.torch_fused_prodigy`); False
+        where this step must take another path."""
+        from adaptlr.backends import torch_fused_prodigy
+        from adaptlr.backends.fast import large_cpu_model
+
+        keys = self._hyper_keys(groups)
+        if any(k != keys[0] for k in keys) or not torch_fused_prodigy.eligible(self.opt, active, self.state_dtype):
+            return False
+        if self.fast == "auto" and not large_cpu_model(active):
+            return False  # a small model: the flat buffers are faster (docs/performance.md, round 31)
+        base = self._opt_for(keys, steps).base.base  # the group's values (PerParameterSteps wraps the base)
+        params = [p.detach() for p in active]
+        alpha = self._alphas(groups, params, self._global["count"])
+        count = self._global["count"] + 1
+        entries = [self.state[p] for p in active]
+        shared = torch_fused_prodigy.step(base, params, [p.grad for p in active], entries, self._global, alpha,
+                                          [float(g["weight_decay"]) for g in groups], count)
+        for entry, a in zip(entries, alpha):
+            entry["learning_rate"] = a
+        self._global.update(shared, count=count)
+        self._flat_stale = True
+        return True
 
     def _compiled_step(self, active: list, groups: list, steps: list) -> None:
         """:meth:`_run` through ``torch.compile`` (α computed outside, so a scheduler does not recompile)."""

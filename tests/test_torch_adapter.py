@@ -644,7 +644,7 @@ def test_generic_step_does_not_format_tensors(monkeypatch):
 def test_fast_option_is_checked():
     p = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(ValueError, match="fast"):
-        Optimizer([p], adaptlr.sgd(0.1), fast="fused")
+        Optimizer([p], adaptlr.sgd(0.1), fast="fusion")
     assert Optimizer([p], adaptlr.sgd(0.1), fast=True).fast == "auto"
     assert Optimizer([p], adaptlr.sgd(0.1), fast=False).fast is None
 
