@@ -166,6 +166,24 @@ class DAdaptAdamDirection(_DAdaptDirection):
         return DAdaptAdamState(zeros(), zeros(), zeros(), d0, xp.zeros_like(d0),
                                xp.asarray(d0 * self._bias_correction(xp.ones_like(d0))))
 
+    def coefficients(self, d: Any, bias_correction: Any, alpha_max: Any) -> tuple:
+        """``(η = d·a·c_t, η·(1-β1), η·(1-β̃))`` from ``d``, ``c_t`` and ``a = max α`` (0-D, wide)."""
+        dlr = d * alpha_max * bias_correction
+        return dlr, dlr * (1.0 - self.b1), dlr * (1.0 - math.sqrt(self.b2))
+
+    def estimate(self, xp: Any, t: Any, dot: Any, s_l1: Any, d: Any, dlr: Any, bias_correction: Any,
+                 numerator: Any) -> tuple:
+        """``(d⁺, r_t, d⁺·c_{t+1}, the step's α (1, or 0 where nothing moved), the decay's d·c_t)`` at
+        step ``t`` from the step's sums ``⟨g, s/(sqrt(v)+ε)⟩`` and ``Σ|s_t|`` (0-D, wide)."""
+        sqrt_b2 = math.sqrt(self.b2)
+        new_numerator = sqrt_b2 * numerator + (1.0 - sqrt_b2) * (dlr * dot)
+        moved = s_l1 > 0
+        d_hat = new_numerator / ((1.0 - sqrt_b2) * xp.where(moved, s_l1, xp.ones_like(s_l1)))
+        d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
+        one, decay = _unit_scales(xp, moved, d * bias_correction)
+        return (d_new, xp.asarray(xp.where(moved, new_numerator, numerator)),
+                xp.asarray(d_new * self._bias_correction(t + 1.0)), one, decay)
+
     def step(self, ctx: StepContext, size: StepSize, state: DAdaptAdamState
              ) -> tuple[list, StepSize, DAdaptAdamState]:
         xp, layout, scalars, reduce = ctx.xp, ctx.layout, ctx.scalars, ctx.reduce
@@ -176,8 +194,7 @@ class DAdaptAdamDirection(_DAdaptDirection):
         bias_correction = scalars.step_scalars("dadapt_adam", wide, self._bias_correction)
 
         def coefficients(d: Any, bias_correction: Any, *alpha: Any) -> tuple:
-            dlr = d * largest(xp, alpha, wide) * bias_correction
-            return dlr, dlr * (1.0 - b1), dlr * (1.0 - sqrt_b2)
+            return self.coefficients(d, bias_correction, largest(xp, alpha, wide))
 
         # (0-D work once per step, not once per block: Scalars.once)
         dlr, m_coef, s_coef = scalars.once("dadapt_adam", (d, bias_correction, *ctx.alpha), coefficients)
@@ -196,14 +213,8 @@ class DAdaptAdamDirection(_DAdaptDirection):
                for g, m in zip(grads, layout.leaves(state.mu, "state.mu"))]
         nus = [add_product_(mul_donated(scalars, nu, b2), g, g, 1.0 - b2) for g, nu in zip(grads, old_nu)]
 
-        def estimate(dot: Any, s_l1: Any, d: Any, dlr: Any, bias_correction: Any, numerator: Any) -> tuple:
-            new_numerator = sqrt_b2 * numerator + (1.0 - sqrt_b2) * (dlr * dot)
-            moved = s_l1 > 0
-            d_hat = new_numerator / ((1.0 - sqrt_b2) * xp.where(moved, s_l1, xp.ones_like(s_l1)))
-            d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
-            one, decay = _unit_scales(xp, moved, d * bias_correction)
-            return (d_new, xp.asarray(xp.where(moved, new_numerator, numerator)),
-                    xp.asarray(d_new * self._bias_correction(scalars.t + 1.0)), one, decay)
+        def estimate(*inputs: Any) -> tuple:
+            return self.estimate(xp, scalars.t, *inputs)
 
         d_new, numerator, lr_scale, one, decay = scalars.once(
             "dadapt_adam d", (dot, s_l1, d, dlr, bias_correction, state.numerator), estimate)
@@ -232,21 +243,40 @@ class DAdaptSGDDirection(_DAdaptDirection):
         return DAdaptSGDState(layout.tree([xp.zeros_like(p) for p in params]),
                               layout.tree([xp.asarray(p, copy=True) for p in params]), d0, zero, zero, zero)
 
+    @staticmethod
+    def _per_norm(xp: Any, g0_norm: Any, value: Any) -> Any:
+        """``value / ‖g_1‖`` (0 while ``‖g_1‖`` is 0)."""
+        known = g0_norm > 0
+        return xp.where(known, value / xp.where(known, g0_norm, xp.ones_like(g0_norm)), xp.zeros_like(value))
+
+    def rate_before(self, xp: Any, d: Any, g0_norm: Any, alpha_max: Any) -> Any:
+        """``η = d·a/‖g_1‖`` of a ``‖g_1‖`` known before this step (``a = max α``); 1 if none (then
+        ``s_{t-1} = 0``: :meth:`step`)."""
+        return xp.where(g0_norm > 0, self._per_norm(xp, g0_norm, d * alpha_max), xp.ones_like(d))
+
+    def estimate(self, xp: Any, raw_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any, numerator: Any,
+                 alpha_max: Any) -> tuple:
+        """``(η, d⁺, r_t, ‖g_1‖, d⁺/‖g_1‖, the step's α (1, or 0 where nothing moved), 0)`` from the
+        step's sums ``‖g‖²`` (raw), ``⟨g, s_{t-1}⟩`` and ``Σ(s_{t-1} + η_before·g)²`` (0-D, wide)."""
+        g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_sq))
+        dlr = self._per_norm(xp, g0_norm, d * alpha_max)
+        new_numerator = numerator + dlr * dot
+        # ‖g_1‖ known from this step on: every earlier step added 0·g to s (η = 0), so s_{t-1} = 0
+        # and Σ s_t² = η²·Σ g² (the sum's terms were g²); otherwise η is the one its terms used.
+        s_sq = xp.where(g0_before > 0, s_sq_before, dlr * dlr * s_sq_before)
+        moved = s_sq > 0
+        d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
+        d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
+        one, decay = _unit_scales(xp, moved, xp.zeros_like(d))
+        return (dlr, d_new, xp.asarray(xp.where(moved, new_numerator, numerator)), g0_norm,
+                xp.asarray(self._per_norm(xp, g0_norm, d_new)), one, decay)
+
     def step(self, ctx: StepContext, size: StepSize, state: DAdaptSGDState) -> tuple[list, StepSize, DAdaptSGDState]:
         xp, layout, scalars, reduce = ctx.xp, ctx.layout, ctx.scalars, ctx.reduce
         wide, mu = scalars.wide, self.momentum
         grads, params = ctx.objective_grads, ctx.params
         old_ss = layout.leaves(state.s, "state.s")
         cast = scalar_caster(xp, scalars)  # each wide scalar cast once per dtype this step
-
-        def per_norm(g0_norm: Any, value: Any) -> Any:
-            """``value / ‖g_1‖`` (0 while ``‖g_1‖`` is 0)."""
-            known = g0_norm > 0
-            return xp.where(known, value / xp.where(known, g0_norm, xp.ones_like(g0_norm)), xp.zeros_like(value))
-
-        def rate(d: Any, g0_norm: Any, *alpha: Any) -> Any:
-            """``η = d·a / ‖g_1‖``, with ``a = max α``."""
-            return per_norm(g0_norm, d * largest(xp, alpha, wide))
 
         # The sums first, each from the step's inputs and the state only (none from another sum of the
         # step), so the step runs over parts in two passes (adaptlr.backends.part_sums); generators,
@@ -257,8 +287,7 @@ class DAdaptSGDDirection(_DAdaptDirection):
         dot = reduce.total((mul_for_sum(g, s, wide) for g, s in zip(grads, old_ss)), wide)
 
         def rate_before(d: Any, g0_norm: Any, *alpha: Any) -> Any:
-            """η of a ‖g_1‖ known before this step; 1 if none (then ``s_{t-1} = 0``, below)."""
-            return xp.where(g0_norm > 0, rate(d, g0_norm, *alpha), xp.ones_like(d))
+            return self.rate_before(xp, d, g0_norm, largest(xp, alpha, wide))
 
         # Σ (s_{t-1} + η·g)² with the η of a ‖g_1‖ known before this step, else Σ g² (of g + λθ:
         # every earlier step added 0·g to s, so s_{t-1} = 0 and the terms are (0 + 1·g)² = g², the
@@ -269,18 +298,7 @@ class DAdaptSGDDirection(_DAdaptDirection):
 
         def estimate(raw_sq: Any, dot: Any, s_sq_before: Any, d: Any, g0_before: Any,
                      numerator: Any, *alpha: Any) -> tuple:
-            g0_norm = xp.where(g0_before > 0, g0_before, xp.sqrt(raw_sq))
-            dlr = rate(d, g0_norm, *alpha)
-            new_numerator = numerator + dlr * dot
-            # ‖g_1‖ known from this step on: every earlier step added 0·g to s (η = 0), so s_{t-1} = 0
-            # and Σ s_t² = η²·Σ g² (the sum's terms were g²); otherwise η is the one its terms used.
-            s_sq = xp.where(g0_before > 0, s_sq_before, dlr * dlr * s_sq_before)
-            moved = s_sq > 0
-            d_hat = 2.0 * new_numerator / xp.sqrt(xp.where(moved, s_sq, xp.ones_like(s_sq)))
-            d_new = xp.where(moved, xp.maximum(d, xp.minimum(d_hat, d * self.growth_rate)), d)
-            one, decay = _unit_scales(xp, moved, xp.zeros_like(d))
-            return (dlr, d_new, xp.asarray(xp.where(moved, new_numerator, numerator)), g0_norm,
-                    xp.asarray(per_norm(g0_norm, d_new)), one, decay)
+            return self.estimate(xp, raw_sq, dot, s_sq_before, d, g0_before, numerator, largest(xp, alpha, wide))
 
         # (0-D work once per step, not once per block: Scalars.once)
         dlr, d_new, numerator, g0_norm, lr_scale, one, decay = scalars.once(

@@ -159,6 +159,17 @@ class DoGDirection(BaseDirection):
                         scalars([_wide_scalar(xp, params, self.eps) for _ in rbar]),
                         scalars([_wide_scalar(xp, params, 0.0) for _ in rbar]))
 
+    def estimate(self, xp: Any, sq_dist: Any, grad_sq: Any, rbar_old: Any, g_old: Any, alpha: Any,
+                 first: Any) -> tuple:
+        """One estimate's ``(r̄, G, η)`` from the step's ``‖θ - x_0‖²`` and ``‖g‖²`` (0-D, wide), the old
+        ``r̄`` and ``G``, ``α`` and whether this is step 1."""
+        rbar = xp.maximum(rbar_old, xp.sqrt(sq_dist))  # at t = 1 the distance is 0: r̄ = r_ε
+        grad_sq_sum = g_old + grad_sq
+        eta = rbar / xp.sqrt(grad_sq_sum)
+        if self.init_eta is not None:  # the first step is init_eta, whatever α (dog_optimizer)
+            eta = xp.where(first, self.init_eta / xp.astype(alpha, rbar.dtype), eta)
+        return rbar, grad_sq_sum, eta
+
     def step(self, ctx: StepContext, size: StepSize, state: DoGState) -> tuple[list, StepSize, DoGState]:
         xp, layout, scalars, reduce = ctx.xp, ctx.layout, ctx.scalars, ctx.reduce
         wide = scalars.wide
@@ -178,14 +189,8 @@ class DoGDirection(BaseDirection):
             grad_sq = [reduce.total((mul_for_sum(g, g, wide) for g in grads), wide)]
             rbar_old, g_old = [state.rbar], [state.grad_sq_sum]
 
-        def estimate(sq_dist: Any, grad_sq: Any, rbar_old: Any, g_old: Any, alpha: Any, first: Any) -> tuple:
-            """One estimate's r̄, Σ‖g‖² and η."""
-            rbar = xp.maximum(rbar_old, xp.sqrt(sq_dist))  # at t = 1 the distance is 0: r̄ = r_ε
-            grad_sq_sum = g_old + grad_sq
-            eta = rbar / xp.sqrt(grad_sq_sum)
-            if self.init_eta is not None:  # the first step is init_eta, whatever α (dog_optimizer)
-                eta = xp.where(first, self.init_eta / xp.astype(alpha, wide), eta)
-            return rbar, grad_sq_sum, eta
+        def estimate(*inputs: Any) -> tuple:
+            return self.estimate(xp, *inputs)
 
         inputs = [(*values, first) for values in zip(sq_dist, grad_sq, rbar_old, g_old, ctx.alpha)]
         if self.layerwise:  # per-tensor sums: nothing another part could reuse
@@ -227,6 +232,12 @@ class DoWGDirection(BaseDirection):
         return DoWGState(x0, _wide_scalar(xp, params, self.init_estim_sq_dist), _wide_scalar(xp, params, 0.0),
                          _wide_scalar(xp, params, 0.0))
 
+    def estimate(self, xp: Any, sq_dist: Any, grad_sq: Any, estim_sq_dist: Any, weighted: Any) -> tuple:
+        """``(r̄², v, η)`` from the step's ``‖θ - x_0‖²`` and ``‖g‖²`` and the old ``r̄²`` and ``v`` (0-D, wide)."""
+        estim_sq_dist = xp.maximum(estim_sq_dist, sq_dist)
+        weighted = estim_sq_dist * grad_sq + weighted
+        return estim_sq_dist, weighted, estim_sq_dist / (xp.sqrt(weighted) + self.eps)
+
     def step(self, ctx: StepContext, size: StepSize, state: DoWGState) -> tuple[list, StepSize, DoWGState]:
         xp, layout, wide = ctx.xp, ctx.layout, ctx.scalars.wide
         grads, params = ctx.objective_grads, ctx.params
@@ -236,10 +247,8 @@ class DoWGDirection(BaseDirection):
         sq_dist = ctx.reduce.total((mul_for_sum(d, d, wide, x_temporary=True) for d in diffs), wide)
         grad_sq = ctx.reduce.total((mul_for_sum(g, g, wide) for g in grads), wide)
 
-        def estimate(sq_dist: Any, grad_sq: Any, estim_sq_dist: Any, weighted: Any) -> tuple:
-            estim_sq_dist = xp.maximum(estim_sq_dist, sq_dist)
-            weighted = estim_sq_dist * grad_sq + weighted
-            return estim_sq_dist, weighted, estim_sq_dist / (xp.sqrt(weighted) + self.eps)
+        def estimate(*inputs: Any) -> tuple:
+            return self.estimate(xp, *inputs)
 
         # (0-D work once per step, not once per block: Scalars.once)
         estim_sq_dist, weighted, eta = ctx.scalars.once(

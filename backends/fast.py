@@ -1052,12 +1052,43 @@ class FlatOptimizer:
     def _flat_step(self, state: OptimizerState, alpha: list | None, weight_decay: list | None) -> None:
         params = [b.params for b in self._buckets]
         grads = [b.grads for b in self._buckets]
+        if self._torch and self._written_step(state, params, grads, alpha, weight_decay):
+            return
         updates, new_state = self.opt.update_leaves(
             self.xp, self._layout, grads, state, params, alpha=alpha, weight_decay=weight_decay
         )
         _write_state(state, new_state)
         for p, u in zip(params, updates):
             _add_into(p, u)
+
+    def _written_step(self, state: OptimizerState, params: list, grads: list, alpha: list | None,
+                      weight_decay: list | None) -> bool:
+        """A learning-rate-free base's step written for torch (:mod:`adaptlr.backends.torch_lr_free`)
+        on the buffers, its state written in place; False where there is none (or the base's
+        learning rate is a schedule that no ``alpha`` gives)."""
+        from adaptlr.backends import torch_lr_free
+        from adaptlr.backends.torch_block_sums import plain_tensors
+
+        found = torch_lr_free.step_module(self.opt)
+        if found is None or not plain_tensors(params, grads, None):
+            return False
+        module, base = found
+        if alpha is None and callable(base.learning_rate):
+            return False
+        fields = {f"base.{name}": value for name, value in zip(state.base._fields, state.base)}
+        per_element = {name: value for name, value in fields.items() if isinstance(value, list)}
+        entries = [{name: value[k] for name, value in per_element.items()} for k in range(len(params))]
+        shared = {name: value for name, value in fields.items() if name not in per_element and value is not None}
+        alphas = list(alpha) if alpha is not None else list(state.learning_rate)
+        decays = list(weight_decay) if weight_decay is not None else [base.weight_decay] * len(params)
+        count = state.count + 1
+        new = module.step(base, params, grads, entries, shared, alphas, decays, count)
+        for name, value in new.items():
+            _copy_into(fields[name], value)
+        _copy_into(state.count, count)
+        for rate, a in zip(state.learning_rate, alphas):
+            _copy_into(rate, a)
+        return True
 
     def _flat_step_scalars_out(self, state: OptimizerState, alpha: list | None, weight_decay: list | None) -> list:
         """:meth:`_flat_step` for ``torch.compile``: per-element fields in place, 0-D fields returned."""

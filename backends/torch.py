@@ -120,7 +120,8 @@ class Optimizer(torch.optim.Optimizer):
               hold the state: the parameters and gradients are copied in (one
               ``torch._foreach_copy_`` each) and the new values copied back; elsewhere the list
               path (on the CPU, torch's ``_foreach`` ops measured slower than the list path:
-              docs/performance.md). Prodigy on a CPU model above 16 MiB takes ``"fused"``.
+              docs/performance.md). Those learning-rate-free bases on a CPU model above 16 MiB take
+              ``"fused"``.
             - ``"foreach"``: the list path with one ``torch._foreach_*`` op per operation of the
               algorithm over the lists of parameters, gradients and state of a param group
               (:mod:`adaptlr.backends.foreach`; about 40 aten ops per AdamW step whatever the
@@ -130,11 +131,12 @@ class Optimizer(torch.optim.Optimizer):
               ``foreach_chunk_elements`` elements, parameters cut into views where larger, so a
               step's temporaries are a chunk's, not the model's
               (:mod:`adaptlr.backends.foreach_chunks`).
-            - ``"fused"``: Prodigy (alone, ``β1 > 0``, ``slice_p = 1``) on plain contiguous float32 or
-              float64 CPU tensors, whatever the model's size: its sums over blocks of each
-              parameter, its moments and update in torch's fused AdamW kernel
-              (:mod:`adaptlr.backends.torch_fused_prodigy`; no copies, temporaries of a block). Any
-              other step takes the list path.
+            - ``"fused"``: Prodigy (``β1 > 0``, ``slice_p = 1``), D-Adapt Adam, D-Adapt SGD, DoG (not
+              LDoG) and DoWG, without adaptations, on plain contiguous float32 or float64 CPU
+              tensors, whatever the model's size: steps written for torch, two passes over blocks
+              of each parameter's own storage (Prodigy's moments and update in torch's fused AdamW
+              kernel; :mod:`adaptlr.backends.torch_lr_free`; no copies, temporaries of a few
+              blocks). Any other step takes the list path.
             - ``"flat"``: the flat buffers for every flat-safe algorithm.
             - ``"compile"``: the list path under ``torch.compile`` (Inductor fuses the per-tensor
               updates horizontally, without shared storage; the first step compiles, seconds to a
@@ -677,23 +679,26 @@ class Optimizer(torch.optim.Optimizer):
         return None
 
     def _fused_step(self, active: list, groups: list, steps: list) -> bool:
-        """Prodigy on torch's fused AdamW kernel (:mod:`adaptlr.backends.torch_fused_prodigy`); False
-        where this step must take another path."""
-        from adaptlr.backends import torch_fused_prodigy
+        """A learning-rate-free base's step written for torch (:mod:`adaptlr.backends.torch_lr_free`);
+        False where this step must take another path."""
+        from adaptlr.backends import torch_lr_free
         from adaptlr.backends.fast import large_cpu_model
+        from adaptlr.backends.torch_block_sums import plain_tensors
 
         keys = self._hyper_keys(groups)
-        if any(k != keys[0] for k in keys) or not torch_fused_prodigy.eligible(self.opt, active, self.state_dtype):
+        found = torch_lr_free.step_module(self._opt_for(keys, steps))  # the groups' base values
+        grads = [p.grad for p in active]
+        if found is None or any(k != keys[0] for k in keys) or not plain_tensors(active, grads, self.state_dtype):
             return False
         if self.fast == "auto" and not large_cpu_model(active):
-            return False  # a small model: the flat buffers are faster (docs/performance.md, round 31)
-        base = self._opt_for(keys, steps).base.base  # the group's values (PerParameterSteps wraps the base)
+            return False  # a small model: the same step on the flat buffers (docs/performance.md, round 31)
+        module, base = found
         params = [p.detach() for p in active]
         alpha = self._alphas(groups, params, self._global["count"])
         count = self._global["count"] + 1
         entries = [self.state[p] for p in active]
-        shared = torch_fused_prodigy.step(base, params, [p.grad for p in active], entries, self._global, alpha,
-                                          [float(g["weight_decay"]) for g in groups], count)
+        shared = module.step(base, params, grads, entries, self._global, alpha,
+                             [float(g["weight_decay"]) for g in groups], count)
         for entry, a in zip(entries, alpha):
             entry["learning_rate"] = a
         self._global.update(shared, count=count)
