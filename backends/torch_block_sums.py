@@ -16,8 +16,8 @@ import torch
 __all__ = ["BLOCK_ELEMENTS", "ROW", "Buffers", "RowSums", "blocks", "plain_tensors"]
 
 # Elements per block: ResNet-18 shapes, torch CPU, × the upstream optimizer at 64K/128K/256K/512K
-# elements: Prodigy 0.96/0.82/0.78/0.81, D-Adapt Adam 1.13/0.97/0.93/0.98, D-Adapt SGD 1.41/1.16/1.09/1.17,
-# DoG 1.23/1.06/0.96/0.99 (docs/performance.md, round 31): two float32 buffers of 1 MiB.
+# elements: Prodigy 0.93/0.79/0.77/0.78, D-Adapt Adam 1.10/0.95/0.91/0.96, D-Adapt SGD 0.84/0.73/0.73/0.77,
+# DoG 1.01/0.86/0.84/0.86 (docs/performance.md, round 31): two float32 buffers of 1 MiB.
 BLOCK_ELEMENTS = 1 << 18
 ROW = 256  # elements per partial sum in the parameter dtype (RowSums)
 
