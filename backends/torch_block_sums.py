@@ -9,11 +9,11 @@ added in float64 (spec §0.2's float64 accumulation over the model's many tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["BLOCK_ELEMENTS", "ROW", "Buffers", "RowSums", "blocks", "plain_tensors"]
+__all__ = ["BLOCK_ELEMENTS", "ROW", "Buffers", "RowSums", "blocks", "coupled", "plain_tensors", "weighted_sum_pass"]
 
 # Elements per block: ResNet-18 shapes, torch CPU, × the upstream optimizer at 64K/128K/256K/512K
 # elements: Prodigy 0.93/0.79/0.77/0.78, D-Adapt Adam 1.10/0.95/0.91/0.96, D-Adapt SGD 0.84/0.73/0.73/0.77,
@@ -65,6 +65,30 @@ class RowSums:
         """The sum (0-D, ``wide``)."""
         parts = self.parts[: self.used].to(self.wide)
         return (parts.square_() if self.squares else parts).sum()
+
+
+def coupled(g: torch.Tensor, p: torch.Tensor, weight_decay: float, buffer: torch.Tensor) -> torch.Tensor:
+    """The objective's gradient ``g + λθ`` of a block (into ``buffer``), or ``g`` for ``λ = 0``."""
+    return torch.add(g, p, alpha=weight_decay, out=buffer) if weight_decay else g
+
+
+def weighted_sum_pass(buffers: Buffers, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      entries: Sequence[dict], coupled_decays: Sequence[float], other: str,
+                      term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                     torch.Tensor],
+                      beta: float, weight: torch.Tensor, wide: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass of Prodigy and D-Adapt Adam: per block, ``Σ term(θ, g, s, x, buffer)`` (with
+    the old ``s`` and the state field ``other`` as ``x``), then ``s ← β·s + w·g`` in place (``w``
+    0-D; ``"base.s"``) and ``Σ|s|``; ``g`` is ``g + λθ`` under coupled decay. Returns the two sums
+    (0-D, ``wide``)."""
+    dots, magnitudes = buffers.sums(wide), buffers.sums(wide)
+    for p, g, entry, lam in zip(params, grads, entries, coupled_decays):
+        for pb, gb, sb, xb in blocks(buffers.block, p, g, entry["base.s"], entry[other]):
+            gb = coupled(gb, pb, lam, buffers(1, pb))
+            dots.add(term(pb, gb, sb, xb, buffers(0, pb)))
+            sb.mul_(beta).addcmul_(gb, weight)
+            magnitudes.add(torch.abs(sb, out=buffers(0, pb)))
+    return dots.total(), magnitudes.total()
 
 
 def plain_tensors(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None],

@@ -27,7 +27,7 @@ import array_api_compat.torch as xp_torch
 import torch
 
 from adaptlr._precision import largest
-from adaptlr.backends.torch_block_sums import Buffers, blocks
+from adaptlr.backends.torch_block_sums import Buffers, blocks, coupled, weighted_sum_pass
 from adaptlr.dadapt import DAdaptAdamDirection, DAdaptSGDDirection
 
 __all__ = ["eligible", "step"]
@@ -59,27 +59,23 @@ def _adam(base: DAdaptAdamDirection, params: Sequence[torch.Tensor], grads: Sequ
     bias_correction = base._bias_correction(t)
     dlr, m_coef, s_coef = base.coefficients(d, bias_correction, alpha_max)
     m_weight, s_weight = m_coef.to(dtype), s_coef.to(dtype)
-    coupled, sqrt_b2 = not base.decoupled, math.sqrt(base.b2)
+    coupled_decays = decays if not base.decoupled else [0.0] * len(decays)
     buffers = Buffers(params, block, 2)
 
-    dots, magnitudes = buffers.sums(wide), buffers.sums(wide)
-    for p, g, entry, lam in zip(params, grads, entries, decays):
-        for pb, gb, sb, vb in blocks(buffers.block, p, g, entry["base.s"], entry["base.nu"]):
-            if coupled and lam:
-                gb = torch.add(gb, pb, alpha=lam, out=buffers(1, pb))
-            term = torch.sqrt(vb, out=buffers(0, pb)).add_(base.eps)
-            dots.add(torch.div(sb, term, out=term).mul_(gb))
-            sb.mul_(sqrt_b2).addcmul_(gb, s_weight)
-            magnitudes.add(torch.abs(sb, out=buffers(0, pb)))
+    def term(p: torch.Tensor, g: torch.Tensor, s: torch.Tensor, v: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        denominator = torch.sqrt(v, out=into).add_(base.eps)  # the old v: pass 2 updates it
+        return torch.div(s, denominator, out=denominator).mul_(g)
+
+    dot, magnitude = weighted_sum_pass(buffers, params, grads, entries, coupled_decays, "base.nu", term,
+                                       math.sqrt(base.b2), s_weight, wide)
     d_new, numerator, lr_scale, one, decay = base.estimate(
-        xp_torch, t, dots.total(), magnitudes.total(), d, dlr, bias_correction, shared["base.numerator"])
+        xp_torch, t, dot, magnitude, d, dlr, bias_correction, shared["base.numerator"])
 
     moved, decay_value = float(one) > 0, float(decay)
-    for p, g, entry, alpha, lam in zip(params, grads, entries, alphas, decays):
-        shrink = 1.0 - float(alpha) * lam * decay_value if (lam and not coupled) else 1.0
+    for p, g, entry, alpha, lam, coupled_lam in zip(params, grads, entries, alphas, decays, coupled_decays):
+        shrink = 1.0 - float(alpha) * (lam - coupled_lam) * decay_value
         for pb, gb, mb, vb in blocks(buffers.block, p, g, entry["base.mu"], entry["base.nu"]):
-            if coupled and lam:
-                gb = torch.add(gb, pb, alpha=lam, out=buffers(1, pb))
+            gb = coupled(gb, pb, coupled_lam, buffers(1, pb))
             mb.mul_(base.b1).addcmul_(gb, m_weight)
             vb.mul_(base.b2).addcmul_(gb, gb, value=1.0 - base.b2)
             if shrink != 1.0:
@@ -105,8 +101,7 @@ def _sgd(base: DAdaptSGDDirection, params: Sequence[torch.Tensor], grads: Sequen
         for pb, gb, sb in blocks(buffers.block, p, g, entry["base.s"]):
             if not known:
                 raw.add(gb)
-            if lam:
-                gb = torch.add(gb, pb, alpha=lam, out=buffers(1, pb))
+            gb = coupled(gb, pb, lam, buffers(1, pb))
             dots.add(torch.mul(gb, sb, out=buffers(0, pb)))
             if known:
                 squares.add(sb.addcmul_(gb, rate_or_one))
@@ -119,9 +114,7 @@ def _sgd(base: DAdaptSGDDirection, params: Sequence[torch.Tensor], grads: Sequen
     for p, g, entry, lam in zip(params, grads, entries, decays):
         for pb, gb, sb, x0b in blocks(buffers.block, p, g, entry["base.s"], entry["base.x0"]):
             if not known:
-                if lam:
-                    gb = torch.add(gb, pb, alpha=lam, out=buffers(1, pb))
-                sb.addcmul_(gb, rate)
+                sb.addcmul_(coupled(gb, pb, lam, buffers(1, pb)), rate)
             if moved and mu:
                 pb.lerp_(torch.sub(x0b, sb, out=buffers(0, pb)), 1.0 - mu)
             elif moved:

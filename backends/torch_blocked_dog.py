@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import array_api_compat.torch as xp_torch
 import torch
 
-from adaptlr.backends.torch_block_sums import Buffers, blocks
+from adaptlr.backends.torch_block_sums import Buffers, blocks, coupled
 from adaptlr.dog import DoGDirection, DoWGDirection
 
 __all__ = ["eligible", "step"]
@@ -46,9 +46,7 @@ def step(base: DoGDirection | DoWGDirection, params: Sequence[torch.Tensor], gra
     for p, g, entry, lam in zip(params, grads, entries, decays):
         for pb, gb, x0b in blocks(buffers.block, p, g, entry["base.init_params"]):
             distances.add(torch.sub(pb, x0b, out=buffers(0, pb)))
-            if lam:
-                gb = torch.add(gb, pb, alpha=lam, out=buffers(1, pb))
-            magnitudes.add(gb)
+            magnitudes.add(coupled(gb, pb, lam, buffers(1, pb)))
     sums = (distances.total(), magnitudes.total(), shared[names[0]], shared[names[1]])
     if type(base) is DoGDirection:
         new = base.estimate(xp_torch, *sums, alphas[0], count == 1)
@@ -61,5 +59,5 @@ def step(base: DoGDirection | DoWGDirection, params: Sequence[torch.Tensor], gra
             p.view(-1).add_(g.view(-1), alpha=rate)
             continue
         for pb, gb in blocks(buffers.block, p, g):
-            pb.add_(torch.add(gb, pb, alpha=lam, out=buffers(0, pb)), alpha=rate)
+            pb.add_(coupled(gb, pb, lam, buffers(0, pb)), alpha=rate)
     return dict(zip(names, new, strict=True))

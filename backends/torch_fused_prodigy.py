@@ -31,7 +31,7 @@ import array_api_compat.torch as xp_torch
 import torch
 
 from adaptlr._precision import largest
-from adaptlr.backends.torch_block_sums import Buffers, blocks
+from adaptlr.backends.torch_block_sums import Buffers, blocks, coupled, weighted_sum_pass
 from adaptlr.prodigy import ProdigyDirection
 
 __all__ = ["eligible", "step"]
@@ -60,32 +60,29 @@ def step(base: ProdigyDirection, params: Sequence[torch.Tensor], grads: Sequence
     distinct = list({id(a): a for a in alphas}.values())
     dlr, s_coef, _, _ = base.coefficients(xp, d, bias_correction, largest(xp, distinct, wide))
     s_weight = s_coef.to(dtype)
-    coupled = not base.decoupled
+    coupled_decays = decays if not base.decoupled else [0.0] * len(decays)
     buffers = Buffers(params, block, 2)
 
-    # Pass 1: the sums (their terms in block buffers) and s.
-    dots, magnitudes = buffers.sums(wide), buffers.sums(wide)
-    for p, g, entry, lam in zip(params, grads, entries, decays):
-        for pb, gb, sb, p0b in blocks(buffers.block, p, g, entry["base.s"], entry["base.p0"]):
-            if coupled and lam:
-                gb = torch.add(gb, pb, alpha=lam, out=buffers(1, pb))
-            dots.add(torch.sub(p0b, pb, out=buffers(0, pb)).mul_(gb))
-            sb.mul_(base.beta3).addcmul_(gb, s_weight)
-            magnitudes.add(torch.abs(sb, out=buffers(0, pb)))
+    # Pass 1: ⟨g, x_0 - θ⟩, s and Σ|s|.
+    def term(p: torch.Tensor, g: torch.Tensor, s: torch.Tensor, p0: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        return torch.sub(p0, p, out=into).mul_(g)
+
+    dot, magnitude = weighted_sum_pass(buffers, params, grads, entries, coupled_decays, "base.p0", term,
+                                       base.beta3, s_weight, wide)
     d_new, d_max, d_hat, numerator, kappa, lr_scale = base.estimate(
-        xp, t, dots.total(), magnitudes.total(), d, dlr, bias_correction, shared["base.d_max"], shared["base.d_hat"],
+        xp, t, dot, magnitude, d, dlr, bias_correction, shared["base.d_max"], shared["base.d_hat"],
         shared["base.numerator"])
 
     # Pass 2: d·g into a block buffer, then the fused kernel on the block.
     eps, kappa_value, scale = float(d_new) * base.eps, float(kappa), d.to(dtype)
     steps = [torch.tensor(math.inf, dtype=torch.float32)]  # 1 - β^∞ = 1: no bias correction in the kernel
-    for p, g, entry, alpha, lam in zip(params, grads, entries, alphas, decays):
+    for p, g, entry, alpha, lam, coupled_lam in zip(params, grads, entries, alphas, decays, coupled_decays):
         lr = float(alpha) * kappa_value
         for pb, gb, mb, vb in blocks(buffers.block, p, g, entry["base.mu"], entry["base.nu"]):
-            if coupled and lam:
-                scaled = torch.add(gb, pb, alpha=lam, out=buffers(0, pb)).mul_(scale)
+            if coupled_lam:
+                scaled = coupled(gb, pb, coupled_lam, buffers(0, pb)).mul_(scale)
             else:
                 scaled = torch.mul(gb, scale, out=buffers(0, pb))
             torch._fused_adamw_([pb], [scaled], [mb], [vb], [], steps, lr=lr, beta1=base.b1, beta2=base.b2,
-                                weight_decay=0.0 if coupled else lam, eps=eps, amsgrad=False, maximize=False)
+                                weight_decay=lam - coupled_lam, eps=eps, amsgrad=False, maximize=False)
     return dict(zip(_SHARED, (d_new, d_max, d_hat, numerator, lr_scale), strict=True))
