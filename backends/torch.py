@@ -136,7 +136,9 @@ class Optimizer(torch.optim.Optimizer):
               tensors, whatever the model's size: steps written for torch, two passes over blocks
               of each parameter's own storage (Prodigy's moments and update in torch's fused AdamW
               kernel; :mod:`adaptlr.backends.torch_lr_free`; no copies, temporaries of a few
-              blocks). Any other step takes the list path.
+              blocks); Adam and AdamW alone on torch's fused Adam kernels, as
+              ``torch.optim.AdamW(fused=True)`` (:mod:`adaptlr.backends.torch_fused_adam`). Any
+              other step takes the list path.
             - ``"flat"``: the flat buffers for every flat-safe algorithm.
             - ``"compile"``: the list path under ``torch.compile`` (Inductor fuses the per-tensor
               updates horizontally, without shared storage; the first step compiles, seconds to a
@@ -686,12 +688,14 @@ class Optimizer(torch.optim.Optimizer):
         from adaptlr.backends.torch_block_sums import plain_tensors
 
         keys = self._hyper_keys(groups)
-        found = torch_lr_free.step_module(self._opt_for(keys, steps))  # the groups' base values
-        grads = [p.grad for p in active]
-        if found is None or any(k != keys[0] for k in keys) or not plain_tensors(active, grads, self.state_dtype):
+        if any(k != keys[0] for k in keys):
             return False
-        if self.fast == "auto" and not large_cpu_model(active):
-            return False  # a small model: the same step on the flat buffers (docs/performance.md, round 31)
+        found = torch_lr_free.step_module(self._opt_for(keys, steps), asked=self.fast == "fused")  # the groups' values
+        if found is None or (self.fast == "auto" and not large_cpu_model(active)):
+            return False  # (a small model: the same step on the flat buffers; docs/performance.md, round 31)
+        grads = [p.grad for p in active]
+        if not plain_tensors(active, grads, self.state_dtype):
+            return False
         module, base = found
         params = [p.detach() for p in active]
         alpha = self._alphas(groups, params, self._global["count"])

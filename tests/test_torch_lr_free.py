@@ -393,3 +393,40 @@ def _functional(opt, backend, init, grad) -> list:
 
     trajectory, _, _ = run(opt, backend, init, grad, lambda state: None)
     return trajectory
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_and_adamw_on_torchs_fused_kernels_when_asked(name):
+    """``fast="fused"`` runs Adam and AdamW on ``torch._fused_adam(w)_``: float64 against
+    ``torch.optim`` (1e-12) with groups of their own ``lr`` and weight decay, a parameter that starts
+    late (its own step count: its own bias correction) and a scheduler; float32 against
+    ``torch.optim``'s ``fused=True`` within the tolerance rule (adaptlr's α is in the parameter
+    dtype, torch's a Python float). ``"auto"`` keeps the array-API step."""
+    make = {"adam": adaptlr.adam, "adamw": adaptlr.adamw}[name]
+    reference = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    for dtype, fused_reference in ((torch.float64, False), (torch.float32, True)):
+        generator = torch.Generator().manual_seed(0)
+        ours = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=dtype)) for s in [(30, 20), (7,), ()]]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+        def groups(params):
+            return [{"params": params[:1], "lr": 0.02, "weight_decay": 0.1}, {"params": params[1:]}]
+
+        opt = Optimizer(groups(ours), make(1e-2, weight_decay=0.05), fast="fused")
+        ref = reference(groups(theirs), lr=1e-2, weight_decay=0.05, fused=fused_reference)
+        schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5) for o in (opt, ref)]
+        for t in range(40):
+            for i, (p, q) in enumerate(zip(ours, theirs)):
+                g = None if (i == 1 and t < 5) else torch.randn(p.shape, generator=generator, dtype=dtype)
+                p.grad, q.grad = g, None if g is None else g.clone()
+            opt.step()
+            ref.step()
+            for scheduler in schedulers:
+                scheduler.step()
+            assert opt.fast_path == "fused"
+            tol = TOL if dtype == torch.float64 else tolerance("float32", t + 1)
+            assert max_rel_err([p.detach().numpy() for p in ours], [q.detach().numpy() for q in theirs]) <= tol, t
+    auto = Optimizer([torch.nn.Parameter(torch.randn(5))], make())
+    auto.param_groups[0]["params"][0].grad = torch.randn(5)
+    auto.step()
+    assert auto.fast_path != "fused"

@@ -3,6 +3,7 @@
     python docs/scripts/round31.py before ROUNDS    # the adapter's default now and as in round 30, × upstream
     python docs/scripts/round31.py blocks ROUNDS    # block sizes of the written steps, ResNet-18 shapes
     python docs/scripts/round31.py sums             # a float64 sum of a float32 block: cost and error
+    python docs/scripts/round31.py adam ROUNDS      # AdamW through the adapter with fast="fused", × torch.optim
 
 ``before``: Prodigy, D-Adapt Adam, D-Adapt SGD and DoG through the torch adapter's default path
 (``fast="auto"``) with the written steps (``adaptlr.backends.torch_lr_free``) and with them switched
@@ -148,10 +149,32 @@ def sums() -> None:
         print(f"  {label:42s} {statistics.median(times) * 1e6:6.1f} µs   {error:.1e}")
 
 
+def adam(rounds: int) -> None:
+    import torch
+
+    import adaptlr
+    from adaptlr.backends.bench import SETS
+    from adaptlr.backends.torch import Optimizer
+
+    for set_name in ("resnet18", "small500"):
+        shapes = SETS[set_name]
+        steps = {
+            "torch.optim.AdamW(fused=True)": torch.optim.AdamW(_params(shapes), fused=True).step,
+            "torch.optim.AdamW(foreach=True)": torch.optim.AdamW(_params(shapes), foreach=True).step,
+            'adapter fast="fused"': Optimizer(_params(shapes), adaptlr.adamw(), fast="fused").step,
+            "adapter default": Optimizer(_params(shapes), adaptlr.adamw()).step,
+        }
+        medians = _interleaved(steps, rounds)
+        fused = medians["torch.optim.AdamW(fused=True)"]
+        print(f"{set_name}: AdamW, {rounds} interleaved rounds; median ms, × torch.optim.AdamW(fused=True)")
+        for label, median in medians.items():
+            print(f"  {label:34s} {median * 1e3:6.1f} ms  {median / fused:.2f}×")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("before", "blocks", "sums"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("before", "blocks", "sums", "adam"):
         raise SystemExit(__doc__)
     if sys.argv[1] == "sums":
         sums()
     else:
-        {"before": before, "blocks": blocks}[sys.argv[1]](int(sys.argv[2]))
+        {"before": before, "blocks": blocks, "adam": adam}[sys.argv[1]](int(sys.argv[2]))
