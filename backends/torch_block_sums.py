@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import array_api_compat.torch as xp_torch
 import torch
 
-__all__ = ["BLOCK_ELEMENTS", "ROW", "Buffers", "RowSums", "blocks", "coupled", "plain_tensors", "weighted_sum_pass"]
+from adaptlr._precision import largest
+
+__all__ = ["BLOCK_ELEMENTS", "ROW", "Buffers", "RowSums", "blocks", "coupled", "largest_rate", "plain_tensors",
+           "weighted_sum_pass"]
 
 # Elements per block: ResNet-18 shapes, torch CPU, × the upstream optimizer at 64K/128K/256K/512K
 # elements: Prodigy 0.93/0.79/0.77/0.78, D-Adapt Adam 1.10/0.95/0.91/0.96, D-Adapt SGD 0.84/0.73/0.73/0.77,
@@ -65,6 +69,12 @@ class RowSums:
         """The sum (0-D, ``wide``)."""
         parts = self.parts[: self.used].to(self.wide)
         return (parts.square_() if self.squares else parts).sum()
+
+
+def largest_rate(alphas: Sequence[torch.Tensor], wide: torch.dtype) -> torch.Tensor:
+    """``a = max α`` over the parameters' rates (0-D, ``wide``), each distinct tensor once: the rate
+    whose estimate the learning-rate-free bases make (:func:`adaptlr._precision.largest`)."""
+    return largest(xp_torch, list({id(a): a for a in alphas}.values()), wide)
 
 
 def coupled(g: torch.Tensor, p: torch.Tensor, weight_decay: float, buffer: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,7 @@ from collections.abc import Sequence
 import array_api_compat.torch as xp_torch
 import torch
 
-from adaptlr._precision import largest
-from adaptlr.backends.torch_block_sums import Buffers, blocks, coupled, weighted_sum_pass
+from adaptlr.backends.torch_block_sums import Buffers, blocks, coupled, largest_rate, weighted_sum_pass
 from adaptlr.dadapt import DAdaptAdamDirection, DAdaptSGDDirection
 
 __all__ = ["eligible", "step"]
@@ -43,8 +42,7 @@ def step(base: DAdaptAdamDirection | DAdaptSGDDirection, params: Sequence[torch.
          decays: Sequence[float], count: torch.Tensor, block: int | None = None) -> dict:
     """One step on ``params`` (in place) and their state ``entries`` (in place); returns the new
     shared 0-D fields. Arguments as :func:`adaptlr.backends.torch_fused_prodigy.step`'s."""
-    distinct = list({id(a): a for a in alphas}.values())
-    alpha_max = largest(xp_torch, distinct, shared["base.d"].dtype)
+    alpha_max = largest_rate(alphas, shared["base.d"].dtype)
     if type(base) is DAdaptAdamDirection:
         return _adam(base, params, grads, entries, shared, alphas, decays, count, alpha_max, block)
     return _sgd(base, params, grads, entries, shared, decays, alpha_max, block)

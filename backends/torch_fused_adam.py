@@ -38,12 +38,13 @@ def step(base: AdamDirection, params: Sequence[torch.Tensor], grads: Sequence[to
          entries: Sequence[dict], shared: dict, alphas: Sequence[torch.Tensor], decays: Sequence[float],
          count: torch.Tensor, block: int | None = None) -> dict:
     """One Adam or AdamW step on ``params`` and their ``"base.mu"``, ``"base.nu"`` (in place), each
-    with its step count ``entries[i]["step"]`` (``count`` where an entry has none: the flat
-    buffers). Returns no shared fields. Arguments as :func:`adaptlr.backends.torch_fused_prodigy.step`'s."""
+    with the adapter's step count of its parameter, ``entries[i]["step"]`` (already advanced; the
+    optimizer's ``count`` is not used). Returns no shared fields. Arguments as
+    :func:`adaptlr.backends.torch_fused_prodigy.step`'s."""
     kernel = torch._fused_adamw_ if base.decoupled else torch._fused_adam_
     calls: dict[tuple, list[list]] = {}
     for p, g, entry, alpha, lam in zip(params, grads, entries, alphas, decays):
-        steps = entry.get("step", count)
+        steps = entry["step"]
         members = calls.setdefault((float(alpha), lam, id(steps)), [[], [], [], [], [steps]])
         for into, x in zip(members, (p, g, entry["base.mu"], entry["base.nu"])):
             into.append(x)

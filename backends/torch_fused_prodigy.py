@@ -30,8 +30,7 @@ from collections.abc import Sequence
 import array_api_compat.torch as xp_torch
 import torch
 
-from adaptlr._precision import largest
-from adaptlr.backends.torch_block_sums import Buffers, blocks, coupled, weighted_sum_pass
+from adaptlr.backends.torch_block_sums import Buffers, blocks, coupled, largest_rate, weighted_sum_pass
 from adaptlr.prodigy import ProdigyDirection
 
 __all__ = ["eligible", "step"]
@@ -57,8 +56,7 @@ def step(base: ProdigyDirection, params: Sequence[torch.Tensor], grads: Sequence
     dtype, wide = params[0].dtype, shared["base.d"].dtype
     t, d = count.to(wide), shared["base.d"]
     bias_correction = base._bias_correction(t)
-    distinct = list({id(a): a for a in alphas}.values())
-    dlr, s_coef, _, _ = base.coefficients(xp, d, bias_correction, largest(xp, distinct, wide))
+    dlr, s_coef, _, _ = base.coefficients(xp, d, bias_correction, largest_rate(alphas, wide))
     s_weight = s_coef.to(dtype)
     coupled_decays = decays if not base.decoupled else [0.0] * len(decays)
     buffers = Buffers(params, block, 2)

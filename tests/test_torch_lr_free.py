@@ -158,12 +158,19 @@ def test_float32_steps_follow_the_list_path(make, kwargs):
            tolerance("float32", STEPS))
 
 
-def test_the_state_equals_the_list_paths():
-    """Every state field (the moments, s, x_0, d, d_max, d̂, r, the reported rate, the counts), so the
-    two paths can take turns (fast may change between steps)."""
-    kwargs = {"weight_decay": 0.05, "use_bias_correction": True, "d0": 1e-3, "growth_rate": 1.05}
-    *_, fused = _adapter_run(kwargs, "fused", steps=40)
-    *_, listed = _adapter_run(kwargs, False, steps=40)
+STATE_CASES = {"prodigy": {"weight_decay": 0.05, "use_bias_correction": True, "d0": 1e-3, "growth_rate": 1.05},
+               "dadapt_adam": {"weight_decay": 0.05, "use_bias_correction": True, "d0": 1e-3},
+               "dadapt_sgd": {"weight_decay": 0.05, "momentum": 0.9, "d0": 1e-3},
+               "dog": {"weight_decay": 0.05}, "dowg": {"weight_decay": 0.05}}
+
+
+@pytest.mark.parametrize("name", list(STATE_CASES))
+def test_the_state_equals_the_list_paths(name):
+    """Every state field (the moments, s, x_0, d and the other estimates, r, ‖g_1‖, the reported
+    rate, the counts), so the two paths can take turns (fast may change between steps)."""
+    kwargs, make = STATE_CASES[name], MAKERS[name]
+    *_, fused = _adapter_run(kwargs, "fused", steps=40, make=make)
+    *_, listed = _adapter_run(kwargs, False, steps=40, make=make)
     a, b = fused.functional_state, listed.functional_state
     for x, y in zip(_leaves(a), _leaves(b), strict=True):
         assert x.shape == y.shape and x.dtype == y.dtype
